@@ -1,0 +1,33 @@
+# Builds libkvmsmoke.so next to boxlite_syscheck.py, which loads it by
+# absolute path.  `make test` sets up .venv and runs the tests.
+CC ?= cc
+CFLAGS ?= -O2 -g
+CFLAGS += -std=gnu11 -Wall -Wextra -Werror -fPIC -fvisibility=default
+LDFLAGS += -shared -Wl,-z,now -Wl,-z,relro
+PYTHON ?= python3
+VENV := .venv
+
+.PHONY: all test lint bench stress clean
+
+all: libkvmsmoke.so
+
+libkvmsmoke.so: kvm_smoke.c
+	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $<
+
+$(VENV)/.ready: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+test: libkvmsmoke.so $(VENV)/.ready
+	$(VENV)/bin/python -m pytest -ra
+
+lint: $(VENV)/.ready
+	$(VENV)/bin/pip install --quiet ruff mypy
+	$(VENV)/bin/ruff check boxlite_syscheck.py tests
+	$(VENV)/bin/ruff format --check boxlite_syscheck.py
+	$(VENV)/bin/mypy --strict boxlite_syscheck.py
+
+clean:
+	rm -rf libkvmsmoke.so $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache __pycache__ tests/__pycache__

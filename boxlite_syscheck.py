@@ -1,0 +1,2229 @@
+"""Can this host run hardware-accelerated virtual machines, and if not, why?
+
+boxlite_syscheck is a Python port of the host check that BoxLite 0.9.1 runs
+before it starts a micro-VM.  It does not guess from CPU flags: on Linux it
+opens ``/dev/kvm`` the way a VMM will, builds a throwaway VM and runs a few
+real guest instructions, bounded in time; on macOS it asks the kernel whether
+Hypervisor.framework is available.  When the host cannot run VMs, the error
+names what was tried, what the operating system answered and the one fix for
+that cause.
+
+Library use::
+
+    import boxlite_syscheck
+
+    with boxlite_syscheck.SystemCheck.run() as host:   # raises BoxliteError
+        print(host.smoke)                               # proof the guest ran
+
+    report = boxlite_syscheck.check()                   # never raises
+    print(report.verdict)
+
+Command line::
+
+    python -m boxlite_syscheck [--json] [--quiet] [--strict] [--timeout S]
+
+Exit codes: 0 usable, 1 not usable, 2 usage error, 3 the checker itself
+failed.  The module is one file with no dependencies outside the standard
+library; copy it into a project as it is.  ``libkvmsmoke.so`` (built by
+``make`` from ``kvm_smoke.c``) is used when it sits next to this file, or at
+the absolute path in ``$BOXLITE_SYSCHECK_KVMSMOKE``; without it a pure-Python
+backend with the same contract runs the smoke test.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+
+__all__ = [
+    "AlreadyExistsError",
+    "BoxliteError",
+    "ConfigError",
+    "DatabaseError",
+    "EngineError",
+    "ExecutionError",
+    "Finding",
+    "HvfProbe",
+    "HypervisorProbe",
+    "ImageError",
+    "InternalError",
+    "InvalidArgumentError",
+    "InvalidStateError",
+    "KvmProbe",
+    "MetadataError",
+    "NetworkError",
+    "NotFoundError",
+    "PortalError",
+    "Report",
+    "ResourceExhaustedError",
+    "RpcError",
+    "RpcTransportError",
+    "SmokeResult",
+    "StorageError",
+    "StoppedError",
+    "SystemCheck",
+    "UnsupportedEngineError",
+    "UnsupportedError",
+    "UnsupportedPlatformProbe",
+    "check",
+    "hypervisor_probe",
+    "main",
+    "smoke_test",
+]
+
+__version__ = "0.1.0"
+
+# Lets mypy see the imports below without paying for them at import time.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import ctypes
+    from collections.abc import Callable, Iterator, Sequence
+    from typing import Any
+
+# ── Constants and kernel ABI ────────────────────────────────────────────────
+
+KVM_DEVICE = "/dev/kvm"
+#: How long KVM_RUN may take before the smoke test gives up, in seconds.
+DEFAULT_TIMEOUT = 2.0
+#: Names an absolute path to libkvmsmoke.so, used instead of the copy next to
+#: this file.  Relative paths are refused: native code is never searched for.
+LIBRARY_ENV = "BOXLITE_SYSCHECK_KVMSMOKE"
+_LIBRARY_NAME = "libkvmsmoke.so"
+#: The native library must report this ABI version (KVMSMOKE_ABI_VERSION).
+_NATIVE_ABI_VERSION = 1
+
+# include/uapi/linux/kvm.h: KVM_API_VERSION has been 12 since Linux 2.6.22.
+KVM_API_VERSION = 12
+# misc device major and KVM's minor (include/linux/miscdevice.h KVM_MINOR).
+KVM_DEVICE_MAJOR = 10
+KVM_DEVICE_MINOR = 232
+
+# include/uapi/asm-generic/ioctl.h (x86 and arm64 use the generic layout).
+_IOC_NRSHIFT = 0
+_IOC_TYPESHIFT = 8
+_IOC_SIZESHIFT = 16
+_IOC_DIRSHIFT = 30
+_IOC_NONE = 0
+_IOC_WRITE = 1
+_IOC_READ = 2
+
+
+def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
+    """Encode an ioctl request number as the kernel's _IOC() macro does."""
+    return (
+        (direction << _IOC_DIRSHIFT)
+        | (kind << _IOC_TYPESHIFT)
+        | (nr << _IOC_NRSHIFT)
+        | (size << _IOC_SIZESHIFT)
+    )
+
+
+_KVMIO = 0xAE
+# Sizes of the x86_64 structures (arch/x86/include/uapi/asm/kvm.h); the
+# ctypes definitions in _abi() are checked against them in the tests.
+_SIZEOF_KVM_REGS = 144
+_SIZEOF_KVM_SREGS = 312
+_SIZEOF_KVM_USERSPACE_MEMORY_REGION = 32
+_SIZEOF_KVM_SIGNAL_MASK = 4
+
+KVM_GET_API_VERSION = _ioc(_IOC_NONE, _KVMIO, 0x00, 0)
+KVM_CREATE_VM = _ioc(_IOC_NONE, _KVMIO, 0x01, 0)
+KVM_CHECK_EXTENSION = _ioc(_IOC_NONE, _KVMIO, 0x03, 0)
+KVM_GET_VCPU_MMAP_SIZE = _ioc(_IOC_NONE, _KVMIO, 0x04, 0)
+KVM_CREATE_VCPU = _ioc(_IOC_NONE, _KVMIO, 0x41, 0)
+KVM_SET_USER_MEMORY_REGION = _ioc(
+    _IOC_WRITE, _KVMIO, 0x46, _SIZEOF_KVM_USERSPACE_MEMORY_REGION
+)
+KVM_RUN = _ioc(_IOC_NONE, _KVMIO, 0x80, 0)
+KVM_GET_REGS = _ioc(_IOC_READ, _KVMIO, 0x81, _SIZEOF_KVM_REGS)
+KVM_SET_REGS = _ioc(_IOC_WRITE, _KVMIO, 0x82, _SIZEOF_KVM_REGS)
+KVM_GET_SREGS = _ioc(_IOC_READ, _KVMIO, 0x83, _SIZEOF_KVM_SREGS)
+KVM_SET_SREGS = _ioc(_IOC_WRITE, _KVMIO, 0x84, _SIZEOF_KVM_SREGS)
+KVM_SET_SIGNAL_MASK = _ioc(_IOC_WRITE, _KVMIO, 0x8B, _SIZEOF_KVM_SIGNAL_MASK)
+
+# KVM_CHECK_EXTENSION capabilities that VMMs rely on (include/uapi/linux/kvm.h).
+KVM_CAP_USER_MEMORY = 3
+KVM_CAP_NR_VCPUS = 9
+KVM_CAP_NR_MEMSLOTS = 10
+KVM_CAP_MAX_VCPUS = 66
+KVM_CAP_IMMEDIATE_EXIT = 136
+
+# struct kvm_run offsets (include/uapi/linux/kvm.h).
+_RUN_EXIT_REASON = 8
+_RUN_FAIL_ENTRY_REASON = 32  # fail_entry.hardware_entry_failure_reason, u64
+_RUN_FAIL_ENTRY_CPU = 40  # fail_entry.cpu, u32
+_RUN_INTERNAL_SUBERROR = 32  # internal.suberror, u32
+_SIZEOF_KVM_RUN_MIN = 2352
+
+KVM_EXIT_UNKNOWN = 0
+KVM_EXIT_HLT = 5
+KVM_EXIT_SHUTDOWN = 8
+KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
+KVM_EXIT_INTERNAL_ERROR = 17
+
+#: KVM_EXIT_* names by number, from include/uapi/linux/kvm.h.
+EXIT_REASONS = {
+    0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG",
+    5: "HLT", 6: "MMIO", 7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN",
+    9: "FAIL_ENTRY", 10: "INTR", 11: "SET_TPR", 12: "TPR_ACCESS",
+    13: "S390_SIEIC", 14: "S390_RESET", 15: "DCR", 16: "NMI",
+    17: "INTERNAL_ERROR", 18: "OSI", 19: "PAPR_HCALL", 20: "S390_UCONTROL",
+    21: "WATCHDOG", 22: "S390_TSCH", 23: "EPR", 24: "SYSTEM_EVENT",
+    25: "S390_STSI", 26: "IOAPIC_EOI", 27: "HYPERV", 28: "ARM_NISV",
+    29: "X86_RDMSR", 30: "X86_WRMSR", 31: "DIRTY_RING_FULL",
+    32: "AP_RESET_HOLD", 33: "X86_BUS_LOCK", 34: "XEN", 35: "RISCV_SBI",
+    36: "RISCV_CSR", 37: "NOTIFY",
+}  # fmt: skip
+
+#: KVM_INTERNAL_ERROR_* suberrors (include/uapi/linux/kvm.h).
+INTERNAL_SUBERRORS = {
+    1: "EMULATION",
+    2: "SIMUL_EX",
+    3: "DELIVERY_EV",
+    4: "UNEXPECTED_EXIT_REASON",
+}
+
+# Smoke-test steps; kvm_smoke.c uses the same numbers.
+STEP_OPEN = 0
+STEP_API_VERSION = 1
+STEP_CREATE_VM = 2
+STEP_GUEST_MEMORY = 3
+STEP_MEMORY_REGION = 4
+STEP_CREATE_VCPU = 5
+STEP_GET_SREGS = 6
+STEP_SET_SREGS = 7
+STEP_SET_REGS = 8
+STEP_RUN_AREA_SIZE = 9
+STEP_MAP_RUN_AREA = 10
+STEP_ARM_TIMER = 11
+STEP_RUN = 12
+STEP_GET_REGS = 13
+STEP_DONE = 14
+
+#: What each step does, as said in messages.
+STEP_NAMES = (
+    "open /dev/kvm",
+    "read the KVM API version (KVM_GET_API_VERSION)",
+    "create a VM (KVM_CREATE_VM)",
+    "allocate guest memory (mmap)",
+    "register guest memory (KVM_SET_USER_MEMORY_REGION)",
+    "create a vCPU (KVM_CREATE_VCPU)",
+    "read special registers (KVM_GET_SREGS)",
+    "write special registers (KVM_SET_SREGS)",
+    "write registers (KVM_SET_REGS)",
+    "read the run-area size (KVM_GET_VCPU_MMAP_SIZE)",
+    "map the vCPU run area (mmap)",
+    "arm the run time limit (KVM_SET_SIGNAL_MASK, timer_create)",
+    "run the vCPU (KVM_RUN)",
+    "read registers (KVM_GET_REGS)",
+    "done",
+)
+
+#: The guest puts this in EAX before HLT; reading it back proves it ran.
+PROOF_VALUE = 0xB0C5117E
+# 16-bit real mode: "mov eax, PROOF_VALUE" (operand-size prefix 66 B8 imm32),
+# then "hlt" (F4).
+_GUEST_HALT = b"\x66\xb8" + PROOF_VALUE.to_bytes(4, "little") + b"\xf4"
+# "jmp $" (EB FE): a guest that never halts, for the timeout tests.
+_GUEST_SPIN = b"\xeb\xfe"
+# Architectures with a smoke test: the guest code above is x86 real mode.
+_SMOKE_MACHINES = frozenset({"x86_64", "amd64"})
+
+# Raw timer syscalls (the native side uses the same): glibc before 2.34 keeps
+# timer_create in librt, which a Python process may not have loaded.
+# arch/x86/entry/syscalls/syscall_64.tbl, include/uapi/asm-generic/unistd.h.
+_TIMER_SYSCALLS = {
+    "x86_64": (222, 223, 226),
+    "aarch64": (107, 110, 111),
+}
+_CLOCK_MONOTONIC = 1
+_SIGEV_THREAD_ID = 4
+
+# Hypervisor.framework return codes (hv_error.h): err_common_hypervisor is
+# err_system(0x3e) | err_sub(0xba5) = 0xfae94000; hv_return_t is a signed
+# 32-bit mach_error_t, compared here as unsigned.
+HV_SUCCESS = 0
+HV_ERROR = 0xFAE94001
+HV_BUSY = 0xFAE94002
+HV_BAD_ARGUMENT = 0xFAE94003
+HV_ILLEGAL_GUEST_STATE = 0xFAE94004
+HV_NO_RESOURCES = 0xFAE94005
+HV_NO_DEVICE = 0xFAE94006
+HV_DENIED = 0xFAE94007
+HV_UNSUPPORTED = 0xFAE9400F
+HV_RETURN_NAMES = {
+    HV_SUCCESS: "HV_SUCCESS",
+    HV_ERROR: "HV_ERROR",
+    HV_BUSY: "HV_BUSY",
+    HV_BAD_ARGUMENT: "HV_BAD_ARGUMENT",
+    HV_ILLEGAL_GUEST_STATE: "HV_ILLEGAL_GUEST_STATE",
+    HV_NO_RESOURCES: "HV_NO_RESOURCES",
+    HV_NO_DEVICE: "HV_NO_DEVICE",
+    HV_DENIED: "HV_DENIED",
+    HV_UNSUPPORTED: "HV_UNSUPPORTED",
+}
+_HVF_PATH = "/System/Library/Frameworks/Hypervisor.framework/Hypervisor"
+# libSystem holds sysctlbyname; since macOS 11 it lives in the dyld shared
+# cache, and dlopen() by this absolute path still finds it there.
+_LIBSYSTEM_PATH = "/usr/lib/libSystem.B.dylib"
+
+_WSL_INTEROP = "/proc/sys/fs/binfmt_misc/WSLInterop"
+
+
+# ── Errors ──────────────────────────────────────────────────────────────────
+
+
+class BoxliteError(RuntimeError):
+    """Base of every error; ``str()`` reads like BoxLite's display of it.
+
+    ``detail`` is the bare text after the variant's prefix.  Errors raised by
+    the checks also carry ``cause`` (a stable identifier such as
+    ``"kvm-missing"``), ``evidence`` (what was seen) and ``fix``.
+    """
+
+    prefix = ""
+
+    def __init__(
+        self,
+        detail: str = "",
+        *,
+        cause: str = "",
+        evidence: dict[str, object] | None = None,
+        fix: str = "",
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.cause = cause
+        self.evidence: dict[str, object] = dict(evidence or {})
+        self.fix = fix
+
+    def __str__(self) -> str:
+        return self.prefix + self.detail
+
+
+class UnsupportedEngineError(BoxliteError):
+    """BoxLite's UnsupportedEngine: the engine kind is not supported."""
+
+    prefix = "unsupported engine kind"
+
+    def __str__(self) -> str:
+        return self.prefix
+
+
+class EngineError(BoxliteError):
+    """BoxLite's Engine variant."""
+
+    prefix = "engine reported an error: "
+
+
+class ConfigError(BoxliteError):
+    """BoxLite's Config variant."""
+
+    prefix = "configuration error: "
+
+
+class StorageError(BoxliteError):
+    """BoxLite's Storage variant."""
+
+    prefix = "storage error: "
+
+
+class ImageError(BoxliteError):
+    """BoxLite's Image variant."""
+
+    prefix = "images error: "
+
+
+class PortalError(BoxliteError):
+    """BoxLite's Portal variant."""
+
+    prefix = "portal error: "
+
+
+class NetworkError(BoxliteError):
+    """BoxLite's Network variant."""
+
+    prefix = "network error: "
+
+
+class RpcError(BoxliteError):
+    """BoxLite's Rpc variant."""
+
+    prefix = "gRPC/tonic error: "
+
+
+class RpcTransportError(BoxliteError):
+    """BoxLite's RpcTransport variant."""
+
+    prefix = "gRPC transport error: "
+
+
+class InternalError(BoxliteError):
+    """BoxLite's Internal variant: the checker itself failed."""
+
+    prefix = "internal error: "
+
+
+class ExecutionError(BoxliteError):
+    """BoxLite's Execution variant."""
+
+    prefix = "Execution error: "
+
+
+class UnsupportedError(BoxliteError):
+    """BoxLite's Unsupported variant: this host cannot run BoxLite's VMs."""
+
+    prefix = "unsupported: "
+
+
+class NotFoundError(BoxliteError):
+    """BoxLite's NotFound variant."""
+
+    prefix = "box not found: "
+
+
+class AlreadyExistsError(BoxliteError):
+    """BoxLite's AlreadyExists variant."""
+
+    prefix = "already exists: "
+
+
+class InvalidStateError(BoxliteError):
+    """BoxLite's InvalidState variant."""
+
+    prefix = "invalid state: "
+
+
+class DatabaseError(BoxliteError):
+    """BoxLite's Database variant."""
+
+    prefix = "database error: "
+
+
+class MetadataError(BoxliteError):
+    """BoxLite's MetadataError variant."""
+
+    prefix = "metadata error: "
+
+
+class InvalidArgumentError(BoxliteError):
+    """BoxLite's InvalidArgument variant."""
+
+    prefix = "invalid argument: "
+
+
+class StoppedError(BoxliteError):
+    """BoxLite's Stopped variant."""
+
+    prefix = "stopped: "
+
+
+class ResourceExhaustedError(BoxliteError):
+    """BoxLite's ResourceExhausted variant: a limit, not a missing feature."""
+
+    prefix = "resource exhausted: "
+
+
+# ── Small helpers ───────────────────────────────────────────────────────────
+
+
+def _log(level: str, message: str, *args: object) -> None:
+    """Log on the "boxlite_syscheck" logger, importing logging only now."""
+    import logging  # costs milliseconds; only error paths log
+
+    getattr(logging.getLogger("boxlite_syscheck"), level)(message, *args)
+
+
+def errno_name(number: int) -> str:
+    """Return "ENAME (text)" for an errno, or the number if it has no name."""
+    name = errno.errorcode.get(number, f"errno {number}")
+    return f"{name} ({os.strerror(number)})"
+
+
+def exit_name(reason: int) -> str:
+    """Return "KVM_EXIT_NAME (n)" for an exit reason."""
+    return f"KVM_EXIT_{EXIT_REASONS.get(reason, 'UNLISTED')} ({reason})"
+
+
+# ── OS seams: every operating-system access goes through these ─────────────
+
+
+def _open_device(path: str) -> int:
+    """Open a device read-write and close-on-exec; raise OSError."""
+    return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+
+def _stat(path: str) -> os.stat_result:
+    """Stat a path as open() would see it; raise OSError."""
+    return os.stat(path)
+
+
+def _read_text(path: str) -> str | None:
+    """Return a small text file's content, or None when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read(65536)
+    except OSError:
+        return None
+
+
+def _exists(path: str) -> bool:
+    """Return whether a path exists (used for marker files only)."""
+    return os.path.exists(path)
+
+
+def _ioctl_int(fd: int, request: int, arg: int = 0, *, retry: bool = True) -> int:
+    """Issue an ioctl with an integer argument; raise OSError.
+
+    EINTR is retried unless ``retry`` is false (KVM_RUN wants to see it).
+    """
+    import fcntl
+
+    while True:
+        try:
+            return fcntl.ioctl(fd, request, arg)
+        except InterruptedError:
+            if not retry:
+                raise
+
+
+def _ioctl_buf(fd: int, request: int, buf: Any) -> None:
+    """Issue an ioctl on a writable buffer; retry EINTR; raise OSError."""
+    import fcntl
+
+    while True:
+        try:
+            fcntl.ioctl(fd, request, buf, True)
+            return
+        except InterruptedError:
+            continue
+
+
+def _load_library(path: str) -> ctypes.CDLL:
+    """Load a shared library by absolute path; raise OSError."""
+    import ctypes
+
+    if not os.path.isabs(path):
+        raise OSError(errno.EINVAL, "native code is loaded by absolute path only", path)
+    return ctypes.CDLL(path, use_errno=True)
+
+
+def _libc() -> ctypes.CDLL:
+    """Return the C library already in this process (dlopen(NULL), no search)."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
+
+
+def _sysctl_int(name: str) -> int | None:
+    """Read an integer sysctl on macOS; None when it does not exist."""
+    import ctypes
+
+    libc = _cached("libsystem", lambda: _load_library(_LIBSYSTEM_PATH))
+    fn = libc.sysctlbyname
+    fn.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+    ]
+    fn.restype = ctypes.c_int
+    value = ctypes.c_int64(0)
+    size = ctypes.c_size_t(ctypes.sizeof(value))
+    if fn(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) != 0:
+        err = ctypes.get_errno()
+        if err == errno.ENOENT:
+            return None
+        raise OSError(err, os.strerror(err), name)
+    # Sysctls are 4 or 8 bytes; a 4-byte one filled only the low half.
+    if size.value == 4:
+        return int(ctypes.c_int32(value.value & 0xFFFFFFFF).value)
+    return int(value.value)
+
+
+def _hvf() -> ctypes.CDLL:
+    """Load Hypervisor.framework by absolute path, declaring what we call."""
+    import ctypes
+
+    def load() -> ctypes.CDLL:
+        lib = _load_library(_HVF_PATH)
+        # hv_return_t hv_vm_create(hv_vm_config_t config); NULL is the default.
+        lib.hv_vm_create.argtypes = [ctypes.c_void_p]
+        lib.hv_vm_create.restype = ctypes.c_int32
+        # hv_return_t hv_vm_destroy(void);
+        lib.hv_vm_destroy.argtypes = []
+        lib.hv_vm_destroy.restype = ctypes.c_int32
+        return lib
+
+    return _cached("hvf", load)
+
+
+def _hv_vm_create() -> int:
+    """Call hv_vm_create(NULL); return the code as an unsigned 32-bit int."""
+    return int(_hvf().hv_vm_create(None)) & 0xFFFFFFFF
+
+
+def _hv_vm_destroy() -> int:
+    """Call hv_vm_destroy(); return the code as an unsigned 32-bit int."""
+    return int(_hvf().hv_vm_destroy()) & 0xFFFFFFFF
+
+
+_CACHE: dict[str, Any] = {}
+
+
+def _cached(key: str, make: Callable[[], Any]) -> Any:
+    """Return a per-process cached value, making it on first use."""
+    try:
+        return _CACHE[key]
+    except KeyError:
+        value = _CACHE[key] = make()
+        return value
+
+
+def _reset_caches() -> None:
+    """Forget loaded libraries and cached lookups (for tests)."""
+    _CACHE.clear()
+
+
+# ── Kernel structures (ctypes, defined on first use) ────────────────────────
+
+
+class _Abi:
+    """ctypes mirrors of the kernel and libkvmsmoke structures.
+
+    Built on first use so that importing this module does not import ctypes.
+    """
+
+    def __init__(self) -> None:
+        import ctypes
+
+        u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+
+        class KvmRegs(ctypes.Structure):
+            # arch/x86/include/uapi/asm/kvm.h struct kvm_regs
+            _fields_ = [
+                (name, u64)
+                for name in (
+                    "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 "
+                    "rip rflags"
+                ).split()
+            ]
+
+        class KvmSegment(ctypes.Structure):
+            # arch/x86/include/uapi/asm/kvm.h struct kvm_segment
+            _fields_ = [("base", u64), ("limit", u32), ("selector", u16)] + [
+                (name, u8)
+                for name in "type present dpl db s l g avl unusable padding".split()
+            ]
+
+        class KvmDtable(ctypes.Structure):
+            _fields_ = [("base", u64), ("limit", u16), ("padding", u16 * 3)]
+
+        class KvmSregs(ctypes.Structure):
+            _fields_ = (
+                [(name, KvmSegment) for name in "cs ds es fs gs ss tr ldt".split()]
+                + [("gdt", KvmDtable), ("idt", KvmDtable)]
+                + [(name, u64) for name in "cr0 cr2 cr3 cr4 cr8 efer apic_base".split()]
+                + [("interrupt_bitmap", u64 * 4)]
+            )
+
+        class KvmUserspaceMemoryRegion(ctypes.Structure):
+            _fields_ = [
+                ("slot", u32),
+                ("flags", u32),
+                ("guest_phys_addr", u64),
+                ("memory_size", u64),
+                ("userspace_addr", u64),
+            ]
+
+        class SigEvent(ctypes.Structure):
+            # include/uapi/asm-generic/siginfo.h struct sigevent, 64 bytes,
+            # with the SIGEV_THREAD_ID member of its union.
+            _fields_ = [
+                ("sigev_value", u64),
+                ("sigev_signo", ctypes.c_int),
+                ("sigev_notify", ctypes.c_int),
+                ("tid", ctypes.c_int),
+                ("pad", ctypes.c_int * 11),
+            ]
+
+        class Timespec(ctypes.Structure):
+            _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+        class Itimerspec(ctypes.Structure):
+            _fields_ = [("it_interval", Timespec), ("it_value", Timespec)]
+
+        class SmokeStruct(ctypes.Structure):
+            # struct kvmsmoke_result in kvm_smoke.c
+            _fields_ = [
+                ("step", ctypes.c_int32),
+                ("error", ctypes.c_int32),
+                ("api_version", ctypes.c_int32),
+                ("exit_reason", ctypes.c_int32),
+                ("proof", u64),
+                ("hardware_entry_failure_reason", u64),
+                ("fail_entry_cpu", u32),
+                ("internal_suberror", u32),
+                ("timed_out", ctypes.c_int32),
+                ("runs", ctypes.c_int32),
+            ]
+
+        self.KvmRegs = KvmRegs
+        self.KvmSegment = KvmSegment
+        self.KvmSregs = KvmSregs
+        self.KvmUserspaceMemoryRegion = KvmUserspaceMemoryRegion
+        self.SigEvent = SigEvent
+        self.Timespec = Timespec
+        self.Itimerspec = Itimerspec
+        self.SmokeStruct = SmokeStruct
+
+
+def _abi() -> _Abi:
+    abi: _Abi = _cached("abi", _Abi)
+    return abi
+
+
+# ── The smoke test ──────────────────────────────────────────────────────────
+
+
+class SmokeResult:
+    """How far the KVM smoke test got, and what the kernel answered.
+
+    ``step`` is the step that failed (``STEP_DONE`` when all ran), ``error``
+    the errno at that step (0 when none), ``exit_reason`` the KVM exit
+    (-1 when KVM_RUN never returned an exit), ``proof`` the guest's EAX.
+    ``ok`` is true only when the guest ran its code and halted.
+    """
+
+    __slots__ = (
+        "api_version",
+        "backend",
+        "elapsed",
+        "error",
+        "exit_reason",
+        "fail_entry_cpu",
+        "hardware_entry_failure_reason",
+        "internal_suberror",
+        "proof",
+        "runs",
+        "step",
+        "timed_out",
+        "timeout",
+    )
+
+    def __init__(self, backend: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.backend = backend
+        self.timeout = timeout
+        self.step = STEP_OPEN
+        self.error = 0
+        self.api_version = -1
+        self.exit_reason = -1
+        self.proof = 0
+        self.hardware_entry_failure_reason = 0
+        self.fail_entry_cpu = 0
+        self.internal_suberror = 0
+        self.timed_out = False
+        self.runs = 0
+        self.elapsed = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """True when the guest ran the expected code and halted."""
+        return (
+            self.step == STEP_DONE
+            and self.exit_reason == KVM_EXIT_HLT
+            and self.proof == PROOF_VALUE
+        )
+
+    @property
+    def step_name(self) -> str:
+        return STEP_NAMES[self.step] if 0 <= self.step < len(STEP_NAMES) else str(self.step)
+
+    def outcome(self) -> tuple[object, ...]:
+        """The fields that must agree between backends (not timing, not backend)."""
+        return (
+            self.step,
+            self.error,
+            self.api_version,
+            self.exit_reason,
+            self.proof,
+            self.hardware_entry_failure_reason,
+            self.fail_entry_cpu,
+            self.internal_suberror,
+            self.timed_out,
+        )
+
+    def as_dict(self) -> dict[str, object]:
+        """Return the result as plain JSON-ready values, with names."""
+        return {
+            "backend": self.backend,
+            "ok": self.ok,
+            "step": self.step_name,
+            "errno": errno.errorcode.get(self.error) if self.error else None,
+            "error": os.strerror(self.error) if self.error else None,
+            "api_version": self.api_version,
+            "exit_reason": self.exit_reason,
+            "exit_name": EXIT_REASONS.get(self.exit_reason) if self.exit_reason >= 0 else None,
+            "proof": f"{self.proof:#x}",
+            "hardware_entry_failure_reason": self.hardware_entry_failure_reason,
+            "fail_entry_cpu": self.fail_entry_cpu,
+            "internal_suberror": self.internal_suberror,
+            "timed_out": self.timed_out,
+            "timeout_s": self.timeout,
+            "runs": self.runs,
+            "elapsed_s": round(self.elapsed, 6),
+        }
+
+    def __repr__(self) -> str:
+        if self.ok:
+            return (
+                f"<SmokeResult guest ran and halted, proof {self.proof:#x}, "
+                f"{self.elapsed * 1e3:.2f} ms, {self.backend} backend>"
+            )
+        what = errno_name(self.error) if self.error else "no errno"
+        if self.exit_reason >= 0:
+            what = exit_name(self.exit_reason)
+        if self.timed_out:
+            what = f"timed out after {self.timeout:g} s"
+        return f"<SmokeResult failed at {self.step_name!r}: {what}, {self.backend} backend>"
+
+
+class _StepFailed(Exception):
+    def __init__(self, step: int, error: int) -> None:
+        super().__init__(step, error)
+        self.step = step
+        self.error = error
+
+
+def _at(step: int, call: Callable[..., Any], *args: Any) -> Any:
+    """Run one smoke-test step; turn its OSError into _StepFailed."""
+    try:
+        return call(*args)
+    except OSError as err:
+        raise _StepFailed(step, err.errno or 0) from err
+
+
+def _timer_signal() -> int:
+    """The real-time signal that bounds KVM_RUN (blocked outside KVM_RUN)."""
+    import signal
+
+    return int(signal.SIGRTMAX) - 1
+
+
+def _python_smoke(fd: int, code: bytes, timeout: float, result: SmokeResult) -> None:
+    """Run the smoke test with fcntl.ioctl, mmap and ctypes (no native code).
+
+    Same steps, checks and time bound as kvmsmoke_run() in kvm_smoke.c.
+    """
+    import ctypes
+    import mmap
+    import signal
+    import threading
+
+    abi = _abi()
+    signo = _timer_signal()
+    page = mmap.PAGESIZE
+    vm = vcpu = -1
+    mem: mmap.mmap | None = None
+    run: mmap.mmap | None = None
+    saved_mask: set[signal.Signals] | None = None
+    timer = None
+    libc = None
+    try:
+        try:
+            version = _at(STEP_API_VERSION, _ioctl_int, fd, KVM_GET_API_VERSION)
+            result.api_version = version
+            if version != KVM_API_VERSION:
+                raise _StepFailed(STEP_API_VERSION, 0)
+            vm = _at(STEP_CREATE_VM, _ioctl_int, fd, KVM_CREATE_VM)
+            mem = _at(STEP_GUEST_MEMORY, mmap.mmap, -1, page)
+            mem[: len(code)] = code
+            anchor = ctypes.c_char.from_buffer(mem)
+            region = abi.KvmUserspaceMemoryRegion(
+                slot=0, flags=0, guest_phys_addr=0, memory_size=page,
+                userspace_addr=ctypes.addressof(anchor),
+            )  # fmt: skip
+            del anchor  # the mapping stays; the export must go before close()
+            _at(STEP_MEMORY_REGION, _ioctl_buf, vm, KVM_SET_USER_MEMORY_REGION, region)
+            vcpu = _at(STEP_CREATE_VCPU, _ioctl_int, vm, KVM_CREATE_VCPU)
+            sregs = abi.KvmSregs()
+            _at(STEP_GET_SREGS, _ioctl_buf, vcpu, KVM_GET_SREGS, sregs)
+            sregs.cs.base = 0  # real mode, code at guest physical address 0
+            sregs.cs.selector = 0
+            _at(STEP_SET_SREGS, _ioctl_buf, vcpu, KVM_SET_SREGS, sregs)
+            regs = abi.KvmRegs(rip=0, rflags=0x2)  # bit 1 of RFLAGS is reserved, set
+            _at(STEP_SET_REGS, _ioctl_buf, vcpu, KVM_SET_REGS, regs)
+            size = _at(STEP_RUN_AREA_SIZE, _ioctl_int, fd, KVM_GET_VCPU_MMAP_SIZE)
+            if size < _SIZEOF_KVM_RUN_MIN:
+                raise _StepFailed(STEP_RUN_AREA_SIZE, errno.EPROTO)
+            run = _at(
+                STEP_MAP_RUN_AREA, mmap.mmap, vcpu, size, mmap.MAP_SHARED,
+                mmap.PROT_READ | mmap.PROT_WRITE,
+            )  # fmt: skip
+
+            # Bound KVM_RUN: see the header comment of kvm_smoke.c.
+            saved_mask = _at(
+                STEP_ARM_TIMER, signal.pthread_sigmask, signal.SIG_BLOCK, {signo}
+            )
+            bits = sum(1 << (int(s) - 1) for s in saved_mask if int(s) != signo)
+            kmask = bytearray((8).to_bytes(4, "little") + bits.to_bytes(8, "little"))
+            _at(STEP_ARM_TIMER, _ioctl_buf, vcpu, KVM_SET_SIGNAL_MASK, kmask)
+            libc = _timer_libc()
+            timer = _at(
+                STEP_ARM_TIMER, _timer_start, libc, signo, threading.get_native_id(), timeout
+            )
+            while True:
+                result.runs += 1
+                try:
+                    _ioctl_int(vcpu, KVM_RUN, 0, retry=False)
+                except InterruptedError:
+                    if signal.sigtimedwait({signo}, 0) is not None:
+                        result.timed_out = True
+                        raise _StepFailed(STEP_RUN, 0) from None
+                    continue  # another signal; its handler has run
+                except OSError as err:
+                    raise _StepFailed(STEP_RUN, err.errno or 0) from err
+                break
+            result.exit_reason = int.from_bytes(
+                run[_RUN_EXIT_REASON : _RUN_EXIT_REASON + 4], "little"
+            )
+            if result.exit_reason == KVM_EXIT_FAIL_ENTRY:
+                result.hardware_entry_failure_reason = int.from_bytes(
+                    run[_RUN_FAIL_ENTRY_REASON : _RUN_FAIL_ENTRY_REASON + 8], "little"
+                )
+                result.fail_entry_cpu = int.from_bytes(
+                    run[_RUN_FAIL_ENTRY_CPU : _RUN_FAIL_ENTRY_CPU + 4], "little"
+                )
+            elif result.exit_reason == KVM_EXIT_INTERNAL_ERROR:
+                result.internal_suberror = int.from_bytes(
+                    run[_RUN_INTERNAL_SUBERROR : _RUN_INTERNAL_SUBERROR + 4], "little"
+                )
+            regs = abi.KvmRegs()
+            _at(STEP_GET_REGS, _ioctl_buf, vcpu, KVM_GET_REGS, regs)
+            result.proof = int(regs.rax)
+            result.step = STEP_DONE
+        except _StepFailed as failed:
+            result.step = failed.step
+            result.error = failed.error
+    finally:
+        if timer is not None and libc is not None:
+            _timer_delete(libc, timer)
+        if saved_mask is not None:
+            while signal.sigtimedwait({signo}, 0) is not None:
+                pass  # the timer fired after the run ended: drop it
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+        if run is not None:
+            run.close()
+        if vcpu >= 0:
+            os.close(vcpu)
+        if mem is not None:
+            mem.close()
+        if vm >= 0:
+            os.close(vm)
+
+
+def _timer_libc() -> ctypes.CDLL:
+    """The C library with syscall() declared (for the raw timer syscalls)."""
+    import ctypes
+
+    def load() -> ctypes.CDLL:
+        libc = _libc()
+        # long syscall(long number, ...); the rest are passed as typed values.
+        libc.syscall.argtypes = [ctypes.c_long]
+        libc.syscall.restype = ctypes.c_long
+        return libc
+
+    libc: ctypes.CDLL = _cached("libc", load)
+    return libc
+
+
+def _timer_numbers() -> tuple[int, int, int]:
+    machine = os.uname().machine
+    try:
+        return _TIMER_SYSCALLS[machine]
+    except KeyError:
+        raise OSError(errno.ENOSYS, f"no timer syscall numbers for {machine}") from None
+
+
+def _timer_start(libc: ctypes.CDLL, signo: int, tid: int, timeout: float) -> int:
+    """Arm a one-shot timer that sends ``signo`` to thread ``tid``."""
+    import ctypes
+
+    create, settime, _ = _timer_numbers()
+    abi = _abi()
+    event = abi.SigEvent(sigev_signo=signo, sigev_notify=_SIGEV_THREAD_ID, tid=tid)
+    timer_id = ctypes.c_int(-1)
+    if libc.syscall(create, ctypes.c_int(_CLOCK_MONOTONIC), ctypes.byref(event),
+                    ctypes.byref(timer_id)) < 0:  # fmt: skip
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    nanoseconds = max(1, int(timeout * 1e9))  # zero would disarm the timer
+    when = abi.Itimerspec()
+    when.it_value.tv_sec, when.it_value.tv_nsec = divmod(nanoseconds, 1_000_000_000)
+    if libc.syscall(settime, ctypes.c_int(timer_id.value), ctypes.c_int(0),
+                    ctypes.byref(when), None) < 0:  # fmt: skip
+        err = ctypes.get_errno()
+        _timer_delete(libc, timer_id.value)
+        raise OSError(err, os.strerror(err))
+    return timer_id.value
+
+
+def _timer_delete(libc: ctypes.CDLL, timer: int) -> None:
+    import ctypes
+
+    _, _, delete = _timer_numbers()
+    if libc.syscall(delete, ctypes.c_int(timer)) < 0:
+        _log("warning", "timer_delete failed: %s", errno_name(ctypes.get_errno()))
+
+
+def _native_path() -> str:
+    """Where the native library is looked for: the env var, else next to us."""
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        return override
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), _LIBRARY_NAME)
+
+
+def _load_native() -> tuple[ctypes.CDLL | None, str]:
+    """Load and vet libkvmsmoke.so; return (library or None, why not)."""
+    import ctypes
+
+    path = _native_path()
+    if not os.path.isabs(path):
+        _log("warning", "%s=%r is not an absolute path; using the Python backend",
+             LIBRARY_ENV, path)  # fmt: skip
+        return None, f"{path!r} is not an absolute path"
+    if not _exists(path):
+        return None, f"{path} does not exist (run `make` to build it)"
+    try:
+        lib = _load_library(path)
+        abi_version = lib.kvmsmoke_abi_version
+        result_size = lib.kvmsmoke_result_size
+        run = lib.kvmsmoke_run
+    except (OSError, AttributeError) as err:
+        _log("warning", "cannot use %s (%s); using the Python backend", path, err)
+        return None, f"{path} cannot be used: {err}"
+    abi_version.argtypes = []
+    abi_version.restype = ctypes.c_int
+    result_size.argtypes = []
+    result_size.restype = ctypes.c_size_t
+    # int kvmsmoke_run(int kvm_fd, const uint8_t *code, size_t code_len,
+    #                  uint64_t timeout_ns, int timer_signal, struct *out)
+    run.argtypes = [
+        ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint64,
+        ctypes.c_int, ctypes.POINTER(_abi().SmokeStruct),
+    ]  # fmt: skip
+    run.restype = ctypes.c_int
+    found = abi_version()
+    if found != _NATIVE_ABI_VERSION:
+        _log("warning", "%s has ABI version %d, expected %d; using the Python backend",
+             path, found, _NATIVE_ABI_VERSION)  # fmt: skip
+        return None, f"{path} has ABI version {found}, expected {_NATIVE_ABI_VERSION}"
+    if result_size() != ctypes.sizeof(_abi().SmokeStruct):
+        _log("warning", "%s result size differs; using the Python backend", path)
+        return None, f"{path} reports a different result layout"
+    return lib, path
+
+
+def native_backend() -> tuple[bool, str]:
+    """Return (whether libkvmsmoke.so is usable, its path or why not)."""
+    lib, note = _cached("native", _load_native)
+    return lib is not None, note
+
+
+def _native_smoke(lib: ctypes.CDLL, fd: int, code: bytes, timeout: float,
+                  result: SmokeResult) -> None:  # fmt: skip
+    out = _abi().SmokeStruct()
+    lib.kvmsmoke_run(fd, code, len(code), max(1, int(timeout * 1e9)), _timer_signal(), out)
+    for name, _ in out._fields_:
+        setattr(result, name, getattr(out, name))
+    result.timed_out = bool(out.timed_out)
+
+
+def smoke_test(
+    fd: int,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    backend: str | None = None,
+    _guest: bytes = _GUEST_HALT,
+) -> SmokeResult:
+    """Run guest code in a throwaway VM on an open /dev/kvm descriptor.
+
+    ``backend`` is "native" (libkvmsmoke.so), "python", or None for the
+    native one when it can be used.  Never raises for a KVM failure: the
+    result says how far it got.  Raises InternalError when the native backend
+    is asked for and cannot be used, InvalidArgumentError for a bad timeout.
+    """
+    import time
+
+    if not timeout > 0:
+        raise InvalidArgumentError(f"timeout must be positive, got {timeout!r}")
+    if backend not in (None, "native", "python"):
+        raise InvalidArgumentError(f"backend must be 'native' or 'python', got {backend!r}")
+    lib = None
+    if backend != "python":
+        lib, note = _cached("native", _load_native)
+        if lib is None and backend == "native":
+            raise InternalError(
+                f"the native smoke test is not available: {note}",
+                cause="native-missing",
+                fix="run `make` in the boxlite_syscheck directory, or set "
+                f"{LIBRARY_ENV} to the absolute path of libkvmsmoke.so",
+            )
+    result = SmokeResult("native" if lib is not None else "python", timeout)
+    start = time.perf_counter()
+    if lib is not None:
+        _native_smoke(lib, fd, _guest, timeout, result)
+    else:
+        _python_smoke(fd, _guest, timeout, result)
+    result.elapsed = time.perf_counter() - start
+    return result
+
+
+# ── Host facts (read only on error paths and for the report) ────────────────
+
+
+def _kvm_modules() -> list[str]:
+    """KVM modules loaded now, from /sys/module (built-in ones show too)."""
+    names = ("kvm_intel", "kvm_amd", "kvm_pvm", "kvm")
+    return [name for name in names if _exists(f"/sys/module/{name}")]
+
+
+def _cpuinfo_field(field: str) -> str | None:
+    """The first value of a /proc/cpuinfo field, or None."""
+    text = _read_text("/proc/cpuinfo") or ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == field:
+            return value.strip()
+    return None
+
+
+def _cpu_flags() -> set[str] | None:
+    """The x86 CPU flags, or None when /proc/cpuinfo has none."""
+    flags = _cpuinfo_field("flags")
+    return set(flags.split()) if flags is not None else None
+
+
+def _container() -> str | None:
+    """Name the container runtime this process runs under, when evidence shows one.
+
+    /.dockerenv alone is not enough: images exported from Docker keep it on
+    ordinary VMs.  It counts when the root filesystem is an overlay, as it is
+    in a Docker container.
+    """
+    if _exists("/run/.containerenv"):
+        return "podman"
+    cgroup = _read_text("/proc/1/cgroup") or ""
+    for hint in ("kubepods", "docker", "containerd", "lxc", "libpod"):
+        if hint in cgroup:
+            return hint
+    if _exists("/.dockerenv") and _root_fs_type() in ("overlay", "fuse-overlayfs"):
+        return "docker"
+    return None
+
+
+def _root_fs_type() -> str | None:
+    """The filesystem type mounted at / in this mount namespace."""
+    for line in (_read_text("/proc/self/mountinfo") or "").splitlines():
+        fields = line.split()
+        if len(fields) > 4 and fields[4] == "/" and " - " in line:
+            kind = line.split(" - ", 1)[1].split()
+            if kind:
+                return kind[0]
+    return None
+
+
+def _is_wsl() -> bool:
+    return _exists(_WSL_INTEROP) or "microsoft" in _kernel_release().lower()
+
+
+def _kernel_release() -> str:
+    return os.uname().release
+
+
+def _module_for_cpu() -> str:
+    """The KVM module this CPU needs, from its vendor."""
+    vendor = _cpuinfo_field("vendor_id") or ""
+    if vendor == "AuthenticAMD" or vendor == "HygonGenuine":
+        return "kvm_amd"
+    if vendor == "GenuineIntel":
+        return "kvm_intel"
+    return "kvm_intel or kvm_amd"
+
+
+def _describe_node(st: os.stat_result) -> str:
+    import stat
+
+    if stat.S_ISCHR(st.st_mode):
+        kind = f"character device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    elif stat.S_ISBLK(st.st_mode):
+        kind = f"block device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    elif stat.S_ISDIR(st.st_mode):
+        kind = "directory"
+    elif stat.S_ISREG(st.st_mode):
+        kind = "regular file"
+    else:
+        kind = "special file"
+    return f"{kind}, owner {_user_name(st.st_uid)}, group {_group_name(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):04o}"
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _group_membership(gid: int) -> tuple[str | None, bool, bool]:
+    """Return (user name, listed in the group database, held by this process)."""
+    import grp
+    import pwd
+
+    held = gid == os.getegid() or gid in os.getgroups()
+    try:
+        user = pwd.getpwuid(os.geteuid())
+    except KeyError:
+        return None, False, held
+    try:
+        members = grp.getgrgid(gid).gr_mem
+    except KeyError:
+        members = []
+    return user.pw_name, user.pw_gid == gid or user.pw_name in members, held
+
+
+# ── Diagnosis: evidence in, one cause and one fix out ───────────────────────
+
+
+def _failure(
+    cls: type[BoxliteError],
+    cause: str,
+    summary: str,
+    *,
+    tried: str,
+    answer: str,
+    fix: str,
+    **evidence: object,
+) -> BoxliteError:
+    """Build an error whose text says what was tried, the answer and the fix."""
+    lines = [summary, "", f"Tried: {tried}", f"Answer: {answer}"]
+    lines += [f"{key.replace('_', ' ').capitalize()}: {value}" for key, value in evidence.items()]
+    lines += ["", f"Fix: {fix}"]
+    evidence = {"tried": tried, "answer": answer, **evidence}
+    return cls("\n".join(lines), cause=cause, evidence=evidence, fix=fix)
+
+
+def _missing_device(path: str, err: int) -> BoxliteError:
+    answer = errno_name(err)
+    tried = f"open {path} read-write"
+    modules = _kvm_modules()
+    container = _container()
+    common = {"kernel": _kernel_release(), "kvm_modules_loaded": ", ".join(modules) or "none"}
+    if _is_wsl():
+        return _failure(
+            UnsupportedError, "kvm-missing-wsl",
+            f"{path} does not exist: this WSL2 instance has no nested virtualization",
+            tried=tried, answer=answer, **common,
+            fix="nested virtualization in WSL2 needs Windows 11: set "
+            "nestedVirtualization=true under [wsl2] in %UserProfile%\\.wslconfig, "
+            "then run `wsl --shutdown` and start WSL again",
+        )  # fmt: skip
+    if container:
+        return _failure(
+            UnsupportedError, "kvm-missing-container",
+            f"{path} does not exist in this container ({container})",
+            tried=tried, answer=answer, container=container, **common,
+            fix="start the container with the device passed in, e.g. "
+            f"`docker run --device {path} ...` (podman: the same flag; Kubernetes: "
+            "a device plugin that exposes /dev/kvm)",
+        )  # fmt: skip
+    arch_modules = [m for m in modules if m != "kvm"]
+    if arch_modules:
+        return _failure(
+            UnsupportedError, "kvm-node-missing",
+            f"{', '.join(arch_modules)} is loaded but {path} does not exist",
+            tried=tried, answer=answer, **common,
+            fix=f"create the device node: `sudo mknod {path} c {KVM_DEVICE_MAJOR} "
+            f"{KVM_DEVICE_MINOR}` (udev normally does this; check that udev runs)",
+        )  # fmt: skip
+    flags = _cpu_flags()
+    if flags is not None and ({"vmx", "svm"} & flags):
+        module = "kvm_amd" if "svm" in flags else "kvm_intel"
+        return _failure(
+            UnsupportedError, "kvm-module-not-loaded",
+            f"{path} does not exist: the CPU has {'AMD-V' if 'svm' in flags else 'VT-x'} "
+            "but no KVM module is loaded",
+            tried=tried, answer=answer, **common,
+            fix=f"load the module: `sudo modprobe {module}` (if it fails with "
+            "'Operation not supported', enable virtualization in the firmware setup)",
+        )  # fmt: skip
+    if flags is not None and "hypervisor" in flags:
+        return _failure(
+            UnsupportedError, "kvm-no-nested",
+            f"{path} does not exist: this machine is itself a virtual machine whose "
+            "hypervisor does not pass VT-x/AMD-V through",
+            tried=tried, answer=answer, cpu_flags="hypervisor, no vmx or svm", **common,
+            fix="enable nested virtualization for this VM on its host (on a cloud, "
+            "use an instance type that offers it), then load kvm_intel or kvm_amd",
+        )  # fmt: skip
+    return _failure(
+        UnsupportedError, "kvm-no-virtualization",
+        f"{path} does not exist and the CPU reports no VT-x/AMD-V",
+        tried=tried, answer=answer, **common,
+        fix="enable Intel VT-x or AMD-V (SVM) in the BIOS/UEFI setup, then "
+        f"`sudo modprobe {_module_for_cpu()}`",
+    )  # fmt: skip
+
+
+def _access_denied(path: str, err: int) -> BoxliteError:
+    import stat
+
+    tried = f"open {path} read-write as {_user_name(os.geteuid())} (uid {os.geteuid()})"
+    answer = errno_name(err)
+    try:
+        st = _stat(path)
+    except OSError as stat_err:
+        return _failure(
+            UnsupportedError, "kvm-access-denied", f"{path}: permission denied",
+            tried=tried, answer=answer, device=f"cannot stat: {errno_name(stat_err.errno or 0)}",
+            fix="make the device readable and writable by a group this user is in",
+        )  # fmt: skip
+    mode = stat.S_IMODE(st.st_mode)
+    group = _group_name(st.st_gid)
+    device = _describe_node(st)
+    user, listed, held = _group_membership(st.st_gid)
+    if mode & 0o060 != 0o060:
+        return _failure(
+            UnsupportedError, "kvm-mode-no-group",
+            f"{path}: permission denied, and its mode {mode:04o} lets no group in",
+            tried=tried, answer=answer, device=device,
+            fix=f"give the device group access, e.g. a udev rule "
+            f'KERNEL=="kvm", GROUP="kvm", MODE="0660" (or `sudo chgrp kvm {path} && '
+            f"sudo chmod 0660 {path}` until reboot), then add the user to that group",
+        )  # fmt: skip
+    if held:
+        return _failure(
+            UnsupportedError, "kvm-access-policy",
+            f"{path}: permission denied although this process has group {group}",
+            tried=tried, answer=answer, device=device,
+            fix="an access control list or security module (AppArmor, SELinux) denies "
+            f"it: see `getfacl {path}` and the audit log for the denial",
+        )  # fmt: skip
+    if listed:
+        return _failure(
+            UnsupportedError, "kvm-stale-session",
+            f"{path}: permission denied: {user} is in group {group}, but this session "
+            "started before that and does not have it",
+            tried=tried, answer=answer, device=device,
+            fix=f"log out and back in (or start a shell with the group: `newgrp {group}`); "
+            "a running login session does not pick up new groups",
+        )  # fmt: skip
+    return _failure(
+        UnsupportedError, "kvm-not-in-group",
+        f"{path}: permission denied: {user or 'this user'} is not in group {group}",
+        tried=tried, answer=answer, device=device,
+        fix=f"`sudo usermod -aG {group} {user or '$USER'}`, then log out and back in "
+        "(a running login session does not pick up new groups)",
+    )  # fmt: skip
+
+
+def _resource_exhausted(path: str, step: int, err: int) -> BoxliteError:
+    tried = STEP_NAMES[step]
+    answer = errno_name(err)
+    if err == errno.EMFILE:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return _failure(
+            ResourceExhaustedError, "fd-limit",
+            f"this process hit its open-file limit (RLIMIT_NOFILE {soft})",
+            tried=tried, answer=answer, limit=f"soft {soft}, hard {hard}",
+            fix="raise the limit (`ulimit -n`, LimitNOFILE= for a service) or close "
+            "descriptors this process leaks",
+        )  # fmt: skip
+    if err == errno.ENFILE:
+        file_max = (_read_text("/proc/sys/fs/file-max") or "?").strip()
+        return _failure(
+            ResourceExhaustedError, "system-file-limit",
+            f"the system-wide open-file limit is reached (fs.file-max {file_max})",
+            tried=tried, answer=answer,
+            fix="raise fs.file-max (`sysctl -w fs.file-max=...`) or stop what holds the files",
+        )  # fmt: skip
+    return _failure(
+        ResourceExhaustedError, "out-of-memory",
+        "the kernel could not allocate memory for the VM",
+        tried=tried, answer=answer,
+        fix="free memory, or raise this process's memory limit (cgroup memory.max, "
+        "`ulimit -v`)",
+    )  # fmt: skip
+
+
+def _forbidden(path: str, step: int, err: int) -> BoxliteError:
+    container = _container()
+    fix = (
+        f"allow the device to the container (`--device {path}`) and do not filter "
+        "KVM ioctls in its seccomp profile"
+        if container
+        else "find the policy that denies it (seccomp filter, SELinux or AppArmor; "
+        "see the audit log) and allow KVM for this program"
+    )
+    return _failure(
+        UnsupportedError, "kvm-forbidden",
+        f"{STEP_NAMES[step]} is forbidden by policy (not a group problem)",
+        tried=STEP_NAMES[step], answer=errno_name(err),
+        context=f"container ({container})" if container else "no container detected",
+        fix=fix,
+    )  # fmt: skip
+
+
+def _not_kvm(path: str, step: int, err: int) -> BoxliteError:
+    try:
+        device = _describe_node(_stat(path))
+    except OSError as stat_err:
+        device = f"cannot stat: {errno_name(stat_err.errno or 0)}"
+    return _failure(
+        UnsupportedError, "kvm-not-kvm-device",
+        f"{path} is not a KVM device",
+        tried=STEP_NAMES[step], answer=errno_name(err), device=device,
+        expected=f"character device {KVM_DEVICE_MAJOR}:{KVM_DEVICE_MINOR}",
+        fix=f"remove what is at {path} and recreate the node: "
+        f"`sudo mknod {path} c {KVM_DEVICE_MAJOR} {KVM_DEVICE_MINOR}` with the KVM "
+        "module loaded (or let udev recreate it)",
+    )  # fmt: skip
+
+
+_NESTED_FIX = (
+    "enable nested virtualization for this machine on its host (cloud instances "
+    "need it switched on explicitly) and make sure kvm_intel or kvm_amd is loaded"
+)
+
+
+def _exit_failure(result: SmokeResult) -> BoxliteError:
+    """The error for a smoke test that ran KVM_RUN but did not pass."""
+    kernel = _kernel_release()
+    tried = f"run real-mode guest code (mov eax, {PROOF_VALUE:#x}; hlt) in a new VM"
+    if result.timed_out:
+        return _failure(
+            UnsupportedError, "smoke-timeout",
+            f"KVM smoke test failed: the guest did not halt within {result.timeout:g} s",
+            tried=tried, answer=f"KVM_RUN was still running after {result.timeout:g} s",
+            backend=result.backend, kernel=kernel,
+            fix="retry with a longer --timeout if the host is heavily loaded; if it "
+            "persists, this KVM does not run guest code: " + _NESTED_FIX,
+        )  # fmt: skip
+    reason = result.exit_reason
+    if reason == KVM_EXIT_HLT:
+        return _failure(
+            UnsupportedError, "smoke-no-proof",
+            "KVM smoke test failed: the guest halted but did not run the expected code",
+            tried=tried, answer=f"{exit_name(reason)} with EAX {result.proof:#x}, "
+            f"expected {PROOF_VALUE:#x}", backend=result.backend, kernel=kernel,
+            fix="this KVM implementation mis-executes guest code: update the host "
+            "kernel (and the outer hypervisor, if nested) and report it to its vendor",
+        )  # fmt: skip
+    if reason == KVM_EXIT_FAIL_ENTRY:
+        answer = (
+            f"{exit_name(reason)}, hardware entry failure reason "
+            f"{result.hardware_entry_failure_reason:#x} on CPU {result.fail_entry_cpu}"
+        )
+        summary = "KVM smoke test failed: the CPU refused to enter the guest"
+    elif reason == KVM_EXIT_INTERNAL_ERROR:
+        sub = result.internal_suberror
+        answer = f"{exit_name(reason)}, suberror {INTERNAL_SUBERRORS.get(sub, 'UNLISTED')} ({sub})"
+        summary = "KVM smoke test failed: KVM hit an internal error running the guest"
+    elif reason == KVM_EXIT_SHUTDOWN:
+        answer = f"{exit_name(reason)} (the guest triple-faulted)"
+        summary = "KVM smoke test failed: the vCPU shut down instead of running the guest"
+    else:
+        answer = exit_name(reason)
+        summary = f"KVM smoke test failed: unexpected exit {exit_name(reason)}"
+    return _failure(
+        UnsupportedError, "smoke-exit",
+        summary + f" (expected {exit_name(KVM_EXIT_HLT)})",
+        tried=tried, answer=answer, backend=result.backend, kernel=kernel,
+        fix=f"{KVM_DEVICE} exists but cannot run guest code: " + _NESTED_FIX,
+    )  # fmt: skip
+
+
+def diagnose(result: SmokeResult, path: str = KVM_DEVICE) -> BoxliteError | None:
+    """Map a smoke-test result to the error for its cause; None when it passed."""
+    if result.ok:
+        return None
+    step, err = result.step, result.error
+    if err in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+        return _resource_exhausted(path, step, err)
+    if err == errno.EPERM:
+        return _forbidden(path, step, err)
+    if step == STEP_OPEN:
+        if err == errno.ENOENT:
+            return _missing_device(path, err)
+        if err == errno.EACCES:
+            return _access_denied(path, err)
+        if err in (errno.ENXIO, errno.ENODEV):
+            return _failure(
+                UnsupportedError, "kvm-no-driver",
+                f"{path} exists but no driver answers for it",
+                tried=f"open {path} read-write", answer=errno_name(err),
+                kvm_modules_loaded=", ".join(_kvm_modules()) or "none",
+                fix=f"load the KVM module: `sudo modprobe {_module_for_cpu()}`",
+            )  # fmt: skip
+        return _failure(
+            UnsupportedError, "kvm-open-failed", f"{path} cannot be opened",
+            tried=f"open {path} read-write", answer=errno_name(err),
+            fix="see the answer above; the device must open read-write for this user",
+        )  # fmt: skip
+    if step in (STEP_API_VERSION, STEP_CREATE_VM) and err == errno.ENOTTY:
+        return _not_kvm(path, step, err)
+    if step == STEP_API_VERSION and err == errno.EINVAL:
+        return _not_kvm(path, step, err)
+    if step == STEP_API_VERSION and err == 0:
+        return _failure(
+            UnsupportedError, "kvm-api-version",
+            f"KVM reports API version {result.api_version}, expected {KVM_API_VERSION}",
+            tried=STEP_NAMES[step], answer=f"version {result.api_version}",
+            kernel=_kernel_release(),
+            fix=f"use a kernel whose KVM speaks API version {KVM_API_VERSION} "
+            "(every mainline kernel since 2.6.22)",
+        )  # fmt: skip
+    if step == STEP_CREATE_VM and err == errno.EBUSY:
+        return _failure(
+            UnsupportedError, "kvm-busy",
+            "KVM cannot create a VM: another hypervisor holds the CPU's virtualization "
+            "extensions",
+            tried=STEP_NAMES[step], answer=errno_name(err),
+            fix="quit the other hypervisor (VirtualBox, VMware) or unload its module, "
+            "then retry",
+        )  # fmt: skip
+    if step == STEP_RUN and result.timed_out or step == STEP_DONE:
+        return _exit_failure(result)
+    return _failure(
+        EngineError, "kvm-step-failed",
+        f"KVM smoke test failed: could not {STEP_NAMES[step]}",
+        tried=STEP_NAMES[step], answer=errno_name(err) if err else "no errno",
+        backend=result.backend, kernel=_kernel_release(),
+        fix="this KVM refuses a basic operation every VMM needs: update the kernel, "
+        "and report the answer above to the KVM provider if it persists",
+    )  # fmt: skip
+
+
+# ── Report pieces ───────────────────────────────────────────────────────────
+
+PASS, WARN, FAIL, SKIP, INFO = "pass", "warn", "fail", "skip", "info"
+
+
+class Finding:
+    """One observation of the report: id, status, summary, evidence and fix."""
+
+    __slots__ = ("duration", "error", "evidence", "fix", "id", "status", "summary")
+
+    def __init__(
+        self,
+        id: str,
+        status: str,
+        summary: str,
+        evidence: dict[str, object] | None = None,
+        fix: str = "",
+        duration: float = 0.0,
+    ) -> None:
+        self.id = id
+        self.status = status
+        self.summary = summary
+        self.evidence: dict[str, object] = dict(evidence or {})
+        self.fix = fix
+        self.duration = duration
+        #: The error SystemCheck.run() raises for this failure, if any.
+        self.error: BoxliteError | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "summary": self.summary,
+            "evidence": self.evidence,
+            "fix": self.fix,
+            "duration_s": round(self.duration, 6),
+        }
+
+    def __repr__(self) -> str:
+        return f"<Finding {self.id} {self.status}: {self.summary}>"
+
+
+def _timed(findings: list[Finding], make: Callable[[], Finding]) -> None:
+    """Append make()'s finding with its duration."""
+    import time
+
+    start = time.perf_counter()
+    finding = make()
+    finding.duration = time.perf_counter() - start
+    findings.append(finding)
+
+
+def _from_error(id: str, error: BoxliteError) -> Finding:
+    summary = error.detail.split("\n", 1)[0]
+    finding = Finding(id, FAIL, summary, {"cause": error.cause, **error.evidence}, error.fix)
+    finding.error = error
+    return finding
+
+
+# ── Probes ──────────────────────────────────────────────────────────────────
+
+
+class HypervisorProbe:
+    """Platform-specific hypervisor checks.
+
+    ``startup_check()`` raises a BoxliteError when the host cannot run VMs;
+    ``diagnose_create_failure(error)`` never raises and returns a more
+    precise error than the one given, or that one unchanged.
+    """
+
+    name = "none"
+
+    def acquire(self, timeout: float = DEFAULT_TIMEOUT,
+                backend: str | None = None) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
+        """Validate the host; return (open device or None, smoke result or None)."""
+        raise NotImplementedError
+
+    def startup_check(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) -> None:
+        """One-time validation; raises BoxliteError when the host is unusable."""
+        fd, _ = self.acquire(timeout, backend)
+        if fd is not None:
+            os.close(fd)
+
+    def diagnose_create_failure(self, error: BoxliteError) -> BoxliteError:
+        """Refine an engine's VM-creation error; the default keeps it."""
+        return error
+
+    def findings(self, timeout: float, backend: str | None,
+                 probe_hvf: bool) -> list[Finding]:  # fmt: skip
+        """Everything the report shows for this platform."""
+        raise NotImplementedError
+
+
+class UnsupportedPlatformProbe(HypervisorProbe):
+    """Any system other than Linux and macOS: BoxLite does not run there."""
+
+    name = "unsupported"
+
+    def __init__(self, system: str) -> None:
+        self.system = system
+
+    def _error(self) -> BoxliteError:
+        return UnsupportedError(
+            f"BoxLite only supports Linux and macOS (this is {self.system})",
+            cause="platform-unsupported",
+            evidence={"platform": self.system},
+            fix="run on Linux with KVM or on macOS on Apple Silicon",
+        )
+
+    def acquire(self, timeout: float = DEFAULT_TIMEOUT,
+                backend: str | None = None) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
+        raise self._error()
+
+    def findings(self, timeout: float, backend: str | None, probe_hvf: bool) -> list[Finding]:
+        return [_from_error("platform", self._error())]
+
+
+class KvmProbe(HypervisorProbe):
+    """Linux: open /dev/kvm and run guest code in a throwaway VM."""
+
+    name = "kvm"
+
+    def __init__(self, machine: str, path: str = KVM_DEVICE) -> None:
+        self.machine = machine
+        self.path = path
+
+    @property
+    def can_smoke_test(self) -> bool:
+        return self.machine in _SMOKE_MACHINES
+
+    def acquire(self, timeout: float = DEFAULT_TIMEOUT,
+                backend: str | None = None) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
+        """Open the device and smoke-test it; the caller owns the descriptor."""
+        try:
+            fd = _open_device(self.path)
+        except OSError as err:
+            failed = SmokeResult("none", timeout)
+            failed.error = err.errno or 0
+            error = diagnose(failed, self.path)
+            assert error is not None
+            raise error from err
+        if not self.can_smoke_test:
+            _log("debug", "no smoke test for %s: %s opened, guest code not run",
+                 self.machine, self.path)  # fmt: skip
+            return fd, None
+        try:
+            result = smoke_test(fd, timeout=timeout, backend=backend)
+            error = diagnose(result, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        if error is not None:
+            os.close(fd)
+            raise error
+        return fd, result
+
+    def findings(self, timeout: float, backend: str | None, probe_hvf: bool) -> list[Finding]:
+        found: list[Finding] = []
+        _timed(found, self._device_finding)
+        holder: list[int] = []
+        _timed(found, lambda: self._usable_finding(timeout, backend, holder))
+        if holder:
+            fd = holder[0]
+            try:
+                _timed(found, lambda: _capabilities_finding(fd))
+            finally:
+                os.close(fd)
+        else:
+            found.append(Finding("kvm.capabilities", SKIP, "not read: the device is not usable"))
+        _timed(found, lambda: self._groups_finding())
+        _timed(found, _module_finding)
+        _timed(found, lambda: _cpu_finding(bool(holder)))
+        _timed(found, _context_finding)
+        return found
+
+    def _device_finding(self) -> Finding:
+        import stat
+
+        try:
+            st = _stat(self.path)
+        except OSError as err:
+            return Finding("kvm.device", FAIL, f"{self.path} is missing",
+                           {"path": self.path, "errno": errno.errorcode.get(err.errno or 0)})  # fmt: skip
+        node = _describe_node(st)
+        is_kvm = stat.S_ISCHR(st.st_mode) and (
+            os.major(st.st_rdev), os.minor(st.st_rdev)) == (KVM_DEVICE_MAJOR, KVM_DEVICE_MINOR)  # fmt: skip
+        evidence = {"path": self.path, "node": node}
+        if is_kvm:
+            return Finding("kvm.device", PASS, f"{self.path}: {node}", evidence)
+        return Finding("kvm.device", WARN,
+                       f"{self.path} is not character device {KVM_DEVICE_MAJOR}:{KVM_DEVICE_MINOR}: {node}",
+                       evidence)  # fmt: skip
+
+    def _usable_finding(self, timeout: float, backend: str | None, holder: list[int]) -> Finding:
+        try:
+            fd, result = self.acquire(timeout, backend)
+        except BoxliteError as error:
+            return _from_error("kvm.smoke", error)
+        assert fd is not None
+        holder.append(fd)
+        if result is None:
+            return Finding("kvm.smoke", WARN,
+                           f"{self.path} opens, but guest code was not run: no smoke test for {self.machine} yet",
+                           {"machine": self.machine, "smoke_tested": False},
+                           "")  # fmt: skip
+        return Finding(
+            "kvm.smoke", PASS,
+            f"guest code ran and halted (proof {result.proof:#x}, "
+            f"{result.elapsed * 1e3:.2f} ms, {result.backend} backend)",
+            result.as_dict(),
+        )  # fmt: skip
+
+    def _groups_finding(self) -> Finding:
+        try:
+            st = _stat(self.path)
+        except OSError:
+            return Finding("kvm.groups", SKIP, f"{self.path} is missing: no group to check")
+        uid = os.geteuid()
+        gid = st.st_gid
+        group = _group_name(gid)
+        user, listed, held = _group_membership(gid)
+        evidence = {"user": user, "uid": uid, "device_group": group,
+                    "listed_in_group_db": listed, "process_has_group": held,
+                    "process_groups": sorted({os.getegid(), *os.getgroups()})}  # fmt: skip
+        if uid == 0:
+            return Finding("kvm.groups", INFO, "running as root: the device mode does not apply",
+                           evidence)  # fmt: skip
+        if uid == st.st_uid:
+            return Finding("kvm.groups", INFO, f"{user} owns {self.path}", evidence)
+        if held:
+            return Finding("kvm.groups", PASS, f"this process has group {group}", evidence)
+        if listed:
+            return Finding("kvm.groups", WARN,
+                           f"{user} is in group {group} but this session predates it",
+                           evidence,
+                           f"log out and back in (or `newgrp {group}`)")  # fmt: skip
+        return Finding("kvm.groups", INFO, f"{user} is not in group {group}", evidence)
+
+
+def _capabilities_finding(fd: int) -> Finding:
+    caps = {
+        "api_version": KVM_GET_API_VERSION,
+        "max_vcpus": KVM_CAP_MAX_VCPUS,
+        "recommended_vcpus": KVM_CAP_NR_VCPUS,
+        "memory_slots": KVM_CAP_NR_MEMSLOTS,
+        "user_memory": KVM_CAP_USER_MEMORY,
+        "immediate_exit": KVM_CAP_IMMEDIATE_EXIT,
+    }
+    values: dict[str, object] = {}
+    for name, number in caps.items():
+        try:
+            if name == "api_version":
+                values[name] = _ioctl_int(fd, KVM_GET_API_VERSION)
+            else:
+                values[name] = _ioctl_int(fd, KVM_CHECK_EXTENSION, number)
+        except OSError as err:
+            values[name] = errno.errorcode.get(err.errno or 0, "error")
+    missing = [n for n in ("user_memory", "immediate_exit") if values.get(n) in (0,)]
+    summary = (f"API {values['api_version']}, up to {values['max_vcpus']} vCPUs, "
+               f"{values['memory_slots']} memory slots")  # fmt: skip
+    if missing:
+        return Finding("kvm.capabilities", WARN, summary + f"; missing {', '.join(missing)}",
+                       values, "VMMs need these capabilities: update the kernel")  # fmt: skip
+    return Finding("kvm.capabilities", PASS, summary, values)
+
+
+def _module_finding() -> Finding:
+    modules = _kvm_modules()
+    evidence: dict[str, object] = {"loaded": modules}
+    for name in ("kvm_intel", "kvm_amd"):
+        nested = _read_text(f"/sys/module/{name}/parameters/nested")
+        if nested is not None:
+            evidence[f"{name}.nested"] = nested.strip()
+    if not modules:
+        if not _exists("/sys/module"):
+            return Finding("kvm.module", SKIP, "/sys/module is not available", evidence)
+        return Finding("kvm.module", INFO, "no KVM module is loaded", evidence)
+    arch = [m for m in modules if m != "kvm"] or modules
+    return Finding("kvm.module", INFO, f"KVM module in use: {', '.join(arch)}", evidence)
+
+
+def _cpu_finding(kvm_works: bool) -> Finding:
+    flags = _cpu_flags()
+    if flags is None:
+        return Finding("cpu.flags", SKIP, "/proc/cpuinfo lists no x86 flags")
+    virt = sorted({"vmx", "svm"} & flags)
+    evidence = {"vmx": "vmx" in flags, "svm": "svm" in flags, "hypervisor": "hypervisor" in flags}
+    if virt:
+        return Finding("cpu.flags", INFO, f"CPU flags: {', '.join(virt)}", evidence)
+    where = "running under a hypervisor" if "hypervisor" in flags else "bare metal"
+    if kvm_works:
+        return Finding("cpu.flags", INFO,
+                       f"no vmx/svm flag ({where}), yet KVM runs guest code: paravirtual "
+                       "or nested KVM; flag-based checkers get this host wrong", evidence)  # fmt: skip
+    return Finding("cpu.flags", INFO, f"no vmx/svm flag ({where})", evidence)
+
+
+def _context_finding() -> Finding:
+    container = _container()
+    wsl = _is_wsl()
+    evidence = {"container": container, "wsl2": wsl}
+    if container or wsl:
+        where = " and ".join(x for x in (f"container ({container})" if container else "",
+                                         "WSL2" if wsl else "") if x)  # fmt: skip
+        return Finding("host.context", INFO, f"running in {where}", evidence)
+    return Finding("host.context", INFO, "no container or WSL detected", evidence)
+
+
+class HvfProbe(HypervisorProbe):
+    """macOS: Apple Silicon and Hypervisor.framework."""
+
+    name = "hvf"
+
+    def __init__(self, machine: str) -> None:
+        self.machine = machine
+
+    def _arch_error(self) -> BoxliteError | None:
+        if self.machine == "arm64":
+            return None
+        try:
+            translated = _sysctl_int("sysctl.proc_translated")
+        except OSError:
+            translated = None
+        if translated == 1:
+            return UnsupportedError(
+                f"Unsupported architecture: {self.machine} Python running under Rosetta\n\n"
+                "This Mac is Apple Silicon, but this interpreter is an x86_64 build "
+                "translated by Rosetta, and Hypervisor.framework is not available to it.\n\n"
+                "Fix: run an arm64 Python (a universal2 or arm64 build, started natively, "
+                "e.g. `arch -arm64 python3`)",
+                cause="rosetta", evidence={"machine": self.machine, "proc_translated": 1},
+                fix="run an arm64 Python (e.g. `arch -arm64 python3`)",
+            )  # fmt: skip
+        return UnsupportedError(
+            f"Unsupported architecture: {self.machine}\n\n"
+            "BoxLite on macOS needs Apple Silicon (arm64); Intel Macs are not supported.\n\n"
+            "Fix: use a Mac with Apple Silicon",
+            cause="macos-not-arm64", evidence={"machine": self.machine},
+            fix="use a Mac with Apple Silicon",
+        )  # fmt: skip
+
+    def _support_error(self) -> BoxliteError | None:
+        tried = "read sysctl kern.hv_support (sysctlbyname)"
+        try:
+            support = _sysctl_int("kern.hv_support")
+        except OSError as err:
+            return _failure(
+                UnsupportedError, "hv-support-unreadable",
+                "Hypervisor.framework support cannot be read",
+                tried=tried, answer=errno_name(err.errno or 0),
+                fix="check by hand with `sysctl kern.hv_support`",
+            )  # fmt: skip
+        if support == 1:
+            return None
+        try:
+            in_vm = _sysctl_int("kern.hv_vmm_present") == 1
+        except OSError:
+            in_vm = False
+        answer = "kern.hv_support does not exist" if support is None else f"kern.hv_support = {support}"
+        if in_vm:
+            return _failure(
+                UnsupportedError, "hv-in-vm",
+                "Hypervisor.framework is not available: this Mac is itself a virtual "
+                "machine without nested virtualization",
+                tried=tried, answer=answer, vmm_present=1,
+                fix="run on a physical Mac (macOS VMs get no nested virtualization "
+                "before macOS 15 on M3 or later)",
+            )  # fmt: skip
+        return _failure(
+            UnsupportedError, "hv-unsupported",
+            "Hypervisor.framework is not available",
+            tried=tried, answer=answer,
+            fix="use macOS 11 or later on Apple Silicon; check with `sysctl kern.hv_support`",
+        )  # fmt: skip
+
+    def acquire(self, timeout: float = DEFAULT_TIMEOUT,
+                backend: str | None = None) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
+        error = self._arch_error() or self._support_error()
+        if error is not None:
+            raise error
+        return None, None
+
+    def diagnose_create_failure(self, error: BoxliteError) -> BoxliteError:
+        """Reproduce hv_vm_create() to learn the code the engine discarded."""
+        try:
+            code = _hv_vm_create()
+        except (OSError, AttributeError) as err:
+            _log("debug", "HVF diagnostic unavailable: %s", err)
+            return error
+        name = HV_RETURN_NAMES.get(code, "unknown")
+        if code == HV_SUCCESS:
+            destroyed = _hv_vm_destroy()
+            if destroyed != HV_SUCCESS:
+                _log("error", "HVF diagnostic: hv_vm_destroy returned %#x", destroyed)
+            _log("debug", "HVF diagnostic: hv_vm_create succeeded; the failure is elsewhere")
+            return error
+        if code == HV_BUSY:
+            _log("debug", "HVF diagnostic: HV_BUSY, a VM exists; it failed after creation")
+            return error
+        _log("error", "HVF diagnostic: hv_vm_create returned %s (%#x)", name, code)
+        if code == HV_NO_RESOURCES:
+            return ResourceExhaustedError(
+                "macOS Hypervisor.framework has no VM address space left "
+                "(kern.hv.max_address_spaces reached): hv_vm_create returned "
+                f"HV_NO_RESOURCES ({code:#x}). Stop some boxes and retry; see "
+                "`sysctl kern.hv.max_address_spaces`",
+                cause="hv-no-resources", evidence={"hv_return": name},
+                fix="stop some boxes and retry",
+            )  # fmt: skip
+        if code == HV_DENIED:
+            return UnsupportedError(
+                f"Hypervisor.framework access denied: hv_vm_create returned HV_DENIED "
+                f"({code:#x}). The process {sys.executable} lacks the "
+                "com.apple.security.hypervisor entitlement; sign it with that entitlement",
+                cause="hv-denied", evidence={"hv_return": name, "executable": sys.executable},
+                fix="sign the executable with the com.apple.security.hypervisor entitlement",
+            )  # fmt: skip
+        if code == HV_UNSUPPORTED:
+            return UnsupportedError(
+                f"Hypervisor.framework has no hypervisor for this process: hv_vm_create "
+                f"returned HV_UNSUPPORTED ({code:#x}), e.g. inside a VM without nested "
+                "virtualization",
+                cause="hv-unsupported-code", evidence={"hv_return": name},
+                fix="run on a physical Apple Silicon Mac",
+            )  # fmt: skip
+        return EngineError(
+            f"{error}. The HVF diagnostic hv_vm_create returned {name} ({code:#x})",
+            cause="hv-other", evidence={"hv_return": f"{code:#x}"},
+        )
+
+    def findings(self, timeout: float, backend: str | None, probe_hvf: bool) -> list[Finding]:
+        found: list[Finding] = []
+        arch = self._arch_error()
+        if arch is not None:
+            found.append(_from_error("macos.arch", arch))
+        else:
+            found.append(Finding("macos.arch", PASS, "Apple Silicon, native arm64 Python",
+                                 {"machine": self.machine}))  # fmt: skip
+        support = self._support_error()
+        found.append(_from_error("macos.hv_support", support) if support else
+                     Finding("macos.hv_support", PASS, "kern.hv_support = 1"))  # fmt: skip
+        for name, key in (("kern.hv_vmm_present", "macos.vmm_present"),
+                          ("kern.hv.max_address_spaces", "macos.max_address_spaces")):  # fmt: skip
+            try:
+                value = _sysctl_int(name)
+            except OSError as err:
+                found.append(Finding(key, SKIP, f"{name} unreadable: {errno_name(err.errno or 0)}"))
+                continue
+            if value is None:
+                found.append(Finding(key, SKIP, f"{name} does not exist on this macOS"))
+            else:
+                found.append(Finding(key, INFO, f"{name} = {value}", {name: value}))
+        if probe_hvf:
+            _timed(found, self._hvf_finding)
+        return found
+
+    def _hvf_finding(self) -> Finding:
+        try:
+            code = _hv_vm_create()
+        except (OSError, AttributeError) as err:
+            return Finding("macos.hv_vm_create", SKIP, f"Hypervisor.framework not loadable: {err}")
+        name = HV_RETURN_NAMES.get(code, f"{code:#x}")
+        evidence = {"hv_return": name}
+        if code == HV_SUCCESS:
+            destroyed = _hv_vm_destroy()
+            evidence["hv_vm_destroy"] = HV_RETURN_NAMES.get(destroyed, f"{destroyed:#x}")
+            return Finding("macos.hv_vm_create", PASS, "hv_vm_create succeeded", evidence)
+        if code == HV_DENIED:
+            return Finding("macos.hv_vm_create", INFO,
+                           f"this process ({sys.executable}) is not entitled to "
+                           "Hypervisor.framework (HV_DENIED); a signed VMM would be",
+                           evidence)  # fmt: skip
+        return Finding("macos.hv_vm_create", FAIL, f"hv_vm_create returned {name}", evidence)
+
+
+# ── Platform dispatch ───────────────────────────────────────────────────────
+
+
+def _select_probe(system: str, machine: str) -> HypervisorProbe:
+    """Pick the probe for a sys.platform value and a machine name."""
+    if system.startswith("linux"):
+        return KvmProbe(machine)
+    if system == "darwin":
+        return HvfProbe(machine)
+    return UnsupportedPlatformProbe(system)
+
+
+_PROBE = _select_probe(sys.platform, os.uname().machine if hasattr(os, "uname") else "")
+
+
+def hypervisor_probe() -> HypervisorProbe:
+    """The probe chosen for this host at import."""
+    return _PROBE
+
+
+# ── Public API ──────────────────────────────────────────────────────────────
+
+
+class SystemCheck:
+    """Proof that the host passed its checks.
+
+    On Linux it holds the validated /dev/kvm descriptor (read-write,
+    close-on-exec) until ``close()`` or the end of a ``with`` block.
+    """
+
+    def __init__(self, fd: int | None, smoke: SmokeResult | None, probe: HypervisorProbe) -> None:
+        self._fd = fd
+        self.smoke = smoke
+        self.probe = probe
+
+    @classmethod
+    def run(cls, *, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) -> SystemCheck:
+        """Verify the host; raise a BoxliteError with the cause and fix if it fails."""
+        fd, smoke = _PROBE.acquire(timeout, backend)
+        return cls(fd, smoke, _PROBE)
+
+    @property
+    def smoke_tested(self) -> bool:
+        """Whether real guest code ran (False where no smoke test exists yet)."""
+        return self.smoke is not None and self.smoke.ok
+
+    def fileno(self) -> int:
+        """The open /dev/kvm descriptor; raises ValueError when there is none."""
+        if self._fd is None:
+            raise ValueError("no KVM descriptor (closed, or not Linux)")
+        return self._fd
+
+    def close(self) -> None:
+        """Release the descriptor; safe to call more than once."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> SystemCheck:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def describe(self) -> str:
+        """One line on what was proven."""
+        if self.smoke is not None:
+            return (f"usable: KVM ran guest code and it halted ({self.smoke.backend} backend, "
+                    f"{self.smoke.elapsed * 1e3:.2f} ms)")  # fmt: skip
+        if isinstance(self.probe, KvmProbe):
+            return (f"usable, not smoke-tested: {self.probe.path} opens read-write, but no "
+                    f"guest code was run (no smoke test for {self.probe.machine} yet)")  # fmt: skip
+        return "usable: Hypervisor.framework is available"
+
+
+USABLE, USABLE_WITH_WARNINGS, NOT_USABLE = "usable", "usable-with-warnings", "not-usable"
+SCHEMA_VERSION = 1
+
+
+class Report:
+    """The result of ``check()``: verdict, the error, findings and host facts."""
+
+    def __init__(self, findings: list[Finding], error: BoxliteError | None,
+                 host: dict[str, object]) -> None:  # fmt: skip
+        self.findings = findings
+        self.error = error
+        self.host = host
+
+    @property
+    def verdict(self) -> str:
+        if self.error is not None or any(f.status == FAIL for f in self.findings):
+            return NOT_USABLE
+        if any(f.status == WARN for f in self.findings):
+            return USABLE_WITH_WARNINGS
+        return USABLE
+
+    def as_dict(self) -> dict[str, object]:
+        error = None
+        if self.error is not None:
+            error = {"type": type(self.error).__name__, "message": str(self.error),
+                     "cause": self.error.cause, "fix": self.error.fix}  # fmt: skip
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "checker_version": __version__,
+            "verdict": self.verdict,
+            "host": self.host,
+            "error": error,
+            "findings": [f.as_dict() for f in self.findings],
+        }
+
+
+def _host_facts(probe: HypervisorProbe) -> dict[str, object]:
+    uname = os.uname()
+    native, note = native_backend() if isinstance(probe, KvmProbe) else (False, "")
+    return {
+        "host": uname.nodename,
+        "system": uname.sysname,
+        "kernel": uname.release,
+        "machine": uname.machine,
+        "python": sys.version.split()[0],
+        "probe": probe.name,
+        "smoke_backend": ("native" if native else "python") if isinstance(probe, KvmProbe) else None,
+        "native_library": note or None,
+    }
+
+
+def check(
+    *, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None, probe_hvf: bool = False
+) -> Report:
+    """Run every probe and return a Report; never raises for a host problem."""
+    probe = _PROBE
+    findings = probe.findings(timeout, backend, probe_hvf)
+    error = next((f.error for f in findings if f.error is not None), None)
+    return Report(findings, error, _host_facts(probe))
+
+
+# ── Command line ────────────────────────────────────────────────────────────
+
+EXIT_USABLE, EXIT_NOT_USABLE, EXIT_USAGE, EXIT_CHECKER_FAILED = 0, 1, 2, 3
+
+_COLOURS = {PASS: "32", WARN: "33", FAIL: "31", SKIP: "2", INFO: "36"}
+
+
+def _paint(text: str, status: str, colour: bool) -> str:
+    return f"\x1b[{_COLOURS[status]}m{text}\x1b[0m" if colour else text
+
+
+def _render(report: Report, *, quiet: bool, colour: bool) -> str:
+    """The human-readable report."""
+    lines: list[str] = []
+    host = report.host
+    if not quiet:
+        backend = host.get("smoke_backend")
+        lines.append(
+            f"boxlite_syscheck {__version__}: {host['host']}, {host['system']} {host['kernel']} "
+            f"{host['machine']}, Python {host['python']}"
+            + (f", smoke test: {backend} backend" if backend else "")
+        )
+        lines.append("")
+    shown = [f for f in report.findings if not quiet or f.status == FAIL]
+    width = max((len(f.id) for f in shown), default=0)
+    for finding in shown:
+        label = _paint(f"{finding.status.upper():<4}", finding.status, colour)
+        lines.append(f"  {label}  {finding.id:<{width}}  {finding.summary}")
+    fixes = [f for f in report.findings if f.fix and f.status in (FAIL, WARN)]
+    if fixes:
+        lines += ["", "How to fix:"]
+        lines += [f"  {f.id}: {f.fix}" for f in fixes]
+    if report.error is not None and not quiet:
+        lines += ["", str(report.error)]
+    if not quiet:
+        lines += ["", f"Verdict: {report.verdict}"]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the check from the command line; return the exit code."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="boxlite_syscheck",
+        description="Check that this host can run hardware-accelerated VMs, by running "
+        "real guest code under KVM (Linux) or asking Hypervisor.framework (macOS).",
+        epilog="Exit codes: 0 usable, 1 not usable, 2 usage error, 3 the checker failed.",
+    )
+    parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    parser.add_argument("--quiet", "-q", action="store_true", help="print only failures")
+    parser.add_argument("--strict", action="store_true", help="count warnings as failure")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"bound on running the guest (default {DEFAULT_TIMEOUT:g})")  # fmt: skip
+    parser.add_argument("--backend", choices=("native", "python"),
+                        help="force a smoke-test backend (default: native if built)")  # fmt: skip
+    parser.add_argument("--probe-hvf", action="store_true",
+                        help="macOS: also call hv_vm_create() and hv_vm_destroy()")  # fmt: skip
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # argparse exits on --help, --version and errors
+        return EXIT_USAGE if stop.code not in (0, None) else EXIT_USABLE
+    if not args.timeout > 0:
+        parser.print_usage(sys.stderr)
+        print("boxlite_syscheck: error: --timeout must be positive", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = check(timeout=args.timeout, backend=args.backend, probe_hvf=args.probe_hvf)
+    except InternalError as err:
+        print(f"boxlite_syscheck: the checker failed: {err}", file=sys.stderr)
+        return EXIT_CHECKER_FAILED
+    except Exception as err:  # a bug here must not look like a host verdict
+        print(f"boxlite_syscheck: the checker failed: {type(err).__name__}: {err}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_CHECKER_FAILED
+    if args.json:
+        import json
+
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        text = _render(report, quiet=args.quiet, colour=colour)
+        if text:
+            print(text)
+    verdict = report.verdict
+    if verdict == NOT_USABLE or (args.strict and verdict == USABLE_WITH_WARNINGS):
+        return EXIT_NOT_USABLE
+    return EXIT_USABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

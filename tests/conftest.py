@@ -1,0 +1,169 @@
+"""Shared fixtures: the module, real-KVM gates and real fault environments."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import boxlite_syscheck  # noqa: E402
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+TEST_UID = 4241  # an unprivileged user that exists only in the bound passwd file
+TEST_GID = 4241
+KVM_GID = 4242  # the device group in the fault environments
+
+
+@pytest.fixture(autouse=True)
+def _fresh_caches():
+    boxlite_syscheck._reset_caches()
+    yield
+    boxlite_syscheck._reset_caches()
+
+
+def _kvm_works() -> str | None:
+    """None when /dev/kvm opens here, else the reason it does not."""
+    if not sys.platform.startswith("linux"):
+        return "not Linux"
+    if os.uname().machine not in boxlite_syscheck._SMOKE_MACHINES:
+        return f"no smoke test for {os.uname().machine}"
+    try:
+        fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as err:
+        return f"/dev/kvm does not open: {err}"
+    os.close(fd)
+    return None
+
+
+KVM_REASON = _kvm_works()
+needs_kvm = pytest.mark.skipif(KVM_REASON is not None, reason=f"needs KVM: {KVM_REASON}")
+
+
+def _root_reason() -> str | None:
+    if KVM_REASON is not None:
+        return f"needs KVM: {KVM_REASON}"
+    if os.geteuid() != 0:
+        return "needs root for unshare/mknod/setpriv"
+    for tool in ("unshare", "setpriv", "mount", "mknod"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        return f"needs {SYSTEM_PYTHON} (readable by other users)"
+    return None
+
+
+ROOT_REASON = _root_reason()
+needs_root = pytest.mark.skipif(ROOT_REASON is not None, reason=ROOT_REASON or "")
+
+
+@pytest.fixture
+def kvm_fd():
+    if KVM_REASON is not None:
+        pytest.skip(f"needs KVM: {KVM_REASON}")
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    yield fd
+    os.close(fd)
+
+
+# Runs inside the fault environment: prints one JSON line per backend.
+PROBE_SCRIPT = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+out = {}
+for backend in ("native", "python"):
+    try:
+        with b.SystemCheck.run(backend=backend) as host:
+            out[backend] = {"ok": True, "outcome": list(host.smoke.outcome()),
+                            "backend": host.smoke.backend}
+    except b.BoxliteError as err:
+        out[backend] = {"ok": False, "type": type(err).__name__, "cause": err.cause,
+                        "message": str(err), "fix": err.fix}
+print(json.dumps(out))
+"""
+
+
+class FaultEnv:
+    """A private mount namespace with a chosen /dev/kvm, users and groups.
+
+    Devices and mounts change only inside ``unshare -m``; the real /dev/kvm
+    is never touched.  The module and native library are copied to a
+    directory every user can read.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        shutil.copy(ROOT / "boxlite_syscheck.py", workdir)
+        lib = ROOT / "libkvmsmoke.so"
+        if lib.exists():
+            shutil.copy(lib, workdir)
+        self.setup: list[str] = []
+        self.group_members = ""
+
+    def kvm_node(self, *, uid: int = 0, gid: int = KVM_GID, mode: int = 0o660) -> None:
+        """Bind a fresh KVM character device (10:232) over /dev/kvm."""
+        node = self.dir / "kvm"
+        os.mknod(node, 0o600 | 0o020000, os.makedev(10, 232))
+        os.chown(node, uid, gid)
+        os.chmod(node, mode)
+        self.setup.append(f"mount --bind {node} /dev/kvm")
+
+    def no_kvm(self) -> None:
+        """A /dev with no kvm node: a tmpfs over /dev, keeping /dev/null."""
+        self.setup += ["mount -t tmpfs -o mode=755 none /dev", "mknod -m 666 /dev/null c 1 3"]
+
+    def passwd_and_group(self, members: str = "") -> None:
+        """Bind passwd/group files that know the test user and the kvm group."""
+        passwd = Path("/etc/passwd").read_text() + f"boxtest:x:{TEST_UID}:{TEST_GID}::/:/bin/sh\n"
+        group = Path("/etc/group").read_text()
+        group += f"boxtest:x:{TEST_GID}:\nkvmtest:x:{KVM_GID}:{members}\n"
+        (self.dir / "passwd").write_text(passwd)
+        (self.dir / "group").write_text(group)
+        os.chmod(self.dir / "passwd", 0o644)
+        os.chmod(self.dir / "group", 0o644)
+        self.setup += [
+            f"mount --bind {self.dir}/passwd /etc/passwd",
+            f"mount --bind {self.dir}/group /etc/group",
+        ]
+
+    def run(self, code: str, *args: str, user: bool = False, groups: str | None = None,
+            python: str = SYSTEM_PYTHON) -> subprocess.CompletedProcess[str]:
+        """Run Python code inside the namespace, as root or as the test user."""
+        command = [python, "-c", code, str(self.dir), *args]
+        if user:
+            drop = ["setpriv", f"--reuid={TEST_UID}", f"--regid={TEST_GID}"]
+            drop += [f"--groups={groups}"] if groups else ["--clear-groups"]
+            command = drop + command
+        script = " && ".join(self.setup + ['exec "$@"']) if self.setup else 'exec "$@"'
+        return subprocess.run(
+            ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *command],
+            capture_output=True, text=True, timeout=60, cwd="/",
+        )
+
+    def probe(self, **kwargs: object) -> dict[str, dict[str, object]]:
+        """Run SystemCheck.run() with both backends; return what each gave."""
+        done = self.run(PROBE_SCRIPT, **kwargs)  # type: ignore[arg-type]
+        assert done.returncode == 0, done.stderr
+        result: dict[str, dict[str, object]] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
+
+
+@pytest.fixture
+def fault_env():
+    if ROOT_REASON is not None:
+        pytest.skip(ROOT_REASON)
+    workdir = Path(tempfile.mkdtemp(prefix="boxlite-syscheck-"))
+    os.chmod(workdir, 0o755)
+    try:
+        yield FaultEnv(workdir)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
