@@ -78,7 +78,7 @@ __version__ = "0.1.0"
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ctypes
-    from collections.abc import Callable, Iterator, Sequence
+    from collections.abc import Callable, Mapping, Sequence
     from typing import Any
 
 # ── Constants and kernel ABI ────────────────────────────────────────────────
@@ -558,7 +558,8 @@ def _hvf() -> ctypes.CDLL:
         lib.hv_vm_destroy.restype = ctypes.c_int32
         return lib
 
-    return _cached("hvf", load)
+    lib: ctypes.CDLL = _cached("hvf", load)
+    return lib
 
 
 def _hv_vm_create() -> int:
@@ -1038,8 +1039,8 @@ def _native_smoke(lib: ctypes.CDLL, fd: int, code: bytes, timeout: float,
                   result: SmokeResult) -> None:  # fmt: skip
     out = _abi().SmokeStruct()
     lib.kvmsmoke_run(fd, code, len(code), max(1, int(timeout * 1e9)), _timer_signal(), out)
-    for name, _ in out._fields_:
-        setattr(result, name, getattr(out, name))
+    for field in out._fields_:
+        setattr(result, field[0], getattr(out, field[0]))
     result.timed_out = bool(out.timed_out)
 
 
@@ -1535,7 +1536,7 @@ class Finding:
         id: str,
         status: str,
         summary: str,
-        evidence: dict[str, object] | None = None,
+        evidence: Mapping[str, object] | None = None,
         fix: str = "",
         duration: float = 0.0,
     ) -> None:

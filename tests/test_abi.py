@@ -1,0 +1,110 @@
+"""Kernel ABI: ioctl numbers and structure layouts against the kernel headers."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+
+import boxlite_syscheck as b
+
+# From <linux/kvm.h> on x86_64 (gcc -E of KVM_* macros).
+PINNED = {
+    "KVM_GET_API_VERSION": 0xAE00,
+    "KVM_CREATE_VM": 0xAE01,
+    "KVM_CHECK_EXTENSION": 0xAE03,
+    "KVM_GET_VCPU_MMAP_SIZE": 0xAE04,
+    "KVM_CREATE_VCPU": 0xAE41,
+    "KVM_SET_USER_MEMORY_REGION": 0x4020AE46,
+    "KVM_RUN": 0xAE80,
+    "KVM_GET_REGS": 0x8090AE81,
+    "KVM_SET_REGS": 0x4090AE82,
+    "KVM_GET_SREGS": 0x8138AE83,
+    "KVM_SET_SREGS": 0x4138AE84,
+    "KVM_SET_SIGNAL_MASK": 0x4004AE8B,
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_ioctl_numbers_are_pinned(name):
+    assert getattr(b, name) == PINNED[name]
+
+
+def test_structure_sizes_match_the_kernel():
+    abi = b._abi()
+    assert ctypes.sizeof(abi.KvmRegs) == b._SIZEOF_KVM_REGS == 144
+    assert ctypes.sizeof(abi.KvmSregs) == b._SIZEOF_KVM_SREGS == 312
+    assert ctypes.sizeof(abi.KvmUserspaceMemoryRegion) == b._SIZEOF_KVM_USERSPACE_MEMORY_REGION
+    assert ctypes.sizeof(abi.SigEvent) == 64
+    assert abi.KvmSregs.cs.offset == 0 and abi.KvmSegment.selector.offset == 12
+
+
+HEADER_PROGRAM = r"""
+#include <stdio.h>
+#include <stddef.h>
+#include <linux/kvm.h>
+#define P(x) printf(#x " %lu\n", (unsigned long)(x));
+int main(void) {
+  P(KVM_GET_API_VERSION) P(KVM_CREATE_VM) P(KVM_CHECK_EXTENSION) P(KVM_GET_VCPU_MMAP_SIZE)
+  P(KVM_CREATE_VCPU) P(KVM_SET_USER_MEMORY_REGION) P(KVM_RUN) P(KVM_GET_REGS) P(KVM_SET_REGS)
+  P(KVM_GET_SREGS) P(KVM_SET_SREGS) P(KVM_SET_SIGNAL_MASK) P(KVM_API_VERSION)
+  P(KVM_EXIT_HLT) P(KVM_EXIT_FAIL_ENTRY) P(KVM_EXIT_INTERNAL_ERROR) P(KVM_EXIT_SHUTDOWN)
+  P(KVM_CAP_IMMEDIATE_EXIT) P(KVM_CAP_MAX_VCPUS) P(KVM_CAP_NR_MEMSLOTS)
+  P(offsetof(struct kvm_run, exit_reason)) P(offsetof(struct kvm_run, fail_entry.cpu))
+  P(offsetof(struct kvm_run, fail_entry.hardware_entry_failure_reason))
+  P(offsetof(struct kvm_run, internal.suberror)) P(sizeof(struct kvm_run))
+  return 0;
+}
+"""
+
+
+def test_constants_match_the_installed_kernel_headers(tmp_path):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    source = tmp_path / "abi.c"
+    source.write_text(HEADER_PROGRAM)
+    built = subprocess.run([cc, "-o", str(tmp_path / "abi"), str(source)],
+                           capture_output=True, text=True)
+    if built.returncode != 0 and "linux/kvm.h" in built.stderr:
+        pytest.skip("no <linux/kvm.h>")
+    assert built.returncode == 0, built.stderr
+    out = subprocess.run([str(tmp_path / "abi")], capture_output=True, text=True, check=True)
+    values = dict(line.rsplit(" ", 1) for line in out.stdout.splitlines())
+    values = {k: int(v) for k, v in values.items()}
+    for name in PINNED:
+        assert values[name] == getattr(b, name), name
+    assert values["KVM_API_VERSION"] == b.KVM_API_VERSION
+    assert values["KVM_EXIT_HLT"] == b.KVM_EXIT_HLT
+    assert values["KVM_EXIT_FAIL_ENTRY"] == b.KVM_EXIT_FAIL_ENTRY
+    assert values["KVM_EXIT_INTERNAL_ERROR"] == b.KVM_EXIT_INTERNAL_ERROR
+    assert values["KVM_EXIT_SHUTDOWN"] == b.KVM_EXIT_SHUTDOWN
+    assert values["KVM_CAP_IMMEDIATE_EXIT"] == b.KVM_CAP_IMMEDIATE_EXIT
+    assert values["KVM_CAP_MAX_VCPUS"] == b.KVM_CAP_MAX_VCPUS
+    assert values["KVM_CAP_NR_MEMSLOTS"] == b.KVM_CAP_NR_MEMSLOTS
+    assert values["offsetof(struct kvm_run, exit_reason)"] == b._RUN_EXIT_REASON
+    assert values["offsetof(struct kvm_run, fail_entry.cpu)"] == b._RUN_FAIL_ENTRY_CPU
+    assert (values["offsetof(struct kvm_run, fail_entry.hardware_entry_failure_reason)"]
+            == b._RUN_FAIL_ENTRY_REASON)
+    assert values["offsetof(struct kvm_run, internal.suberror)"] == b._RUN_INTERNAL_SUBERROR
+    assert values["sizeof(struct kvm_run)"] == b._SIZEOF_KVM_RUN_MIN
+
+
+def test_hvf_codes_follow_hv_error_h():
+    # err_system(0x3e) | err_sub(0xba5) from <mach/error.h>, then the offsets.
+    base = ((0x3E & 0x3F) << 26) | ((0xBA5 & 0xFFF) << 14)
+    assert base == 0xFAE94000
+    assert b.HV_BUSY == base + 2
+    assert b.HV_NO_RESOURCES == base + 5
+    assert b.HV_DENIED == base + 7
+    assert b.HV_UNSUPPORTED == base + 0xF
+    # BoxLite's signed constants, as a C int would hold them.
+    assert b.HV_NO_RESOURCES - (1 << 32) == -85377019
+    assert b.HV_BUSY - (1 << 32) == -85377022
+    assert b.HV_DENIED - (1 << 32) == -85377017
+
+
+def test_guest_code_is_mov_eax_then_hlt():
+    assert b._GUEST_HALT == bytes([0x66, 0xB8, 0x7E, 0x11, 0xC5, 0xB0, 0xF4])

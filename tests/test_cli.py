@@ -1,0 +1,163 @@
+"""The report and the command line, through main() and through python -m."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, needs_kvm
+
+import boxlite_syscheck as b
+
+FINDING_KEYS = {"id", "status", "summary", "evidence", "fix", "duration_s"}
+STATUSES = {"pass", "warn", "fail", "skip", "info"}
+
+
+def check_shape(report):
+    """The documented JSON shape (README, 'JSON output')."""
+    assert report["schema_version"] == 1
+    assert report["verdict"] in {"usable", "usable-with-warnings", "not-usable"}
+    assert set(report["host"]) >= {"host", "system", "kernel", "machine", "python", "probe"}
+    assert report["error"] is None or set(report["error"]) == {"type", "message", "cause", "fix"}
+    for finding in report["findings"]:
+        assert set(finding) == FINDING_KEYS
+        assert finding["status"] in STATUSES
+        assert isinstance(finding["evidence"], dict)
+
+
+@needs_kvm
+def test_real_report_is_usable_and_notes_pvm_without_vmx():
+    report = b.check()
+    assert report.verdict == "usable", [f for f in report.findings if f.status != "pass"]
+    assert report.error is None
+    found = {f.id: f for f in report.findings}
+    assert found["kvm.smoke"].status == "pass"
+    assert found["kvm.smoke"].evidence["proof"] == hex(b.PROOF_VALUE)
+    assert found["kvm.capabilities"].evidence["api_version"] == 12
+    if "kvm_pvm" in found["kvm.module"].evidence["loaded"]:
+        assert "kvm_pvm" in found["kvm.module"].summary
+    if found["cpu.flags"].evidence.get("vmx") is False and found["cpu.flags"].evidence.get("svm") is False:
+        assert found["cpu.flags"].status == "info"
+        assert "yet KVM runs guest code" in found["cpu.flags"].summary
+
+
+@needs_kvm
+def test_main_prints_the_report(capsys):
+    assert b.main([]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  kvm.smoke" in out
+    assert out.rstrip().endswith("Verdict: usable")
+    assert "\x1b[" not in out  # not a terminal: no colour
+
+
+@needs_kvm
+def test_main_json_has_the_documented_shape(capsys):
+    assert b.main(["--json", "--backend", "python"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    check_shape(report)
+    smoke = next(f for f in report["findings"] if f["id"] == "kvm.smoke")
+    assert smoke["evidence"]["backend"] == "python"
+
+
+@needs_kvm
+def test_quiet_prints_nothing_when_usable(capsys):
+    assert b.main(["--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+
+
+def failing_open(mocker):
+    mocker.patch.object(b, "_PROBE", b.KvmProbe("x86_64"))
+    mocker.patch.object(b, "_open_device", side_effect=OSError(errno.EPERM, "denied"))
+
+
+def test_not_usable_exits_1_and_shows_the_fix(mocker, capsys):
+    failing_open(mocker)
+    assert b.main([]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  kvm.smoke" in out
+    assert "How to fix:" in out
+    assert "EPERM (Operation not permitted)" in out
+    assert out.rstrip().endswith("Verdict: not-usable")
+
+
+def test_quiet_prints_only_failures(mocker, capsys):
+    failing_open(mocker)
+    assert b.main(["-q"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "PASS" not in out and "INFO" not in out
+
+
+def test_colour_only_on_a_terminal_without_no_color(mocker, capsys, monkeypatch):
+    failing_open(mocker)
+    mocker.patch.object(sys.stdout, "isatty", return_value=True)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    b.main([])
+    assert "\x1b[31m" in capsys.readouterr().out
+    monkeypatch.setenv("NO_COLOR", "1")
+    b.main([])
+    assert "\x1b[" not in capsys.readouterr().out
+
+
+def test_strict_turns_warnings_into_failure(mocker):
+    warn = b.Finding("x.warn", "warn", "a warning", fix="do it")
+    mocker.patch.object(b.KvmProbe, "findings", return_value=[warn])
+    mocker.patch.object(b, "_PROBE", b.KvmProbe("x86_64"))
+    assert b.main(["--quiet"]) == 0
+    assert b.main(["--quiet", "--strict"]) == 1
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--timeout", "0"], ["--timeout", "x"],
+                                  ["--backend", "rust"]])
+def test_usage_errors_exit_2(argv, capsys):
+    assert b.main(argv) == 2
+    assert capsys.readouterr().err
+
+
+def test_version(capsys):
+    assert b.main(["--version"]) == 0
+    assert b.__version__ in capsys.readouterr().out
+
+
+def test_checker_failure_exits_3(mocker, capsys):
+    mocker.patch.object(b, "check", side_effect=RuntimeError("bug"))
+    assert b.main([]) == 3
+    assert "the checker failed" in capsys.readouterr().err
+
+
+def test_linux_findings_through_seams(mocker):
+    probe = b.KvmProbe("x86_64")
+    mocker.patch.object(b, "_stat", side_effect=OSError(errno.ENOENT, "gone"))
+    mocker.patch.object(b, "_open_device", side_effect=OSError(errno.ENOENT, "gone"))
+    mocker.patch.object(b, "_exists", return_value=False)
+    mocker.patch.object(b, "_read_text", return_value=None)
+    found = {f.id: f for f in probe.findings(1.0, None, False)}
+    assert found["kvm.device"].status == "fail"
+    assert found["kvm.smoke"].status == "fail" and found["kvm.smoke"].fix
+    assert found["kvm.capabilities"].status == "skip"
+    assert found["kvm.groups"].status == "skip"
+    assert found["kvm.module"].status == "skip"  # no /sys/module
+    assert found["cpu.flags"].status == "skip"  # no /proc/cpuinfo
+    assert found["host.context"].status == "info"
+
+
+def test_stale_group_is_a_warning_in_the_report(mocker):
+    st = os.stat_result((0o020660, 0, 0, 1, 0, 4242, 0, 0, 0, 0), {"st_rdev": os.makedev(10, 232)})
+    mocker.patch.object(b, "_stat", return_value=st)
+    mocker.patch.object(b.os, "geteuid", return_value=1000)
+    mocker.patch.object(b, "_group_name", return_value="kvm")
+    mocker.patch.object(b, "_group_membership", return_value=("alice", True, False))
+    finding = b.KvmProbe("x86_64")._groups_finding()
+    assert finding.status == "warn"
+    assert "newgrp kvm" in finding.fix
+
+
+@needs_kvm
+def test_python_dash_m_exits_0_here():
+    done = subprocess.run([sys.executable, "-m", "boxlite_syscheck", "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+    check_shape(json.loads(done.stdout))

@@ -1,0 +1,211 @@
+"""The smoke test on this host's real KVM, with both backends."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+from conftest import ROOT, needs_kvm
+
+import boxlite_syscheck as b
+
+BACKENDS = ["native", "python"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    if request.param == "native" and not (ROOT / "libkvmsmoke.so").exists():
+        pytest.fail("libkvmsmoke.so is not built: run `make` (make test does)")
+    return request.param
+
+
+def open_fds():
+    return sorted(os.listdir("/proc/self/fd"))
+
+
+def signal_state():
+    handlers = {s: signal.getsignal(s) for s in signal.valid_signals()
+                if s not in (signal.SIGKILL, signal.SIGSTOP)}
+    return handlers, signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+
+@needs_kvm
+def test_guest_runs_and_halts(kvm_fd, backend):
+    result = b.smoke_test(kvm_fd, backend=backend)
+    assert result.backend == backend
+    assert result.step == b.STEP_DONE and result.error == 0
+    assert result.api_version == b.KVM_API_VERSION
+    assert result.exit_reason == b.KVM_EXIT_HLT
+    assert result.proof == b.PROOF_VALUE
+    assert result.ok and not result.timed_out
+    assert 0 < result.elapsed < result.timeout
+
+
+@needs_kvm
+def test_both_backends_agree(kvm_fd):
+    native = b.smoke_test(kvm_fd, backend="native")
+    python = b.smoke_test(kvm_fd, backend="python")
+    assert native.outcome() == python.outcome()
+
+
+@needs_kvm
+def test_guest_without_the_proof_value_fails(kvm_fd, backend):
+    result = b.smoke_test(kvm_fd, backend=backend, _guest=b"\xf4")  # hlt alone
+    assert result.exit_reason == b.KVM_EXIT_HLT and result.proof != b.PROOF_VALUE
+    assert not result.ok
+    assert b.diagnose(result).cause == "smoke-no-proof"
+
+
+@needs_kvm
+def test_system_check_passes_and_close_releases(backend, mocker):
+    before = open_fds()
+    host = b.SystemCheck.run(backend=backend)
+    fd = host.fileno()
+    assert os.readlink(f"/proc/self/fd/{fd}") == "/dev/kvm"
+    assert os.get_inheritable(fd) is False
+    assert host.smoke_tested and host.smoke.backend == backend
+    host.close()
+    host.close()
+    assert open_fds() == before
+
+
+@needs_kvm
+@pytest.mark.parametrize("where", ["main thread", "worker thread"])
+def test_spinning_guest_times_out_and_restores_state(kvm_fd, backend, where):
+    handlers, mask = signal_state()
+    threads, fds = threading.active_count(), open_fds()
+    out = {}
+
+    def spin():
+        started = time.monotonic()
+        out["result"] = b.smoke_test(kvm_fd, backend=backend, timeout=0.3, _guest=b._GUEST_SPIN)
+        out["took"] = time.monotonic() - started
+        out["mask"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    if where == "main thread":
+        spin()
+        assert out["mask"] == mask
+    else:
+        worker = threading.Thread(target=spin)
+        worker.start()
+        worker.join(5)
+        assert not worker.is_alive()
+    result = out["result"]
+    assert result.timed_out and result.step == b.STEP_RUN and result.exit_reason == -1
+    assert 0.3 <= out["took"] <= 0.4
+    assert b.diagnose(result).cause == "smoke-timeout"
+    assert signal_state() == (handlers, mask)
+    assert threading.active_count() == threads
+    assert open_fds() == fds
+
+
+@needs_kvm
+def test_passes_under_a_100us_interval_timer(kvm_fd, backend):
+    ticks = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: ticks.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 0.0001, 0.0001)
+    try:
+        results = [b.smoke_test(kvm_fd, backend=backend) for _ in range(20)]
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert ticks, "the interval timer never fired"
+    assert all(r.ok for r in results), [r for r in results if not r.ok]
+
+
+@needs_kvm
+def test_a_thousand_checks_leak_no_descriptor(backend):
+    for _ in range(5):
+        b.SystemCheck.run(backend=backend).close()
+    before = open_fds()
+    for _ in range(1000):
+        with b.SystemCheck.run(backend=backend):
+            pass
+    assert open_fds() == before
+
+
+@needs_kvm
+def test_timeout_must_be_positive(kvm_fd):
+    with pytest.raises(b.InvalidArgumentError):
+        b.smoke_test(kvm_fd, timeout=0)
+
+
+# ── Loading the native library ──────────────────────────────────────────────
+
+
+def build(tmp_path, name, *flags, source=ROOT / "kvm_smoke.c"):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    out = tmp_path / name
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(out), *flags, str(source)], check=True)
+    return out
+
+
+def test_default_path_is_next_to_the_module(monkeypatch):
+    monkeypatch.delenv(b.LIBRARY_ENV, raising=False)
+    assert b._native_path() == str(ROOT / "libkvmsmoke.so")
+
+
+@needs_kvm
+def test_environment_variable_names_the_library(kvm_fd, tmp_path, monkeypatch):
+    lib = build(tmp_path, "other.so")
+    monkeypatch.setenv(b.LIBRARY_ENV, str(lib))
+    assert b.native_backend() == (True, str(lib))
+    assert b.smoke_test(kvm_fd).backend == "native"
+
+
+@needs_kvm
+def test_relative_path_is_refused(kvm_fd, monkeypatch, caplog, mocker):
+    load = mocker.spy(b, "_load_library")
+    monkeypatch.setenv(b.LIBRARY_ENV, "libkvmsmoke.so")
+    with caplog.at_level(logging.WARNING, logger="boxlite_syscheck"):
+        result = b.smoke_test(kvm_fd)
+    assert result.backend == "python" and result.ok
+    assert load.call_count == 0
+    assert "not an absolute path" in caplog.text
+
+
+@needs_kvm
+def test_a_file_that_is_not_a_library_falls_back(kvm_fd, tmp_path, monkeypatch, caplog):
+    junk = tmp_path / "junk.so"
+    junk.write_bytes(b"not an ELF file")
+    monkeypatch.setenv(b.LIBRARY_ENV, str(junk))
+    with caplog.at_level(logging.WARNING, logger="boxlite_syscheck"):
+        result = b.smoke_test(kvm_fd)
+    assert result.backend == "python" and result.ok
+    assert str(junk) in caplog.text
+
+
+@needs_kvm
+def test_library_without_the_symbols_falls_back(kvm_fd, tmp_path, monkeypatch, caplog):
+    source = tmp_path / "empty.c"
+    source.write_text("int unrelated(void) { return 0; }\n")
+    lib = build(tmp_path, "empty.so", source=source)
+    monkeypatch.setenv(b.LIBRARY_ENV, str(lib))
+    with caplog.at_level(logging.WARNING, logger="boxlite_syscheck"):
+        assert b.smoke_test(kvm_fd).backend == "python"
+    assert "kvmsmoke_abi_version" in caplog.text
+
+
+@needs_kvm
+def test_library_of_another_abi_version_falls_back(kvm_fd, tmp_path, monkeypatch, caplog):
+    lib = build(tmp_path, "v99.so", "-DKVMSMOKE_ABI_VERSION=99")
+    monkeypatch.setenv(b.LIBRARY_ENV, str(lib))
+    with caplog.at_level(logging.WARNING, logger="boxlite_syscheck"):
+        assert b.smoke_test(kvm_fd).backend == "python"
+    assert "ABI version 99" in caplog.text
+
+
+def test_missing_library_is_an_internal_error_when_native_is_required(tmp_path, monkeypatch):
+    monkeypatch.setenv(b.LIBRARY_ENV, str(tmp_path / "absent.so"))
+    with pytest.raises(b.InternalError) as caught:
+        b.smoke_test(0, backend="native")
+    assert "make" in caught.value.fix
+    assert str(caught.value).startswith("internal error: ")

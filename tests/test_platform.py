@@ -1,0 +1,65 @@
+"""Platform dispatch and the import-time contract."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+import boxlite_syscheck as b
+
+
+@pytest.mark.parametrize(("system", "machine", "cls"), [
+    ("linux", "x86_64", b.KvmProbe),
+    ("linux", "aarch64", b.KvmProbe),
+    ("darwin", "arm64", b.HvfProbe),
+    ("darwin", "x86_64", b.HvfProbe),
+    ("win32", "AMD64", b.UnsupportedPlatformProbe),
+    ("freebsd14", "amd64", b.UnsupportedPlatformProbe),
+])
+def test_select_probe(system, machine, cls):
+    probe = b._select_probe(system, machine)
+    assert type(probe) is cls
+
+
+def test_probe_for_this_host_is_chosen_at_import():
+    assert b.hypervisor_probe() is b._PROBE
+    if sys.platform.startswith("linux"):
+        assert isinstance(b.hypervisor_probe(), b.KvmProbe)
+
+
+def test_unsupported_platform(mocker):
+    probe = b._select_probe("win32", "AMD64")
+    with pytest.raises(b.UnsupportedError) as caught:
+        probe.startup_check()
+    assert "only supports Linux and macOS" in str(caught.value)
+    mocker.patch.object(b, "_PROBE", probe)
+    with pytest.raises(b.UnsupportedError):
+        b.SystemCheck.run()
+    report = b.check()
+    assert report.verdict == "not-usable"
+    assert report.findings[0].status == "fail"
+    original = b.EngineError("x")
+    assert probe.diagnose_create_failure(original) is original
+
+
+def test_import_touches_nothing():
+    code = (
+        "import sys, os\n"
+        "before = set(os.listdir('/proc/self/fd'))\n"
+        "import boxlite_syscheck\n"
+        "after = set(os.listdir('/proc/self/fd'))\n"
+        "import json\n"
+        "print(json.dumps({'heavy': sorted(m for m in ('ctypes', 'logging', 'subprocess',"
+        " 'fcntl', 'mmap', 'signal', 'argparse', 'json', 'typing') if m in before_mods),"
+        " 'fds': len(after - before)}))\n"
+    ).replace("before_mods", "mods")
+    code = code.replace("import boxlite_syscheck\n",
+                        "import boxlite_syscheck\nmods = set(sys.modules)\n")
+    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT,
+                          capture_output=True, text=True, check=True)
+    seen = json.loads(done.stdout)
+    assert seen == {"heavy": [], "fds": 0}
