@@ -30,3 +30,9 @@ lint: $(VENV)/.ready
 
 clean:
 	rm -rf libkvmsmoke.so $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache __pycache__ tests/__pycache__
+
+bench: libkvmsmoke.so
+	$(PYTHON) tests/bench.py
+
+stress: libkvmsmoke.so
+	$(PYTHON) tests/bench.py --stress

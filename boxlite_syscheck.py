@@ -2163,11 +2163,13 @@ def _render(report: Report, *, quiet: bool, colour: bool) -> str:
     for finding in shown:
         label = _paint(f"{finding.status.upper():<4}", finding.status, colour)
         lines.append(f"  {label}  {finding.id:<{width}}  {finding.summary}")
-    fixes = [f for f in report.findings if f.fix and f.status in (FAIL, WARN)]
+    # The failure that carries the error is explained in full below.
+    fixes = [f for f in report.findings
+             if f.fix and f.status in (FAIL, WARN) and f.error is None]  # fmt: skip
     if fixes:
         lines += ["", "How to fix:"]
         lines += [f"  {f.id}: {f.fix}" for f in fixes]
-    if report.error is not None and not quiet:
+    if report.error is not None:
         lines += ["", str(report.error)]
     if not quiet:
         lines += ["", f"Verdict: {report.verdict}"]

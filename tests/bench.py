@@ -1,0 +1,197 @@
+"""`make bench`: the check against the kernel's floor and the tools people use.
+
+Standard library only.  Prints one table from one run on this host: each
+figure is the median over the repetitions, with min and max.  Targets are
+reported, never asserted.  `--stress` runs the stress test instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import boxlite_syscheck as b  # noqa: E402
+
+
+def summary(samples_ns: list[float]) -> tuple[float, float, float]:
+    ms = [s / 1e6 for s in samples_ns]
+    return statistics.median(ms), min(ms), max(ms)
+
+
+def timed(call, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        start = time.perf_counter_ns()
+        call()
+        out.append(time.perf_counter_ns() - start)
+    return out
+
+
+def wall(argv: list[str], n: int, **kwargs) -> tuple[list[float], subprocess.CompletedProcess[str]]:
+    out = []
+    done = None
+    for _ in range(n):
+        start = time.perf_counter_ns()
+        done = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+        out.append(time.perf_counter_ns() - start)
+    assert done is not None
+    return out, done
+
+
+def floor(n: int) -> list[float]:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise SystemExit("bench: needs a C compiler for the floor")
+    with tempfile.TemporaryDirectory() as tmp:
+        exe = os.path.join(tmp, "floor")
+        subprocess.run([cc, "-O2", "-o", exe, str(ROOT / "tests" / "bench_floor.c"),
+                        str(ROOT / "kvm_smoke.c")], check=True)
+        done = subprocess.run([exe, str(n)], capture_output=True, text=True, check=True)
+    return [float(line) for line in done.stdout.split()]
+
+
+def import_time(python: str, n: int) -> tuple[list[float], list[str]]:
+    # Write the bytecode first: PYTHONDONTWRITEBYTECODE would otherwise make
+    # every fresh interpreter compile the module again, which is not import.
+    subprocess.run([python, "-m", "py_compile", str(ROOT / "boxlite_syscheck.py")], check=True)
+    samples = []
+    code = "import boxlite_syscheck"
+    for _ in range(n):
+        done = subprocess.run([python, "-S", "-X", "importtime", "-c", code], cwd=ROOT,
+                              capture_output=True, text=True, check=True)
+        for line in done.stderr.splitlines():
+            parts = [p.strip() for p in line.split("|")]
+            if len(parts) == 3 and parts[2] == "boxlite_syscheck":
+                samples.append(float(parts[1]) * 1000)  # cumulative µs -> ns
+    probe = ("import sys; before = set(sys.modules); import boxlite_syscheck; "
+             "print(' '.join(sorted(set(sys.modules) - before - {'boxlite_syscheck'})))")
+    done = subprocess.run([python, "-S", "-c", probe], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    return samples, done.stdout.split()
+
+
+def row(rows, name, samples, floor_median=None, note=""):
+    med, lo, hi = summary(samples)
+    ratio = f"{med / floor_median:.2f}x" if floor_median else ""
+    rows.append((name, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", ratio, note))
+
+
+def bench(n: int) -> None:
+    python = sys.executable
+    rows: list[tuple[str, ...]] = []
+    floor_samples = floor(n)
+    floor_median = summary(floor_samples)[0]
+    row(rows, "floor: C open + smoke test + close", floor_samples, None, f"n={n}")
+    for backend in ("native", "python"):
+        b.SystemCheck.run(backend=backend).close()  # warm: library loaded, imports done
+        samples = timed(lambda: b.SystemCheck.run(backend=backend).close(), n)
+        target = "1.10x" if backend == "native" else "1.25x"
+        row(rows, f"SystemCheck.run() {backend} backend", samples, floor_median,
+            f"target {target}")
+    b.check()
+    row(rows, "check() full report", timed(b.check, max(50, n // 10)), floor_median)
+    imports, modules = import_time(python, 30)
+    row(rows, "import (python -S, fresh)", imports, None,
+        f"target < 5 ms; imports: {', '.join(modules) or 'nothing new'}")
+    bare, _ = wall([python, "-c", "pass"], 30)
+    cli, done = wall([python, "-m", "boxlite_syscheck", "-q"], 30, cwd=ROOT)
+    bare_median = summary(bare)[0]
+    rows.append(("python -c pass", *(f"{v:.3f}" for v in summary(bare)), "", "baseline"))
+    verdict = "usable" if done.returncode == 0 else f"exit {done.returncode}"
+    med, lo, hi = summary(cli)
+    rows.append(("python -m boxlite_syscheck -q", f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}",
+                 f"{med / bare_median:.2f}x", f"vs bare start, target 1.15x; {verdict}"))
+    for name, argv in (("kvm-ok", ["kvm-ok"]),
+                       ("virt-host-validate qemu", ["virt-host-validate", "qemu"])):
+        exe = shutil.which(argv[0]) or (f"/usr/sbin/{argv[0]}" if os.path.exists(f"/usr/sbin/{argv[0]}") else None)
+        if exe is None:
+            rows.append((name, "-", "-", "-", "", "not installed"))
+            continue
+        samples, done = wall([exe, *argv[1:]], 10)
+        said = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+        verdict = f"exit {done.returncode}: {said[-1].strip()[:60] if said else ''}"
+        if name.startswith("virt"):
+            kvm = [line for line in said if "hardware virtualization" in line]
+            verdict = f"exit {done.returncode}: {kvm[0].split(':', 1)[-1].strip()[:60] if kvm else ''}"
+        med, lo, hi = summary(samples)
+        rows.append((name, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", verdict))
+    header = ("what", "median ms", "min ms", "max ms", "ratio", "note")
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
+    print(f"host {os.uname().nodename}, kernel {os.uname().release}, Python {sys.version.split()[0]}")
+    for r in [header, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+
+
+def fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return -1
+
+
+def stress(count: int, threads: int) -> int:
+    failures: list[str] = []
+    for backend in ("native", "python"):
+        b.SystemCheck.run(backend=backend).close()
+        before = (fds(), rss_kib())
+        start = time.monotonic()
+        for _ in range(count):
+            try:
+                b.SystemCheck.run(backend=backend).close()
+            except b.BoxliteError as err:
+                failures.append(f"{backend}: {err.cause}")
+        took = time.monotonic() - start
+        after = (fds(), rss_kib())
+        print(f"{backend}: {count} consecutive checks in {took:.2f} s; descriptors "
+              f"{before[0]} -> {after[0]}, RSS {before[1]} -> {after[1]} KiB")
+
+        def worker() -> None:
+            for _ in range(count // threads):
+                try:
+                    b.SystemCheck.run(backend=backend).close()
+                except b.BoxliteError as err:
+                    failures.append(f"{backend} thread: {err.cause}")
+
+        start = time.monotonic()
+        pool = [threading.Thread(target=worker) for _ in range(threads)]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        took = time.monotonic() - start
+        print(f"{backend}: {threads} threads x {count // threads} checks at once in "
+              f"{took:.2f} s; descriptors {after[0]} -> {fds()}, RSS {after[1]} -> {rss_kib()} KiB")
+    print(f"failures: {len(failures)}" + (f" ({failures[:5]})" if failures else ""))
+    return 1 if failures else 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("-n", type=int, default=2000, help="repetitions of in-process figures")
+    parser.add_argument("--stress", action="store_true", help="run the stress test instead")
+    parser.add_argument("--count", type=int, default=10000)
+    parser.add_argument("--threads", type=int, default=8)
+    args = parser.parse_args()
+    if args.stress:
+        return stress(args.count, args.threads)
+    bench(args.n)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
