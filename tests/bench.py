@@ -123,7 +123,7 @@ def bench(n: int) -> None:
         verdict = f"exit {done.returncode}: {said[-1].strip()[:60] if said else ''}"
         if name.startswith("virt"):
             kvm = [line for line in said if "hardware virtualization" in line]
-            verdict = f"exit {done.returncode}: {kvm[0].split(':', 1)[-1].strip()[:60] if kvm else ''}"
+            verdict = f"exit {done.returncode}: {kvm[0].split(' : ', 1)[-1].strip()[:60] if kvm else ''}"
         med, lo, hi = summary(samples)
         rows.append((name, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", verdict))
     header = ("what", "median ms", "min ms", "max ms", "ratio", "note")
