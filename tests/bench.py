@@ -95,7 +95,7 @@ def bench(n: int) -> None:
     row(rows, "floor: C open + smoke test + close", floor_samples, None, f"n={n}")
     for backend in ("native", "python"):
         b.SystemCheck.run(backend=backend).close()  # warm: library loaded, imports done
-        samples = timed(lambda: b.SystemCheck.run(backend=backend).close(), n)
+        samples = timed(lambda kind=backend: b.SystemCheck.run(backend=kind).close(), n)
         target = "1.10x" if backend == "native" else "1.25x"
         row(rows, f"SystemCheck.run() {backend} backend", samples, floor_median,
             f"target {target}")
@@ -160,12 +160,12 @@ def stress(count: int, threads: int) -> int:
         print(f"{backend}: {count} consecutive checks in {took:.2f} s; descriptors "
               f"{before[0]} -> {after[0]}, RSS {before[1]} -> {after[1]} KiB")
 
-        def worker() -> None:
+        def worker(kind: str = backend) -> None:
             for _ in range(count // threads):
                 try:
-                    b.SystemCheck.run(backend=backend).close()
+                    b.SystemCheck.run(backend=kind).close()
                 except b.BoxliteError as err:
-                    failures.append(f"{backend} thread: {err.cause}")
+                    failures.append(f"{kind} thread: {err.cause}")
 
         start = time.monotonic()
         pool = [threading.Thread(target=worker) for _ in range(threads)]
