@@ -91,7 +91,7 @@ DEFAULT_TIMEOUT = 2.0
 LIBRARY_ENV = "BOXLITE_SYSCHECK_KVMSMOKE"
 _LIBRARY_NAME = "libkvmsmoke.so"
 #: The native library must report this ABI version (KVMSMOKE_ABI_VERSION).
-_NATIVE_ABI_VERSION = 1
+_NATIVE_ABI_VERSION = 2
 
 # include/uapi/linux/kvm.h: KVM_API_VERSION has been 12 since Linux 2.6.22.
 KVM_API_VERSION = 12
@@ -126,11 +126,19 @@ _SIZEOF_KVM_REGS = 144
 _SIZEOF_KVM_SREGS = 312
 _SIZEOF_KVM_USERSPACE_MEMORY_REGION = 32
 _SIZEOF_KVM_SIGNAL_MASK = 4
+_SIZEOF_KVM_MSR_LIST = 4  # struct kvm_msr_list header: nmsrs
+_SIZEOF_KVM_CPUID2 = 8  # struct kvm_cpuid2 header: nent, padding
+_SIZEOF_KVM_MSRS = 8  # struct kvm_msrs header: nmsrs, pad
 
 KVM_GET_API_VERSION = _ioc(_IOC_NONE, _KVMIO, 0x00, 0)
 KVM_CREATE_VM = _ioc(_IOC_NONE, _KVMIO, 0x01, 0)
+KVM_GET_MSR_INDEX_LIST = _ioc(_IOC_READ | _IOC_WRITE, _KVMIO, 0x02, _SIZEOF_KVM_MSR_LIST)
 KVM_CHECK_EXTENSION = _ioc(_IOC_NONE, _KVMIO, 0x03, 0)
 KVM_GET_VCPU_MMAP_SIZE = _ioc(_IOC_NONE, _KVMIO, 0x04, 0)
+KVM_GET_SUPPORTED_CPUID = _ioc(_IOC_READ | _IOC_WRITE, _KVMIO, 0x05, _SIZEOF_KVM_CPUID2)
+KVM_GET_MSR_FEATURE_INDEX_LIST = _ioc(
+    _IOC_READ | _IOC_WRITE, _KVMIO, 0x0A, _SIZEOF_KVM_MSR_LIST
+)
 KVM_CREATE_VCPU = _ioc(_IOC_NONE, _KVMIO, 0x41, 0)
 KVM_SET_USER_MEMORY_REGION = _ioc(
     _IOC_WRITE, _KVMIO, 0x46, _SIZEOF_KVM_USERSPACE_MEMORY_REGION
@@ -140,7 +148,10 @@ KVM_GET_REGS = _ioc(_IOC_READ, _KVMIO, 0x81, _SIZEOF_KVM_REGS)
 KVM_SET_REGS = _ioc(_IOC_WRITE, _KVMIO, 0x82, _SIZEOF_KVM_REGS)
 KVM_GET_SREGS = _ioc(_IOC_READ, _KVMIO, 0x83, _SIZEOF_KVM_SREGS)
 KVM_SET_SREGS = _ioc(_IOC_WRITE, _KVMIO, 0x84, _SIZEOF_KVM_SREGS)
+KVM_GET_MSRS = _ioc(_IOC_READ | _IOC_WRITE, _KVMIO, 0x88, _SIZEOF_KVM_MSRS)
+KVM_SET_MSRS = _ioc(_IOC_WRITE, _KVMIO, 0x89, _SIZEOF_KVM_MSRS)
 KVM_SET_SIGNAL_MASK = _ioc(_IOC_WRITE, _KVMIO, 0x8B, _SIZEOF_KVM_SIGNAL_MASK)
+KVM_SET_CPUID2 = _ioc(_IOC_WRITE, _KVMIO, 0x90, _SIZEOF_KVM_CPUID2)
 
 # KVM_CHECK_EXTENSION capabilities that VMMs rely on (include/uapi/linux/kvm.h).
 KVM_CAP_USER_MEMORY = 3
@@ -154,7 +165,14 @@ _RUN_EXIT_REASON = 8
 _RUN_FAIL_ENTRY_REASON = 32  # fail_entry.hardware_entry_failure_reason, u64
 _RUN_FAIL_ENTRY_CPU = 40  # fail_entry.cpu, u32
 _RUN_INTERNAL_SUBERROR = 32  # internal.suberror, u32
+_RUN_INTERNAL_NDATA = 36  # internal.ndata, u32
+_RUN_INTERNAL_DATA = 40  # internal.data[16], u64
+_RUN_EMULATION_INSN_SIZE = 48  # emulation_failure.insn_size, u8
+_RUN_EMULATION_INSN_BYTES = 49  # emulation_failure.insn_bytes[15]
 _SIZEOF_KVM_RUN_MIN = 2352
+_RUN_HEAD = 288  # the bytes of kvm_run both backends copy out after a run
+# KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: the failure carries them.
+_EMULATION_FLAG_INSTRUCTION_BYTES = 1
 
 KVM_EXIT_UNKNOWN = 0
 KVM_EXIT_HLT = 5
@@ -185,22 +203,26 @@ INTERNAL_SUBERRORS = {
     4: "UNEXPECTED_EXIT_REASON",
 }
 
-# Smoke-test steps; kvm_smoke.c uses the same numbers.
+# Smoke-test steps.  Each operation the backends execute carries its step, so
+# a failure is reported as "step, errno" whatever the backend.
 STEP_OPEN = 0
 STEP_API_VERSION = 1
 STEP_CREATE_VM = 2
 STEP_GUEST_MEMORY = 3
 STEP_MEMORY_REGION = 4
 STEP_CREATE_VCPU = 5
-STEP_GET_SREGS = 6
-STEP_SET_SREGS = 7
-STEP_SET_REGS = 8
-STEP_RUN_AREA_SIZE = 9
-STEP_MAP_RUN_AREA = 10
-STEP_ARM_TIMER = 11
-STEP_RUN = 12
-STEP_GET_REGS = 13
-STEP_DONE = 14
+STEP_GET_CPUID = 6
+STEP_SET_CPUID = 7
+STEP_GET_SREGS = 8
+STEP_SET_SREGS = 9
+STEP_SET_REGS = 10
+STEP_RUN_AREA_SIZE = 11
+STEP_MAP_RUN_AREA = 12
+STEP_SET_MSRS = 13
+STEP_ARM_TIMER = 14
+STEP_RUN = 15
+STEP_GET_REGS = 16
+STEP_DONE = 17
 
 #: What each step does, as said in messages.
 STEP_NAMES = (
@@ -210,11 +232,14 @@ STEP_NAMES = (
     "allocate guest memory (mmap)",
     "register guest memory (KVM_SET_USER_MEMORY_REGION)",
     "create a vCPU (KVM_CREATE_VCPU)",
+    "read the CPUID KVM supports (KVM_GET_SUPPORTED_CPUID)",
+    "give the vCPU that CPUID (KVM_SET_CPUID2)",
     "read special registers (KVM_GET_SREGS)",
     "write special registers (KVM_SET_SREGS)",
     "write registers (KVM_SET_REGS)",
     "read the run-area size (KVM_GET_VCPU_MMAP_SIZE)",
     "map the vCPU run area (mmap)",
+    "set the MSRs a Linux boot needs (KVM_SET_MSRS)",
     "arm the run time limit (KVM_SET_SIGNAL_MASK, timer_create)",
     "run the vCPU (KVM_RUN)",
     "read registers (KVM_GET_REGS)",
@@ -230,6 +255,71 @@ _GUEST_HALT = b"\x66\xb8" + PROOF_VALUE.to_bytes(4, "little") + b"\xf4"
 _GUEST_SPIN = b"\xeb\xfe"
 # Architectures with a smoke test: the guest code above is x86 real mode.
 _SMOKE_MACHINES = frozenset({"x86_64", "amd64"})
+
+# The engines whose start-up needs the gate checks.  BoxLite runs libkrun;
+# None is the bare device check (open, API version, VM, trivial guest).
+ENGINES = ("libkrun",)
+DEFAULT_ENGINE = "libkrun"
+
+# x86 control-register and EFER bits (arch/x86/include/uapi/asm/processor-flags.h,
+# arch/x86/include/asm/msr-index.h).
+_CR0_PE, _CR0_MP, _CR0_ET, _CR0_NE = 1 << 0, 1 << 1, 1 << 4, 1 << 5
+_CR0_WP, _CR0_AM, _CR0_PG = 1 << 16, 1 << 18, 1 << 31
+_CR4_PAE = 1 << 5
+_CR4_OSXSAVE = 1 << 18
+_EFER_LME, _EFER_LMA = 1 << 8, 1 << 10
+# The CR0 that Linux's startup_64 loads (arch/x86/include/asm/processor-flags.h
+# CR0_STATE): protected mode, paging, and the FPU/alignment bits it wants.
+_CR0_LINUX = _CR0_PE | _CR0_MP | _CR0_ET | _CR0_NE | _CR0_WP | _CR0_AM | _CR0_PG
+# Page-table entry bits (arch/x86/include/asm/pgtable_types.h).
+_PAGE_PRESENT, _PAGE_RW, _PAGE_ACCESSED, _PAGE_DIRTY, _PAGE_PSE = 0x1, 0x2, 0x20, 0x40, 0x80
+_KERNPG_TABLE = _PAGE_PRESENT | _PAGE_RW | _PAGE_ACCESSED | _PAGE_DIRTY  # 0x63
+_PAGE_KERNEL_LARGE = _KERNPG_TABLE | _PAGE_PSE  # 0xe3, without _PAGE_GLOBAL
+# GDT descriptor flags as Linux writes them (GDT_ENTRY_INIT in asm/segment.h;
+# DESC_CODE64 0xa09b, DESC_DATA64 0xc093): present, DPL 0, accessed, and L
+# (code) or D/B (data), 4 KiB granularity.  VM entry wants the accessed bit.
+_GDT_CODE64 = 0xA09B
+_GDT_DATA64 = 0xC093
+# The 64-bit boot protocol's selectors (Documentation/arch/x86/boot.rst):
+# __BOOT_CS 0x10 and __BOOT_DS 0x18, GDT entries 2 and 3.
+_BOOT_CS, _BOOT_DS = 0x10, 0x18
+
+# CPUID bits the long-mode guest tests for (leaf 1 ECX; leaf 7 EDX).
+_CPUID1_ECX_CX16 = 1 << 13
+_CPUID1_ECX_XSAVE = 1 << 26
+_CPUID7_EDX_ARCH_CAPABILITIES = 1 << 29
+# MSRs (arch/x86/include/asm/msr-index.h).
+MSR_IA32_TSC = 0x10
+MSR_IA32_ARCH_CAPABILITIES = 0x10A
+MSR_IA32_SYSENTER_CS, MSR_IA32_SYSENTER_ESP, MSR_IA32_SYSENTER_EIP = 0x174, 0x175, 0x176
+MSR_IA32_MISC_ENABLE = 0x1A0
+MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_SYSCALL_MASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
+MSR_KERNEL_GS_BASE = 0xC0000102
+#: The MSRs Firecracker, libkrun and cloud-hypervisor write before a Linux
+#: boot (Firecracker src/vmm/src/arch/x86_64/msr.rs create_boot_msr_entries;
+#: libkrun src/arch/src/x86_64/regs.rs), with the values they write.
+BOOT_MSRS = (
+    ("IA32_SYSENTER_CS", MSR_IA32_SYSENTER_CS, 0),
+    ("IA32_SYSENTER_ESP", MSR_IA32_SYSENTER_ESP, 0),
+    ("IA32_SYSENTER_EIP", MSR_IA32_SYSENTER_EIP, 0),
+    ("STAR", MSR_STAR, 0),
+    ("CSTAR", MSR_CSTAR, 0),
+    ("KERNEL_GS_BASE", MSR_KERNEL_GS_BASE, 0),
+    ("SYSCALL_MASK", MSR_SYSCALL_MASK, 0),
+    ("LSTAR", MSR_LSTAR, 0),
+    ("IA32_TSC", MSR_IA32_TSC, 0),
+    ("IA32_MISC_ENABLE", MSR_IA32_MISC_ENABLE, 1),  # fast strings
+)
+
+# Guest speed: a guest that runs this many times slower than the same loop on
+# the host CPU is emulated.  Hardware runs it at about 1x, a KVM nested in an
+# emulator at 0.5-3x, an instruction emulator at thousands
+# (../shared/research/real-guests.md has the measurements).
+EMULATION_RATIO = 50.0
+# Loop sizes: the first run decides whether a second, longer one is needed.
+_SPEED_SHORT = 1024
+_SPEED_LONG = 1 << 17
+_SPEED_SLOW_NS = 200_000  # a first run this long already measures well
 
 # Raw timer syscalls (the native side uses the same): glibc before 2.34 keeps
 # timer_create in librt, which a Python process may not have loaded.
@@ -474,33 +564,6 @@ def _exists(path: str) -> bool:
     return os.path.exists(path)
 
 
-def _ioctl_int(fd: int, request: int, arg: int = 0, *, retry: bool = True) -> int:
-    """Issue an ioctl with an integer argument; raise OSError.
-
-    EINTR is retried unless ``retry`` is false (KVM_RUN wants to see it).
-    """
-    import fcntl
-
-    while True:
-        try:
-            return fcntl.ioctl(fd, request, arg)
-        except InterruptedError:
-            if not retry:
-                raise
-
-
-def _ioctl_buf(fd: int, request: int, buf: Any) -> None:
-    """Issue an ioctl on a writable buffer; retry EINTR; raise OSError."""
-    import fcntl
-
-    while True:
-        try:
-            fcntl.ioctl(fd, request, buf, True)
-            return
-        except InterruptedError:
-            continue
-
-
 def _load_library(path: str) -> ctypes.CDLL:
     """Load a shared library by absolute path; raise OSError."""
     import ctypes
@@ -591,6 +654,9 @@ def _reset_caches() -> None:
 
 # ── Kernel structures (ctypes, defined on first use) ────────────────────────
 
+_MAX_CPUID_ENTRIES = 256  # more than any KVM reports today (E2BIG otherwise)
+_MAX_MSR_INDICES = 1024
+
 
 class _Abi:
     """ctypes mirrors of the kernel and libkvmsmoke structures.
@@ -602,6 +668,7 @@ class _Abi:
         import ctypes
 
         u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+        i32, i64 = ctypes.c_int32, ctypes.c_int64
 
         class KvmRegs(ctypes.Structure):
             # arch/x86/include/uapi/asm/kvm.h struct kvm_regs
@@ -640,6 +707,24 @@ class _Abi:
                 ("userspace_addr", u64),
             ]
 
+        class KvmCpuidEntry2(ctypes.Structure):
+            _fields_ = [(name, u32) for name in "function index flags eax ebx ecx edx".split()] + [
+                ("padding", u32 * 3)
+            ]
+
+        class KvmCpuid2(ctypes.Structure):
+            _fields_ = [("nent", u32), ("padding", u32),
+                        ("entries", KvmCpuidEntry2 * _MAX_CPUID_ENTRIES)]  # fmt: skip
+
+        class KvmMsrList(ctypes.Structure):
+            _fields_ = [("nmsrs", u32), ("indices", u32 * _MAX_MSR_INDICES)]
+
+        class KvmMsrEntry(ctypes.Structure):
+            _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
+
+        class KvmMsrs(ctypes.Structure):
+            _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", KvmMsrEntry * len(BOOT_MSRS))]
+
         class SigEvent(ctypes.Structure):
             # include/uapi/asm-generic/siginfo.h struct sigevent, 64 bytes,
             # with the SIGEV_THREAD_ID member of its union.
@@ -657,29 +742,36 @@ class _Abi:
         class Itimerspec(ctypes.Structure):
             _fields_ = [("it_interval", Timespec), ("it_value", Timespec)]
 
-        class SmokeStruct(ctypes.Structure):
-            # struct kvmsmoke_result in kvm_smoke.c
-            _fields_ = [
-                ("step", ctypes.c_int32),
-                ("error", ctypes.c_int32),
-                ("api_version", ctypes.c_int32),
-                ("exit_reason", ctypes.c_int32),
-                ("proof", u64),
-                ("hardware_entry_failure_reason", u64),
-                ("fail_entry_cpu", u32),
-                ("internal_suberror", u32),
-                ("timed_out", ctypes.c_int32),
-                ("runs", ctypes.c_int32),
-            ]
+        class Op(ctypes.Structure):
+            # struct kvmsmoke_op in kvm_smoke.c
+            _fields_ = [(name, i32) for name in
+                        "step kind fd fd_out value_out check flags pad".split()]  # fmt: skip
+            _fields_ += [("check_value", i64)]
+            _fields_ += [(name, u64) for name in "request arg src len".split()]
+
+        class State(ctypes.Structure):
+            # struct kvmsmoke_state
+            _fields_ = [("fds", i32 * _FD_SLOTS), ("run_addr", u64), ("run_size", u64)]
+
+        class Outcome(ctypes.Structure):
+            # struct kvmsmoke_result
+            _fields_ = [(name, i32) for name in
+                        "step error op_index timed_out runs pad".split()]  # fmt: skip
+            _fields_ += [("values", i64 * _VALUE_SLOTS), ("run_head", u8 * _RUN_HEAD)]
 
         self.KvmRegs = KvmRegs
         self.KvmSegment = KvmSegment
         self.KvmSregs = KvmSregs
         self.KvmUserspaceMemoryRegion = KvmUserspaceMemoryRegion
+        self.KvmCpuid2 = KvmCpuid2
+        self.KvmMsrList = KvmMsrList
+        self.KvmMsrs = KvmMsrs
         self.SigEvent = SigEvent
         self.Timespec = Timespec
         self.Itimerspec = Itimerspec
-        self.SmokeStruct = SmokeStruct
+        self.Op = Op
+        self.State = State
+        self.Outcome = Outcome
 
 
 def _abi() -> _Abi:
@@ -687,109 +779,377 @@ def _abi() -> _Abi:
     return abi
 
 
-# ── The smoke test ──────────────────────────────────────────────────────────
+# ── Guests: defined once, as data ───────────────────────────────────────────
 
 
-class SmokeResult:
-    """How far the KVM smoke test got, and what the kernel answered.
-
-    ``step`` is the step that failed (``STEP_DONE`` when all ran), ``error``
-    the errno at that step (0 when none), ``exit_reason`` the KVM exit
-    (-1 when KVM_RUN never returned an exit), ``proof`` the guest's EAX.
-    ``ok`` is true only when the guest ran its code and halted.
-    """
-
-    __slots__ = (
-        "api_version",
-        "backend",
-        "elapsed",
-        "error",
-        "exit_reason",
-        "fail_entry_cpu",
-        "hardware_entry_failure_reason",
-        "internal_suberror",
-        "proof",
-        "runs",
-        "step",
-        "timed_out",
-        "timeout",
+def _gdt_entry(flags: int, base: int, limit: int) -> int:
+    """Encode a GDT descriptor as the kernel's GDT_ENTRY_INIT does."""
+    return (
+        ((base & 0xFF000000) << (56 - 24))
+        | ((flags & 0x0000F0FF) << 40)
+        | ((limit & 0x000F0000) << (48 - 16))
+        | ((base & 0x00FFFFFF) << 16)
+        | (limit & 0x0000FFFF)
     )
 
-    def __init__(self, backend: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        self.backend = backend
-        self.timeout = timeout
-        self.step = STEP_OPEN
-        self.error = 0
-        self.api_version = -1
-        self.exit_reason = -1
-        self.proof = 0
-        self.hardware_entry_failure_reason = 0
-        self.fail_entry_cpu = 0
-        self.internal_suberror = 0
-        self.timed_out = False
-        self.runs = 0
-        self.elapsed = 0.0
+
+def _segment(selector: int, descriptor: int) -> dict[str, int]:
+    """The struct kvm_segment fields that loading ``descriptor`` gives."""
+    limit = (descriptor & 0xFFFF) | ((descriptor >> 32) & 0xF0000)
+    granular = (descriptor >> 55) & 1
+    return {
+        "base": ((descriptor >> 16) & 0xFFFFFF) | ((descriptor >> 32) & 0xFF000000),
+        "limit": (limit << 12) | 0xFFF if granular else limit,
+        "selector": selector,
+        "type": (descriptor >> 40) & 0xF,
+        "s": (descriptor >> 44) & 1,
+        "dpl": (descriptor >> 45) & 3,
+        "present": (descriptor >> 47) & 1,
+        "avl": (descriptor >> 52) & 1,
+        "l": (descriptor >> 53) & 1,
+        "db": (descriptor >> 54) & 1,
+        "g": granular,
+        "unusable": 0,  # a loaded segment; VMMs write the whole kvm_segment
+        "padding": 0,
+    }
+
+
+class _Guest:
+    """A guest program: its memory, its starting state and what proves it.
+
+    ``image`` is loaded at guest physical address 0 of ``mem_size`` bytes.
+    ``sregs`` are the special-register fields set on top of KVM's reset
+    state (segments as dicts of kvm_segment fields).  ``marks`` names the
+    instruction at each code offset, so a stop is reported by instruction.
+    """
+
+    def __init__(self, name: str, image: bytes, mem_size: int, entry: int,
+                 sregs: dict[str, Any], regs: dict[str, int],
+                 marks: dict[int, str] | None = None, loop: int = -1,
+                 cx16_area: int = -1) -> None:  # fmt: skip
+        self.name = name
+        self.image = image
+        self.mem_size = mem_size
+        self.entry = entry
+        self.sregs = sregs
+        self.regs = regs
+        self.marks = marks or {}
+        self.loop = loop
+        self.cx16_area = cx16_area
 
     @property
-    def ok(self) -> bool:
-        """True when the guest ran the expected code and halted."""
-        return (
-            self.step == STEP_DONE
-            and self.exit_reason == KVM_EXIT_HLT
-            and self.proof == PROOF_VALUE
-        )
+    def long_mode(self) -> bool:
+        return bool(self.sregs.get("efer", 0) & _EFER_LMA)
 
-    @property
-    def step_name(self) -> str:
-        return STEP_NAMES[self.step] if 0 <= self.step < len(STEP_NAMES) else str(self.step)
 
-    def outcome(self) -> tuple[object, ...]:
-        """The fields that must agree between backends (not timing, not backend)."""
-        return (
-            self.step,
-            self.error,
-            self.api_version,
-            self.exit_reason,
-            self.proof,
-            self.hardware_entry_failure_reason,
-            self.fail_entry_cpu,
-            self.internal_suberror,
-            self.timed_out,
-        )
+def _real_mode_guest(code: bytes = _GUEST_HALT) -> _Guest:
+    """Real-mode code at address 0: the bare device check's trivial guest."""
+    return _Guest("real-mode", code, 0x1000, 0,
+                  {"cs": {"base": 0, "selector": 0}}, {"rip": 0, "rflags": 0x2})  # fmt: skip
 
-    def as_dict(self) -> dict[str, object]:
-        """Return the result as plain JSON-ready values, with names."""
-        return {
-            "backend": self.backend,
-            "ok": self.ok,
-            "step": self.step_name,
-            "errno": errno.errorcode.get(self.error) if self.error else None,
-            "error": os.strerror(self.error) if self.error else None,
-            "api_version": self.api_version,
-            "exit_reason": self.exit_reason,
-            "exit_name": EXIT_REASONS.get(self.exit_reason) if self.exit_reason >= 0 else None,
-            "proof": f"{self.proof:#x}",
-            "hardware_entry_failure_reason": self.hardware_entry_failure_reason,
-            "fail_entry_cpu": self.fail_entry_cpu,
-            "internal_suberror": self.internal_suberror,
-            "timed_out": self.timed_out,
-            "timeout_s": self.timeout,
-            "runs": self.runs,
-            "elapsed_s": round(self.elapsed, 6),
-        }
 
-    def __repr__(self) -> str:
-        if self.ok:
-            return (
-                f"<SmokeResult guest ran and halted, proof {self.proof:#x}, "
-                f"{self.elapsed * 1e3:.2f} ms, {self.backend} backend>"
-            )
-        what = errno_name(self.error) if self.error else "no errno"
-        if self.exit_reason >= 0:
-            what = exit_name(self.exit_reason)
-        if self.timed_out:
-            what = f"timed out after {self.timeout:g} s"
-        return f"<SmokeResult failed at {self.step_name!r}: {what}, {self.backend} backend>"
+# Long-mode guest memory: the boot GDT where Firecracker puts it, identity
+# page tables (PML4, PDPT, PD with one 2 MiB page), code, data, stack.
+_LM_GDT, _LM_PML4, _LM_PDPT, _LM_PD = 0x500, 0x1000, 0x2000, 0x3000
+_LM_CODE, _LM_DATA, _LM_XSAVE, _LM_STACK, _LM_SIZE = 0x4000, 0x5000, 0x5040, 0x7FF0, 0x8000
+
+#: Stage numbers the long-mode guest writes to R15 before each tested
+#: instruction; a stop anywhere else is reported by the last stage reached.
+STAGES = {
+    1: "cpuid",
+    2: "lock cmpxchg16b",
+    3: "mov cr4 (OSXSAVE)",
+    4: "xsetbv",
+    5: "xsave64",
+    6: "xrstor64",
+    7: "mov eax (proof value)",
+}
+_STAGE_FAILED = 8  # the guest saw a wrong result and halted without the proof
+
+
+def _long_mode_program() -> tuple[bytes, dict[int, str], dict[str, int]]:
+    """Assemble the long-mode guest; return (code, marks, labels).
+
+    It runs what a stock Linux kernel runs early and an instruction emulator
+    may lack: CPUID, then ``lock cmpxchg16b`` when CPUID offers CX16 (SLUB
+    relies on it), then ``mov cr4``/``xsetbv``/``xsave64``/``xrstor64`` when
+    CPUID offers XSAVE (the FPU set-up), then loads the proof value and
+    halts.  The speed loop (``dec ecx; jnz``, RCX iterations) follows.
+    """
+    proof = PROOF_VALUE.to_bytes(4, "little")
+    code = bytearray()
+    marks: dict[int, str] = {}
+    labels: dict[str, int] = {}
+    fixups: list[tuple[int, str]] = []
+
+    def put(raw: bytes, mark: str = "") -> None:
+        if mark:
+            marks[len(code)] = mark
+        code.extend(raw)
+
+    def stage(n: int) -> None:
+        put(b"\x41\xbf" + n.to_bytes(4, "little"))  # mov r15d, n
+
+    def jump(opcode: int, label: str) -> None:
+        put(bytes([opcode, 0]))
+        fixups.append((len(code) - 1, label))
+
+    stage(1)
+    put(b"\xb8\x01\x00\x00\x00")  # mov eax, 1
+    put(b"\x31\xc9")  # xor ecx, ecx
+    put(b"\x0f\xa2", "cpuid")
+    put(b"\x41\x89\xc8")  # mov r8d, ecx: the leaf 1 feature bits
+    put(b"\x41\x0f\xba\xe0\x0d")  # bt r8d, 13 (CX16)
+    jump(0x73, "no_cx16")  # jnc
+    stage(2)
+    put(b"\xbf" + _LM_DATA.to_bytes(4, "little"))  # mov edi, data
+    put(b"\x31\xc0\x31\xd2")  # xor eax, eax; xor edx, edx: expect 0
+    put(b"\xbb" + proof + b"\xb9" + proof)  # mov ebx, proof; mov ecx, proof
+    put(b"\xf0\x48\x0f\xc7\x0f", "lock cmpxchg16b")  # lock cmpxchg16b [rdi]
+    jump(0x75, "failed")  # jnz: the compare must have matched
+    labels["no_cx16"] = len(code)
+    put(b"\x41\x0f\xba\xe0\x1a")  # bt r8d, 26 (XSAVE)
+    jump(0x73, "no_xsave")
+    stage(3)
+    put(b"\x0f\x20\xe0")  # mov rax, cr4
+    put(b"\x0d" + _CR4_OSXSAVE.to_bytes(4, "little"))  # or eax, OSXSAVE
+    put(b"\x0f\x22\xe0", "mov cr4 (OSXSAVE)")  # mov cr4, rax
+    stage(4)
+    put(b"\x31\xc9\xb8\x03\x00\x00\x00\x31\xd2")  # ecx=0 (XCR0), edx:eax = 3 (x87|SSE)
+    put(b"\x0f\x01\xd1", "xsetbv")
+    stage(5)
+    put(b"\xbf" + _LM_XSAVE.to_bytes(4, "little"))  # mov edi, xsave area
+    put(b"\xb8\x03\x00\x00\x00\x31\xd2")  # edx:eax = 3: the components
+    put(b"\x48\x0f\xae\x27", "xsave64")  # xsave64 [rdi]
+    stage(6)
+    put(b"\x48\x0f\xae\x2f", "xrstor64")  # xrstor64 [rdi]
+    labels["no_xsave"] = len(code)
+    stage(7)
+    put(b"\xb8" + proof, "mov eax (proof value)")
+    put(b"\xf4", "hlt")
+    labels["failed"] = len(code)
+    stage(_STAGE_FAILED)
+    put(b"\x31\xc0")  # xor eax, eax: no proof
+    put(b"\xf4", "hlt")
+    labels["loop"] = len(code)
+    put(_LOOP_BODY, "dec ecx; jnz (speed loop)")
+    put(b"\xf4", "hlt")
+    for at, label in fixups:
+        offset = labels[label] - (at + 1)
+        assert -128 <= offset < 128, label
+        code[at] = offset & 0xFF
+    return bytes(code), marks, labels
+
+
+# The speed loop's body: "dec ecx; jnz .-2".  The guest runs it with RCX set;
+# the host runs the same bytes as "mov ecx, edi; <body>; ret".
+_LOOP_BODY = b"\xff\xc9\x75\xfc"
+_HOST_LOOP = b"\x89\xf9" + _LOOP_BODY + b"\xc3"
+
+
+def _long_mode_guest() -> _Guest:
+    """A guest entered directly in 64-bit mode, as Linux is by direct boot.
+
+    The state is the one Firecracker, cloud-hypervisor and libkrun give a
+    Linux kernel (the 64-bit boot protocol): the boot GDT, identity-mapped
+    page tables, CR0/CR4/EFER with paging in long mode.
+    """
+    code, marks, labels = _long_mode_program()
+    image = bytearray(_LM_SIZE)
+    gdt = [0, 0, _gdt_entry(_GDT_CODE64, 0, 0xFFFFF), _gdt_entry(_GDT_DATA64, 0, 0xFFFFF)]
+    for i, entry in enumerate(gdt):
+        image[_LM_GDT + 8 * i : _LM_GDT + 8 * i + 8] = entry.to_bytes(8, "little")
+    image[_LM_PML4 : _LM_PML4 + 8] = (_LM_PDPT | _KERNPG_TABLE).to_bytes(8, "little")
+    image[_LM_PDPT : _LM_PDPT + 8] = (_LM_PD | _KERNPG_TABLE).to_bytes(8, "little")
+    image[_LM_PD : _LM_PD + 8] = (0 | _PAGE_KERNEL_LARGE).to_bytes(8, "little")
+    image[_LM_CODE : _LM_CODE + len(code)] = code
+    data = _segment(_BOOT_DS, gdt[_BOOT_DS // 8])
+    sregs: dict[str, Any] = {
+        "cs": _segment(_BOOT_CS, gdt[_BOOT_CS // 8]),
+        **{name: data for name in ("ds", "es", "fs", "gs", "ss")},
+        "gdt": {"base": _LM_GDT, "limit": 8 * len(gdt) - 1},
+        "cr0": _CR0_LINUX,
+        "cr3": _LM_PML4,
+        "cr4": _CR4_PAE,
+        "efer": _EFER_LME | _EFER_LMA,
+    }
+    guest = _Guest(
+        "long-mode", bytes(image), _LM_SIZE, _LM_CODE, sregs,
+        {"rip": _LM_CODE, "rsp": _LM_STACK, "rflags": 0x2},
+        {_LM_CODE + k: v for k, v in marks.items()}, _LM_CODE + labels["loop"], _LM_DATA,
+    )  # fmt: skip
+    return guest
+
+
+# ── The operations both backends execute ────────────────────────────────────
+
+# Operation kinds, result checks and flags (kvm_smoke.c has the same numbers).
+_OP_IOCTL, _OP_COPY, _OP_MAP_RUN, _OP_RUN = 1, 2, 3, 4
+_CHECK_NONE, _CHECK_EQ, _CHECK_GE = 0, 1, 2
+_OPF_SOFT = 1  # a failure stores -errno in the value slot and goes on
+_FD_SLOTS, _VALUE_SLOTS = 4, 16
+_KVM, _VM, _VCPU = 0, 1, 2  # descriptor slots
+# Value slots.
+(_V_API, _V_RUN_SIZE, _V_CPUID, _V_BOOT_MSRS, _V_MSR_LIST, _V_FEATURE_LIST,
+ _V_ARCH_GET, _V_ARCH_SET, _V_T_WARM, _V_T_SHORT, _V_T_LONG, _V_T_GUEST) = range(12)  # fmt: skip
+
+
+class _Plan:
+    """An array of operations under construction, with the buffers they use."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[int, ...]] = []
+
+    def ioctl(self, step: int, fd: int, request: int, arg: int = 0, *, fd_out: int = -1,
+              value: int = -1, check: int = _CHECK_NONE, expect: int = 0,
+              soft: bool = False) -> None:  # fmt: skip
+        self.ops.append((step, _OP_IOCTL, fd, fd_out, value, check,
+                         _OPF_SOFT if soft else 0, expect, request, arg, 0, 0))  # fmt: skip
+
+    def copy(self, step: int, dest: int, src: int, size: int) -> None:
+        self.ops.append((step, _OP_COPY, 0, -1, -1, 0, 0, 0, 0, dest, src, size))
+
+    def map_run(self, step: int) -> None:
+        self.ops.append((step, _OP_MAP_RUN, _VCPU, -1, -1, 0, 0, 0, 0, 0, _V_RUN_SIZE, 0))
+
+    def run(self, timeout_ns: int, signo: int, value: int) -> None:
+        # check_value carries the step reported when arming the bound fails.
+        self.ops.append((STEP_RUN, _OP_RUN, _VCPU, -1, value, 0, 0, STEP_ARM_TIMER,
+                         timeout_ns, signo, 0, 0))  # fmt: skip
+
+    def build(self) -> tuple[Any, int]:
+        """The operations as a struct kvmsmoke_op array, and their count."""
+        abi = _abi()
+        array = (abi.Op * max(1, len(self.ops)))()
+        names = [field[0] for field in abi.Op._fields_]
+        for slot, values in zip(array, self.ops):
+            for name, value in zip(names, (*values[:7], 0, *values[7:])):
+                setattr(slot, name, value)
+        return array, len(self.ops)
+
+
+def _patches(struct: Any, wanted: Mapping[str, Any]) -> list[tuple[int, int]]:
+    """(offset, size) byte ranges of ``struct`` covering the wanted fields, merged."""
+    spans = []
+    for name, value in wanted.items():
+        field = getattr(type(struct), name)
+        if isinstance(value, dict):
+            inner = getattr(struct, name)
+            spans += [(field.offset + o, s) for o, s in _patches(inner, value)]
+        else:
+            spans.append((field.offset, field.size))
+    spans.sort()
+    merged: list[tuple[int, int]] = []
+    for offset, size in spans:
+        if merged and merged[-1][0] + merged[-1][1] == offset:
+            merged[-1] = (merged[-1][0], merged[-1][1] + size)
+        else:
+            merged.append((offset, size))
+    return merged
+
+
+def _assign(struct: Any, wanted: Mapping[str, Any]) -> None:
+    """Set the wanted (possibly nested) fields of a ctypes structure."""
+    for name, value in wanted.items():
+        if isinstance(value, dict):
+            _assign(getattr(struct, name), value)
+        else:
+            setattr(struct, name, value)
+
+
+# ── Backends: execute an operation array ────────────────────────────────────
+
+
+class _NativeBackend:
+    """Runs the operations in libkvmsmoke.so (one foreign call per array)."""
+
+    name = "native"
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+
+    def execute(self, ops: Any, count: int, state: Any, out: Any) -> None:
+        import ctypes
+
+        self.lib.kvmsmoke_exec(ops, count, ctypes.byref(state), ctypes.byref(out))
+
+    def release(self, state: Any) -> None:
+        import ctypes
+
+        self.lib.kvmsmoke_release(ctypes.byref(state))
+
+
+class _PythonBackend:
+    """Runs the same operations from Python through the C library's calls."""
+
+    name = "python"
+
+    def execute(self, ops: Any, count: int, state: Any, out: Any) -> None:
+        out.step, out.error, out.timed_out = -1, 0, 0
+        for index in range(count):
+            out.op_index = index
+            op = ops[index]
+            try:
+                self._one(op, state, out)
+            except _StepFailed as failed:
+                out.step, out.error = failed.step, failed.error
+                return
+
+    def _one(self, op: Any, state: Any, out: Any) -> None:
+        import ctypes
+
+        libc = _sys_libc()
+        if op.kind == _OP_IOCTL:
+            try:
+                ret = _ioctl(state.fds[op.fd], op.request, op.arg)
+            except OSError as err:
+                if op.flags & _OPF_SOFT:
+                    if op.value_out >= 0:
+                        out.values[op.value_out] = -(err.errno or 0)
+                    return
+                raise _StepFailed(op.step, err.errno or 0) from err
+            if op.value_out >= 0:
+                out.values[op.value_out] = ret
+            if op.fd_out >= 0:
+                state.fds[op.fd_out] = ret  # KVM sets O_CLOEXEC on its descriptors
+            if op.check == _CHECK_EQ and ret != op.check_value:
+                raise _StepFailed(op.step, 0)
+            if op.check == _CHECK_GE and ret < op.check_value:
+                raise _StepFailed(op.step, errno.EPROTO)
+        elif op.kind == _OP_COPY:
+            ctypes.memmove(op.arg, op.src, op.len)
+        elif op.kind == _OP_MAP_RUN:
+            size = out.values[op.src]
+            addr = libc.mmap(None, size, 0x3, 0x01, state.fds[op.fd], 0)  # RW, MAP_SHARED
+            if addr in (None, ctypes.c_void_p(-1).value):
+                raise _StepFailed(op.step, ctypes.get_errno())
+            state.run_addr, state.run_size = addr, size
+        elif op.kind == _OP_RUN:
+            if not state.run_addr:
+                raise _StepFailed(op.step, errno.EFAULT)
+            failed: _StepFailed | None = None
+            try:
+                elapsed = _python_run(state.fds[op.fd], op.request, op.arg, out, op.check_value)
+            except _StepFailed as err:
+                failed, elapsed = err, 0
+            ctypes.memmove(out.run_head, state.run_addr, min(state.run_size, _RUN_HEAD))
+            if op.value_out >= 0:
+                out.values[op.value_out] = elapsed
+            if failed is not None:
+                raise failed
+            if out.timed_out:
+                raise _StepFailed(op.step, 0)
+        else:
+            raise _StepFailed(op.step, errno.EINVAL)
+
+    def release(self, state: Any) -> None:
+        if state.run_addr:
+            _sys_libc().munmap(state.run_addr, state.run_size)
+            state.run_addr = state.run_size = 0
+        for slot in range(_FD_SLOTS - 1, 0, -1):
+            if state.fds[slot] >= 0:
+                os.close(state.fds[slot])
+                state.fds[slot] = -1
 
 
 class _StepFailed(Exception):
@@ -799,12 +1159,42 @@ class _StepFailed(Exception):
         self.error = error
 
 
-def _at(step: int, call: Callable[..., Any], *args: Any) -> Any:
-    """Run one smoke-test step; turn its OSError into _StepFailed."""
-    try:
-        return call(*args)
-    except OSError as err:
-        raise _StepFailed(step, err.errno or 0) from err
+def _sys_libc() -> ctypes.CDLL:
+    """The C library with the calls the Python backend makes, declared."""
+    import ctypes
+
+    def load() -> ctypes.CDLL:
+        libc = _libc()
+        libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+        libc.ioctl.restype = ctypes.c_int
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]  # fmt: skip
+        libc.mmap.restype = ctypes.c_void_p
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        libc.munmap.restype = ctypes.c_int
+        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mprotect.restype = ctypes.c_int
+        # long syscall(long number, ...); the rest are passed as typed values.
+        libc.syscall.argtypes = [ctypes.c_long]
+        libc.syscall.restype = ctypes.c_long
+        return libc
+
+    libc: ctypes.CDLL = _cached("libc", load)
+    return libc
+
+
+def _ioctl(fd: int, request: int, arg: int = 0, *, retry: bool = True) -> int:
+    """ioctl(2) through the C library; retry EINTR unless told not to; raise OSError."""
+    import ctypes
+
+    libc = _sys_libc()
+    while True:
+        ret = int(libc.ioctl(fd, request, arg))
+        if ret >= 0:
+            return ret
+        err = ctypes.get_errno()
+        if err != errno.EINTR or not retry:
+            raise OSError(err, os.strerror(err))
 
 
 def _timer_signal() -> int:
@@ -814,131 +1204,50 @@ def _timer_signal() -> int:
     return int(signal.SIGRTMAX) - 1
 
 
-def _python_smoke(fd: int, code: bytes, timeout: float, result: SmokeResult) -> None:
-    """Run the smoke test with fcntl.ioctl, mmap and ctypes (no native code).
-
-    Same steps, checks and time bound as kvmsmoke_run() in kvm_smoke.c.
-    """
+def _python_run(vcpu: int, timeout_ns: int, signo: int, out: Any, arm_step: int) -> int:
+    """KVM_RUN bounded as in kvm_smoke.c; return the nanoseconds it took."""
     import ctypes
-    import mmap
     import signal
     import threading
+    import time
 
-    abi = _abi()
-    signo = _timer_signal()
-    page = mmap.PAGESIZE
-    vm = vcpu = -1
-    mem: mmap.mmap | None = None
-    run: mmap.mmap | None = None
-    saved_mask: set[signal.Signals] | None = None
+    libc = _sys_libc()
+    saved = _at(arm_step, signal.pthread_sigmask, signal.SIG_BLOCK, {signo})
     timer = None
-    libc = None
     try:
-        try:
-            version = _at(STEP_API_VERSION, _ioctl_int, fd, KVM_GET_API_VERSION)
-            result.api_version = version
-            if version != KVM_API_VERSION:
-                raise _StepFailed(STEP_API_VERSION, 0)
-            vm = _at(STEP_CREATE_VM, _ioctl_int, fd, KVM_CREATE_VM)
-            mem = _at(STEP_GUEST_MEMORY, mmap.mmap, -1, page)
-            mem[: len(code)] = code
-            anchor = ctypes.c_char.from_buffer(mem)
-            region = abi.KvmUserspaceMemoryRegion(
-                slot=0, flags=0, guest_phys_addr=0, memory_size=page,
-                userspace_addr=ctypes.addressof(anchor),
-            )  # fmt: skip
-            del anchor  # the mapping stays; the export must go before close()
-            _at(STEP_MEMORY_REGION, _ioctl_buf, vm, KVM_SET_USER_MEMORY_REGION, region)
-            vcpu = _at(STEP_CREATE_VCPU, _ioctl_int, vm, KVM_CREATE_VCPU)
-            sregs = abi.KvmSregs()
-            _at(STEP_GET_SREGS, _ioctl_buf, vcpu, KVM_GET_SREGS, sregs)
-            sregs.cs.base = 0  # real mode, code at guest physical address 0
-            sregs.cs.selector = 0
-            _at(STEP_SET_SREGS, _ioctl_buf, vcpu, KVM_SET_SREGS, sregs)
-            regs = abi.KvmRegs(rip=0, rflags=0x2)  # bit 1 of RFLAGS is reserved, set
-            _at(STEP_SET_REGS, _ioctl_buf, vcpu, KVM_SET_REGS, regs)
-            size = _at(STEP_RUN_AREA_SIZE, _ioctl_int, fd, KVM_GET_VCPU_MMAP_SIZE)
-            if size < _SIZEOF_KVM_RUN_MIN:
-                raise _StepFailed(STEP_RUN_AREA_SIZE, errno.EPROTO)
-            run = _at(
-                STEP_MAP_RUN_AREA, mmap.mmap, vcpu, size, mmap.MAP_SHARED,
-                mmap.PROT_READ | mmap.PROT_WRITE,
-            )  # fmt: skip
-
-            # Bound KVM_RUN: see the header comment of kvm_smoke.c.
-            saved_mask = _at(
-                STEP_ARM_TIMER, signal.pthread_sigmask, signal.SIG_BLOCK, {signo}
-            )
-            bits = sum(1 << (int(s) - 1) for s in saved_mask if int(s) != signo)
-            kmask = bytearray((8).to_bytes(4, "little") + bits.to_bytes(8, "little"))
-            _at(STEP_ARM_TIMER, _ioctl_buf, vcpu, KVM_SET_SIGNAL_MASK, kmask)
-            libc = _timer_libc()
-            timer = _at(
-                STEP_ARM_TIMER, _timer_start, libc, signo, threading.get_native_id(), timeout
-            )
-            while True:
-                result.runs += 1
-                try:
-                    _ioctl_int(vcpu, KVM_RUN, 0, retry=False)
-                except InterruptedError:
-                    if signal.sigtimedwait({signo}, 0) is not None:
-                        result.timed_out = True
-                        raise _StepFailed(STEP_RUN, 0) from None
-                    continue  # another signal; its handler has run
-                except OSError as err:
-                    raise _StepFailed(STEP_RUN, err.errno or 0) from err
-                break
-            result.exit_reason = int.from_bytes(
-                run[_RUN_EXIT_REASON : _RUN_EXIT_REASON + 4], "little"
-            )
-            if result.exit_reason == KVM_EXIT_FAIL_ENTRY:
-                result.hardware_entry_failure_reason = int.from_bytes(
-                    run[_RUN_FAIL_ENTRY_REASON : _RUN_FAIL_ENTRY_REASON + 8], "little"
-                )
-                result.fail_entry_cpu = int.from_bytes(
-                    run[_RUN_FAIL_ENTRY_CPU : _RUN_FAIL_ENTRY_CPU + 4], "little"
-                )
-            elif result.exit_reason == KVM_EXIT_INTERNAL_ERROR:
-                result.internal_suberror = int.from_bytes(
-                    run[_RUN_INTERNAL_SUBERROR : _RUN_INTERNAL_SUBERROR + 4], "little"
-                )
-            regs = abi.KvmRegs()
-            _at(STEP_GET_REGS, _ioctl_buf, vcpu, KVM_GET_REGS, regs)
-            result.proof = int(regs.rax)
-            result.step = STEP_DONE
-        except _StepFailed as failed:
-            result.step = failed.step
-            result.error = failed.error
+        bits = sum(1 << (int(s) - 1) for s in saved if int(s) != signo)
+        kmask = (ctypes.c_uint8 * 12).from_buffer_copy(
+            (8).to_bytes(4, "little") + bits.to_bytes(8, "little"))  # fmt: skip
+        _at(arm_step, _ioctl, vcpu, KVM_SET_SIGNAL_MASK, ctypes.addressof(kmask))
+        timer = _at(arm_step, _timer_start, libc, signo, threading.get_native_id(), timeout_ns)
+        start = time.perf_counter_ns()
+        while True:
+            out.runs += 1
+            try:
+                _ioctl(vcpu, KVM_RUN, 0, retry=False)
+            except InterruptedError:
+                if signal.sigtimedwait({signo}, 0) is not None:
+                    out.timed_out = 1
+                    break
+                continue  # another signal; its handler has run
+            except OSError as err:
+                raise _StepFailed(STEP_RUN, err.errno or 0) from err
+            break
+        return time.perf_counter_ns() - start
     finally:
-        if timer is not None and libc is not None:
+        if timer is not None:
             _timer_delete(libc, timer)
-        if saved_mask is not None:
-            while signal.sigtimedwait({signo}, 0) is not None:
-                pass  # the timer fired after the run ended: drop it
-            signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
-        if run is not None:
-            run.close()
-        if vcpu >= 0:
-            os.close(vcpu)
-        if mem is not None:
-            mem.close()
-        if vm >= 0:
-            os.close(vm)
+        while signal.sigtimedwait({signo}, 0) is not None:
+            pass  # the timer fired after the run ended: drop it
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
 
 
-def _timer_libc() -> ctypes.CDLL:
-    """The C library with syscall() declared (for the raw timer syscalls)."""
-    import ctypes
-
-    def load() -> ctypes.CDLL:
-        libc = _libc()
-        # long syscall(long number, ...); the rest are passed as typed values.
-        libc.syscall.argtypes = [ctypes.c_long]
-        libc.syscall.restype = ctypes.c_long
-        return libc
-
-    libc: ctypes.CDLL = _cached("libc", load)
-    return libc
+def _at(step: int, call: Callable[..., Any], *args: Any) -> Any:
+    """Run one step; turn its OSError into _StepFailed."""
+    try:
+        return call(*args)
+    except OSError as err:
+        raise _StepFailed(step, err.errno or 0) from err
 
 
 def _timer_numbers() -> tuple[int, int, int]:
@@ -949,7 +1258,7 @@ def _timer_numbers() -> tuple[int, int, int]:
         raise OSError(errno.ENOSYS, f"no timer syscall numbers for {machine}") from None
 
 
-def _timer_start(libc: ctypes.CDLL, signo: int, tid: int, timeout: float) -> int:
+def _timer_start(libc: ctypes.CDLL, signo: int, tid: int, timeout_ns: int) -> int:
     """Arm a one-shot timer that sends ``signo`` to thread ``tid``."""
     import ctypes
 
@@ -961,9 +1270,8 @@ def _timer_start(libc: ctypes.CDLL, signo: int, tid: int, timeout: float) -> int
                     ctypes.byref(timer_id)) < 0:  # fmt: skip
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-    nanoseconds = max(1, int(timeout * 1e9))  # zero would disarm the timer
     when = abi.Itimerspec()
-    when.it_value.tv_sec, when.it_value.tv_nsec = divmod(nanoseconds, 1_000_000_000)
+    when.it_value.tv_sec, when.it_value.tv_nsec = divmod(max(1, timeout_ns), 1_000_000_000)
     if libc.syscall(settime, ctypes.c_int(timer_id.value), ctypes.c_int(0),
                     ctypes.byref(when), None) < 0:  # fmt: skip
         err = ctypes.get_errno()
@@ -1002,30 +1310,32 @@ def _load_native() -> tuple[ctypes.CDLL | None, str]:
     try:
         lib = _load_library(path)
         abi_version = lib.kvmsmoke_abi_version
-        result_size = lib.kvmsmoke_result_size
-        run = lib.kvmsmoke_run
+        sizes = lib.kvmsmoke_sizes
+        execute = lib.kvmsmoke_exec
+        release = lib.kvmsmoke_release
     except (OSError, AttributeError) as err:
         _log("warning", "cannot use %s (%s); using the Python backend", path, err)
         return None, f"{path} cannot be used: {err}"
+    abi = _abi()
     abi_version.argtypes = []
     abi_version.restype = ctypes.c_int
-    result_size.argtypes = []
-    result_size.restype = ctypes.c_size_t
-    # int kvmsmoke_run(int kvm_fd, const uint8_t *code, size_t code_len,
-    #                  uint64_t timeout_ns, int timer_signal, struct *out)
-    run.argtypes = [
-        ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint64,
-        ctypes.c_int, ctypes.POINTER(_abi().SmokeStruct),
-    ]  # fmt: skip
-    run.restype = ctypes.c_int
+    sizes.argtypes = [ctypes.c_int]
+    sizes.restype = ctypes.c_size_t
+    # int kvmsmoke_exec(const struct kvmsmoke_op *ops, uint32_t count,
+    #                   struct kvmsmoke_state *st, struct kvmsmoke_result *out)
+    execute.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p]
+    execute.restype = ctypes.c_int
+    release.argtypes = [ctypes.c_void_p]
+    release.restype = None
     found = abi_version()
     if found != _NATIVE_ABI_VERSION:
         _log("warning", "%s has ABI version %d, expected %d; using the Python backend",
              path, found, _NATIVE_ABI_VERSION)  # fmt: skip
         return None, f"{path} has ABI version {found}, expected {_NATIVE_ABI_VERSION}"
-    if result_size() != ctypes.sizeof(_abi().SmokeStruct):
-        _log("warning", "%s result size differs; using the Python backend", path)
-        return None, f"{path} reports a different result layout"
+    expected = [ctypes.sizeof(t) for t in (abi.Op, abi.State, abi.Outcome)]
+    if [sizes(i) for i in range(3)] != expected:
+        _log("warning", "%s structure sizes differ; using the Python backend", path)
+        return None, f"{path} reports a different structure layout"
     return lib, path
 
 
@@ -1035,13 +1345,490 @@ def native_backend() -> tuple[bool, str]:
     return lib is not None, note
 
 
-def _native_smoke(lib: ctypes.CDLL, fd: int, code: bytes, timeout: float,
-                  result: SmokeResult) -> None:  # fmt: skip
-    out = _abi().SmokeStruct()
-    lib.kvmsmoke_run(fd, code, len(code), max(1, int(timeout * 1e9)), _timer_signal(), out)
-    for field in out._fields_:
-        setattr(result, field[0], getattr(out, field[0]))
-    result.timed_out = bool(out.timed_out)
+# ── The smoke test ──────────────────────────────────────────────────────────
+
+
+class SmokeResult:
+    """How far the KVM smoke test got, and what the kernel answered.
+
+    ``step`` is the step that failed (``STEP_DONE`` when all ran), ``error``
+    the errno at that step (0 when none), ``exit_reason`` the KVM exit of the
+    guest run (-1 when KVM_RUN never returned one), ``proof`` the guest's EAX.
+    For the long-mode guest, ``instruction`` names where the guest stopped
+    when it did not pass, ``speed`` compares guest and host speed and
+    ``msrs`` says which MSRs KVM accepted.  ``ok`` is true only when the
+    guest ran its code and halted with the proof.
+    """
+
+    __slots__ = (
+        "api_version", "backend", "cpuid", "cx16_value", "elapsed", "error", "exit_reason",
+        "fail_entry_cpu", "guest", "hardware_entry_failure_reason", "insn_bytes",
+        "instruction", "internal_data", "internal_suberror", "msrs", "proof", "rip", "runs",
+        "speed", "stage", "step", "timed_out", "timeout",
+    )  # fmt: skip
+
+    def __init__(self, backend: str, timeout: float = DEFAULT_TIMEOUT,
+                 guest: str = "real-mode") -> None:  # fmt: skip
+        self.backend = backend
+        self.timeout = timeout
+        self.guest = guest
+        self.step = STEP_OPEN
+        self.error = 0
+        self.api_version = -1
+        self.exit_reason = -1
+        self.proof = 0
+        self.rip = -1
+        self.stage = 0
+        self.instruction: str | None = None
+        self.hardware_entry_failure_reason = 0
+        self.fail_entry_cpu = 0
+        self.internal_suberror = 0
+        self.internal_data: tuple[int, ...] = ()
+        self.insn_bytes = b""
+        self.timed_out = False
+        self.runs = 0
+        self.elapsed = 0.0
+        #: Leaf 1/7 features the supported CPUID offers (long mode only).
+        self.cpuid: dict[str, bool] = {}
+        self.cx16_value = 0
+        self.speed: Speed | None = None
+        self.msrs: dict[str, object] = {}
+
+    @property
+    def ok(self) -> bool:
+        """True when the guest ran the expected code and halted with the proof."""
+        passed = (
+            self.step == STEP_DONE
+            and self.exit_reason == KVM_EXIT_HLT
+            and self.proof == PROOF_VALUE
+        )
+        if self.guest == "long-mode":
+            swapped = PROOF_VALUE | PROOF_VALUE << 64
+            passed = passed and self.stage == 7 and (
+                not self.cpuid.get("cx16") or self.cx16_value == swapped)  # fmt: skip
+        return passed
+
+    @property
+    def emulated(self) -> bool | None:
+        """Whether guest code runs emulated in software (None: not measured)."""
+        return None if self.speed is None else self.speed.emulated
+
+    @property
+    def step_name(self) -> str:
+        return STEP_NAMES[self.step] if 0 <= self.step < len(STEP_NAMES) else str(self.step)
+
+    def outcome(self) -> tuple[object, ...]:
+        """The fields that must agree between backends (not timing, not backend)."""
+        return (
+            self.guest, self.step, self.error, self.api_version, self.exit_reason,
+            self.proof, self.stage, self.instruction, self.hardware_entry_failure_reason,
+            self.fail_entry_cpu, self.internal_suberror, self.insn_bytes.hex(), self.timed_out,
+            tuple(sorted(self.cpuid.items())), self.cx16_value,
+            tuple(sorted((k, str(v)) for k, v in self.msrs.items())),
+            None if self.speed is None else self.speed.emulated,
+        )  # fmt: skip
+
+    def as_dict(self) -> dict[str, object]:
+        """Return the result as plain JSON-ready values, with names."""
+        return {
+            "backend": self.backend,
+            "guest": self.guest,
+            "ok": self.ok,
+            "step": self.step_name,
+            "errno": errno.errorcode.get(self.error) if self.error else None,
+            "error": os.strerror(self.error) if self.error else None,
+            "api_version": self.api_version,
+            "exit_reason": self.exit_reason,
+            "exit_name": EXIT_REASONS.get(self.exit_reason) if self.exit_reason >= 0 else None,
+            "proof": f"{self.proof:#x}",
+            "rip": f"{self.rip:#x}" if self.rip >= 0 else None,
+            "instruction": self.instruction,
+            "hardware_entry_failure_reason": self.hardware_entry_failure_reason,
+            "fail_entry_cpu": self.fail_entry_cpu,
+            "internal_suberror": self.internal_suberror,
+            "internal_suberror_name": INTERNAL_SUBERRORS.get(self.internal_suberror)
+            if self.internal_suberror else None,
+            "insn_bytes": self.insn_bytes.hex(" ") or None,
+            "timed_out": self.timed_out,
+            "timeout_s": self.timeout,
+            "runs": self.runs,
+            "elapsed_s": round(self.elapsed, 6),
+            "cpuid": self.cpuid or None,
+            "speed": self.speed.as_dict() if self.speed is not None else None,
+            "msrs": self.msrs or None,
+        }  # fmt: skip
+
+    def __repr__(self) -> str:
+        if self.ok:
+            return (
+                f"<SmokeResult {self.guest} guest ran and halted, proof {self.proof:#x}, "
+                f"{self.elapsed * 1e3:.2f} ms, {self.backend} backend>"
+            )
+        what = errno_name(self.error) if self.error else "no errno"
+        if self.exit_reason >= 0:
+            what = exit_name(self.exit_reason)
+            if self.instruction:
+                what += f" at {self.instruction}"
+        if self.timed_out:
+            what = f"timed out after {self.timeout:g} s"
+        return (f"<SmokeResult {self.guest} guest failed at {self.step_name!r}: {what}, "
+                f"{self.backend} backend>")  # fmt: skip
+
+
+class Speed:
+    """The guest loop's speed against the same loop on the host CPU."""
+
+    __slots__ = ("guest_ns", "host_ns", "iterations", "note")
+
+    def __init__(self, guest_ns: float, host_ns: float | None, iterations: int,
+                 note: str = "") -> None:  # fmt: skip
+        self.guest_ns = guest_ns
+        self.host_ns = host_ns
+        self.iterations = iterations
+        self.note = note
+
+    @property
+    def ratio(self) -> float | None:
+        if self.host_ns is None or self.host_ns <= 0:
+            return None
+        return self.guest_ns / self.host_ns
+
+    @property
+    def emulated(self) -> bool | None:
+        ratio = self.ratio
+        return None if ratio is None else ratio >= EMULATION_RATIO
+
+    def describe(self) -> str:
+        text = f"{_ns(self.guest_ns)} ns per guest loop iteration"
+        if self.ratio is not None:
+            text += f", about {_times(self.ratio)} times the same loop on the host CPU"
+        else:
+            text += f" (host not measured: {self.note})"
+        return text
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "guest_ns_per_iteration": round(self.guest_ns, 3),
+            "host_ns_per_iteration": None if self.host_ns is None else round(self.host_ns, 3),
+            "ratio": None if self.ratio is None else round(self.ratio, 2),
+            "iterations": self.iterations,
+            "emulated": self.emulated,
+            "threshold_ratio": EMULATION_RATIO,
+            "note": self.note or None,
+        }
+
+
+def _times(ratio: float) -> str:
+    return f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.2g}"
+
+
+def _ns(value: float) -> str:
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+
+
+def _host_loop() -> Callable[[int], None]:
+    """The speed loop's bytes as a host function (a page mapped RW, then RX)."""
+    import ctypes
+
+    def load() -> Callable[[int], None]:
+        libc = _sys_libc()
+        page = os.sysconf("SC_PAGE_SIZE")
+        addr = libc.mmap(None, page, 0x3, 0x22, -1, 0)  # RW, MAP_PRIVATE|MAP_ANONYMOUS
+        if addr in (None, ctypes.c_void_p(-1).value):
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err), "mmap")
+        ctypes.memmove(addr, _HOST_LOOP, len(_HOST_LOOP))
+        if libc.mprotect(addr, page, 0x5) != 0:  # never writable and executable at once
+            err = ctypes.get_errno()
+            libc.munmap(addr, page)
+            raise OSError(err, os.strerror(err), "mprotect")
+        function: Callable[[int], None] = ctypes.CFUNCTYPE(None, ctypes.c_uint32)(addr)
+        return function
+
+    loop: Callable[[int], None] = _cached("host_loop", load)
+    return loop
+
+
+def _host_ns_per_iteration(iterations: int) -> tuple[float | None, str]:
+    """Time the speed loop on the host CPU: (ns per iteration or None, why not)."""
+    import time
+
+    try:
+        loop = _host_loop()
+    except OSError as err:
+        return None, f"cannot map the host loop executable: {errno_name(err.errno or 0)}"
+    best = None
+    for _ in range(2):
+        start = time.perf_counter_ns()
+        loop(iterations)
+        took = time.perf_counter_ns() - start
+        best = took if best is None else min(best, took)
+    assert best is not None
+    return best / iterations, ""
+
+
+def _decode_run(result: SmokeResult, head: bytes) -> None:
+    """Fill the exit fields from the copied head of struct kvm_run."""
+
+    def u(offset: int, size: int) -> int:
+        return int.from_bytes(head[offset : offset + size], "little")
+
+    result.exit_reason = u(_RUN_EXIT_REASON, 4)
+    if result.exit_reason == KVM_EXIT_FAIL_ENTRY:
+        result.hardware_entry_failure_reason = u(_RUN_FAIL_ENTRY_REASON, 8)
+        result.fail_entry_cpu = u(_RUN_FAIL_ENTRY_CPU, 4)
+    elif result.exit_reason == KVM_EXIT_INTERNAL_ERROR:
+        result.internal_suberror = u(_RUN_INTERNAL_SUBERROR, 4)
+        ndata = min(u(_RUN_INTERNAL_NDATA, 4), 16)
+        result.internal_data = tuple(u(_RUN_INTERNAL_DATA + 8 * i, 8) for i in range(ndata))
+        flags = u(_RUN_INTERNAL_DATA, 8) if ndata else 0
+        if result.internal_suberror == 1 and ndata >= 3 and flags & _EMULATION_FLAG_INSTRUCTION_BYTES:
+            size = min(u(_RUN_EMULATION_INSN_SIZE, 1), 15)
+            result.insn_bytes = bytes(head[_RUN_EMULATION_INSN_BYTES : _RUN_EMULATION_INSN_BYTES + size])
+
+
+class _Session:
+    """One throwaway VM: guest memory, the buffers the operations point into."""
+
+    def __init__(self, fd: int, guest: _Guest, backend: Any, result: SmokeResult,
+                 timeout_ns: int) -> None:  # fmt: skip
+        import ctypes
+        import mmap
+
+        abi = _abi()
+        self.guest, self.backend, self.result = guest, backend, result
+        self.timeout_ns = timeout_ns
+        self.signo = _timer_signal()
+        self.state = abi.State()
+        self.state.fds[:] = [fd, -1, -1, -1]
+        self.out = abi.Outcome()
+        self.mem = _at(STEP_GUEST_MEMORY, mmap.mmap, -1, guest.mem_size)
+        self.mem[: len(guest.image)] = guest.image
+        anchor = ctypes.c_char.from_buffer(self.mem)
+        self.mem_addr = ctypes.addressof(anchor)
+        del anchor  # the mapping stays; the export must go before close()
+        self.region = abi.KvmUserspaceMemoryRegion(
+            slot=0, flags=0, guest_phys_addr=0, memory_size=guest.mem_size,
+            userspace_addr=self.mem_addr)  # fmt: skip
+        self.sregs = abi.KvmSregs()
+        self.wanted = abi.KvmSregs()
+        _assign(self.wanted, guest.sregs)
+        self.regs = abi.KvmRegs()
+        self.cpuid = abi.KvmCpuid2(nent=_MAX_CPUID_ENTRIES)
+        self.msr_list = abi.KvmMsrList(nmsrs=_MAX_MSR_INDICES)
+        self.feature_list = abi.KvmMsrList(nmsrs=_MAX_MSR_INDICES)
+        self.boot_msrs = abi.KvmMsrs(nmsrs=len(BOOT_MSRS))
+        for entry, (_, index, value) in zip(self.boot_msrs.entries, BOOT_MSRS):
+            entry.index, entry.data = index, value
+        self.arch_msrs = abi.KvmMsrs(nmsrs=1)
+        self.arch_msrs.entries[0].index = MSR_IA32_ARCH_CAPABILITIES
+
+    def addr(self, obj: Any) -> int:
+        import ctypes
+
+        return ctypes.addressof(obj)
+
+    def execute(self, plan: _Plan) -> bool:
+        """Run a plan; record a failure in the result; return whether all ran."""
+        ops, count = plan.build()
+        self.backend.execute(ops, count, self.state, self.out)
+        self.result.runs = self.out.runs
+        if self.out.step >= 0:
+            self.result.step, self.result.error = self.out.step, self.out.error
+            self.result.timed_out = bool(self.out.timed_out)
+            if self.out.step == STEP_API_VERSION:
+                self.result.api_version = self.out.values[_V_API]
+            return False
+        return True
+
+    def close(self) -> None:
+        self.backend.release(self.state)
+        self.mem.close()
+
+    def run_plan(self, plan: _Plan, rip: int, value: int, **regs: int) -> None:
+        """Append: set the registers, then run the vCPU once, bounded."""
+        import ctypes
+
+        ctypes.memset(ctypes.addressof(self.regs), 0, ctypes.sizeof(self.regs))
+        _assign(self.regs, {**self.guest.regs, "rip": rip, **regs})
+        plan.ioctl(STEP_SET_REGS, _VCPU, KVM_SET_REGS, self.addr(self.regs))
+        plan.run(self.timeout_ns, self.signo, value)
+
+
+def _setup_plan(s: _Session) -> _Plan:
+    """Create the VM, its memory and vCPU; long mode reads the CPUID too."""
+    plan = _Plan()
+    plan.ioctl(STEP_API_VERSION, _KVM, KVM_GET_API_VERSION, value=_V_API,
+               check=_CHECK_EQ, expect=KVM_API_VERSION)  # fmt: skip
+    plan.ioctl(STEP_CREATE_VM, _KVM, KVM_CREATE_VM, 0, fd_out=_VM)
+    plan.ioctl(STEP_MEMORY_REGION, _VM, KVM_SET_USER_MEMORY_REGION, s.addr(s.region))
+    plan.ioctl(STEP_CREATE_VCPU, _VM, KVM_CREATE_VCPU, 0, fd_out=_VCPU)
+    if s.guest.long_mode:
+        plan.ioctl(STEP_GET_CPUID, _KVM, KVM_GET_SUPPORTED_CPUID, s.addr(s.cpuid))
+    return plan
+
+
+def _vcpu_plan(s: _Session) -> _Plan:
+    """Give the vCPU its CPUID, mode and MSRs, and map its run area."""
+    plan = _Plan()
+    if s.guest.long_mode:
+        plan.ioctl(STEP_SET_CPUID, _VCPU, KVM_SET_CPUID2, s.addr(s.cpuid))
+    plan.ioctl(STEP_GET_SREGS, _VCPU, KVM_GET_SREGS, s.addr(s.sregs))
+    for offset, size in _patches(s.wanted, s.guest.sregs):
+        plan.copy(STEP_SET_SREGS, s.addr(s.sregs) + offset, s.addr(s.wanted) + offset, size)
+    plan.ioctl(STEP_SET_SREGS, _VCPU, KVM_SET_SREGS, s.addr(s.sregs))
+    plan.ioctl(STEP_RUN_AREA_SIZE, _KVM, KVM_GET_VCPU_MMAP_SIZE, value=_V_RUN_SIZE,
+               check=_CHECK_GE, expect=_SIZEOF_KVM_RUN_MIN)  # fmt: skip
+    plan.map_run(STEP_MAP_RUN_AREA)
+    if s.guest.long_mode:
+        plan.ioctl(STEP_SET_MSRS, _VCPU, KVM_SET_MSRS, s.addr(s.boot_msrs), value=_V_BOOT_MSRS)
+        plan.ioctl(STEP_SET_MSRS, _KVM, KVM_GET_MSR_INDEX_LIST, s.addr(s.msr_list),
+                   value=_V_MSR_LIST, soft=True)  # fmt: skip
+        plan.ioctl(STEP_SET_MSRS, _KVM, KVM_GET_MSR_FEATURE_INDEX_LIST, s.addr(s.feature_list),
+                   value=_V_FEATURE_LIST, soft=True)  # fmt: skip
+        if s.result.cpuid.get("arch_capabilities"):
+            # What QEMU does with -cpu host: read the feature MSR, set it.
+            plan.ioctl(STEP_SET_MSRS, _KVM, KVM_GET_MSRS, s.addr(s.arch_msrs),
+                       value=_V_ARCH_GET, soft=True)  # fmt: skip
+            plan.ioctl(STEP_SET_MSRS, _VCPU, KVM_SET_MSRS, s.addr(s.arch_msrs),
+                       value=_V_ARCH_SET, soft=True)  # fmt: skip
+    return plan
+
+
+def _read_cpuid(s: _Session) -> None:
+    """Note the features the long-mode guest will find in its CPUID."""
+    leaf1 = leaf7 = None
+    for entry in s.cpuid.entries[: s.cpuid.nent]:
+        if entry.function == 1:
+            leaf1 = entry
+        elif entry.function == 7 and entry.index == 0:
+            leaf7 = entry
+    s.result.cpuid = {
+        "cx16": bool(leaf1 and leaf1.ecx & _CPUID1_ECX_CX16),
+        "xsave": bool(leaf1 and leaf1.ecx & _CPUID1_ECX_XSAVE),
+        "arch_capabilities": bool(leaf7 and leaf7.edx & _CPUID7_EDX_ARCH_CAPABILITIES),
+    }
+
+
+def _read_msrs(s: _Session) -> None:
+    values = s.out.values
+    set_count = int(values[_V_BOOT_MSRS])
+    msrs: dict[str, object] = {
+        "boot_msrs_set": set_count,
+        "boot_msrs": len(BOOT_MSRS),
+        "boot_msr_refused": BOOT_MSRS[set_count][0] if set_count < len(BOOT_MSRS) else None,
+        "msr_index_list": int(values[_V_MSR_LIST]) >= 0,
+    }
+    if s.result.cpuid.get("arch_capabilities"):
+        features = [s.feature_list.indices[i] for i in
+                    range(min(s.feature_list.nmsrs, _MAX_MSR_INDICES))]  # fmt: skip
+        got, put = int(values[_V_ARCH_GET]), int(values[_V_ARCH_SET])
+        msrs["arch_capabilities"] = {
+            "offered_by_cpuid": True,
+            "feature_msr": MSR_IA32_ARCH_CAPABILITIES in features
+            if values[_V_FEATURE_LIST] >= 0 else None,
+            "value": f"{s.arch_msrs.entries[0].data:#x}" if got == 1 else None,
+            "read": errno.errorcode.get(-got, got) if got < 0 else got == 1,
+            "accepted": put == 1,
+        }  # fmt: skip
+    s.result.msrs = msrs
+
+
+def _read_guest(s: _Session) -> None:
+    """Decode a guest run: exit, registers, and the instruction it stopped at."""
+    import ctypes
+
+    result = s.result
+    _decode_run(result, bytes(s.out.run_head))
+    result.proof = int(s.regs.rax) & 0xFFFFFFFF
+    result.rip = int(s.regs.rip)
+    result.stage = int(s.regs.r15)
+    if s.guest.long_mode:
+        result.cx16_value = int.from_bytes(ctypes.string_at(s.mem_addr + s.guest.cx16_area, 16),
+                                           "little")  # fmt: skip
+        passed = result.exit_reason == KVM_EXIT_HLT and result.stage == 7
+        if not passed:
+            result.instruction = (s.guest.marks.get(result.rip)
+                                  or STAGES.get(result.stage, "entering 64-bit mode"))  # fmt: skip
+
+
+def _measure_speed(s: _Session) -> bool:
+    """Time the guest loop (the vCPU is warm); return False when it did not halt."""
+    result = s.result
+    plan = _Plan()
+    s.run_plan(plan, s.guest.loop, _V_T_WARM, rcx=1)
+    s.run_plan(plan, s.guest.loop, _V_T_SHORT, rcx=_SPEED_SHORT)
+    plan.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, s.addr(s.regs))
+    if not s.execute(plan):
+        return False
+    _decode_run(result, bytes(s.out.run_head))
+    if result.exit_reason != KVM_EXIT_HLT:
+        _read_guest(s)
+        return False
+    short = int(s.out.values[_V_T_SHORT])
+    if short >= _SPEED_SLOW_NS:
+        guest_ns, iterations = short / _SPEED_SHORT, _SPEED_SHORT
+    else:  # fast: a longer run, and the slope cancels the entry and exit cost
+        plan = _Plan()
+        s.run_plan(plan, s.guest.loop, _V_T_LONG, rcx=_SPEED_LONG)
+        if not s.execute(plan):
+            return False
+        longer = int(s.out.values[_V_T_LONG])
+        guest_ns = max(longer - short, 1) / (_SPEED_LONG - _SPEED_SHORT)
+        iterations = _SPEED_LONG
+    host_ns, note = _host_ns_per_iteration(1 << 16)
+    result.speed = Speed(guest_ns, host_ns, iterations, note)
+    result.exit_reason = -1
+    return True
+
+
+def _run_guest(s: _Session) -> None:
+    """The whole smoke test for one guest; failures land in the result."""
+    if not s.execute(_setup_plan(s)):
+        return
+    s.result.api_version = int(s.out.values[_V_API])
+    if s.guest.long_mode:
+        _read_cpuid(s)
+    if not s.execute(_vcpu_plan(s)):
+        return
+    if s.guest.long_mode:
+        _read_msrs(s)
+        if not _measure_speed(s):
+            return
+    plan = _Plan()
+    s.run_plan(plan, s.guest.entry, _V_T_GUEST)
+    plan.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, s.addr(s.regs))
+    if not s.execute(plan):
+        return
+    _read_guest(s)
+    s.result.step = STEP_DONE
+
+
+def _guest_for(kind: str) -> _Guest:
+    if kind == "long-mode":
+        guest: _Guest = _cached("guest-long", _long_mode_guest)
+        return guest
+    if kind == "real-mode":
+        guest = _cached("guest-real", _real_mode_guest)
+        return guest
+    raise InvalidArgumentError(f"guest must be 'real-mode' or 'long-mode', got {kind!r}")
+
+
+def _backend_for(backend: str | None) -> Any:
+    if backend not in (None, "native", "python"):
+        raise InvalidArgumentError(f"backend must be 'native' or 'python', got {backend!r}")
+    if backend != "python":
+        lib, note = _cached("native", _load_native)
+        if lib is not None:
+            return _NativeBackend(lib)
+        if backend == "native":
+            raise InternalError(
+                f"the native smoke test is not available: {note}",
+                cause="native-missing",
+                fix="run `make` in the boxlite_syscheck directory, or set "
+                f"{LIBRARY_ENV} to the absolute path of libkvmsmoke.so",
+            )
+    return _PythonBackend()
 
 
 def smoke_test(
@@ -1049,37 +1836,36 @@ def smoke_test(
     *,
     timeout: float = DEFAULT_TIMEOUT,
     backend: str | None = None,
-    _guest: bytes = _GUEST_HALT,
+    guest: str = "real-mode",
+    _guest: bytes | None = None,
 ) -> SmokeResult:
     """Run guest code in a throwaway VM on an open /dev/kvm descriptor.
 
+    ``guest`` is "real-mode" (the bare device check: ``mov eax; hlt``) or
+    "long-mode" (what a stock kernel needs: 64-bit mode, CX16, XSAVE, the
+    boot MSRs, and the speed of guest code against the host CPU).
     ``backend`` is "native" (libkvmsmoke.so), "python", or None for the
     native one when it can be used.  Never raises for a KVM failure: the
     result says how far it got.  Raises InternalError when the native backend
-    is asked for and cannot be used, InvalidArgumentError for a bad timeout.
+    is asked for and cannot be used, InvalidArgumentError for a bad argument.
     """
     import time
 
     if not timeout > 0:
         raise InvalidArgumentError(f"timeout must be positive, got {timeout!r}")
-    if backend not in (None, "native", "python"):
-        raise InvalidArgumentError(f"backend must be 'native' or 'python', got {backend!r}")
-    lib = None
-    if backend != "python":
-        lib, note = _cached("native", _load_native)
-        if lib is None and backend == "native":
-            raise InternalError(
-                f"the native smoke test is not available: {note}",
-                cause="native-missing",
-                fix="run `make` in the boxlite_syscheck directory, or set "
-                f"{LIBRARY_ENV} to the absolute path of libkvmsmoke.so",
-            )
-    result = SmokeResult("native" if lib is not None else "python", timeout)
+    program = _real_mode_guest(_guest) if _guest is not None else _guest_for(guest)
+    runner = _backend_for(backend)
+    result = SmokeResult(runner.name, timeout, program.name)
     start = time.perf_counter()
-    if lib is not None:
-        _native_smoke(lib, fd, _guest, timeout, result)
-    else:
-        _python_smoke(fd, _guest, timeout, result)
+    try:
+        session = _Session(fd, program, runner, result, max(1, int(timeout * 1e9)))
+    except _StepFailed as failed:
+        result.step, result.error = failed.step, failed.error
+        return result
+    try:
+        _run_guest(session)
+    finally:
+        session.close()
     result.elapsed = time.perf_counter() - start
     return result
 
@@ -1210,6 +1996,14 @@ def _group_membership(gid: int) -> tuple[str | None, bool, bool]:
 # ── Diagnosis: evidence in, one cause and one fix out ───────────────────────
 
 
+def _label(key: str) -> str:
+    """An evidence key as a label: "kvm_provider" -> "KVM provider"."""
+    words = key.split("_")
+    words = [w.upper() if w in ("kvm", "cpuid", "cpu", "msr", "msrs") else w for w in words]
+    text = " ".join(words)
+    return text[:1].upper() + text[1:]
+
+
 def _failure(
     cls: type[BoxliteError],
     cause: str,
@@ -1222,7 +2016,7 @@ def _failure(
 ) -> BoxliteError:
     """Build an error whose text says what was tried, the answer and the fix."""
     lines = [summary, "", f"Tried: {tried}", f"Answer: {answer}"]
-    lines += [f"{key.replace('_', ' ').capitalize()}: {value}" for key, value in evidence.items()]
+    lines += [f"{_label(key)}: {value}" for key, value in evidence.items()]
     lines += ["", f"Fix: {fix}"]
     evidence = {"tried": tried, "answer": answer, **evidence}
     return cls("\n".join(lines), cause=cause, evidence=evidence, fix=fix)
@@ -1407,6 +2201,11 @@ def _not_kvm(path: str, step: int, err: int) -> BoxliteError:
     )  # fmt: skip
 
 
+_GUEST_TRIED = {
+    "real-mode": f"run real-mode guest code (mov eax, {PROOF_VALUE:#x}; hlt) in a new VM",
+    "long-mode": "run a 64-bit long-mode guest (cpuid, lock cmpxchg16b, xsave, hlt) in a new VM",
+}
+
 _NESTED_FIX = (
     "enable nested virtualization for this machine on its host (cloud instances "
     "need it switched on explicitly) and make sure kvm_intel or kvm_amd is loaded"
@@ -1416,7 +2215,7 @@ _NESTED_FIX = (
 def _exit_failure(result: SmokeResult) -> BoxliteError:
     """The error for a smoke test that ran KVM_RUN but did not pass."""
     kernel = _kernel_release()
-    tried = f"run real-mode guest code (mov eax, {PROOF_VALUE:#x}; hlt) in a new VM"
+    tried = _GUEST_TRIED.get(result.guest, f"run the {result.guest} guest in a new VM")
     if result.timed_out:
         return _failure(
             UnsupportedError, "smoke-timeout",
@@ -1460,11 +2259,112 @@ def _exit_failure(result: SmokeResult) -> BoxliteError:
     )  # fmt: skip
 
 
+def _kvm_provider() -> str:
+    """The KVM module that drives the CPU, by name ("kvm_pvm", "kvm_intel", ...)."""
+    arch = [m for m in _kvm_modules() if m != "kvm"]
+    return arch[0] if arch else "unknown"
+
+
+def _stopped_at(result: SmokeResult) -> str:
+    """Where and how the long-mode guest stopped, with what KVM reported."""
+    text = f"{result.instruction} stopped the guest: {exit_name(result.exit_reason)}"
+    if result.exit_reason == KVM_EXIT_INTERNAL_ERROR:
+        sub = result.internal_suberror
+        text += f", suberror {INTERNAL_SUBERRORS.get(sub, 'UNLISTED')} ({sub})"
+    elif result.exit_reason == KVM_EXIT_FAIL_ENTRY:
+        text += f", hardware entry failure reason {result.hardware_entry_failure_reason:#x}"
+    elif result.exit_reason == KVM_EXIT_SHUTDOWN:
+        text += " (the guest triple-faulted)"
+    elif result.exit_reason == KVM_EXIT_HLT:
+        text += f" with EAX {result.proof:#x}, not the proof value"
+    if result.insn_bytes:
+        text += f"; instruction bytes {result.insn_bytes.hex(' ')}"
+    if result.rip >= 0:
+        text += f"; RIP {result.rip:#x}"
+    return text
+
+
+def _real_guest_failure(result: SmokeResult) -> BoxliteError | None:
+    """The error for the long-mode guest: what a real engine's guest needs.
+
+    Precedence: a run that never ended, then emulation (which explains any
+    instruction failure that comes with it), then the instruction that
+    failed, then an MSR every direct-boot VMM sets.
+    """
+    if result.timed_out:
+        return _exit_failure(result)
+    tried = ("run a 64-bit guest loop (dec ecx; jnz) under KVM, and the same "
+             "loop on the host CPU")  # fmt: skip
+    kernel = _kernel_release()
+    guest = _stopped_at(result) if not result.ok else "the stock-kernel instructions ran"
+    if result.emulated and result.speed is not None:
+        speed = result.speed
+        ratio = speed.ratio or 0.0
+        summary = (f"guest code is emulated in software: {_ns(speed.guest_ns)} ns per "
+                   f"iteration, about {_times(ratio)} times the host")  # fmt: skip
+        provider = _kvm_provider()
+        if provider == "kvm_pvm":
+            return _failure(
+                UnsupportedError, "guest-emulated-pvm",
+                summary + ". This KVM is kvm_pvm: only PVM-enabled guest kernels run at "
+                "hardware speed, and a stock guest kernel (BoxLite's included) has its "
+                "kernel-mode code run through KVM's instruction emulator",
+                tried=tried, answer=speed.describe(), kvm_provider=provider,
+                stock_kernel_instructions=guest, backend=result.backend, kernel=kernel,
+                fix="run a PVM-enabled guest kernel with an engine that supports PVM, or "
+                "move to a host whose CPU gives KVM VT-x/AMD-V: bare metal, or a cloud VM "
+                "with nested virtualization enabled",
+            )  # fmt: skip
+        return _failure(
+            UnsupportedError, "guest-emulated", summary,
+            tried=tried, answer=speed.describe(), kvm_provider=provider,
+            stock_kernel_instructions=guest, backend=result.backend, kernel=kernel,
+            fix="run on a host whose KVM executes guest code in hardware: VT-x/AMD-V "
+            "enabled in the firmware, or nested virtualization enabled for this VM "
+            "on its host",
+        )  # fmt: skip
+    if not result.ok:
+        return _failure(
+            UnsupportedError, "guest-instruction-failed",
+            "KVM cannot run what a stock Linux kernel runs early: " + guest,
+            tried="enter 64-bit long mode directly (as Firecracker, cloud-hypervisor and "
+            "libkrun boot Linux) and run cpuid, lock cmpxchg16b, xsetbv, xsave64, xrstor64",
+            answer=guest, cpuid_offered=_offered(result), backend=result.backend,
+            kernel=kernel, kvm_provider=_kvm_provider(),
+            fix="update the host kernel (and the outer hypervisor, if this host is "
+            "itself a VM) and report the instruction and bytes above to the KVM provider",
+        )  # fmt: skip
+    refused = result.msrs.get("boot_msr_refused")
+    if refused:
+        return _failure(
+            UnsupportedError, "msr-refused",
+            f"KVM refuses the MSR {refused} that direct-boot VMMs set before Linux starts",
+            tried=STEP_NAMES[STEP_SET_MSRS],
+            answer=f"KVM_SET_MSRS set {result.msrs.get('boot_msrs_set')} of "
+            f"{len(BOOT_MSRS)} MSRs and stopped at {refused}",
+            backend=result.backend, kernel=kernel, kvm_provider=_kvm_provider(),
+            fix="update the host kernel (and the outer hypervisor, if nested); "
+            "Firecracker and libkrun cannot boot a guest without this MSR",
+        )  # fmt: skip
+    return None
+
+
+def _offered(result: SmokeResult) -> str:
+    names = [name for name, on in result.cpuid.items() if on]
+    return ", ".join(names) or "none of cx16, xsave, arch_capabilities"
+
+
 def diagnose(result: SmokeResult, path: str = KVM_DEVICE) -> BoxliteError | None:
-    """Map a smoke-test result to the error for its cause; None when it passed."""
-    if result.ok:
-        return None
+    """Map a smoke-test result to the error for its cause; None when it passed.
+
+    For the long-mode guest a result can pass its instructions and still be
+    refused: guest code that runs emulated cannot boot a real guest.
+    """
     step, err = result.step, result.error
+    if step == STEP_DONE or (step == STEP_RUN and result.timed_out):
+        if result.guest == "long-mode":
+            return _real_guest_failure(result)
+        return None if result.ok else _exit_failure(result)
     if err in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
         return _resource_exhausted(path, step, err)
     if err == errno.EPERM:
@@ -1509,8 +2409,6 @@ def diagnose(result: SmokeResult, path: str = KVM_DEVICE) -> BoxliteError | None
             fix="quit the other hypervisor (VirtualBox, VMware) or unload its module, "
             "then retry",
         )  # fmt: skip
-    if step == STEP_RUN and result.timed_out or step == STEP_DONE:
-        return _exit_failure(result)
     return _failure(
         EngineError, "kvm-step-failed",
         f"KVM smoke test failed: could not {STEP_NAMES[step]}",
@@ -1593,14 +2491,15 @@ class HypervisorProbe:
 
     name = "none"
 
-    def acquire(self, timeout: float = DEFAULT_TIMEOUT,
-                backend: str | None = None) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
+    def acquire(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
+                engine: str | None = DEFAULT_ENGINE) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
         """Validate the host; return (open device or None, smoke result or None)."""
         raise NotImplementedError
 
-    def startup_check(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) -> None:
+    def startup_check(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
+                      engine: str | None = DEFAULT_ENGINE) -> None:  # fmt: skip
         """One-time validation; raises BoxliteError when the host is unusable."""
-        fd, _ = self.acquire(timeout, backend)
+        fd, _ = self.acquire(timeout, backend, engine)
         if fd is not None:
             os.close(fd)
 
@@ -1608,8 +2507,8 @@ class HypervisorProbe:
         """Refine an engine's VM-creation error; the default keeps it."""
         return error
 
-    def findings(self, timeout: float, backend: str | None,
-                 probe_hvf: bool) -> list[Finding]:  # fmt: skip
+    def findings(self, timeout: float, backend: str | None, probe_hvf: bool,
+                 engine: str | None = DEFAULT_ENGINE) -> list[Finding]:  # fmt: skip
         """Everything the report shows for this platform."""
         raise NotImplementedError
 
@@ -1630,11 +2529,12 @@ class UnsupportedPlatformProbe(HypervisorProbe):
             fix="run on Linux with KVM or on macOS on Apple Silicon",
         )
 
-    def acquire(self, timeout: float = DEFAULT_TIMEOUT,
-                backend: str | None = None) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
+    def acquire(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
+                engine: str | None = DEFAULT_ENGINE) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
         raise self._error()
 
-    def findings(self, timeout: float, backend: str | None, probe_hvf: bool) -> list[Finding]:
+    def findings(self, timeout: float, backend: str | None, probe_hvf: bool,
+                 engine: str | None = DEFAULT_ENGINE) -> list[Finding]:  # fmt: skip
         return [_from_error("platform", self._error())]
 
 
@@ -1651,9 +2551,14 @@ class KvmProbe(HypervisorProbe):
     def can_smoke_test(self) -> bool:
         return self.machine in _SMOKE_MACHINES
 
-    def acquire(self, timeout: float = DEFAULT_TIMEOUT,
-                backend: str | None = None) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
-        """Open the device and smoke-test it; the caller owns the descriptor."""
+    def acquire(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
+                engine: str | None = DEFAULT_ENGINE) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
+        """Open the device and smoke-test it; the caller owns the descriptor.
+
+        With an engine the guest is the long-mode one a real kernel needs
+        (and its speed); with ``engine=None`` the trivial real-mode guest.
+        """
+        _check_engine(engine)
         try:
             fd = _open_device(self.path)
         except OSError as err:
@@ -1666,8 +2571,9 @@ class KvmProbe(HypervisorProbe):
             _log("debug", "no smoke test for %s: %s opened, guest code not run",
                  self.machine, self.path)  # fmt: skip
             return fd, None
+        guest = "real-mode" if engine is None else "long-mode"
         try:
-            result = smoke_test(fd, timeout=timeout, backend=backend)
+            result = smoke_test(fd, timeout=timeout, backend=backend, guest=guest)
             error = diagnose(result, self.path)
         except BaseException:
             os.close(fd)
@@ -1677,14 +2583,20 @@ class KvmProbe(HypervisorProbe):
             raise error
         return fd, result
 
-    def findings(self, timeout: float, backend: str | None, probe_hvf: bool) -> list[Finding]:
+    def findings(self, timeout: float, backend: str | None, probe_hvf: bool,
+                 engine: str | None = DEFAULT_ENGINE) -> list[Finding]:  # fmt: skip
+        _check_engine(engine)
         found: list[Finding] = []
         _timed(found, self._device_finding)
         holder: list[int] = []
         _timed(found, lambda: self._usable_finding(timeout, backend, holder))
+        guest: SmokeResult | None = None
         if holder:
             fd = holder[0]
             try:
+                if engine is not None and self.can_smoke_test:
+                    guest = smoke_test(fd, timeout=timeout, backend=backend, guest="long-mode")
+                    found += _guest_findings(guest, diagnose(guest, self.path))
                 _timed(found, lambda: _capabilities_finding(fd))
             finally:
                 os.close(fd)
@@ -1692,7 +2604,7 @@ class KvmProbe(HypervisorProbe):
             found.append(Finding("kvm.capabilities", SKIP, "not read: the device is not usable"))
         _timed(found, lambda: self._groups_finding())
         _timed(found, _module_finding)
-        _timed(found, lambda: _cpu_finding(bool(holder)))
+        _timed(found, lambda: _cpu_finding(bool(holder), guest))
         _timed(found, _context_finding)
         return found
 
@@ -1716,7 +2628,7 @@ class KvmProbe(HypervisorProbe):
 
     def _usable_finding(self, timeout: float, backend: str | None, holder: list[int]) -> Finding:
         try:
-            fd, result = self.acquire(timeout, backend)
+            fd, result = self.acquire(timeout, backend, engine=None)
         except BoxliteError as error:
             return _from_error("kvm.smoke", error)
         assert fd is not None
@@ -1728,7 +2640,7 @@ class KvmProbe(HypervisorProbe):
                            "")  # fmt: skip
         return Finding(
             "kvm.smoke", PASS,
-            f"guest code ran and halted (proof {result.proof:#x}, "
+            f"the device works: a trivial guest ran and halted (proof {result.proof:#x}, "
             f"{result.elapsed * 1e3:.2f} ms, {result.backend} backend)",
             result.as_dict(),
         )  # fmt: skip
@@ -1760,6 +2672,67 @@ class KvmProbe(HypervisorProbe):
         return Finding("kvm.groups", INFO, f"{user} is not in group {group}", evidence)
 
 
+def _guest_findings(result: SmokeResult, error: BoxliteError | None) -> list[Finding]:
+    """The real-guest layers: hardware speed, a stock kernel's instructions, MSRs.
+
+    The gate's error (one cause) rides on the finding of its layer; another
+    layer that fails as a consequence of it fails without a fix of its own.
+    """
+    cause = error.cause if error is not None else ""
+    evidence = result.as_dict()
+    if result.step != STEP_DONE and not result.timed_out and error is not None:
+        return [_from_error("guest.long_mode", error)]
+    speed = result.speed
+    if speed is None:
+        speed_finding = Finding("guest.speed", SKIP, "not measured: the guest stopped first",
+                                {"speed": None})  # fmt: skip
+    elif speed.emulated:
+        speed_finding = Finding("guest.speed", FAIL, "guest code is emulated in software: "
+                                + speed.describe(), speed.as_dict())  # fmt: skip
+    elif speed.emulated is None:
+        speed_finding = Finding("guest.speed", SKIP, speed.describe(), speed.as_dict())
+    else:
+        speed_finding = Finding("guest.speed", PASS, "guest code runs at hardware speed: "
+                                + speed.describe(), speed.as_dict())  # fmt: skip
+    if result.ok:
+        ran = ["64-bit long mode"] + [name for name, key in (
+            ("lock cmpxchg16b", "cx16"), ("xsetbv, xsave64, xrstor64", "xsave"))
+            if result.cpuid.get(key)]  # fmt: skip
+        kernel_finding = Finding("guest.stock_kernel", PASS,
+                                 f"a stock kernel's early code runs: {', '.join(ran)}",
+                                 evidence)  # fmt: skip
+    elif result.timed_out:
+        kernel_finding = Finding("guest.stock_kernel", FAIL,
+                                 f"the long-mode guest did not halt within {result.timeout:g} s",
+                                 evidence)  # fmt: skip
+    else:
+        kernel_finding = Finding("guest.stock_kernel", FAIL, _stopped_at(result), evidence)
+    msrs = result.msrs
+    arch = msrs.get("arch_capabilities")
+    if msrs.get("boot_msr_refused"):
+        msr_finding = Finding("guest.msrs", FAIL,
+                              f"KVM refuses the boot MSR {msrs['boot_msr_refused']}", msrs)
+    elif isinstance(arch, dict) and not arch.get("accepted"):
+        msr_finding = Finding(
+            "guest.msrs", WARN,
+            "ARCH_CAPABILITIES is offered in the supported CPUID but KVM refuses to set it",
+            msrs, "QEMU with -cpu host aborts here ('failed to set MSR 0x10a'): give QEMU "
+            "-cpu host,-arch-capabilities, or update the host kernel",
+        )  # fmt: skip
+    else:
+        extra = ("; ARCH_CAPABILITIES offered and accepted" if isinstance(arch, dict)
+                 else "; ARCH_CAPABILITIES not offered")  # fmt: skip
+        msr_finding = Finding("guest.msrs", PASS,
+                              f"the {len(BOOT_MSRS)} boot MSRs are accepted" + extra, msrs)
+    findings = [speed_finding, kernel_finding, msr_finding]
+    owner = {"guest-emulated": speed_finding, "guest-emulated-pvm": speed_finding,
+             "msr-refused": msr_finding}.get(cause, kernel_finding)  # fmt: skip
+    if error is not None:
+        owner.status, owner.error, owner.fix = FAIL, error, error.fix
+        owner.evidence = {"cause": cause, **owner.evidence}
+    return findings
+
+
 def _capabilities_finding(fd: int) -> Finding:
     caps = {
         "api_version": KVM_GET_API_VERSION,
@@ -1773,9 +2746,9 @@ def _capabilities_finding(fd: int) -> Finding:
     for name, number in caps.items():
         try:
             if name == "api_version":
-                values[name] = _ioctl_int(fd, KVM_GET_API_VERSION)
+                values[name] = _ioctl(fd, KVM_GET_API_VERSION)
             else:
-                values[name] = _ioctl_int(fd, KVM_CHECK_EXTENSION, number)
+                values[name] = _ioctl(fd, KVM_CHECK_EXTENSION, number)
         except OSError as err:
             values[name] = errno.errorcode.get(err.errno or 0, "error")
     missing = [n for n in ("user_memory", "immediate_exit") if values.get(n) in (0,)]
@@ -1799,10 +2772,18 @@ def _module_finding() -> Finding:
             return Finding("kvm.module", SKIP, "/sys/module is not available", evidence)
         return Finding("kvm.module", INFO, "no KVM module is loaded", evidence)
     arch = [m for m in modules if m != "kvm"] or modules
+    if "kvm_pvm" in arch:
+        native = _read_text("/sys/module/kvm_pvm/parameters/pvm_native")
+        if native is not None:
+            evidence["kvm_pvm.pvm_native"] = native.strip()
+        return Finding("kvm.module", INFO,
+                       "KVM module in use: kvm_pvm (paravirtual KVM without VT-x/AMD-V: "
+                       "PVM-enabled guest kernels run at speed, other guests' kernel code "
+                       "is emulated)", evidence)  # fmt: skip
     return Finding("kvm.module", INFO, f"KVM module in use: {', '.join(arch)}", evidence)
 
 
-def _cpu_finding(kvm_works: bool) -> Finding:
+def _cpu_finding(kvm_works: bool, guest: SmokeResult | None = None) -> Finding:
     flags = _cpu_flags()
     if flags is None:
         return Finding("cpu.flags", SKIP, "/proc/cpuinfo lists no x86 flags")
@@ -1811,10 +2792,16 @@ def _cpu_finding(kvm_works: bool) -> Finding:
     if virt:
         return Finding("cpu.flags", INFO, f"CPU flags: {', '.join(virt)}", evidence)
     where = "running under a hypervisor" if "hypervisor" in flags else "bare metal"
-    if kvm_works:
+    if kvm_works and guest is not None and guest.emulated is False and guest.ok:
         return Finding("cpu.flags", INFO,
-                       f"no vmx/svm flag ({where}), yet KVM runs guest code: paravirtual "
-                       "or nested KVM; flag-based checkers get this host wrong", evidence)  # fmt: skip
+                       f"no vmx/svm flag ({where}), yet guest code runs at hardware speed: "
+                       "flag-based checkers would wrongly refuse this host", evidence)  # fmt: skip
+    if kvm_works and guest is not None and guest.emulated:
+        return Finding("cpu.flags", INFO,
+                       f"no vmx/svm flag ({where}): /dev/kvm works, but stock guests' kernel "
+                       "code is emulated; flag-based checkers refuse this host for that "
+                       "missing flag, which is the right verdict for the wrong reason",
+                       evidence)  # fmt: skip
     return Finding("cpu.flags", INFO, f"no vmx/svm flag ({where})", evidence)
 
 
@@ -1896,8 +2883,9 @@ class HvfProbe(HypervisorProbe):
             fix="use macOS 11 or later on Apple Silicon; check with `sysctl kern.hv_support`",
         )  # fmt: skip
 
-    def acquire(self, timeout: float = DEFAULT_TIMEOUT,
-                backend: str | None = None) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
+    def acquire(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
+                engine: str | None = DEFAULT_ENGINE) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
+        _check_engine(engine)
         error = self._arch_error() or self._support_error()
         if error is not None:
             raise error
@@ -1951,7 +2939,8 @@ class HvfProbe(HypervisorProbe):
             cause="hv-other", evidence={"hv_return": f"{code:#x}"},
         )
 
-    def findings(self, timeout: float, backend: str | None, probe_hvf: bool) -> list[Finding]:
+    def findings(self, timeout: float, backend: str | None, probe_hvf: bool,
+                 engine: str | None = DEFAULT_ENGINE) -> list[Finding]:  # fmt: skip
         found: list[Finding] = []
         arch = self._arch_error()
         if arch is not None:
@@ -1999,6 +2988,12 @@ class HvfProbe(HypervisorProbe):
 # ── Platform dispatch ───────────────────────────────────────────────────────
 
 
+def _check_engine(engine: str | None) -> None:
+    if engine is not None and engine not in ENGINES:
+        raise InvalidArgumentError(
+            f"engine must be one of {', '.join(ENGINES)} or None, got {engine!r}")
+
+
 def _select_probe(system: str, machine: str) -> HypervisorProbe:
     """Pick the probe for a sys.platform value and a machine name."""
     if system.startswith("linux"):
@@ -2032,9 +3027,17 @@ class SystemCheck:
         self.probe = probe
 
     @classmethod
-    def run(cls, *, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None) -> SystemCheck:
-        """Verify the host; raise a BoxliteError with the cause and fix if it fails."""
-        fd, smoke = _PROBE.acquire(timeout, backend)
+    def run(cls, *, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
+            engine: str | None = DEFAULT_ENGINE) -> SystemCheck:  # fmt: skip
+        """Verify the host; raise a BoxliteError with the cause and fix if it fails.
+
+        ``engine`` ("libkrun", BoxLite's engine, by default) asks whether a
+        real guest of that engine can run: a 64-bit guest runs a stock
+        kernel's early instructions at hardware speed, with the MSRs a
+        direct-boot VMM sets.  ``engine=None`` is the bare device check:
+        /dev/kvm opens, speaks API 12, creates a VM and runs a trivial guest.
+        """
+        fd, smoke = _PROBE.acquire(timeout, backend, engine)
         return cls(fd, smoke, _PROBE)
 
     @property
@@ -2065,6 +3068,10 @@ class SystemCheck:
 
     def describe(self) -> str:
         """One line on what was proven."""
+        if self.smoke is not None and self.smoke.speed is not None:
+            return (f"usable: a 64-bit guest ran a stock kernel's early instructions at "
+                    f"hardware speed ({self.smoke.speed.describe()}; {self.smoke.backend} "
+                    f"backend, {self.smoke.elapsed * 1e3:.2f} ms)")  # fmt: skip
         if self.smoke is not None:
             return (f"usable: KVM ran guest code and it halted ({self.smoke.backend} backend, "
                     f"{self.smoke.elapsed * 1e3:.2f} ms)")  # fmt: skip
@@ -2126,13 +3133,23 @@ def _host_facts(probe: HypervisorProbe) -> dict[str, object]:
 
 
 def check(
-    *, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None, probe_hvf: bool = False
+    *, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None, probe_hvf: bool = False,
+    engine: str | None = DEFAULT_ENGINE,
 ) -> Report:
-    """Run every probe and return a Report; never raises for a host problem."""
+    """Run every probe and return a Report; never raises for a host problem.
+
+    The layers are reported apart: the device works (``kvm.smoke``), guest
+    code runs at hardware speed (``guest.speed``), a stock kernel's early
+    instructions run (``guest.stock_kernel``), the boot MSRs are accepted
+    (``guest.msrs``).  The verdict follows ``engine`` as SystemCheck.run()
+    does; with ``engine=None`` only the device layer is checked.
+    """
     probe = _PROBE
-    findings = probe.findings(timeout, backend, probe_hvf)
+    findings = probe.findings(timeout, backend, probe_hvf, engine)
     error = next((f.error for f in findings if f.error is not None), None)
-    return Report(findings, error, _host_facts(probe))
+    host = _host_facts(probe)
+    host["engine"] = engine
+    return Report(findings, error, host)
 
 
 # ── Command line ────────────────────────────────────────────────────────────
@@ -2193,6 +3210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"bound on running the guest (default {DEFAULT_TIMEOUT:g})")  # fmt: skip
     parser.add_argument("--backend", choices=("native", "python"),
                         help="force a smoke-test backend (default: native if built)")  # fmt: skip
+    parser.add_argument("--engine", choices=(*ENGINES, "none"), default=DEFAULT_ENGINE,
+                        help="whose real guest must run (default: libkrun, BoxLite's "
+                        "engine); 'none' checks only that the device works")  # fmt: skip
     parser.add_argument("--probe-hvf", action="store_true",
                         help="macOS: also call hv_vm_create() and hv_vm_destroy()")  # fmt: skip
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -2205,7 +3225,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("boxlite_syscheck: error: --timeout must be positive", file=sys.stderr)
         return EXIT_USAGE
     try:
-        report = check(timeout=args.timeout, backend=args.backend, probe_hvf=args.probe_hvf)
+        engine = None if args.engine == "none" else args.engine
+        report = check(timeout=args.timeout, backend=args.backend, probe_hvf=args.probe_hvf,
+                       engine=engine)  # fmt: skip
     except InternalError as err:
         print(f"boxlite_syscheck: the checker failed: {err}", file=sys.stderr)
         return EXIT_CHECKER_FAILED

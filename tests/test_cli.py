@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, needs_kvm
+from conftest import ROOT, needs_kvm, on_pvm_host
 
 import boxlite_syscheck as b
 
@@ -29,43 +29,66 @@ def check_shape(report):
         assert isinstance(finding["evidence"], dict)
 
 
-@needs_kvm
-def test_real_report_is_usable_and_notes_pvm_without_vmx():
+@on_pvm_host
+def test_real_report_on_this_pvm_host_is_not_usable_with_one_cause():
     report = b.check()
-    assert report.verdict == "usable", [f for f in report.findings if f.status != "pass"]
-    assert report.error is None
+    assert report.verdict == "not-usable"
+    assert report.error is not None and report.error.cause == "guest-emulated-pvm"
     found = {f.id: f for f in report.findings}
+    # The device layer passes: /dev/kvm works.
+    assert found["kvm.device"].status == "pass"
     assert found["kvm.smoke"].status == "pass"
     assert found["kvm.smoke"].evidence["proof"] == hex(b.PROOF_VALUE)
     assert found["kvm.capabilities"].evidence["api_version"] == 12
-    if "kvm_pvm" in found["kvm.module"].evidence["loaded"]:
-        assert "kvm_pvm" in found["kvm.module"].summary
+    # The real-guest layers say why no real guest runs, with one fix.
+    assert found["guest.speed"].status == "fail" and found["guest.speed"].error is report.error
+    assert found["guest.speed"].evidence["ratio"] >= b.EMULATION_RATIO
+    assert found["guest.stock_kernel"].status == "fail"
+    assert found["guest.stock_kernel"].error is None and not found["guest.stock_kernel"].fix
+    assert "lock cmpxchg16b" in found["guest.stock_kernel"].summary
+    assert "kvm_pvm" in found["kvm.module"].summary
     if found["cpu.flags"].evidence.get("vmx") is False and found["cpu.flags"].evidence.get("svm") is False:
-        assert found["cpu.flags"].status == "info"
-        assert "yet KVM runs guest code" in found["cpu.flags"].summary
+        assert "right verdict for the wrong reason" in found["cpu.flags"].summary
 
 
 @needs_kvm
-def test_main_prints_the_report(capsys):
-    assert b.main([]) == 0
+def test_report_with_engine_none_checks_the_device_only():
+    report = b.check(engine=None)
+    assert report.verdict == "usable", [f for f in report.findings if f.status != "pass"]
+    assert report.host["engine"] is None
+    assert not [f for f in report.findings if f.id.startswith("guest.")]
+
+
+@on_pvm_host
+def test_main_prints_the_report_and_the_one_fix(capsys):
+    assert b.main([]) == 1
     out = capsys.readouterr().out
-    assert "PASS  kvm.smoke" in out
-    assert out.rstrip().endswith("Verdict: usable")
+    assert "PASS  kvm.smoke" in out and "FAIL  guest.speed" in out
+    assert out.count("Fix: ") == 1 and "PVM-enabled guest kernel" in out
+    assert out.rstrip().endswith("Verdict: not-usable")
     assert "\x1b[" not in out  # not a terminal: no colour
 
 
 @needs_kvm
+def test_main_with_engine_none_exits_0(capsys):
+    assert b.main(["--engine", "none"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("Verdict: usable")
+
+
+@needs_kvm
 def test_main_json_has_the_documented_shape(capsys):
-    assert b.main(["--json", "--backend", "python"]) == 0
+    b.main(["--json", "--backend", "python"])
     report = json.loads(capsys.readouterr().out)
     check_shape(report)
     smoke = next(f for f in report["findings"] if f["id"] == "kvm.smoke")
     assert smoke["evidence"]["backend"] == "python"
+    speed = next(f for f in report["findings"] if f["id"] == "guest.speed")
+    assert set(speed["evidence"]) >= {"guest_ns_per_iteration", "host_ns_per_iteration", "ratio"}
 
 
 @needs_kvm
 def test_quiet_prints_nothing_when_usable(capsys):
-    assert b.main(["--quiet"]) == 0
+    assert b.main(["--quiet", "--engine", "none"]) == 0
     assert capsys.readouterr().out == ""
 
 
@@ -155,9 +178,11 @@ def test_stale_group_is_a_warning_in_the_report(mocker):
     assert "newgrp kvm" in finding.fix
 
 
-@needs_kvm
-def test_python_dash_m_exits_0_here():
+@on_pvm_host
+def test_python_dash_m_tells_the_truth_here():
     done = subprocess.run([sys.executable, "-m", "boxlite_syscheck", "--json"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stdout + done.stderr
-    check_shape(json.loads(done.stdout))
+    assert done.returncode == 1, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    check_shape(report)
+    assert report["error"]["cause"] == "guest-emulated-pvm"

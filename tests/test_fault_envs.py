@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from conftest import KVM_GID
+from conftest import KVM_GID, PVM_HOST
 
 EMFILE_SCRIPT = r"""
 import json, os, resource, sys
@@ -16,13 +16,13 @@ sys.path.insert(0, sys.argv[1])
 import boxlite_syscheck as b
 out = {}
 for backend in ("native", "python"):
-    b.SystemCheck.run(backend=backend).close()  # load everything first
+    b.SystemCheck.run(backend=backend, engine=None).close()  # load everything first
     probe = os.open("/dev/null", os.O_RDONLY)
     os.close(probe)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (probe + 1, hard))  # /dev/kvm fits, a VM not
     try:
-        b.SystemCheck.run(backend=backend).close()
+        b.SystemCheck.run(backend=backend, engine=None).close()
         out[backend] = {"ok": True}
     except b.BoxliteError as err:
         out[backend] = {"ok": False, "type": type(err).__name__, "cause": err.cause,
@@ -61,6 +61,20 @@ def test_user_with_the_group_passes(fault_env):
     result = fault_env.probe(user=True, groups=str(KVM_GID))
     both(result, "ok", True)
     assert result["native"]["outcome"] == result["python"]["outcome"]
+
+
+def test_default_gate_for_a_user_with_the_group_names_the_emulation(fault_env):
+    if not PVM_HOST:
+        import pytest
+
+        pytest.skip("needs a kvm_pvm host, where stock guest code is emulated")
+    fault_env.passwd_and_group(members="boxtest")
+    fault_env.kvm_node(mode=0o660)
+    result = fault_env.probe(engine="libkrun", user=True, groups=str(KVM_GID))
+    both(result, "ok", False)
+    both(result, "cause", "guest-emulated-pvm")
+    assert "lock cmpxchg16b" in result["native"]["message"]
+    assert "PVM-enabled guest kernel" in result["python"]["fix"]
 
 
 def test_listed_in_group_but_session_lacks_it(fault_env):
@@ -111,7 +125,7 @@ def test_cli_in_a_fault_environment_exits_1_with_the_fix(fault_env):
     fault_env.kvm_node(mode=0o660)
     done = fault_env.run(
         "import sys; sys.path.insert(0, sys.argv[1]); import boxlite_syscheck as b;"
-        " sys.exit(b.main(['--json']))", user=True)
+        " sys.exit(b.main(['--json', '--engine', 'none']))", user=True)
     assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
     assert report["verdict"] == "not-usable"

@@ -1,0 +1,317 @@
+"""The real-guest layer: long mode as direct-boot VMMs enter it, speed, MSRs.
+
+Unit tests pin the guest's set-up to the values Linux's own boot code uses;
+real tests run it on this host's KVM with both backends.  This host is a
+kvm_pvm host: stock guests' kernel code is emulated, so the default gate
+must refuse here (the positive control is `make test-x86-nested`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, SYSTEM_PYTHON, needs_kvm, needs_root, on_pvm_host
+
+import boxlite_syscheck as b
+
+# ── Set-up values against the kernel's own ──────────────────────────────────
+
+
+def test_gdt_entries_are_the_kernels_boot_descriptors():
+    # arch/x86/boot/compressed/head_64.S: __KERNEL_CS 0x00af9a000000ffff and
+    # __KERNEL_DS 0x00cf92000000ffff; ours add the accessed bit (9b/93), as
+    # GDT_ENTRY_INIT(DESC_CODE64/DESC_DATA64) in arch/x86/kernel/head64.c does.
+    assert b._gdt_entry(0xA09A, 0, 0xFFFFF) == 0x00AF9A000000FFFF
+    assert b._gdt_entry(0xC092, 0, 0xFFFFF) == 0x00CF92000000FFFF
+    assert b._gdt_entry(b._GDT_CODE64, 0, 0xFFFFF) == 0x00AF9B000000FFFF
+    assert b._gdt_entry(b._GDT_DATA64, 0, 0xFFFFF) == 0x00CF93000000FFFF
+
+
+def test_segments_loaded_from_those_descriptors():
+    code = b._segment(0x10, 0x00AF9B000000FFFF)
+    assert code == {"base": 0, "limit": 0xFFFFFFFF, "selector": 0x10, "type": 0xB, "s": 1,
+                    "dpl": 0, "present": 1, "avl": 0, "l": 1, "db": 0, "g": 1,
+                    "unusable": 0, "padding": 0}
+    data = b._segment(0x18, 0x00CF93000000FFFF)
+    assert (data["type"], data["l"], data["db"], data["limit"]) == (0x3, 0, 1, 0xFFFFFFFF)
+
+
+def test_control_registers_are_the_64_bit_boot_state():
+    guest = b._long_mode_guest()
+    # CR0_STATE in arch/x86/include/asm/processor-flags.h.
+    assert guest.sregs["cr0"] == 0x80050033
+    assert guest.sregs["cr4"] & b._CR4_PAE
+    assert guest.sregs["efer"] == 0x500  # LME | LMA
+    assert guest.sregs["cr3"] == b._LM_PML4
+    assert guest.sregs["cs"]["selector"] == 0x10 and guest.sregs["ss"]["selector"] == 0x18
+    assert guest.long_mode
+
+
+def test_page_tables_identity_map_the_first_2_mib():
+    image = b._long_mode_guest().image
+    entry = lambda at: int.from_bytes(image[at : at + 8], "little")  # noqa: E731
+    # _KERNPG_TABLE (0x63) for the tables, __PAGE_KERNEL_LARGE_EXEC less
+    # _PAGE_GLOBAL (0xe3) for the 2 MiB page (pgtable_types.h).
+    assert entry(b._LM_PML4) == b._LM_PDPT | 0x63
+    assert entry(b._LM_PDPT) == b._LM_PD | 0x63
+    assert entry(b._LM_PD) == 0x0 | 0xE3
+    assert entry(b._LM_PD + 8) == 0  # nothing else is mapped
+    assert b._LM_SIZE <= 2 << 20
+
+
+def test_the_guest_is_what_the_assembler_makes(tmp_path):
+    """Every marked instruction decodes to what its mark says."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.fail("objdump (binutils) is needed: it comes with the C compiler")
+    code, marks, labels = b._long_mode_program()
+    raw = tmp_path / "guest.bin"
+    raw.write_bytes(code)
+    out = subprocess.run([objdump, "-D", "-b", "binary", "-m", "i386:x86-64", str(raw)],
+                         capture_output=True, text=True, check=True).stdout
+    decoded = {}
+    for line in out.splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 3 and parts[0].strip().endswith(":"):
+            decoded[int(parts[0].strip()[:-1], 16)] = parts[2].strip()
+    expect = {"cpuid": "cpuid", "lock cmpxchg16b": "lock cmpxchg16b", "xsetbv": "xsetbv",
+              "xsave64": "xsave64", "xrstor64": "xrstor64", "hlt": "hlt",
+              "mov cr4 (OSXSAVE)": "mov    %rax,%cr4",
+              "mov eax (proof value)": f"mov    $0x{b.PROOF_VALUE:x},%eax",
+              "dec ecx; jnz (speed loop)": "dec    %ecx"}
+    for offset, mark in marks.items():
+        assert decoded[offset].startswith(expect[mark]), (mark, decoded[offset])
+    assert decoded[labels["loop"] + 2].startswith("jne")
+    assert b._HOST_LOOP.endswith(b._LOOP_BODY + b"\xc3")
+
+
+def test_sregs_patches_cover_exactly_the_fields_set():
+    abi = b._abi()
+    guest = b._long_mode_guest()
+    wanted = abi.KvmSregs()
+    b._assign(wanted, guest.sregs)
+    spans = b._patches(wanted, guest.sregs)
+    # cs..ss are contiguous, then gdt, cr0, cr3+cr4 and efer.
+    assert spans == [(0, 6 * 24), (192, 10), (224, 8), (240, 16), (264, 8)]
+    real = b._real_mode_guest()
+    assert b._patches(abi.KvmSregs(), real.sregs) == [(0, 8), (12, 2)]
+
+
+# ── The exit decoder ────────────────────────────────────────────────────────
+
+
+def run_head(exit_reason, **fields):
+    head = bytearray(b._RUN_HEAD)
+    head[8:12] = exit_reason.to_bytes(4, "little")
+    for offset, raw in fields.values():
+        head[offset : offset + len(raw)] = raw
+    return bytes(head)
+
+
+def test_decoder_reads_the_emulation_failure_and_its_bytes():
+    result = b.SmokeResult("python", guest="long-mode")
+    insn = bytes.fromhex("f0480fc70f")
+    head = run_head(17, sub=(32, (1).to_bytes(4, "little")), n=(36, (4).to_bytes(4, "little")),
+                    flags=(40, (1).to_bytes(8, "little")), size=(48, bytes([len(insn)])),
+                    insn=(49, insn))
+    b._decode_run(result, head)
+    assert result.exit_reason == b.KVM_EXIT_INTERNAL_ERROR
+    assert result.internal_suberror == 1
+    assert result.insn_bytes == insn
+
+
+def test_decoder_without_the_bytes_flag_keeps_none():
+    result = b.SmokeResult("python", guest="long-mode")
+    b._decode_run(result, run_head(17, sub=(32, (1).to_bytes(4, "little"))))
+    assert result.internal_suberror == 1 and result.insn_bytes == b""
+
+
+# ── Diagnosis from evidence ─────────────────────────────────────────────────
+
+
+def long_result(*, ok=True, ratio=1.0, host_ns=0.5, msrs=None, cpuid=None):
+    result = b.SmokeResult("python", guest="long-mode")
+    result.step = b.STEP_DONE
+    result.cpuid = cpuid or {"cx16": True, "xsave": True, "arch_capabilities": False}
+    result.msrs = msrs or {"boot_msrs_set": len(b.BOOT_MSRS), "boot_msr_refused": None}
+    result.speed = b.Speed(ratio * host_ns, host_ns, 1024)
+    if ok:
+        result.exit_reason, result.proof, result.stage = b.KVM_EXIT_HLT, b.PROOF_VALUE, 7
+        result.cx16_value = b.PROOF_VALUE | b.PROOF_VALUE << 64
+    else:
+        result.exit_reason, result.internal_suberror = b.KVM_EXIT_INTERNAL_ERROR, 1
+        result.instruction, result.rip = "xrstor64", 0x4070
+        result.insn_bytes = bytes.fromhex("480fae2f")
+    return result
+
+
+def test_hardware_speed_and_every_instruction_pass():
+    result = long_result()
+    assert result.ok and result.emulated is False
+    assert b.diagnose(result) is None
+
+
+def test_emulation_is_its_own_cause_even_when_the_instructions_pass(mocker):
+    mocker.patch.object(b, "_kvm_modules", return_value=["kvm_intel", "kvm"])
+    error = b.diagnose(long_result(ratio=3000))
+    assert error.cause == "guest-emulated" and isinstance(error, b.UnsupportedError)
+    assert "about 3000 times the host" in str(error)
+    assert "VT-x/AMD-V" in error.fix
+
+
+def test_emulation_under_kvm_pvm_names_pvm_and_its_fix(mocker):
+    mocker.patch.object(b, "_kvm_modules", return_value=["kvm_pvm", "kvm"])
+    error = b.diagnose(long_result(ok=False, ratio=2500))
+    assert error.cause == "guest-emulated-pvm"
+    assert "kvm_pvm" in str(error) and "PVM-enabled guest kernel" in error.fix
+    # The instruction that failed is evidence of the same cause, not a second one.
+    assert "xrstor64 stopped the guest" in error.evidence["stock_kernel_instructions"]
+
+
+def test_a_failed_instruction_at_hardware_speed_names_it(mocker):
+    mocker.patch.object(b, "_kvm_modules", return_value=["kvm_amd", "kvm"])
+    error = b.diagnose(long_result(ok=False))
+    assert error.cause == "guest-instruction-failed"
+    message = str(error)
+    assert "xrstor64 stopped the guest: KVM_EXIT_INTERNAL_ERROR (17), suberror EMULATION (1)" in message
+    assert "48 0f ae 2f" in message and "0x4070" in message
+
+
+def test_a_refused_boot_msr_is_named(mocker):
+    mocker.patch.object(b, "_kvm_modules", return_value=["kvm_amd", "kvm"])
+    error = b.diagnose(long_result(msrs={"boot_msrs_set": 3, "boot_msr_refused": "STAR"}))
+    assert error.cause == "msr-refused" and "STAR" in str(error)
+
+
+def test_arch_capabilities_refused_is_a_warning_for_qemu_only():
+    msrs = {"boot_msrs_set": 10, "boot_msr_refused": None,
+            "arch_capabilities": {"offered_by_cpuid": True, "accepted": False}}
+    result = long_result(msrs=msrs)
+    assert b.diagnose(result) is None  # libkrun does not set it
+    found = {f.id: f for f in b._guest_findings(result, None)}
+    assert found["guest.msrs"].status == "warn"
+    assert "-cpu host,-arch-capabilities" in found["guest.msrs"].fix
+
+
+def test_speed_without_a_host_baseline_decides_nothing():
+    result = long_result()
+    result.speed = b.Speed(5000.0, None, 1024, "cannot map the host loop executable")
+    assert result.emulated is None
+    assert b.diagnose(result) is None
+    found = {f.id: f for f in b._guest_findings(result, None)}
+    assert found["guest.speed"].status == "skip"
+    assert "host not measured" in found["guest.speed"].summary
+
+
+def test_unknown_engine_is_refused():
+    with pytest.raises(b.InvalidArgumentError):
+        b.KvmProbe("x86_64").acquire(engine="vmware")
+
+
+# ── On this host's real KVM ─────────────────────────────────────────────────
+
+
+@needs_kvm
+def test_long_mode_guest_runs_the_same_on_both_backends(kvm_fd):
+    native = b.smoke_test(kvm_fd, backend="native", guest="long-mode")
+    python = b.smoke_test(kvm_fd, backend="python", guest="long-mode")
+    assert native.outcome() == python.outcome()
+    assert native.api_version == 12 and native.msrs["boot_msrs_set"] == len(b.BOOT_MSRS)
+    assert native.speed is not None and python.speed is not None
+
+
+@on_pvm_host
+def test_this_host_emulates_and_stops_at_cmpxchg16b(kvm_fd, backend):
+    result = b.smoke_test(kvm_fd, backend=backend, guest="long-mode")
+    assert result.step == b.STEP_DONE
+    assert result.cpuid["cx16"] is True
+    assert result.exit_reason == b.KVM_EXIT_INTERNAL_ERROR
+    assert result.internal_suberror == 1  # EMULATION
+    assert result.instruction == "lock cmpxchg16b"
+    assert result.insn_bytes.startswith(bytes.fromhex("f0480fc70f"))
+    assert result.speed.ratio >= b.EMULATION_RATIO, result.speed.as_dict()
+    assert b.diagnose(result).cause == "guest-emulated-pvm"
+
+
+@on_pvm_host
+def test_default_gate_refuses_here_and_the_bare_check_passes(backend):
+    with pytest.raises(b.UnsupportedError) as caught:
+        b.SystemCheck.run(backend=backend)
+    assert caught.value.cause == "guest-emulated-pvm"
+    with b.SystemCheck.run(backend=backend, engine=None) as host:
+        assert host.smoke_tested and host.smoke.guest == "real-mode"
+
+
+@needs_kvm
+def test_the_gate_leaks_nothing(backend):
+    def fds():
+        return sorted(os.listdir("/proc/self/fd"))
+
+    b.check()
+    before = fds()
+    for _ in range(50):
+        try:
+            b.SystemCheck.run(backend=backend).close()
+        except b.UnsupportedError:
+            pass
+    assert fds() == before
+
+
+# ── MSRs refused for real: a seccomp filter on KVM_SET_MSRS ─────────────────
+
+SECCOMP_SCRIPT = r"""
+import ctypes, json, os, struct, sys
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+request = int(sys.argv[2])
+# BPF: on x86_64 ioctl(2) whose request is `request`, answer 0 (SECCOMP_RET_ERRNO
+# with errno 0): KVM_SET_MSRS then reports that it set no MSR.
+def stmt(code, k): return struct.pack("HBBI", code, 0, 0, k)
+def jeq(k, jt, jf): return struct.pack("HBBI", 0x15, jt, jf, k)
+prog = b"".join([
+    stmt(0x20, 4), jeq(0xC000003E, 0, 4),     # arch == AUDIT_ARCH_X86_64
+    stmt(0x20, 0), jeq(16, 0, 2),             # nr == __NR_ioctl
+    stmt(0x20, 24), jeq(request, 1, 0),       # low word of args[1]
+    stmt(0x06, 0x7FFF0000),                   # SECCOMP_RET_ALLOW
+    stmt(0x06, 0x00050000),                   # SECCOMP_RET_ERRNO | 0
+])
+libc = ctypes.CDLL(None, use_errno=True)
+buf = ctypes.create_string_buffer(prog)
+fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+assert libc.prctl(38, 1, 0, 0, 0) == 0                      # PR_SET_NO_NEW_PRIVS
+assert libc.syscall(317, 1, 0, ctypes.c_char_p(fprog)) == 0  # seccomp(SET_MODE_FILTER)
+fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+out = {}
+for backend in ("native", "python"):
+    r = b.smoke_test(fd, backend=backend, guest="long-mode")
+    found = {f.id: f.summary for f in b._guest_findings(r, b.diagnose(r))}
+    out[backend] = {"msrs": r.msrs, "msr_finding": found.get("guest.msrs"),
+                    "outcome": list(map(str, r.outcome()))}
+print(json.dumps(out))
+"""
+
+
+@needs_root
+def test_a_seccomp_filter_that_refuses_msrs_is_seen_by_both_backends():
+    done = subprocess.run([SYSTEM_PYTHON, "-c", SECCOMP_SCRIPT, str(ROOT), str(b.KVM_SET_MSRS)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    for backend in ("native", "python"):
+        assert out[backend]["msrs"]["boot_msrs_set"] == 0
+        assert out[backend]["msrs"]["boot_msr_refused"] == "IA32_SYSENTER_CS"
+        assert "KVM refuses the boot MSR IA32_SYSENTER_CS" in out[backend]["msr_finding"]
+    assert out["native"]["outcome"] == out["python"]["outcome"]
+
+
+def test_importing_runs_no_guest_and_loads_nothing():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import boxlite_syscheck as b; "
+            "print(sorted(b._CACHE), 'ctypes' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True,
+                          text=True, check=True)
+    assert done.stdout.strip() == "[] False"
