@@ -15,6 +15,7 @@ from conftest import ROOT, needs_kvm
 
 import boxlite_syscheck as b
 
+
 def open_fds():
     return sorted(os.listdir("/proc/self/fd"))
 
