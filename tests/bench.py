@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import boxlite_syscheck as b  # noqa: E402
+from guest_cases import gate_ratio  # noqa: E402
 
 
 def summary(samples_ns: list[float]) -> tuple[float, float, float]:
@@ -55,8 +56,8 @@ def floor(n: int) -> list[float]:
         raise SystemExit("bench: needs a C compiler for the floor")
     with tempfile.TemporaryDirectory() as tmp:
         exe = os.path.join(tmp, "floor")
-        subprocess.run([cc, "-O2", "-o", exe, str(ROOT / "tests" / "bench_floor.c"),
-                        str(ROOT / "kvm_smoke.c")], check=True)
+        subprocess.run([cc, "-O2", "-o", exe, str(ROOT / "tests" / "bench_floor.c")],
+                       check=True)
         done = subprocess.run([exe, str(n)], capture_output=True, text=True, check=True)
     return [float(line) for line in done.stdout.split()]
 
@@ -92,13 +93,28 @@ def bench(n: int) -> None:
     rows: list[tuple[str, ...]] = []
     floor_samples = floor(n)
     floor_median = summary(floor_samples)[0]
-    row(rows, "floor: C open + smoke test + close", floor_samples, None, f"n={n}")
+    row(rows, "floor: C bare device check (raw ioctls)", floor_samples, None, f"n={n}")
     for backend in ("native", "python"):
-        b.SystemCheck.run(backend=backend).close()  # warm: library loaded, imports done
-        samples = timed(lambda kind=backend: b.SystemCheck.run(backend=kind).close(), n)
+        def bare(kind: str = backend) -> None:
+            b.SystemCheck.run(backend=kind, engine=None).close()
+
+        bare()  # warm: library loaded, imports done
         target = "1.10x" if backend == "native" else "1.25x"
-        row(rows, f"SystemCheck.run() {backend} backend", samples, floor_median,
+        row(rows, f"SystemCheck.run(engine=None) {backend}", timed(bare, n), floor_median,
             f"target {target}")
+
+    def gate() -> None:
+        try:
+            b.SystemCheck.run().close()
+        except b.BoxliteError:
+            pass
+
+    gate()
+    samples = timed(gate, max(20, n // 20))
+    verdict = "passes" if _gate_passes() else "refuses (target < 20 ms on an emulating host)"
+    ms, share = gate_ratio(max(20, n // 20))
+    row(rows, "SystemCheck.run() default gate", samples, None,
+        f"{verdict}; {share:.2f}x its native work (target 1.15x)")
     b.check()
     row(rows, "check() full report", timed(b.check, max(50, n // 10)), floor_median)
     imports, modules = import_time(python, 30)
@@ -126,11 +142,27 @@ def bench(n: int) -> None:
             verdict = f"exit {done.returncode}: {kvm[0].split(' : ', 1)[-1].strip()[:60] if kvm else ''}"
         med, lo, hi = summary(samples)
         rows.append((name, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", verdict))
+    nested = ROOT / "build" / "nested" / "svm.log"
+    if nested.exists():
+        for line in nested.read_text(errors="replace").splitlines():
+            if "CASE bench" in line:
+                rows.append(("nested SVM host (last make test-x86-nested)", "-", "-", "-", "",
+                             line.split("INFO", 1)[-1].strip()))
+    else:
+        rows.append(("nested SVM host", "-", "-", "-", "", "run `make test-x86-nested` first"))
     header = ("what", "median ms", "min ms", "max ms", "ratio", "note")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
     print(f"host {os.uname().nodename}, kernel {os.uname().release}, Python {sys.version.split()[0]}")
     for r in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
+
+
+def _gate_passes() -> bool:
+    try:
+        b.SystemCheck.run().close()
+    except b.BoxliteError:
+        return False
+    return True
 
 
 def fds() -> int:
@@ -147,12 +179,12 @@ def rss_kib() -> int:
 def stress(count: int, threads: int) -> int:
     failures: list[str] = []
     for backend in ("native", "python"):
-        b.SystemCheck.run(backend=backend).close()
+        b.SystemCheck.run(backend=backend, engine=None).close()
         before = (fds(), rss_kib())
         start = time.monotonic()
         for _ in range(count):
             try:
-                b.SystemCheck.run(backend=backend).close()
+                b.SystemCheck.run(backend=backend, engine=None).close()
             except b.BoxliteError as err:
                 failures.append(f"{backend}: {err.cause}")
         took = time.monotonic() - start
@@ -163,7 +195,7 @@ def stress(count: int, threads: int) -> int:
         def worker(kind: str = backend) -> None:
             for _ in range(count // threads):
                 try:
-                    b.SystemCheck.run(backend=kind).close()
+                    b.SystemCheck.run(backend=kind, engine=None).close()
                 except b.BoxliteError as err:
                     failures.append(f"{kind} thread: {err.cause}")
 

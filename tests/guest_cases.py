@@ -1,0 +1,165 @@
+"""Cases run inside a throwaway KVM host booted by tests/vmhost.py.
+
+Prints one line per case: ``CASE <name> PASS|FAIL|INFO <detail>``.  Standard
+library only: the guest has Debian's Python and nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import boxlite_syscheck as b  # noqa: E402
+
+
+def case(name: str, ok: bool, detail: str) -> None:
+    print(f"CASE {name} {'PASS' if ok else 'FAIL'} {detail}", flush=True)
+
+
+def guarded(name: str, body) -> None:
+    try:
+        body()
+    except Exception as err:  # a case that crashes is a failed case, not a lost one
+        case(name, False, f"{type(err).__name__}: {err}")
+
+
+def with_svm() -> None:
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    os.close(fd)
+    case("kvm-device", True, f"/dev/kvm opens; modules: {', '.join(b._kvm_modules())}")
+    results = {}
+    for backend in ("native", "python"):
+        def gate(kind: str = backend) -> None:
+            with b.SystemCheck.run(backend=kind) as host:
+                smoke = host.smoke
+                results[kind] = smoke
+                ok = smoke is not None and smoke.ok and smoke.emulated is False
+                case(f"gate-{kind}", ok, host.describe())
+
+        guarded(f"gate-{backend}", gate)
+    if len(results) == 2:
+        same = results["native"].outcome() == results["python"].outcome()
+        case("backends-agree", same, "identical outcomes" if same else
+             f"{results['native'].outcome()} != {results['python'].outcome()}")
+    else:
+        case("backends-agree", False, "a gate failed")
+
+    def report() -> None:
+        rep = b.check()
+        layers = {f.id: f.status for f in rep.findings}
+        want = ("kvm.smoke", "guest.speed", "guest.stock_kernel", "guest.msrs")
+        ok = rep.verdict != b.NOT_USABLE and all(layers.get(k) == "pass" for k in want)
+        case("report", ok, f"verdict {rep.verdict}; " + ", ".join(
+            f"{k} {layers.get(k)}" for k in want))
+        speed = next(f for f in rep.findings if f.id == "guest.speed")
+        print("REPORT-SPEED " + json.dumps(speed.evidence), flush=True)
+
+    guarded("report", report)
+
+    def bare() -> None:
+        with b.SystemCheck.run(engine=None) as host:
+            case("bare-device", host.smoke_tested, host.describe())
+
+    guarded("bare-device", bare)
+
+    def cli() -> None:
+        done = subprocess.run([sys.executable, os.path.join(HERE, "boxlite_syscheck.py"),
+                               "--json"], capture_output=True, text=True, timeout=120)
+        report = json.loads(done.stdout)
+        ok = done.returncode == 0 and report["error"] is None
+        case("cli-json", ok, f"exit {done.returncode}, verdict {report['verdict']}")
+
+    guarded("cli-json", cli)
+    guarded("bench", bench)
+
+
+class NativeShare:
+    """Time spent in native code during the gate: the operation arrays in
+    libkvmsmoke.so, the VM's teardown (closing its descriptors destroys it in
+    the kernel), the host loop, and opening and closing /dev/kvm.  What a C
+    program doing the same work would spend; the rest is Python's."""
+
+    def __init__(self) -> None:
+        self.ns = 0
+
+    def __enter__(self) -> NativeShare:
+        native, share = b._NativeBackend, self
+        self.saved = (native.execute, native.release, b._host_loop())
+        execute, release, loop = self.saved
+
+        def timed(call):
+            def wrapper(*args):
+                start = time.perf_counter_ns()
+                try:
+                    return call(*args)
+                finally:
+                    share.ns += time.perf_counter_ns() - start
+            return wrapper
+
+        native.execute, native.release = timed(execute), timed(release)
+        b._CACHE["host_loop"] = timed(loop)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        b._NativeBackend.execute, b._NativeBackend.release, b._CACHE["host_loop"] = self.saved
+
+    def open_close(self) -> None:
+        start = time.perf_counter_ns()
+        os.close(os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC))
+        self.ns += time.perf_counter_ns() - start
+
+
+def gate_ratio(runs: int, engine: str | None = b.DEFAULT_ENGINE) -> tuple[float, float]:
+    """(gate ms per run, gate time / native time) with the native backend."""
+    try:
+        b.SystemCheck.run(backend="native", engine=engine).close()  # warm
+    except b.BoxliteError:
+        pass
+    total = 0
+    with NativeShare() as share:
+        for _ in range(runs):
+            share.open_close()
+            start = time.perf_counter_ns()
+            try:
+                b.SystemCheck.run(backend="native", engine=engine).close()
+            except b.BoxliteError:
+                pass  # a refusal is timed too
+            total += time.perf_counter_ns() - start
+    return total / runs / 1e6, total / max(share.ns, 1)
+
+
+def bench() -> None:
+    """The gate against the native work it does (both under the same emulator)."""
+    ms, ratio = gate_ratio(20)
+    print(f"CASE bench INFO gate {ms:.2f} ms, {ratio:.2f}x its native work "
+          "(target 1.15x)", flush=True)
+    ms, ratio = gate_ratio(50, engine=None)
+    print(f"CASE bench-bare INFO bare device check {ms:.2f} ms, {ratio:.2f}x its native "
+          "work", flush=True)
+
+
+def without_svm() -> None:
+    try:
+        b.SystemCheck.run()
+    except b.UnsupportedError as err:
+        ok = err.cause in ("kvm-no-nested", "kvm-no-virtualization")
+        case("no-kvm-diagnosed", ok, f"{err.cause}: {str(err).splitlines()[0]}")
+        return
+    case("no-kvm-diagnosed", False, "the gate passed on a CPU without SVM")
+
+
+def main() -> None:
+    if os.path.exists("/dev/kvm"):
+        with_svm()
+    else:
+        guarded("no-kvm-diagnosed", without_svm)
+
+
+if __name__ == "__main__":
+    main()

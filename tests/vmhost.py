@@ -1,0 +1,229 @@
+"""Boot a throwaway KVM host under QEMU's emulator and run the check inside it.
+
+    python3 tests/vmhost.py x86-nested [--build-dir build/nested] [--keep]
+
+``x86-nested`` is the positive control: QEMU's TCG emulator gives a Debian
+amd64 kernel an emulated AMD CPU with SVM, kvm_amd loads, and /dev/kvm runs
+guest code in (emulated) hardware, the way VT-x/AMD-V does on a good host.
+The default gate must pass there with both backends.  A second boot with a
+CPU without SVM is the negative control: no /dev/kvm, and the check must say
+why.  The guest side is tests/guest_cases.py; it prints one line per case,
+``CASE <name> PASS|FAIL <detail>``, which this script collects.
+
+It installs what it needs with apt-get (as root), downloads Debian's kernel
+package once into the build directory, and packs the host's own Python 3
+(Debian's /usr/bin/python3.11, the same interpreter CI has), the module, the
+native library and the cases into an initramfs.  Exit status: 0 when every
+expected case passed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = "/usr/bin/python3.11"
+TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "cpio": "cpio", "busybox": "busybox-static"}
+# Modules, in load order (kvm_amd needs ccp for SEV; irqbypass for posted IRQs).
+MODULES = ["virt/lib/irqbypass.ko", "drivers/crypto/ccp/ccp.ko", "arch/x86/kvm/kvm.ko",
+           "arch/x86/kvm/kvm-amd.ko"]
+# What each boot must report, in order.
+BOOTS = {
+    "svm": {
+        "cpu": "EPYC",
+        "cases": ["kvm-device", "gate-native", "gate-python", "backends-agree", "report",
+                  "bare-device", "cli-json", "bench"],
+    },
+    "no-svm": {"cpu": "qemu64,-svm", "cases": ["no-kvm-diagnosed"]},
+}
+STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
+               "pydoc_data", "distutils", "unittest", "sqlite3", "venv", "__pycache__",
+               "config-3.11-x86_64-linux-gnu", "email", "xmlrpc", "asyncio",
+               "multiprocessing", "curses", "dbm", "wsgiref", "html", "http", "urllib",
+               "xml", "site-packages", "dist-packages"}  # fmt: skip
+
+
+def say(text: str) -> None:
+    print(f"vmhost: {text}", flush=True)
+
+
+def ensure_tools() -> None:
+    missing = sorted({pkg for tool, pkg in TOOLS.items() if shutil.which(tool) is None})
+    if missing:
+        if os.geteuid() != 0:
+            sys.exit(f"vmhost: needs {', '.join(missing)} (apt-get install, as root)")
+        say(f"installing {' '.join(missing)}")
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True)
+    if not os.access(PYTHON, os.X_OK):
+        sys.exit(f"vmhost: needs {PYTHON} (Debian's python3.11-minimal)")
+
+
+def kernel_tree(build: Path) -> tuple[Path, Path]:
+    """Download (once) and unpack Debian's amd64 kernel; return (vmlinuz, modules)."""
+    debs = sorted(build.glob("linux-image-*-amd64_*.deb"))
+    if not debs:
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        depends = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], check=True,
+                                 capture_output=True, text=True).stdout
+        name = re.search(r"Depends: (linux-image-\S+-amd64)", depends)
+        if not name:
+            sys.exit("vmhost: cannot find the current Debian kernel package")
+        say(f"downloading {name.group(1)} (about 70 MB, once)")
+        subprocess.run(["apt-get", "download", name.group(1)], cwd=build, check=True)
+        debs = sorted(build.glob("linux-image-*-amd64_*.deb"))
+    tree = build / "kernel"
+    if not any(tree.glob("boot/vmlinuz-*")):
+        subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tree)], check=True)
+    vmlinuz = sorted(tree.glob("boot/vmlinuz-*"))[-1]
+    modules = sorted(tree.glob("lib/modules/*/kernel"))[-1]
+    return vmlinuz, modules
+
+
+def shared_libraries(paths: list[str]) -> set[str]:
+    found: set[str] = set()
+    for path in paths:
+        out = subprocess.run(["ldd", path], capture_output=True, text=True).stdout
+        found.update(re.findall(r"(/\S+\.so[.\d]*)", out))
+    return found
+
+
+def copy(src: str, root: Path) -> None:
+    dest = root / src.lstrip("/")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(os.path.realpath(src), dest)
+
+
+def stage(build: Path, modules: Path) -> Path:
+    """Lay out the initramfs: busybox, Python, the module, the cases, /init."""
+    root = build / "root"
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "bin").mkdir(parents=True)
+    shutil.copy2(shutil.which("busybox") or "/bin/busybox", root / "bin/busybox")
+    (root / "modules").mkdir()
+    for module in MODULES:
+        shutil.copy2(modules / module, root / "modules" / Path(module).name)
+    stdlib = Path("/usr/lib/python3.11")
+    for item in stdlib.iterdir():
+        if item.name in STDLIB_SKIP:
+            continue
+        dest = root / "usr/lib/python3.11" / item.name
+        if item.is_dir():
+            shutil.copytree(item, dest, ignore=shutil.ignore_patterns("__pycache__", "test*"))
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(item, dest)
+    dynload = glob.glob("/usr/lib/python3.11/lib-dynload/*.so")
+    for lib in shared_libraries([PYTHON, *dynload]):
+        copy(lib, root)
+    copy(PYTHON, root)
+    app = root / "syscheck"
+    app.mkdir()
+    for name in ("boxlite_syscheck.py", "libkvmsmoke.so"):
+        shutil.copy2(ROOT / name, app / name)
+    shutil.copy2(ROOT / "tests/guest_cases.py", app / "guest_cases.py")
+    # Bytecode made here with the same interpreter: the guest runs it cached,
+    # as users do, instead of compiling under the emulator.
+    subprocess.run([PYTHON, "-m", "compileall", "-q", "-j0", "--invalidation-mode",
+                    "unchecked-hash", str(root / "usr/lib/python3.11"), str(app)],
+                   check=True)  # fmt: skip
+    init = root / "init"
+    init.write_text(INIT)
+    init.chmod(0o755)
+    return root
+
+
+INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin PYTHONDONTWRITEBYTECODE=1
+mkdir -p /proc /sys /dev /tmp
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+for m in /modules/irqbypass.ko /modules/ccp.ko /modules/kvm.ko /modules/kvm-amd.ko; do
+    insmod $m 2>/dev/null || echo "vmhost-guest: insmod $m failed"
+done
+echo "vmhost-guest: booted, cpu flags: $(grep -o -w -E 'svm|npt|hypervisor' /proc/cpuinfo | sort -u | tr '\\n' ' ')"
+/usr/bin/python3.11 /syscheck/guest_cases.py
+echo "vmhost-guest: done"
+poweroff -f
+"""
+
+
+def pack(root: Path, out: Path) -> None:
+    files = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True,
+                           check=True).stdout  # fmt: skip
+    cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files.encode(),
+                          capture_output=True, check=True).stdout  # fmt: skip
+    import gzip
+
+    out.write_bytes(gzip.compress(cpio, compresslevel=1))
+
+
+def boot(vmlinuz: Path, initrd: Path, cpu: str, log: Path, limit: float) -> str:
+    command = [
+        "qemu-system-x86_64", "-accel", "tcg", "-cpu", cpu, "-m", "1024", "-smp", "1",
+        "-kernel", str(vmlinuz), "-initrd", str(initrd), "-no-reboot", "-nographic",
+        "-append", "console=ttyS0 panic=-1 quiet loglevel=3",
+    ]  # fmt: skip
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit,
+                              errors="replace")  # fmt: skip
+        output = done.stdout + done.stderr
+    except subprocess.TimeoutExpired as expired:
+        output = (expired.stdout or b"").decode("utf-8", "replace") if isinstance(
+            expired.stdout, bytes) else (expired.stdout or "")  # fmt: skip
+        output += f"\nvmhost: QEMU did not finish within {limit:.0f} s\n"
+    log.write_text(output)
+    say(f"{cpu}: QEMU ran {time.monotonic() - started:.1f} s (log {log})")
+    return output
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("target", choices=["x86-nested"])
+    parser.add_argument("--build-dir", default=str(ROOT / "build/nested"))
+    parser.add_argument("--timeout", type=float, default=600.0)
+    args = parser.parse_args()
+    build = Path(args.build_dir)
+    build.mkdir(parents=True, exist_ok=True)
+    ensure_tools()
+    if not (ROOT / "libkvmsmoke.so").exists():
+        subprocess.run(["make", "-C", str(ROOT), "libkvmsmoke.so"], check=True)
+    vmlinuz, modules = kernel_tree(build)
+    root = stage(build, modules)
+    initrd = build / "initrd.gz"
+    pack(root, initrd)
+    say(f"initramfs {initrd.stat().st_size / 1e6:.1f} MB, kernel {vmlinuz.name}")
+    failures = 0
+    for name, spec in BOOTS.items():
+        output = boot(vmlinuz, initrd, spec["cpu"], build / f"{name}.log", args.timeout)
+        seen: dict[str, tuple[str, str]] = {}
+        for line in output.splitlines():
+            match = re.search(r"CASE (\S+) (PASS|FAIL|INFO)(.*)", line)  # escapes may precede
+            if match:
+                seen[match.group(1)] = (match.group(2), match.group(3).strip())
+        for case in spec["cases"]:
+            status, detail = seen.get(case, ("FAIL", "not reported (see the log)"))
+            print(f"{status} {name}/{case}: {detail}", flush=True)
+            failures += status == "FAIL"
+        for case, (status, detail) in seen.items():
+            if case not in spec["cases"]:
+                print(f"{status} {name}/{case}: {detail}", flush=True)
+                failures += status == "FAIL"
+    print(f"{'PASS' if not failures else 'FAIL'}: x86-nested, {failures} failed", flush=True)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
