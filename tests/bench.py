@@ -21,8 +21,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import boxlite_syscheck as b  # noqa: E402
 from guest_cases import gate_ratio  # noqa: E402
+
+import boxlite_syscheck as b  # noqa: E402
 
 
 def summary(samples_ns: list[float]) -> tuple[float, float, float]:
