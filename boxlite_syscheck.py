@@ -32,6 +32,7 @@ backend with the same contract runs the smoke test.
 
 from __future__ import annotations
 
+import _thread
 import errno
 import os
 import sys
@@ -91,7 +92,7 @@ DEFAULT_TIMEOUT = 2.0
 LIBRARY_ENV = "BOXLITE_SYSCHECK_KVMSMOKE"
 _LIBRARY_NAME = "libkvmsmoke.so"
 #: The native library must report this ABI version (KVMSMOKE_ABI_VERSION).
-_NATIVE_ABI_VERSION = 2
+_NATIVE_ABI_VERSION = 3
 
 # include/uapi/linux/kvm.h: KVM_API_VERSION has been 12 since Linux 2.6.22.
 KVM_API_VERSION = 12
@@ -322,15 +323,32 @@ _SPEED_SHORT = 1024
 _SPEED_LONG = 1 << 17
 _SPEED_SLOW_NS = 200_000  # loop time that already measures well
 
-# Raw timer syscalls (the native side uses the same): glibc before 2.34 keeps
-# timer_create in librt, which a Python process may not have loaded.
-# arch/x86/entry/syscalls/syscall_64.tbl, include/uapi/asm-generic/unistd.h.
-_TIMER_SYSCALLS = {
-    "x86_64": (222, 223, 226),
-    "aarch64": (107, 110, 111),
+#: The longest bound on one KVM_RUN that ``timeout`` accepts, in seconds.
+MAX_TIMEOUT = 3600.0
+
+# Raw syscalls of the Python backend (the native side uses the same):
+# timer_create, timer_settime, timer_delete, rt_tgsigqueueinfo.  glibc before
+# 2.34 keeps the timer calls in librt, which a Python process may not have
+# loaded.  Keyed by the interpreter's ABI, not the kernel's machine: a 32-bit
+# Python on a 64-bit kernel uses the 32-bit numbers.
+# arch/x86/entry/syscalls/syscall_{64,32}.tbl, include/uapi/asm-generic/unistd.h,
+# arch/arm/tools/syscall.tbl.
+_SYSCALLS = {
+    "x86_64": (222, 223, 226, 297),
+    "i386": (259, 260, 263, 335),
+    "aarch64": (107, 110, 111, 240),
+    "arm": (257, 258, 261, 363),
 }
 _CLOCK_MONOTONIC = 1
+_TIMER_ABSTIME = 1
 _SIGEV_THREAD_ID = 4
+_SI_USER, _SI_TIMER = 0, -2
+# How a run was bounded (kvm_smoke.c BOUND_*).
+BOUND_TIMER, BOUND_WATCHDOG, BOUND_NONE = 1, 2, 3
+BOUND_NAMES = {0: None, BOUND_TIMER: "timer", BOUND_WATCHDOG: "watchdog thread",
+               BOUND_NONE: "none"}  # fmt: skip
+_STASH = 8  # foreign signals of our number set aside during one run
+_EINTR_RETRIES = 1000
 
 # Hypervisor.framework return codes (hv_error.h): err_common_hypervisor is
 # err_system(0x3e) | err_sub(0xba5) = 0xfae94000; hv_return_t is a signed
@@ -637,15 +655,23 @@ def _hv_vm_destroy() -> int:
 
 
 _CACHE: dict[str, Any] = {}
+# First use may come from many threads at once: each value is made once,
+# under this lock (re-entrant: making one value may need another).
+_CACHE_LOCK = _thread.RLock()
 
 
 def _cached(key: str, make: Callable[[], Any]) -> Any:
-    """Return a per-process cached value, making it on first use."""
+    """Return a per-process cached value, making it once on first use."""
     try:
         return _CACHE[key]
     except KeyError:
-        value = _CACHE[key] = make()
-        return value
+        pass
+    with _CACHE_LOCK:
+        try:
+            return _CACHE[key]
+        except KeyError:
+            value = _CACHE[key] = make()
+            return value
 
 
 def _reset_caches() -> None:
@@ -730,12 +756,24 @@ class _Abi:
             # include/uapi/asm-generic/siginfo.h struct sigevent, 64 bytes,
             # with the SIGEV_THREAD_ID member of its union.
             _fields_ = [
-                ("sigev_value", u64),
+                ("sigev_value", ctypes.c_void_p),
                 ("sigev_signo", ctypes.c_int),
                 ("sigev_notify", ctypes.c_int),
                 ("tid", ctypes.c_int),
                 ("pad", ctypes.c_int * 11),
             ]
+
+        class SigInfo(ctypes.Structure):
+            # siginfo_t, 128 bytes: the fields read here sit at the same
+            # offsets for SI_TIMER (_timer) and SI_USER/SI_QUEUE (_rt).
+            _fields_ = [("si_signo", ctypes.c_int), ("si_errno", ctypes.c_int),
+                        ("si_code", ctypes.c_int), ("pad0", ctypes.c_int),
+                        ("si_pid", ctypes.c_int), ("si_uid", ctypes.c_uint),
+                        ("si_value", ctypes.c_void_p),
+                        ("rest", ctypes.c_uint8 * (128 - 16 - 8 - ctypes.sizeof(ctypes.c_void_p)))]  # fmt: skip
+
+        class SigSet(ctypes.Structure):
+            _fields_ = [("bits", ctypes.c_ulong * (128 // ctypes.sizeof(ctypes.c_ulong)))]
 
         class Timespec(ctypes.Structure):
             _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
@@ -752,12 +790,14 @@ class _Abi:
 
         class State(ctypes.Structure):
             # struct kvmsmoke_state
-            _fields_ = [("fds", i32 * _FD_SLOTS), ("run_addr", u64), ("run_size", u64)]
+            _fields_ = [("fds", i32 * _FD_SLOTS), ("run_addr", u64), ("run_size", u64),
+                        ("deadline_ns", u64)]  # fmt: skip
 
         class Outcome(ctypes.Structure):
             # struct kvmsmoke_result
-            _fields_ = [(name, i32) for name in
-                        "step error op_index timed_out runs pad".split()]  # fmt: skip
+            _fields_ = [(name, i32) for name in (
+                "step error op_index timed_out runs interrupted bound bound_error "
+                "requeued pad").split()]  # fmt: skip
             _fields_ += [("values", i64 * _VALUE_SLOTS), ("run_head", u8 * _RUN_HEAD)]
 
         self.KvmRegs = KvmRegs
@@ -768,6 +808,8 @@ class _Abi:
         self.KvmMsrList = KvmMsrList
         self.KvmMsrs = KvmMsrs
         self.SigEvent = SigEvent
+        self.SigInfo = SigInfo
+        self.SigSet = SigSet
         self.Timespec = Timespec
         self.Itimerspec = Itimerspec
         self.Op = Op
@@ -842,12 +884,17 @@ class _Guest:
     def wanted(self) -> tuple[Any, list[tuple[int, int]]]:
         """The special registers to set, as a kvm_sregs, and their byte ranges.
 
-        Made once: the operations only read this structure.
+        Made once, under the cache lock: operations hold only its address,
+        so a second copy made by a racing thread could be freed while the
+        first one's operations still point at it.  Callers keep a reference
+        for as long as their operations run.
         """
         if self._wanted is None:
-            struct = _abi().KvmSregs()
-            _assign(struct, self.sregs)
-            self._wanted = (struct, _patches(struct, self.sregs))
+            with _CACHE_LOCK:
+                if self._wanted is None:
+                    struct = _abi().KvmSregs()
+                    _assign(struct, self.sregs)
+                    self._wanted = (struct, _patches(struct, self.sregs))
         wanted: tuple[Any, list[tuple[int, int]]] = self._wanted
         return wanted
 
@@ -1029,10 +1076,10 @@ class _Plan:
     def map_run(self, step: int) -> None:
         self.ops.append((step, _OP_MAP_RUN, _VCPU, -1, -1, 0, 0, 0, 0, 0, 0, _V_RUN_SIZE, 0))
 
-    def run(self, timeout_ns: int, signo: int, value: int) -> None:
+    def run(self, timeout_ns: int, signo: int, value: int, cookie: int) -> None:
         # check_value carries the step reported when arming the bound fails.
         self.ops.append((STEP_RUN, _OP_RUN, _VCPU, -1, value, 0, 0, 0, STEP_ARM_TIMER,
-                         timeout_ns, signo, 0, 0))  # fmt: skip
+                         timeout_ns, signo, cookie, 0))  # fmt: skip
 
     def build(self) -> tuple[Any, int]:
         """The operations as a struct kvmsmoke_op array, and their count."""
@@ -1085,9 +1132,30 @@ class _NativeBackend:
         self.lib = lib
 
     def execute(self, ops: Any, count: int, state: Any, out: Any) -> None:
-        import ctypes
+        """Run the array; after another signal stopped a run, resume it.
 
-        self.lib.kvmsmoke_exec(ops, count, ctypes.byref(state), ctypes.byref(out))
+        Returning to Python between the two is what lets that signal's
+        handler run (KeyboardInterrupt reaches the caller at once); the run
+        keeps its deadline in ``state``, so resuming never extends the bound.
+        """
+        import ctypes
+        import time
+
+        start = 0
+        size = ctypes.sizeof(_abi().Op)
+        while True:
+            self.lib.kvmsmoke_exec(ctypes.byref(ops, start * size), count - start,
+                                   ctypes.byref(state), ctypes.byref(out))  # fmt: skip
+            out.op_index += start
+            if not out.interrupted:
+                return
+            if state.deadline_ns and time.monotonic_ns() >= state.deadline_ns:
+                # KVM_RUN keeps answering EINTR with no signal of ours (a
+                # policy, say): the bound has passed all the same.
+                out.timed_out, out.error, out.interrupted = 1, 0, 0
+                state.deadline_ns = 0
+                return
+            start = out.op_index
 
     def release(self, state: Any) -> None:
         import ctypes
@@ -1118,7 +1186,7 @@ class _PythonBackend:
         if op.kind == _OP_IOCTL:
             try:
                 ret = _ioctl(state.fds[op.fd], op.request, op.arg)
-            except OSError as err:
+            except _SysError as err:
                 if op.flags & _OPF_SOFT:
                     if op.value_out >= 0:
                         out.values[op.value_out] = -(err.errno or 0)
@@ -1145,12 +1213,12 @@ class _PythonBackend:
                 raise _StepFailed(op.step, errno.EFAULT)
             failed: _StepFailed | None = None
             try:
-                elapsed = _python_run(state.fds[op.fd], op.request, op.arg, out, op.check_value)
+                elapsed = _python_run(state.fds[op.fd], state, op, out)
             except _StepFailed as err:
                 failed, elapsed = err, 0
             ctypes.memmove(out.run_head, state.run_addr, min(state.run_size, _RUN_HEAD))
             if op.value_out >= 0:
-                out.values[op.value_out] = elapsed
+                out.values[op.value_out] += elapsed
             if failed is not None:
                 raise failed
             if out.timed_out:
@@ -1193,24 +1261,52 @@ def _sys_libc() -> ctypes.CDLL:
         # long syscall(long number, ...); the rest are passed as typed values.
         libc.syscall.argtypes = [ctypes.c_long]
         libc.syscall.restype = ctypes.c_long
+        libc.sigemptyset.argtypes = [ctypes.c_void_p]
+        libc.sigemptyset.restype = ctypes.c_int
+        libc.sigaddset.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        libc.sigaddset.restype = ctypes.c_int
+        libc.sigtimedwait.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        libc.sigtimedwait.restype = ctypes.c_int
         return libc
 
     libc: ctypes.CDLL = _cached("libc", load)
     return libc
 
 
+class _SysError(OSError):
+    """An error a system call of ours returned (never one a caller raised)."""
+
+
 def _ioctl(fd: int, request: int, arg: int = 0, *, retry: bool = True) -> int:
-    """ioctl(2) through the C library; retry EINTR unless told not to; raise OSError."""
+    """ioctl(2) through the C library; raise _SysError.
+
+    EINTR is retried a bounded number of times (a policy that answers EINTR
+    forever must not hang the check), or not at all when ``retry`` is false.
+    """
     import ctypes
 
     libc = _sys_libc()
-    while True:
+    for _ in range(_EINTR_RETRIES if retry else 1):
         ret = int(libc.ioctl(fd, request, arg))
         if ret >= 0:
             return ret
         err = ctypes.get_errno()
-        if err != errno.EINTR or not retry:
-            raise OSError(err, os.strerror(err))
+        if err != errno.EINTR:
+            break
+    raise _SysError(err, os.strerror(err))
+
+
+def _cookie() -> int:
+    """A value no one else puts in our timer signal's si_value: a random
+    per-process base and a counter (thread-safe: next() on a count is atomic)."""
+
+    def make() -> Any:
+        import itertools
+
+        return itertools.count(int.from_bytes(os.urandom(6), "little") << 16)
+
+    cookie: int = next(_cached("cookie", make)) & 0x7FFFFFFFFFFFFFFF
+    return cookie
 
 
 def _timer_signal() -> int:
@@ -1220,87 +1316,238 @@ def _timer_signal() -> int:
     return int(signal.SIGRTMAX) - 1
 
 
-def _python_run(vcpu: int, timeout_ns: int, signo: int, out: Any, arm_step: int) -> int:
-    """KVM_RUN bounded as in kvm_smoke.c; return the nanoseconds it took."""
+def _watchdog_signal() -> int:
+    """The classic signal the watchdog raises (Linux never sends SIGSTKFLT)."""
+    import signal
+
+    return int(signal.SIGSTKFLT)
+
+
+class _Watchdog:
+    """Raise the watchdog signal in the vCPU thread at a deadline, unless
+    stopped first: the bound when no POSIX timer can be had.
+
+    At RLIMIT_SIGPENDING 0 the kernel cannot queue a real-time signal, but it
+    marks a classic one pending all the same (without its siginfo), so this
+    signal carries no cookie: ``fired`` is set before it is sent, and an
+    instance that comes unannounced is someone else's.
+    """
+
+    def __init__(self, ident: int, deadline_ns: int) -> None:
+        import threading
+
+        self.ident, self.deadline_ns = ident, deadline_ns
+        self.fired = False
+        self.stopped = threading.Event()
+        self.lock = threading.Lock()
+        self.thread = threading.Thread(target=self._watch, name="boxlite-syscheck-watchdog",
+                                       daemon=True)  # fmt: skip
+        self.thread.start()  # RuntimeError when no thread can be had
+
+    def _watch(self) -> None:
+        import signal
+        import time
+
+        wait = (self.deadline_ns - time.monotonic_ns()) / 1e9
+        if self.stopped.wait(max(wait, 0.0)):
+            return
+        with self.lock:
+            if not self.stopped.is_set():
+                self.fired = True
+                signal.pthread_kill(self.ident, _watchdog_signal())
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped.set()
+        self.thread.join()
+
+
+def _take_watchdog(watchdog: _Watchdog | None) -> tuple[bool, bool]:
+    """Take a pending watchdog signal: (it was the watchdog's, it was someone else's)."""
+    import signal
+
+    if signal.sigtimedwait({_watchdog_signal()}, 0) is None:
+        return False, False
+    if watchdog is not None and watchdog.fired:
+        return True, False
+    return False, True
+
+
+def _kvm_mask(vcpu: int, saved: set[Any], unblocked: set[int], arm_step: int) -> None:
+    """KVM_SET_SIGNAL_MASK: the caller's mask, less our signals, inside KVM_RUN."""
+    import ctypes
+
+    bits = sum(1 << (int(s) - 1) for s in saved if int(s) not in unblocked)
+    kmask = (ctypes.c_uint8 * 12).from_buffer_copy(
+        (8).to_bytes(4, "little") + bits.to_bytes(8, "little"))  # fmt: skip
+    _at(arm_step, _ioctl, vcpu, KVM_SET_SIGNAL_MASK, ctypes.addressof(kmask))
+
+
+def _take_pending(signo: int, cookie: int, stash: list[Any]) -> bool:
+    """Take pending instances of our (blocked) signal: ours end the run,
+    anyone else's are set aside to be queued again.  True when ours came."""
+    import ctypes
+
+    abi, libc = _abi(), _sys_libc()
+    only = abi.SigSet()
+    libc.sigemptyset(ctypes.byref(only))
+    libc.sigaddset(ctypes.byref(only), signo)
+    zero = abi.Timespec(0, 0)
+    mine = False
+    while True:
+        info = abi.SigInfo()
+        if libc.sigtimedwait(ctypes.byref(only), ctypes.byref(info), ctypes.byref(zero)) != signo:
+            return mine
+        if (info.si_value or 0) == cookie and info.si_code in (_SI_TIMER, _SI_USER):
+            mine = True
+        elif len(stash) < _STASH:
+            stash.append(info)
+
+
+def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
+    """KVM_RUN bounded as kvm_smoke.c bounds it; return the nanoseconds it took.
+
+    A handler that raises (KeyboardInterrupt, say) propagates from here
+    with the signal state restored; the deadline stays in ``state`` so a
+    resumed run keeps its bound.
+    """
     import ctypes
     import signal
     import threading
     import time
 
     libc = _sys_libc()
+    signo, cookie, arm_step = int(op.arg), int(op.src), int(op.check_value)
+    if not state.deadline_ns:
+        state.deadline_ns = time.monotonic_ns() + int(op.request)
     saved = _at(arm_step, signal.pthread_sigmask, signal.SIG_BLOCK, {signo})
-    timer = None
+    stash: list[Any] = []
+    timer = watchdog = None
+    theirs_classic = finished = False
     try:
-        bits = sum(1 << (int(s) - 1) for s in saved if int(s) != signo)
-        kmask = (ctypes.c_uint8 * 12).from_buffer_copy(
-            (8).to_bytes(4, "little") + bits.to_bytes(8, "little"))  # fmt: skip
-        _at(arm_step, _ioctl, vcpu, KVM_SET_SIGNAL_MASK, ctypes.addressof(kmask))
-        timer = _at(arm_step, _timer_start, libc, signo, threading.get_native_id(), timeout_ns)
+        _take_pending(signo, cookie, stash)  # someone else's, already pending
+        _kvm_mask(vcpu, saved, {signo}, arm_step)
+        try:
+            timer = _timer_start(libc, signo, threading.get_native_id(), state.deadline_ns,
+                                 cookie)  # fmt: skip
+            out.bound = BOUND_TIMER
+        except _SysError as err:
+            out.bound_error = err.errno or 0
+            classic = _watchdog_signal()
+            signal.pthread_sigmask(signal.SIG_BLOCK, {classic})
+            theirs_classic = _take_watchdog(None)[1]
+            _kvm_mask(vcpu, saved, {signo, classic}, arm_step)
+            try:
+                watchdog = _Watchdog(threading.get_ident(), state.deadline_ns)
+                out.bound = BOUND_WATCHDOG
+            except RuntimeError:
+                out.bound = BOUND_NONE  # the result still counts, unbounded
         start = time.perf_counter_ns()
         while True:
             out.runs += 1
             try:
                 _ioctl(vcpu, KVM_RUN, 0, retry=False)
-            except InterruptedError:
-                if signal.sigtimedwait({signo}, 0) is not None:
+            except _SysError as err:
+                if err.errno != errno.EINTR:
+                    raise _StepFailed(STEP_RUN, err.errno or 0) from err
+                if _take_pending(signo, cookie, stash):
                     out.timed_out = 1
                     break
-                continue  # another signal; its handler has run
-            except OSError as err:
-                raise _StepFailed(STEP_RUN, err.errno or 0) from err
+                if watchdog is not None:
+                    mine, theirs = _take_watchdog(watchdog)
+                    theirs_classic = theirs_classic or theirs
+                    if mine:
+                        out.timed_out = 1
+                        break
+                if out.bound == BOUND_NONE and time.monotonic_ns() >= state.deadline_ns:
+                    out.timed_out = 1
+                    break
+                continue  # another signal: its handler has run (or raised)
             break
+        finished = True
         return time.perf_counter_ns() - start
     finally:
         if timer is not None:
             _timer_delete(libc, timer)
-        while signal.sigtimedwait({signo}, 0) is not None:
-            pass  # the timer fired after the run ended: drop it
+        if watchdog is not None:
+            watchdog.stop()
+            theirs_classic = _take_watchdog(watchdog)[1] or theirs_classic
+        _take_pending(signo, cookie, stash)  # our late expiry goes; others stay
         signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+        for info in stash:  # queued again exactly as they came
+            number = _syscall_numbers()[3]
+            if libc.syscall(number, ctypes.c_int(os.getpid()),
+                            ctypes.c_int(threading.get_native_id()), ctypes.c_int(signo),
+                            ctypes.byref(info)) == 0:  # fmt: skip
+                out.requeued += 1
+        if theirs_classic:
+            signal.pthread_kill(threading.get_ident(), _watchdog_signal())
+        if finished:
+            state.deadline_ns = 0
 
 
 def _at(step: int, call: Callable[..., Any], *args: Any) -> Any:
-    """Run one step; turn its OSError into _StepFailed."""
+    """Run one step; turn the OS's error into _StepFailed.
+
+    Only errors with an errno are the OS's: an exception a signal handler
+    raises (a TimeoutError of the caller's, say) propagates unchanged.
+    """
     try:
         return call(*args)
     except OSError as err:
-        raise _StepFailed(step, err.errno or 0) from err
+        if err.errno is None:
+            raise
+        raise _StepFailed(step, err.errno) from err
 
 
-def _timer_numbers() -> tuple[int, int, int]:
-    machine = os.uname().machine
+def _interpreter_abi() -> str:
+    """The ABI of this interpreter ("x86_64", "i386", "aarch64", "arm")."""
+    multiarch = getattr(sys.implementation, "_multiarch", "") or ""
+    arch = multiarch.split("-")[0] if multiarch else os.uname().machine
+    wide = sys.maxsize > 2**32
+    if arch in ("x86_64", "amd64", "i386", "i486", "i586", "i686"):
+        return "x86_64" if wide else "i386"
+    if arch in ("aarch64", "arm64") or arch.startswith("arm"):
+        return "aarch64" if wide else "arm"
+    return arch
+
+
+def _syscall_numbers() -> tuple[int, int, int, int]:
+    abi = _interpreter_abi()
     try:
-        return _TIMER_SYSCALLS[machine]
+        return _SYSCALLS[abi]
     except KeyError:
-        raise OSError(errno.ENOSYS, f"no timer syscall numbers for {machine}") from None
+        raise _SysError(errno.ENOSYS, f"no timer syscall numbers for the {abi} ABI") from None
 
 
-def _timer_start(libc: ctypes.CDLL, signo: int, tid: int, timeout_ns: int) -> int:
-    """Arm a one-shot timer that sends ``signo`` to thread ``tid``."""
+def _timer_start(libc: ctypes.CDLL, signo: int, tid: int, deadline_ns: int, cookie: int) -> int:
+    """Arm a one-shot timer that sends ``signo`` with ``cookie`` to thread
+    ``tid`` at the CLOCK_MONOTONIC ``deadline_ns``."""
     import ctypes
 
-    create, settime, _ = _timer_numbers()
+    create, settime, _, _ = _syscall_numbers()
     abi = _abi()
-    event = abi.SigEvent(sigev_signo=signo, sigev_notify=_SIGEV_THREAD_ID, tid=tid)
+    event = abi.SigEvent(sigev_value=cookie, sigev_signo=signo,
+                         sigev_notify=_SIGEV_THREAD_ID, tid=tid)  # fmt: skip
     timer_id = ctypes.c_int(-1)
     if libc.syscall(create, ctypes.c_int(_CLOCK_MONOTONIC), ctypes.byref(event),
                     ctypes.byref(timer_id)) < 0:  # fmt: skip
         err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        raise _SysError(err, os.strerror(err))
     when = abi.Itimerspec()
-    when.it_value.tv_sec, when.it_value.tv_nsec = divmod(max(1, timeout_ns), 1_000_000_000)
-    if libc.syscall(settime, ctypes.c_int(timer_id.value), ctypes.c_int(0),
+    when.it_value.tv_sec, when.it_value.tv_nsec = divmod(max(1, deadline_ns), 1_000_000_000)
+    if libc.syscall(settime, ctypes.c_int(timer_id.value), ctypes.c_int(_TIMER_ABSTIME),
                     ctypes.byref(when), None) < 0:  # fmt: skip
         err = ctypes.get_errno()
         _timer_delete(libc, timer_id.value)
-        raise OSError(err, os.strerror(err))
+        raise _SysError(err, os.strerror(err))
     return timer_id.value
 
 
 def _timer_delete(libc: ctypes.CDLL, timer: int) -> None:
     import ctypes
 
-    _, _, delete = _timer_numbers()
-    if libc.syscall(delete, ctypes.c_int(timer)) < 0:
+    if libc.syscall(_syscall_numbers()[2], ctypes.c_int(timer)) < 0:
         _log("warning", "timer_delete failed: %s", errno_name(ctypes.get_errno()))
 
 
@@ -1380,7 +1627,7 @@ class SmokeResult:
         "api_version", "backend", "cpuid", "cx16_value", "elapsed", "error", "exit_reason",
         "fail_entry_cpu", "guest", "hardware_entry_failure_reason", "insn_bytes",
         "instruction", "internal_data", "internal_suberror", "msrs", "proof", "rip", "runs",
-        "speed", "stage", "step", "timed_out", "timeout",
+        "speed", "stage", "step", "timed_out", "timeout", "bound", "requeued",
     )  # fmt: skip
 
     def __init__(self, backend: str, timeout: float = DEFAULT_TIMEOUT,
@@ -1409,6 +1656,10 @@ class SmokeResult:
         self.cx16_value = 0
         self.speed: Speed | None = None
         self.msrs: dict[str, object] = {}
+        #: How KVM_RUN was bounded: "timer", "watchdog thread" or "none".
+        self.bound: str | None = None
+        #: Signals of the timer's number raised by others, queued again.
+        self.requeued = 0
 
     @property
     def ok(self) -> bool:
@@ -1467,6 +1718,7 @@ class SmokeResult:
             "insn_bytes": self.insn_bytes.hex(" ") or None,
             "timed_out": self.timed_out,
             "timeout_s": self.timeout,
+            "bound": self.bound,
             "runs": self.runs,
             "elapsed_s": round(self.elapsed, 6),
             "cpuid": self.cpuid or None,
@@ -1618,7 +1870,8 @@ class _Session:
         self.state = abi.State()
         self.state.fds[:] = [fd, -1, -1, -1]
         self.out = abi.Outcome()
-        self.mem = _at(STEP_GUEST_MEMORY, mmap.mmap, -1, guest.mem_size)
+        self.mem = _at(STEP_GUEST_MEMORY, mmap.mmap, -1, guest.mem_size,
+                       mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.mem[: len(guest.image)] = guest.image
         anchor = ctypes.c_char.from_buffer(self.mem)
         self.mem_addr = ctypes.addressof(anchor)
@@ -1626,7 +1879,10 @@ class _Session:
         self.region = abi.KvmUserspaceMemoryRegion(
             slot=0, flags=0, guest_phys_addr=0, memory_size=guest.mem_size,
             userspace_addr=self.mem_addr)  # fmt: skip
+        # Every buffer whose address goes into an operation is held here
+        # until the session closes.
         self.sregs = abi.KvmSregs()
+        self.wanted, self.spans = guest.wanted()
         self.regs = abi.KvmRegs()  # what KVM_GET_REGS reads back
         self.blocks: list[Any] = []  # what each KVM_SET_REGS writes
         if guest.long_mode:
@@ -1649,6 +1905,8 @@ class _Session:
         ops, count = plan.build()
         self.backend.execute(ops, count, self.state, self.out)
         self.result.runs = self.out.runs
+        self.result.bound = BOUND_NAMES.get(self.out.bound, self.result.bound)
+        self.result.requeued = self.out.requeued
         if self.out.step >= 0:
             self.result.step, self.result.error = self.out.step, self.out.error
             self.result.timed_out = bool(self.out.timed_out)
@@ -1670,7 +1928,7 @@ class _Session:
         block = _abi().KvmRegs(**{**self.guest.regs, "rip": rip, **regs})
         self.blocks.append(block)
         plan.ioctl(STEP_SET_REGS, _VCPU, KVM_SET_REGS, self.addr(block))
-        plan.run(self.timeout_ns, self.signo, value)
+        plan.run(self.timeout_ns, self.signo, value, _cookie())
 
 
 def _setup_plan(s: _Session) -> _Plan:
@@ -1692,9 +1950,8 @@ def _vcpu_plan(s: _Session) -> _Plan:
     if s.guest.long_mode:
         plan.ioctl(STEP_SET_CPUID, _VCPU, KVM_SET_CPUID2, s.addr(s.cpuid))
     plan.ioctl(STEP_GET_SREGS, _VCPU, KVM_GET_SREGS, s.addr(s.sregs))
-    wanted, spans = s.guest.wanted()
-    for offset, size in spans:
-        plan.copy(STEP_SET_SREGS, s.addr(s.sregs) + offset, s.addr(wanted) + offset, size)
+    for offset, size in s.spans:
+        plan.copy(STEP_SET_SREGS, s.addr(s.sregs) + offset, s.addr(s.wanted) + offset, size)
     plan.ioctl(STEP_SET_SREGS, _VCPU, KVM_SET_SREGS, s.addr(s.sregs))
     plan.ioctl(STEP_RUN_AREA_SIZE, _KVM, KVM_GET_VCPU_MMAP_SIZE, value=_V_RUN_SIZE,
                check=_CHECK_GE, expect=_SIZEOF_KVM_RUN_MIN)  # fmt: skip
@@ -1841,6 +2098,17 @@ def _run_guest(s: _Session) -> None:
     s.result.step = STEP_DONE
 
 
+def _check_timeout(timeout: object) -> None:
+    """Refuse a bound that is not a finite number of seconds in (0, MAX_TIMEOUT]."""
+    import math
+
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        raise InvalidArgumentError(f"timeout must be a number of seconds, got {timeout!r}")
+    if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+        raise InvalidArgumentError(
+            f"timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout!r}")
+
+
 def _guest_for(kind: str) -> _Guest:
     if kind == "long-mode":
         guest: _Guest = _cached("guest-long", _long_mode_guest)
@@ -1888,8 +2156,7 @@ def smoke_test(
     """
     import time
 
-    if not timeout > 0:
-        raise InvalidArgumentError(f"timeout must be positive, got {timeout!r}")
+    _check_timeout(timeout)
     program = _real_mode_guest(_guest) if _guest is not None else _guest_for(guest)
     runner = _backend_for(backend)
     result = SmokeResult(runner.name, timeout, program.name)
@@ -2586,7 +2853,9 @@ class KvmProbe(HypervisorProbe):
 
     @property
     def can_smoke_test(self) -> bool:
-        return self.machine in _SMOKE_MACHINES
+        # The guests and structures are those of a 64-bit process; a 32-bit
+        # interpreter on a 64-bit kernel would pass KVM the wrong layouts.
+        return self.machine in _SMOKE_MACHINES and sys.maxsize > 2**32
 
     def acquire(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
                 engine: str | None = DEFAULT_ENGINE) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
@@ -2596,6 +2865,7 @@ class KvmProbe(HypervisorProbe):
         (and its speed); with ``engine=None`` the trivial real-mode guest.
         """
         _check_engine(engine)
+        _check_timeout(timeout)
         try:
             fd = _open_device(self.path)
         except OSError as err:
@@ -2666,6 +2936,8 @@ class KvmProbe(HypervisorProbe):
     def _usable_finding(self, timeout: float, backend: str | None, holder: list[int]) -> Finding:
         try:
             fd, result = self.acquire(timeout, backend, engine=None)
+        except (InternalError, InvalidArgumentError):
+            raise  # the checker's own failure, or the caller's: not a host verdict
         except BoxliteError as error:
             return _from_error("kvm.smoke", error)
         assert fd is not None
@@ -2675,12 +2947,13 @@ class KvmProbe(HypervisorProbe):
                            f"{self.path} opens, but guest code was not run: no smoke test for {self.machine} yet",
                            {"machine": self.machine, "smoke_tested": False},
                            "")  # fmt: skip
-        return Finding(
-            "kvm.smoke", PASS,
-            f"the device works: a trivial guest ran and halted (proof {result.proof:#x}, "
-            f"{result.elapsed * 1e3:.2f} ms, {result.backend} backend)",
-            result.as_dict(),
-        )  # fmt: skip
+        summary = (f"the device works: a trivial guest ran and halted (proof {result.proof:#x}, "
+                   f"{result.elapsed * 1e3:.2f} ms, {result.backend} backend)")  # fmt: skip
+        if result.bound == "none":
+            return Finding("kvm.smoke", WARN, summary + "; the run was unbounded: no timer "
+                           "and no watchdog thread could be had", result.as_dict(),
+                           "raise RLIMIT_SIGPENDING and the thread limit of this process")  # fmt: skip
+        return Finding("kvm.smoke", PASS, summary, result.as_dict())
 
     def _groups_finding(self) -> Finding:
         try:
@@ -3154,9 +3427,10 @@ class Report:
         }
 
 
-def _host_facts(probe: HypervisorProbe) -> dict[str, object]:
+def _host_facts(probe: HypervisorProbe, findings: Sequence[Finding] = ()) -> dict[str, object]:
     uname = os.uname()
     native, note = native_backend() if isinstance(probe, KvmProbe) else (False, "")
+    ran = next((f.evidence.get("backend") for f in findings if f.id == "kvm.smoke"), None)
     return {
         "host": uname.nodename,
         "system": uname.sysname,
@@ -3164,7 +3438,9 @@ def _host_facts(probe: HypervisorProbe) -> dict[str, object]:
         "machine": uname.machine,
         "python": sys.version.split()[0],
         "probe": probe.name,
-        "smoke_backend": ("native" if native else "python") if isinstance(probe, KvmProbe) else None,
+        # The backend that ran, else the one that would run.
+        "smoke_backend": ran or (("native" if native else "python")
+                                 if isinstance(probe, KvmProbe) else None),
         "native_library": note or None,
     }
 
@@ -3181,10 +3457,11 @@ def check(
     (``guest.msrs``).  The verdict follows ``engine`` as SystemCheck.run()
     does; with ``engine=None`` only the device layer is checked.
     """
+    _check_timeout(timeout)
     probe = _PROBE
     findings = probe.findings(timeout, backend, probe_hvf, engine)
     error = next((f.error for f in findings if f.error is not None), None)
-    host = _host_facts(probe)
+    host = _host_facts(probe, findings)
     host["engine"] = engine
     return Report(findings, error, host)
 
@@ -3192,6 +3469,7 @@ def check(
 # ── Command line ────────────────────────────────────────────────────────────
 
 EXIT_USABLE, EXIT_NOT_USABLE, EXIT_USAGE, EXIT_CHECKER_FAILED = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 128 + 13  # what a tool killed by SIGPIPE reports
 
 _COLOURS = {PASS: "32", WARN: "33", FAIL: "31", SKIP: "2", INFO: "36"}
 
@@ -3257,30 +3535,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse exits on --help, --version and errors
         return EXIT_USAGE if stop.code not in (0, None) else EXIT_USABLE
-    if not args.timeout > 0:
+    try:
+        _check_timeout(args.timeout)
+    except InvalidArgumentError as err:
         parser.print_usage(sys.stderr)
-        print("boxlite_syscheck: error: --timeout must be positive", file=sys.stderr)
+        print(f"{parser.prog}: error: --timeout: {err.detail}", file=sys.stderr)
         return EXIT_USAGE
     try:
         engine = None if args.engine == "none" else args.engine
         report = check(timeout=args.timeout, backend=args.backend, probe_hvf=args.probe_hvf,
                        engine=engine)  # fmt: skip
     except InternalError as err:
-        print(f"boxlite_syscheck: the checker failed: {err}", file=sys.stderr)
+        print(f"{parser.prog}: the checker failed: {err}", file=sys.stderr)
+        if err.fix:
+            print(f"{parser.prog}: fix: {err.fix}", file=sys.stderr)
         return EXIT_CHECKER_FAILED
     except Exception as err:  # a bug here must not look like a host verdict
-        print(f"boxlite_syscheck: the checker failed: {type(err).__name__}: {err}",
+        print(f"{parser.prog}: the checker failed: {type(err).__name__}: {err}",
               file=sys.stderr)  # fmt: skip
         return EXIT_CHECKER_FAILED
-    if args.json:
-        import json
+    try:
+        if args.json:
+            import json
 
-        print(json.dumps(report.as_dict(), indent=2, default=str))
-    else:
-        colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        text = _render(report, quiet=args.quiet, colour=colour)
-        if text:
-            print(text)
+            print(json.dumps(report.as_dict(), indent=2, default=str))
+        else:
+            colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+            text = _render(report, quiet=args.quiet, colour=colour)
+            if text:
+                print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head`): quiet, as other tools are.  Point
+        # stdout at /dev/null so the interpreter's final flush says nothing.
+        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    except OSError as err:
+        print(f"{parser.prog}: cannot write the report: {errno_name(err.errno or 0)}",
+              file=sys.stderr)  # fmt: skip
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except OSError:
+            pass
+        return EXIT_CHECKER_FAILED
     verdict = report.verdict
     if verdict == NOT_USABLE or (args.strict and verdict == USABLE_WITH_WARNINGS):
         return EXIT_NOT_USABLE

@@ -184,3 +184,49 @@ def fault_env():
         yield FaultEnv(workdir)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# Installs a seccomp filter in the process that runs it: on x86_64, ioctl(2)
+# whose request is REQUEST (and, when ARG >= 0, whose third argument is ARG)
+# fails with ERRNO (0: "succeeds" and returns 0).  Raw BPF through ctypes:
+# seccomp_data is nr (0), arch (4), ip (8), args[6] (16 + 8 * i).
+SECCOMP_INSTALL = r"""
+import ctypes, struct
+def _install_seccomp(request, errno_value, arg=-1):
+    def stmt(code, k): return struct.pack("HBBI", code, 0, 0, k)
+    def jeq(k, jt, jf): return struct.pack("HBBI", 0x15, jt, jf, k)
+    deny = stmt(0x06, 0x00050000 | errno_value)   # SECCOMP_RET_ERRNO | errno
+    allow = stmt(0x06, 0x7FFF0000)                # SECCOMP_RET_ALLOW
+    body = [stmt(0x20, 4), jeq(0xC000003E, 0, 5 if arg < 0 else 7),  # AUDIT_ARCH_X86_64
+            stmt(0x20, 0), jeq(16, 0, 3 if arg < 0 else 5),          # __NR_ioctl
+            stmt(0x20, 24), jeq(request, 0, 1 if arg < 0 else 3)]    # args[1], low word
+    if arg >= 0:
+        body += [stmt(0x20, 32), jeq(arg, 0, 1)]                     # args[2], low word
+    prog = b"".join(body + [deny, allow])
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(prog)
+    fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+    assert libc.prctl(38, 1, 0, 0, 0) == 0                       # PR_SET_NO_NEW_PRIVS
+    assert libc.syscall(317, 1, 0, ctypes.c_char_p(fprog)) == 0  # SECCOMP_SET_MODE_FILTER
+"""
+
+
+def run_script(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run Python code in a fresh interpreter with the module importable."""
+    return subprocess.run([sys.executable, "-c", code, str(ROOT), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def process_state() -> dict[str, object]:
+    """What the check must leave as it found it."""
+    import signal as sig
+
+    handlers = {s: sig.getsignal(s) for s in sig.valid_signals()
+                if s not in (sig.SIGKILL, sig.SIGSTOP)}
+    return {
+        "mask": sig.pthread_sigmask(sig.SIG_BLOCK, []),
+        "pending": sig.sigpending(),
+        "handlers": handlers,
+        "timers": Path("/proc/self/timers").read_text(),
+        "fds": sorted(os.listdir("/proc/self/fd")),
+    }

@@ -15,7 +15,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SYSTEM_PYTHON, needs_kvm, needs_root, on_pvm_host
+from conftest import ROOT, SECCOMP_INSTALL, SYSTEM_PYTHON, needs_kvm, needs_root, on_pvm_host
 
 import boxlite_syscheck as b
 
@@ -264,27 +264,12 @@ def test_the_gate_leaks_nothing(backend):
 
 # ── MSRs refused for real: a seccomp filter on KVM_SET_MSRS ─────────────────
 
-SECCOMP_SCRIPT = r"""
-import ctypes, json, os, struct, sys
+SECCOMP_SCRIPT = SECCOMP_INSTALL + r"""
+import json, os, sys
 sys.path.insert(0, sys.argv[1])
 import boxlite_syscheck as b
-request = int(sys.argv[2])
-# BPF: on x86_64 ioctl(2) whose request is `request`, answer 0 (SECCOMP_RET_ERRNO
-# with errno 0): KVM_SET_MSRS then reports that it set no MSR.
-def stmt(code, k): return struct.pack("HBBI", code, 0, 0, k)
-def jeq(k, jt, jf): return struct.pack("HBBI", 0x15, jt, jf, k)
-prog = b"".join([
-    stmt(0x20, 4), jeq(0xC000003E, 0, 4),     # arch == AUDIT_ARCH_X86_64
-    stmt(0x20, 0), jeq(16, 0, 2),             # nr == __NR_ioctl
-    stmt(0x20, 24), jeq(request, 1, 0),       # low word of args[1]
-    stmt(0x06, 0x7FFF0000),                   # SECCOMP_RET_ALLOW
-    stmt(0x06, 0x00050000),                   # SECCOMP_RET_ERRNO | 0
-])
-libc = ctypes.CDLL(None, use_errno=True)
-buf = ctypes.create_string_buffer(prog)
-fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
-assert libc.prctl(38, 1, 0, 0, 0) == 0                      # PR_SET_NO_NEW_PRIVS
-assert libc.syscall(317, 1, 0, ctypes.c_char_p(fprog)) == 0  # seccomp(SET_MODE_FILTER)
+# KVM_SET_MSRS then "succeeds" having set no MSR: what a refusing KVM says.
+_install_seccomp(int(sys.argv[2]), 0)
 fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
 out = {}
 for backend in ("native", "python"):

@@ -1,0 +1,360 @@
+"""The check inside other people's programs: signals, limits, threads, policies.
+
+Each case is real, with both backends, and the process state afterwards
+(signal mask, handlers, pending signals, POSIX timers, descriptors) must be
+what it was before.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from conftest import ROOT, SECCOMP_INSTALL, needs_kvm, needs_root, process_state, run_script
+
+import boxlite_syscheck as b
+
+SI_TKILL = -6
+
+
+# ── Signals the caller owns ─────────────────────────────────────────────────
+
+
+def sent_and_taken(signo):
+    """Send ``signo`` to this thread, take it back: what the caller would see."""
+    signal.pthread_kill(threading.get_ident(), signo)
+    info = signal.sigtimedwait({signo}, 0)
+    assert info is not None
+    return info.si_signo, info.si_code, info.si_pid, info.si_uid
+
+
+@needs_kvm
+def test_every_rt_signal_blocked_and_pending_is_left_as_it_was(kvm_fd, backend):
+    """A caller that keeps a real-time signal blocked with one pending, for
+    every real-time signal: the check passes and the signal is still there,
+    once, as it was sent."""
+    for signo in range(signal.SIGRTMIN, signal.SIGRTMAX + 1):
+        saved = signal.pthread_sigmask(signal.SIG_BLOCK, {signo})
+        try:
+            reference = sent_and_taken(signo)
+            before = process_state()
+            signal.pthread_kill(threading.get_ident(), signo)
+            assert signo in signal.sigpending()
+            result = b.smoke_test(kvm_fd, backend=backend)
+            assert result.ok and not result.timed_out, (signo, result)
+            info = signal.sigtimedwait({signo}, 0)
+            assert info is not None, f"{signo} was lost"
+            assert (info.si_signo, info.si_code, info.si_pid, info.si_uid) == reference
+            assert signal.sigtimedwait({signo}, 0) is None, f"{signo} was queued twice"
+            assert result.requeued == (1 if signo == b._timer_signal() else 0)
+            assert process_state() == before
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+
+
+@needs_kvm
+def test_spinning_guest_times_out_with_our_own_signal_pending_foreign(kvm_fd, backend):
+    signo = b._timer_signal()
+    saved = signal.pthread_sigmask(signal.SIG_BLOCK, {signo})
+    try:
+        reference = sent_and_taken(signo)
+        signal.pthread_kill(threading.get_ident(), signo)
+        started = time.monotonic()
+        result = b.smoke_test(kvm_fd, backend=backend, timeout=0.3, _guest=b._GUEST_SPIN)
+        took = time.monotonic() - started
+        assert result.timed_out and 0.3 <= took < 0.6, (result, took)
+        info = signal.sigtimedwait({signo}, 0)  # still theirs, as it was
+        assert (info.si_signo, info.si_code, info.si_pid, info.si_uid) == reference
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+
+
+@needs_kvm
+def test_the_watchdog_signal_of_someone_else_is_left_pending(kvm_fd, backend):
+    """At RLIMIT_SIGPENDING 0 the watchdog uses SIGSTKFLT; a caller's pending
+    SIGSTKFLT must survive the check (tested in a child with that limit)."""
+    done = run_script(WATCHDOG_FOREIGN_SCRIPT, backend)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "True", "True"], done.stdout
+
+
+WATCHDOG_FOREIGN_SCRIPT = r"""
+import os, resource, signal, sys, threading
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+resource.setrlimit(resource.RLIMIT_SIGPENDING, (0, 0))
+fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGSTKFLT})
+signal.pthread_kill(threading.get_ident(), signal.SIGSTKFLT)
+spin = b.smoke_test(fd, backend=sys.argv[2], timeout=0.3, _guest=b._GUEST_SPIN)
+print(spin.timed_out, spin.bound == "watchdog thread",
+      signal.sigtimedwait({signal.SIGSTKFLT}, 0) is not None)
+"""
+
+
+@needs_kvm
+def test_a_handler_that_raises_propagates_unchanged(kvm_fd, backend):
+    class Mine(TimeoutError):
+        pass
+
+    def handler(signo, frame):
+        raise Mine("the caller's own timeout")
+
+    before = process_state()
+    previous = signal.signal(signal.SIGALRM, handler)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.05)
+        started = time.monotonic()
+        with pytest.raises(Mine, match="the caller's own timeout"):
+            b.smoke_test(kvm_fd, backend=backend, timeout=2.0, _guest=b._GUEST_SPIN)
+        assert time.monotonic() - started < 0.5
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert process_state() == before
+
+
+SIGINT_SCRIPT = r"""
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+b.smoke_test(fd, backend=sys.argv[2])  # warm
+mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+print("ready", flush=True)
+started = time.monotonic()
+try:
+    b.smoke_test(fd, backend=sys.argv[2], timeout=10.0, _guest=b._GUEST_SPIN)
+    print("no interrupt")
+except KeyboardInterrupt:
+    took = time.monotonic() - started
+    same = signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask and not signal.sigpending()
+    print(f"interrupted {took:.3f} {same} {len(os.listdir('/proc/self/fd'))}")
+"""
+
+
+@needs_kvm
+def test_ctrl_c_during_a_spinning_guest_reaches_the_caller_at_once(backend):
+    child = subprocess.Popen([sys.executable, "-c", SIGINT_SCRIPT, str(ROOT), backend],
+                             stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    time.sleep(0.3)
+    child.send_signal(signal.SIGINT)
+    out, _ = child.communicate(timeout=15)
+    words = out.split()
+    assert words[0] == "interrupted", out
+    assert 0.3 <= float(words[1]) < 1.0, out  # not the 10 s bound
+    assert words[2] == "True", out  # mask restored, nothing left pending
+
+
+# ── Limits ──────────────────────────────────────────────────────────────────
+
+SIGPENDING_SCRIPT = r"""
+import json, os, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+resource.setrlimit(resource.RLIMIT_SIGPENDING, (0, 0))
+fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+out = {}
+for backend in ("native", "python"):
+    ok = b.smoke_test(fd, backend=backend)
+    started = time.monotonic()
+    spin = b.smoke_test(fd, backend=backend, timeout=0.3, _guest=b._GUEST_SPIN)
+    out[backend] = {"ok": ok.ok, "bound": ok.bound, "spin_timed_out": spin.timed_out,
+                    "spin_bound": spin.bound, "took": time.monotonic() - started,
+                    "timers": open("/proc/self/timers").read()}
+print(json.dumps(out))
+"""
+
+
+@needs_kvm
+def test_rlimit_sigpending_zero_falls_back_to_a_watchdog():
+    done = run_script(SIGPENDING_SCRIPT)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    for backend in ("native", "python"):
+        got = out[backend]
+        assert got["ok"] and got["bound"] == "watchdog thread", got
+        assert got["spin_timed_out"] and got["spin_bound"] == "watchdog thread", got
+        assert 0.3 <= got["took"] < 0.8, got
+        assert got["timers"] == ""
+
+
+DESCRIPTOR_SCRIPT = r"""
+import json, os, resource, sys
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+for backend in ("native", "python"):
+    b.SystemCheck.run(backend=backend, engine=None).close()  # load everything first
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+out = {}
+for free in range(1, 7):
+    probe = os.open("/dev/null", os.O_RDONLY)
+    os.close(probe)  # the lowest free descriptor
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe + free, hard))
+    row = {}
+    for backend in ("native", "python"):
+        try:
+            with b.SystemCheck.run(backend=backend, engine=None) as host:
+                row[backend] = ["ok", list(map(str, host.smoke.outcome()))]
+        except b.BoxliteError as err:
+            row[backend] = [err.cause, str(err).splitlines()[0]]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    out[free] = row
+print(json.dumps(out))
+"""
+
+
+@needs_kvm
+def test_both_backends_agree_at_every_descriptor_limit():
+    done = run_script(DESCRIPTOR_SCRIPT)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    for free, row in out.items():
+        assert row["native"] == row["python"], (free, row)
+    assert out["1"]["native"][0] == "fd-limit"  # /dev/kvm fits, the VM does not
+    assert out["6"]["native"][0] == "ok"
+
+
+# ── Threads ─────────────────────────────────────────────────────────────────
+
+THREADS_SCRIPT = r"""
+import sys, threading
+sys.path.insert(0, sys.argv[1])
+sys.setswitchinterval(1e-6)
+import boxlite_syscheck as b
+errors = []
+def first_use():
+    try:
+        for backend in ("native", "python"):
+            b.SystemCheck.run(backend=backend, engine=None).close()
+    except BaseException as err:
+        errors.append(f"{type(err).__name__}: {err}")
+threads = [threading.Thread(target=first_use) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("errors:", errors)
+"""
+
+
+@needs_kvm
+def test_first_use_from_many_threads_in_many_fresh_processes():
+    for _ in range(20):
+        done = run_script(THREADS_SCRIPT)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "errors: []", done.stdout
+
+
+# ── Policies that answer EINTR ──────────────────────────────────────────────
+
+EINTR_SCRIPT = SECCOMP_INSTALL + r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+for backend in ("native", "python"):
+    b.smoke_test(fd, backend=backend)  # load before the filter
+_install_seccomp(int(sys.argv[2]), 4)  # EINTR, forever
+out = {}
+for backend in ("native", "python"):
+    started = time.monotonic()
+    r = b.smoke_test(fd, backend=backend, timeout=0.3)
+    out[backend] = {"step": r.step_name, "errno": r.as_dict()["errno"],
+                    "timed_out": r.timed_out, "took": time.monotonic() - started}
+print(json.dumps(out))
+"""
+
+
+@needs_root
+@pytest.mark.parametrize("request_name", ["KVM_CREATE_VM", "KVM_RUN"])
+def test_an_ioctl_that_always_answers_eintr_cannot_hang_the_check(request_name):
+    done = run_script(EINTR_SCRIPT, str(getattr(b, request_name)))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    for backend in ("native", "python"):
+        got = out[backend]
+        assert got["took"] < 1.0, got
+        if request_name == "KVM_CREATE_VM":
+            assert got["step"] == b.STEP_NAMES[b.STEP_CREATE_VM] and got["errno"] == "EINTR"
+        else:
+            assert got["timed_out"], got  # bounded by the deadline
+    assert out["native"]["step"] == out["python"]["step"]
+
+
+# ── The interpreter's ABI, not the kernel's ─────────────────────────────────
+
+
+@pytest.mark.parametrize("multiarch, wide, abi", [
+    ("x86_64-linux-gnu", True, "x86_64"), ("i386-linux-gnu", False, "i386"),
+    ("aarch64-linux-gnu", True, "aarch64"), ("arm-linux-gnueabihf", False, "arm"),
+])
+def test_syscall_numbers_follow_the_interpreter(mocker, multiarch, wide, abi):
+    mocker.patch.object(sys.implementation, "_multiarch", multiarch, create=True)
+    mocker.patch.object(sys, "maxsize", 2**63 - 1 if wide else 2**31 - 1)
+    assert b._interpreter_abi() == abi
+    assert b._syscall_numbers() == b._SYSCALLS[abi]
+
+
+def test_no_smoke_test_from_a_32_bit_interpreter(mocker):
+    mocker.patch.object(sys, "maxsize", 2**31 - 1)
+    assert not b.KvmProbe("x86_64").can_smoke_test
+
+
+# ── Bad input and the command line's exit codes ─────────────────────────────
+
+
+@pytest.mark.parametrize("timeout", [0, -1, float("nan"), float("inf"), 1e300, True, "2"])
+def test_bad_timeouts_are_refused_not_judged(timeout):
+    with pytest.raises(b.InvalidArgumentError):
+        b.check(timeout=timeout)
+    with pytest.raises(b.InvalidArgumentError):
+        b.SystemCheck.run(timeout=timeout)
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf", "1e300", "3600.5"])
+def test_cli_bad_timeout_is_a_usage_error(value, capsys):
+    assert b.main(["--timeout", value]) == 2
+    assert "--timeout" in capsys.readouterr().err
+
+
+@needs_kvm
+def test_cli_native_backend_missing_is_the_checkers_failure(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(b.LIBRARY_ENV, str(tmp_path / "absent.so"))
+    assert b.main(["--backend", "native"]) == 3
+    err = capsys.readouterr().err
+    assert "the checker failed" in err and "make" in err
+
+
+@needs_kvm
+def test_header_and_json_name_the_backend_that_ran(capsys):
+    b.main(["--backend", "python", "--engine", "none"])
+    assert "smoke test: python backend" in capsys.readouterr().out
+    b.main(["--backend", "python", "--engine", "none", "--json"])
+    assert json.loads(capsys.readouterr().out)["host"]["smoke_backend"] == "python"
+
+
+@needs_kvm
+def test_cli_full_disk_says_one_line_and_exits_3():
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "boxlite_syscheck", "--engine", "none"],
+                              cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True)
+    assert done.returncode == 3
+    assert done.stderr.strip().splitlines() == [
+        "boxlite_syscheck: cannot write the report: ENOSPC (No space left on device)"]
+
+
+@needs_kvm
+def test_cli_closed_pipe_exits_quietly():
+    read, write = os.pipe()
+    os.close(read)  # nobody will read
+    done = subprocess.run([sys.executable, "-m", "boxlite_syscheck", "--engine", "none"],
+                          cwd=ROOT, stdout=write, stderr=subprocess.PIPE, text=True)
+    os.close(write)
+    assert done.returncode == b.EXIT_BROKEN_PIPE
+    assert done.stderr == ""
