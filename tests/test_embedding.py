@@ -358,3 +358,15 @@ def test_cli_closed_pipe_exits_quietly():
     os.close(write)
     assert done.returncode == b.EXIT_BROKEN_PIPE
     assert done.stderr == ""
+
+
+@needs_kvm
+def test_with_no_timer_and_no_thread_the_run_is_unbounded_and_said(kvm_fd, mocker):
+    mocker.patch.object(b, "_timer_start", side_effect=b._SysError(11, "EAGAIN"))
+    mocker.patch.object(b, "_Watchdog", side_effect=RuntimeError("can't start new thread"))
+    result = b.smoke_test(kvm_fd, backend="python")
+    assert result.ok and result.bound == "none"  # the guest's result still counts
+    mocker.patch.object(b, "_open_device", return_value=os.dup(kvm_fd))
+    finding = b.KvmProbe("x86_64")._usable_finding(1.0, "python", holder := [])
+    os.close(holder[0])
+    assert finding.status == "warn" and "unbounded" in finding.summary
