@@ -160,6 +160,29 @@ KVM_CAP_NR_VCPUS = 9
 KVM_CAP_NR_MEMSLOTS = 10
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_IMMEDIATE_EXIT = 136
+#: KVM_CAP_* numbers by name, for the capabilities the engines ask about.
+KVM_CAPS = {
+    "IRQCHIP": 0, "USER_MEMORY": 3, "SET_TSS_ADDR": 4, "EXT_CPUID": 7, "NR_VCPUS": 9,
+    "NR_MEMSLOTS": 10, "MP_STATE": 14, "DESTROY_MEMORY_REGION_WORKS": 21, "USER_NMI": 22,
+    "IRQ_ROUTING": 25, "JOIN_MEMORY_REGIONS_WORKS": 30, "MCE": 31, "IRQFD": 32, "PIT2": 33,
+    "PIT_STATE2": 35, "IOEVENTFD": 36, "SET_IDENTITY_MAP_ADDR": 37, "ADJUST_CLOCK": 39,
+    "INTERNAL_ERROR_DATA": 40, "VCPU_EVENTS": 41, "DEBUGREGS": 50,
+    "X86_ROBUST_SINGLESTEP": 51, "XSAVE": 55, "XCRS": 56, "TSC_CONTROL": 60,
+    "GET_TSC_KHZ": 61, "MAX_VCPUS": 66, "ONE_REG": 70, "TSC_DEADLINE_TIMER": 72,
+    "SIGNAL_MSI": 77, "DEVICE_CTRL": 89, "ARM_PSCI_0_2": 102, "SPLIT_IRQCHIP": 121,
+    "IOEVENTFD_ANY_LENGTH": 122, "X2APIC_API": 129, "IMMEDIATE_EXIT": 136,
+    "ARM_VM_IPA_SIZE": 165, "XSAVE2": 208, "COUNTER_OFFSET": 227,
+}  # fmt: skip
+KVM_CAP_NAMES = {number: name for name, number in KVM_CAPS.items()}
+
+# VM ioctls the engines issue at start-up (include/uapi/linux/kvm.h).
+_SIZEOF_KVM_PIT_CONFIG = 64
+_SIZEOF_KVM_ENABLE_CAP = 104
+KVM_SET_TSS_ADDR = _ioc(_IOC_NONE, 0xAE, 0x47, 0)
+KVM_SET_IDENTITY_MAP_ADDR = _ioc(_IOC_WRITE, 0xAE, 0x48, 8)
+KVM_CREATE_IRQCHIP = _ioc(_IOC_NONE, 0xAE, 0x60, 0)
+KVM_CREATE_PIT2 = _ioc(_IOC_WRITE, 0xAE, 0x77, _SIZEOF_KVM_PIT_CONFIG)
+KVM_ENABLE_CAP = _ioc(_IOC_WRITE, 0xAE, 0xA3, _SIZEOF_KVM_ENABLE_CAP)
 
 # struct kvm_run offsets (include/uapi/linux/kvm.h).
 _RUN_EXIT_REASON = 8
@@ -259,8 +282,87 @@ _SMOKE_MACHINES = frozenset({"x86_64", "amd64"})
 
 # The engines whose start-up needs the gate checks.  BoxLite runs libkrun;
 # None is the bare device check (open, API version, VM, trivial guest).
-ENGINES = ("libkrun",)
 DEFAULT_ENGINE = "libkrun"
+
+#: What each engine needs from KVM to start, by architecture: capabilities it
+#: refuses to start without, capabilities it uses when present, the VM ioctls
+#: it issues at start-up, device nodes by purpose, and the boot it does.
+#: Each row cites the engine's source (snapshots of 2026, read for this table).
+ENGINE_REQUIREMENTS: dict[str, dict[str, Any]] = {
+    # libkrun src/vmm/src/linux/vstate.rs: KvmContext::new() (capabilities,
+    # first missing one reported by name), Vm::new() (TSS, irqchip, PIT2,
+    # supported CPUID, MSR list).  BoxLite's fork has the same lists.
+    "libkrun": {
+        "required": {"x86_64": ("IRQCHIP", "IOEVENTFD", "IRQFD", "USER_MEMORY", "SET_TSS_ADDR"),
+                     "aarch64": ("IRQCHIP", "IOEVENTFD", "IRQFD", "USER_MEMORY", "ARM_PSCI_0_2")},
+        "optional": {"x86_64": ("SPLIT_IRQCHIP",)},
+        "ioctls": ("KVM_SET_TSS_ADDR", "KVM_CREATE_IRQCHIP", "KVM_CREATE_PIT2"),
+        "devices": {},
+        "boot": "direct 64-bit",
+    },
+    # firecracker src/vmm/src/arch/x86_64/kvm.rs and arch/aarch64/kvm.rs
+    # DEFAULT_CAPABILITIES; src/vmm/src/vstate/kvm.rs ("Missing KVM
+    # capabilities: {0:#x?}"); src/vmm/src/arch/x86_64/vm.rs (TSS, irqchip, PIT2).
+    "firecracker": {
+        "required": {"x86_64": ("IRQCHIP", "IOEVENTFD", "IRQFD", "USER_MEMORY", "SET_TSS_ADDR",
+                                "PIT2", "PIT_STATE2", "ADJUST_CLOCK", "DEBUGREGS", "MP_STATE",
+                                "VCPU_EVENTS", "XCRS", "XSAVE", "EXT_CPUID"),
+                     "aarch64": ("IOEVENTFD", "IRQFD", "USER_MEMORY", "ARM_PSCI_0_2",
+                                 "DEVICE_CTRL", "MP_STATE", "ONE_REG")},
+        "optional": {"x86_64": ("TSC_CONTROL", "GET_TSC_KHZ", "XSAVE2"),
+                     "aarch64": ("COUNTER_OFFSET",)},
+        "ioctls": ("KVM_SET_TSS_ADDR", "KVM_CREATE_IRQCHIP", "KVM_CREATE_PIT2"),
+        "devices": {"networking": "/dev/net/tun"},
+        "boot": "direct 64-bit",
+    },
+    # cloud-hypervisor hypervisor/src/kvm/x86_64/mod.rs and aarch64/mod.rs
+    # check_required_kvm_extensions(); hypervisor/src/kvm/mod.rs (identity
+    # map, TSS and split irqchip set with unwrap: a failure is a panic).
+    "cloud-hypervisor": {
+        "required": {"x86_64": ("ADJUST_CLOCK", "EXT_CPUID", "GET_TSC_KHZ", "IMMEDIATE_EXIT",
+                                "IOEVENTFD", "IRQCHIP", "IRQFD", "IRQ_ROUTING", "MP_STATE",
+                                "SET_IDENTITY_MAP_ADDR", "SET_TSS_ADDR", "SPLIT_IRQCHIP",
+                                "TSC_DEADLINE_TIMER", "USER_MEMORY", "USER_NMI", "VCPU_EVENTS",
+                                "XSAVE"),
+                     "aarch64": ("IMMEDIATE_EXIT", "IOEVENTFD", "IRQCHIP", "IRQFD",
+                                 "IRQ_ROUTING", "MP_STATE", "ONE_REG", "USER_MEMORY")},
+        "optional": {"x86_64": ("XCRS", "X2APIC_API", "XSAVE2"), "aarch64": ("ARM_VM_IPA_SIZE",)},
+        "ioctls": ("KVM_SET_IDENTITY_MAP_ADDR", "KVM_SET_TSS_ADDR", "KVM_ENABLE_CAP(SPLIT_IRQCHIP)"),
+        "devices": {"networking": "/dev/net/tun"},
+        "boot": "direct 64-bit",
+    },
+    # QEMU accel/kvm/kvm-all.c kvm_required_capabilites (9.x/10.x) and
+    # target/i386/kvm/kvm.c kvm_arch_required_capabilities; IRQFD, PIT2 and
+    # PIT_STATE2 with its default in-kernel irqchip and PIT.
+    "qemu": {
+        "required": {"x86_64": ("USER_MEMORY", "DESTROY_MEMORY_REGION_WORKS",
+                                "JOIN_MEMORY_REGIONS_WORKS", "INTERNAL_ERROR_DATA", "IOEVENTFD",
+                                "IOEVENTFD_ANY_LENGTH", "SET_TSS_ADDR", "EXT_CPUID", "MP_STATE",
+                                "SIGNAL_MSI", "IRQ_ROUTING", "DEBUGREGS", "XSAVE", "VCPU_EVENTS",
+                                "X86_ROBUST_SINGLESTEP", "MCE", "ADJUST_CLOCK",
+                                "SET_IDENTITY_MAP_ADDR", "IRQFD", "PIT2", "PIT_STATE2"),
+                     "aarch64": ("USER_MEMORY", "DESTROY_MEMORY_REGION_WORKS",
+                                 "JOIN_MEMORY_REGIONS_WORKS", "INTERNAL_ERROR_DATA",
+                                 "IOEVENTFD", "IOEVENTFD_ANY_LENGTH")},
+        "optional": {"x86_64": ("XSAVE2",)},
+        "ioctls": ("KVM_SET_IDENTITY_MAP_ADDR", "KVM_SET_TSS_ADDR", "KVM_CREATE_IRQCHIP",
+                   "KVM_CREATE_PIT2"),
+        "devices": {"networking": "/dev/net/tun", "vhost-net": "/dev/vhost-net",
+                    "vhost-vsock (Kata)": "/dev/vhost-vsock"},
+        "boot": "firmware (real mode)",
+    },
+    # crosvm src/crosvm/sys/linux.rs ("missing required hypervisor
+    # capability ImmediateExit"); hypervisor/src/kvm/mod.rs.
+    "crosvm": {
+        "required": {"x86_64": ("IMMEDIATE_EXIT",), "aarch64": ("IMMEDIATE_EXIT",)},
+        "optional": {"x86_64": ("XCRS", "TSC_DEADLINE_TIMER")},
+        "ioctls": ("KVM_SET_IDENTITY_MAP_ADDR", "KVM_SET_TSS_ADDR", "KVM_CREATE_PIT2"),
+        "devices": {"networking": "/dev/net/tun"},
+        "boot": "direct 64-bit",
+    },
+}  # fmt: skip
+#: The engines whose start-up the gate can check.  None is the bare device check.
+ENGINES = tuple(ENGINE_REQUIREMENTS)
 
 # x86 control-register and EFER bits (arch/x86/include/uapi/asm/processor-flags.h,
 # arch/x86/include/asm/msr-index.h).
@@ -374,6 +476,9 @@ HV_RETURN_NAMES = {
     HV_UNSUPPORTED: "HV_UNSUPPORTED",
 }
 _HVF_PATH = "/System/Library/Frameworks/Hypervisor.framework/Hypervisor"
+_SECURITY_PATH = "/System/Library/Frameworks/Security.framework/Security"
+_COREFOUNDATION_PATH = "/System/Library/Frameworks/CoreFoundation.framework/CoreFoundation"
+HV_ENTITLEMENT = "com.apple.security.hypervisor"
 # libSystem holds sysctlbyname; since macOS 11 it lives in the dyld shared
 # cache, and dlopen() by this absolute path still finds it there.
 _LIBSYSTEM_PATH = "/usr/lib/libSystem.B.dylib"
@@ -652,6 +757,53 @@ def _hv_vm_create() -> int:
 def _hv_vm_destroy() -> int:
     """Call hv_vm_destroy(); return the code as an unsigned 32-bit int."""
     return int(_hvf().hv_vm_destroy()) & 0xFFFFFFFF
+
+
+def _hv_entitlement() -> bool | None:
+    """Whether this process holds com.apple.security.hypervisor (None: unknown).
+
+    SecTaskCreateFromSelf and SecTaskCopyValueForEntitlement from
+    Security.framework, with CoreFoundation for the string and the boolean.
+    """
+    import ctypes
+
+    try:
+        security = _cached("security", lambda: _load_library(_SECURITY_PATH))
+        cf = _cached("corefoundation", lambda: _load_library(_COREFOUNDATION_PATH))
+    except OSError:
+        return None
+    vp = ctypes.c_void_p
+    security.SecTaskCreateFromSelf.argtypes = [vp]
+    security.SecTaskCreateFromSelf.restype = vp
+    security.SecTaskCopyValueForEntitlement.argtypes = [vp, vp, vp]
+    security.SecTaskCopyValueForEntitlement.restype = vp
+    cf.CFStringCreateWithCString.argtypes = [vp, ctypes.c_char_p, ctypes.c_uint32]
+    cf.CFStringCreateWithCString.restype = vp
+    cf.CFRelease.argtypes = [vp]
+    cf.CFRelease.restype = None
+    cf.CFGetTypeID.argtypes = [vp]
+    cf.CFGetTypeID.restype = ctypes.c_ulong
+    cf.CFBooleanGetTypeID.argtypes = []
+    cf.CFBooleanGetTypeID.restype = ctypes.c_ulong
+    cf.CFBooleanGetValue.argtypes = [vp]
+    cf.CFBooleanGetValue.restype = ctypes.c_bool
+    task = security.SecTaskCreateFromSelf(None)
+    if not task:
+        return None
+    key = cf.CFStringCreateWithCString(None, HV_ENTITLEMENT.encode(), 0x08000100)  # UTF-8
+    try:
+        value = security.SecTaskCopyValueForEntitlement(task, key, None)
+        if not value:
+            return False
+        try:
+            return bool(cf.CFGetTypeID(value) == cf.CFBooleanGetTypeID()
+                        and cf.CFBooleanGetValue(value))  # fmt: skip
+        finally:
+            cf.CFRelease(value)
+    finally:
+        if key:
+            cf.CFRelease(key)
+        cf.CFRelease(task)
 
 
 _CACHE: dict[str, Any] = {}
@@ -2588,7 +2740,7 @@ def _stopped_at(result: SmokeResult) -> str:
     return text
 
 
-def _real_guest_failure(result: SmokeResult) -> BoxliteError | None:
+def _real_guest_failure(result: SmokeResult, engine: str | None = DEFAULT_ENGINE) -> BoxliteError | None:
     """The error for the long-mode guest: what a real engine's guest needs.
 
     Precedence: a run that never ended, then emulation (which explains any
@@ -2650,6 +2802,19 @@ def _real_guest_failure(result: SmokeResult) -> BoxliteError | None:
             fix="update the host kernel (and the outer hypervisor, if nested); "
             "Firecracker and libkrun cannot boot a guest without this MSR",
         )  # fmt: skip
+    arch = result.msrs.get("arch_capabilities")
+    if engine == "qemu" and isinstance(arch, dict) and not arch.get("accepted"):
+        return _failure(
+            UnsupportedError, "msr-arch-capabilities-refused",
+            "QEMU with -cpu host would abort at start: the supported CPUID offers "
+            "ARCH_CAPABILITIES, but KVM refuses to set MSR 0x10a",
+            tried="read MSR 0x10a as a feature MSR (KVM_GET_MSRS on /dev/kvm) and set it "
+            "on a vCPU (KVM_SET_MSRS), as QEMU does",
+            answer=f"value {arch.get('value')}, accepted: no", kernel=kernel,
+            kvm_provider=_kvm_provider(),
+            fix="start QEMU with -cpu host,-arch-capabilities (or a named CPU model), "
+            "or update the host kernel",
+        )  # fmt: skip
     return None
 
 
@@ -2658,7 +2823,8 @@ def _offered(result: SmokeResult) -> str:
     return ", ".join(names) or "none of cx16, xsave, arch_capabilities"
 
 
-def diagnose(result: SmokeResult, path: str = KVM_DEVICE) -> BoxliteError | None:
+def diagnose(result: SmokeResult, path: str = KVM_DEVICE,
+             engine: str | None = DEFAULT_ENGINE) -> BoxliteError | None:  # fmt: skip
     """Map a smoke-test result to the error for its cause; None when it passed.
 
     For the long-mode guest a result can pass its instructions and still be
@@ -2667,7 +2833,7 @@ def diagnose(result: SmokeResult, path: str = KVM_DEVICE) -> BoxliteError | None
     step, err = result.step, result.error
     if step == STEP_DONE or (step == STEP_RUN and result.timed_out):
         if result.guest == "long-mode":
-            return _real_guest_failure(result)
+            return _real_guest_failure(result, engine)
         return None if result.ok else _exit_failure(result)
     if err in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
         return _resource_exhausted(path, step, err)
@@ -2866,22 +3032,23 @@ class KvmProbe(HypervisorProbe):
         """
         _check_engine(engine)
         _check_timeout(timeout)
+        fd = self._open(timeout)
         try:
-            fd = _open_device(self.path)
-        except OSError as err:
-            failed = SmokeResult("none", timeout)
-            failed.error = err.errno or 0
-            error = diagnose(failed, self.path)
-            assert error is not None
-            raise error from err
-        if not self.can_smoke_test:
-            _log("debug", "no smoke test for %s: %s opened, guest code not run",
-                 self.machine, self.path)  # fmt: skip
-            return fd, None
-        guest = "real-mode" if engine is None else "long-mode"
-        try:
+            if engine is not None and _speaks_kvm(fd):
+                # Cheap: one KVM_CHECK_EXTENSION each.  An engine that would
+                # not start is told before any guest runs.  (A device that is
+                # not KVM is left to the smoke test's diagnosis.)
+                error = _capability_error(engine, self.arch,
+                                          _capability_values(fd, _engine_caps(engine, self.arch)))  # fmt: skip
+                if error is not None:
+                    raise error
+            if not self.can_smoke_test:
+                _log("debug", "no smoke test for %s: %s opened, guest code not run",
+                     self.machine, self.path)  # fmt: skip
+                return fd, None
+            guest = "real-mode" if engine is None else "long-mode"
             result = smoke_test(fd, timeout=timeout, backend=backend, guest=guest)
-            error = diagnose(result, self.path)
+            error = diagnose(result, self.path, engine)
         except BaseException:
             os.close(fd)
             raise
@@ -2890,9 +3057,28 @@ class KvmProbe(HypervisorProbe):
             raise error
         return fd, result
 
+    @property
+    def arch(self) -> str:
+        """The architecture as the engine table names it."""
+        return {"amd64": "x86_64", "arm64": "aarch64"}.get(self.machine, self.machine)
+
+    def _open(self, timeout: float = DEFAULT_TIMEOUT) -> int:
+        """Open the device as a VMM does; raise the diagnosed error."""
+        try:
+            return _open_device(self.path)
+        except OSError as err:
+            failed = SmokeResult("none", timeout)
+            failed.error = err.errno or 0
+            error = diagnose(failed, self.path)
+            assert error is not None
+            raise error from err
+
     def findings(self, timeout: float, backend: str | None, probe_hvf: bool,
                  engine: str | None = DEFAULT_ENGINE) -> list[Finding]:  # fmt: skip
         _check_engine(engine)
+        _check_timeout(timeout)
+        if engine is not None and self.can_smoke_test:
+            return self._engine_findings(timeout, backend, engine)
         found: list[Finding] = []
         _timed(found, self._device_finding)
         holder: list[int] = []
@@ -2912,6 +3098,83 @@ class KvmProbe(HypervisorProbe):
         _timed(found, lambda: self._groups_finding())
         _timed(found, _module_finding)
         _timed(found, lambda: _cpu_finding(bool(holder), guest))
+        _timed(found, _context_finding)
+        return found
+
+    def _engine_findings(self, timeout: float, backend: str | None, engine: str) -> list[Finding]:
+        """The report for an engine: one long-mode VM shows every layer.
+
+        The device works when its guest code ran; the real-guest layers
+        follow; then every engine's verdict from the capabilities, the
+        start-up ioctls (on a throwaway VM of their own) and the guest.
+        """
+        found: list[Finding] = []
+        _timed(found, self._device_finding)
+        try:
+            fd = self._open(timeout)
+        except BoxliteError as open_error:
+            found.append(_from_error("kvm.smoke", open_error))
+            found.append(Finding("kvm.capabilities", SKIP, "not read: the device does not open"))
+            return found + self._host_findings(None)
+        try:
+            guest = smoke_test(fd, timeout=timeout, backend=backend, guest="long-mode")
+            caps = _capability_values(fd, _all_caps(self.arch))
+            ioctls = _probe_startup_ioctls(fd)
+        finally:
+            os.close(fd)
+        error = _capability_error(engine, self.arch, caps) or diagnose(guest, self.path, engine)
+        cause = error.cause if error is not None else ""
+        ran = guest.speed is not None or guest.step == STEP_DONE
+        if not ran:
+            found.append(_from_error("kvm.smoke", error) if error is not None else
+                         Finding("kvm.smoke", FAIL, "no guest code ran", guest.as_dict()))  # fmt: skip
+        else:
+            found.append(Finding("kvm.smoke", PASS, "the device works: guest code ran and halted "
+                                 f"({guest.backend} backend)", {"backend": guest.backend,
+                                 "bound": guest.bound, "runs": guest.runs}))  # fmt: skip
+            guest_error = error if cause in _GUEST_CAUSES or cause == "smoke-timeout" else None
+            found += _guest_findings(guest, guest_error)
+        verdicts = _engine_verdicts(self.arch, caps, ioctls, guest, self.path)
+        for name, verdict in verdicts.items():
+            found.append(_engine_finding(name, verdict, name == engine,
+                                         error if name == engine and cause in _START_CAUSES else None))  # fmt: skip
+        found.append(_capability_finding(caps))
+        return found + self._host_findings(guest)
+
+    def diagnose_create_failure(self, error: BoxliteError, engine: str | None = DEFAULT_ENGINE,
+                                timeout: float = DEFAULT_TIMEOUT) -> BoxliteError:  # fmt: skip
+        """Refine the error an engine returned when it could not create or run a VM.
+
+        The host is checked again, for that engine: when the check fails now,
+        its error (the group, the emulation, a missing capability...) is the
+        precise one.  Otherwise the engine's message is decoded (capability
+        numbers and names, errno values) into an EngineError that says what
+        they mean; an error with nothing to decode is returned unchanged.
+        Never raises for a host problem.
+        """
+        try:
+            fd, _ = self.acquire(timeout, None, engine)
+        except (InternalError, InvalidArgumentError):
+            raise
+        except BoxliteError as precise:
+            return precise
+        if fd is not None:
+            os.close(fd)
+        decoded = decode_engine_message(str(error))
+        if not decoded:
+            return error
+        return EngineError(
+            f"{error.detail or error}\n\nDecoded: {'; '.join(decoded)}\n\nThis host passes the "
+            f"check for {engine}, so the cause lies in what the engine asked for, not in KVM's "
+            "availability.",
+            cause="engine-error-decoded", evidence={"engine_message": str(error), "decoded": decoded},
+        )  # fmt: skip
+
+    def _host_findings(self, guest: SmokeResult | None) -> list[Finding]:
+        found: list[Finding] = []
+        _timed(found, lambda: self._groups_finding())
+        _timed(found, _module_finding)
+        _timed(found, lambda: _cpu_finding(guest is not None, guest))
         _timed(found, _context_finding)
         return found
 
@@ -2980,6 +3243,294 @@ class KvmProbe(HypervisorProbe):
                            evidence,
                            f"log out and back in (or `newgrp {group}`)")  # fmt: skip
         return Finding("kvm.groups", INFO, f"{user} is not in group {group}", evidence)
+
+
+# ── Decoding what engines say ───────────────────────────────────────────────
+
+# The shapes engines print (../shared/research/engine-requirements.md):
+# Firecracker "Missing KVM capabilities: [0x24]", libkrun "Missing KVM
+# capabilities: SetTssAddr", cloud-hypervisor "Capability missing: Irqchip",
+# crosvm "missing required hypervisor capability ImmediateExit", QEMU "kvm
+# does not support KVM_CAP_SET_TSS_ADDR"; errnos as "Error(13)", "os error 2",
+# "code: 16", "failed: 16 Device or resource busy".
+_ERRNO_PATTERNS = (r"Error\((\d+)\)", r"os error (\d+)", r"code: (\d+)",
+                   r"failed: (\d+) [A-Z]")  # fmt: skip
+
+
+def _cap_from_rust_name(word: str) -> str | None:
+    """"SetTssAddr" -> "SET_TSS_ADDR", when that is a capability we know."""
+    import re
+
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", word).upper()
+    aliases = {"ARM_PSCI02": "ARM_PSCI_0_2", "SET_IDENTITY_MAP_ADDRESS": "SET_IDENTITY_MAP_ADDR"}
+    name = aliases.get(name, name)
+    return name if name in KVM_CAPS else None
+
+
+def decode_engine_message(message: str) -> list[str]:
+    """Name the capability numbers, capability names and errno values in an
+    engine's error message: ["KVM_CAP_IOEVENTFD (36) is missing", ...]."""
+    import re
+
+    found: list[str] = []
+    caps: list[str] = []
+    for listing in re.findall(r"[Mm]issing KVM capabilities:\s*\[([^\]]*)\]", message):
+        for number in re.findall(r"0x[0-9a-fA-F]+|\d+", listing):
+            value = int(number, 0)
+            caps.append(KVM_CAP_NAMES.get(value, f"unknown capability {value}"))
+    for word in re.findall(r"(?:[Mm]issing KVM capabilities:|Capability missing:|missing required "
+                           r"hypervisor capability)\s*([A-Za-z][A-Za-z0-9]*)", message):  # fmt: skip
+        name = _cap_from_rust_name(word)
+        if name:
+            caps.append(name)
+    caps += re.findall(r"KVM_CAP_([A-Z0-9_]+)", message)
+    for name in dict.fromkeys(caps):
+        label = _cap_label(name) if name in KVM_CAPS else name
+        found.append(f"{label} is missing")
+    for pattern in _ERRNO_PATTERNS:
+        for number in re.findall(pattern, message):
+            value = int(number)
+            if value in errno.errorcode:
+                text = f"errno {value} is {errno_name(value)}"
+                if text not in found:
+                    found.append(text)
+    return found
+
+
+# ── Engines: what each needs, probed on this host ───────────────────────────
+
+# Causes that stop a guest once the engine has started, and causes that stop
+# the engine from starting.
+_GUEST_CAUSES = frozenset({"guest-emulated", "guest-emulated-pvm", "guest-instruction-failed",
+                           "msr-refused", "msr-arch-capabilities-refused"})  # fmt: skip
+_START_CAUSES = frozenset({"kvm-capability-missing"})
+_LIMIT_CAPS = ("MAX_VCPUS", "NR_VCPUS", "NR_MEMSLOTS")
+
+
+def _speaks_kvm(fd: int) -> bool:
+    """Whether the descriptor answers KVM_GET_API_VERSION with 12."""
+    try:
+        return _ioctl(fd, KVM_GET_API_VERSION) == KVM_API_VERSION
+    except _SysError:
+        return False
+
+
+def _engine_caps(engine: str, arch: str) -> tuple[str, ...]:
+    required: tuple[str, ...] = ENGINE_REQUIREMENTS[engine]["required"].get(arch, ())
+    return required
+
+
+def _all_caps(arch: str) -> tuple[str, ...]:
+    """Every capability some engine asks about on ``arch``, and the limits."""
+    names = {name for row in ENGINE_REQUIREMENTS.values()
+             for kind in ("required", "optional") for name in row[kind].get(arch, ())}  # fmt: skip
+    return tuple(sorted(names | set(_LIMIT_CAPS), key=lambda n: KVM_CAPS[n]))
+
+
+def _capability_values(fd: int, names: Sequence[str]) -> dict[str, int | str]:
+    """KVM_CHECK_EXTENSION for each name: its value, or the errno's name."""
+    values: dict[str, int | str] = {}
+    for name in names:
+        try:
+            values[name] = _ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAPS[name])
+        except _SysError as err:
+            values[name] = errno.errorcode.get(err.errno or 0, "error")
+    return values
+
+
+def _missing(names: Sequence[str], values: Mapping[str, int | str]) -> list[str]:
+    return [name for name in names if values.get(name) in (0, None) or isinstance(values.get(name), str)]
+
+
+def _cap_label(name: str) -> str:
+    return f"KVM_CAP_{name} ({KVM_CAPS[name]})"
+
+
+def _seccomp_mode() -> str | None:
+    """This process's seccomp mode from /proc/self/status ("0", "1", "2")."""
+    for line in (_read_text("/proc/self/status") or "").splitlines():
+        if line.startswith("Seccomp:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _capability_error(engine: str, arch: str,
+                      values: Mapping[str, int | str]) -> BoxliteError | None:  # fmt: skip
+    """UnsupportedError naming every capability ``engine`` needs and KVM lacks."""
+    missing = _missing(_engine_caps(engine, arch), values)
+    if not missing:
+        return None
+    names = ", ".join(_cap_label(name) for name in missing)
+    tried = f"KVM_CHECK_EXTENSION for the capabilities {engine} refuses to start without"
+    answer = "; ".join(f"{_cap_label(n)}: {values.get(n)}" for n in missing)
+    kernel = _kernel_release()
+    if _seccomp_mode() == "2":
+        # A filter can answer KVM_CHECK_EXTENSION itself: two causes fit.
+        return _failure(
+            UnsupportedError, "kvm-capability-missing",
+            f"{engine} would not start: KVM reports {names} missing, and this process "
+            "runs under a seccomp filter, which may be the one answering",
+            tried=tried, answer=answer, seccomp="filter (mode 2)", kernel=kernel,
+            kvm_provider=_kvm_provider(),
+            fix="check in this order: (1) run `python3 -m boxlite_syscheck --engine "
+            f"{engine}` outside this sandbox; if it passes there, allow KVM_CHECK_EXTENSION "
+            "(and KVM's ioctls) in the seccomp policy; (2) otherwise the host's KVM lacks "
+            "them: update the host kernel or the KVM module",
+        )  # fmt: skip
+    return _failure(
+        UnsupportedError, "kvm-capability-missing",
+        f"{engine} would not start: this KVM lacks {names}",
+        tried=tried, answer=answer, kernel=kernel, kvm_provider=_kvm_provider(),
+        fix=f"update the host kernel (or the {_kvm_provider()} module) to one whose KVM "
+        f"offers {', '.join(missing)}; every mainline kernel since 5.10 does",
+    )  # fmt: skip
+
+
+def _close_later(fds: Sequence[int]) -> None:
+    """Close VM descriptors in a thread: tearing down a VM with an in-kernel
+    irqchip and PIT takes tens of milliseconds, which the report need not
+    wait for.  They are closed all the same (see _wait_for_closes)."""
+    import threading
+
+    def close() -> None:
+        for fd in fds:
+            os.close(fd)
+
+    thread = threading.Thread(target=close, name="boxlite-syscheck-close", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:
+        close()
+        return
+    _CLOSERS.append(thread)
+
+
+_CLOSERS: list[Any] = []
+
+
+def _wait_for_closes() -> None:
+    """Wait until every descriptor handed to _close_later is closed."""
+    while _CLOSERS:
+        _CLOSERS.pop().join()
+
+
+def _probe_startup_ioctls(fd: int) -> dict[str, str | None]:
+    """The VM ioctls engines issue at start-up, on throwaway VMs: each None
+    when it worked, else the errno's name.  KVM_CREATE_IRQCHIP and the split
+    irqchip exclude each other, so the latter gets a VM of its own."""
+    import ctypes
+
+    results: dict[str, str | None] = {}
+    vms: list[int] = []
+
+    def attempt(name: str, vm: int, request: int, arg: int = 0) -> None:
+        try:
+            _ioctl(vm, request, arg)
+            results[name] = None
+        except _SysError as err:
+            results[name] = errno.errorcode.get(err.errno or 0, "error")
+
+    try:
+        for _ in range(2):
+            vms.append(_ioctl(fd, KVM_CREATE_VM, 0))
+    except _SysError as err:
+        why = f"not tried: KVM_CREATE_VM {errno.errorcode.get(err.errno or 0, 'error')}"
+        for name in ("KVM_SET_IDENTITY_MAP_ADDR", "KVM_SET_TSS_ADDR", "KVM_CREATE_IRQCHIP",
+                     "KVM_CREATE_PIT2", "KVM_ENABLE_CAP(SPLIT_IRQCHIP)"):  # fmt: skip
+            results.setdefault(name, why)
+        _close_later(vms)
+        return results
+    # The addresses QEMU and the rust-vmm engines use, below 4 GiB.
+    identity = ctypes.c_uint64(0xFFFBC000)
+    pit = (ctypes.c_uint8 * _SIZEOF_KVM_PIT_CONFIG)()  # flags 0
+    # struct kvm_enable_cap: cap (u32), flags (u32), args[4] (u64): args[0] is
+    # the number of IOAPIC pins the split irqchip routes.
+    split = (ctypes.c_uint8 * _SIZEOF_KVM_ENABLE_CAP).from_buffer_copy(
+        KVM_CAPS["SPLIT_IRQCHIP"].to_bytes(4, "little") + bytes(4) + (24).to_bytes(8, "little")
+        + bytes(_SIZEOF_KVM_ENABLE_CAP - 16))  # fmt: skip
+    attempt("KVM_SET_IDENTITY_MAP_ADDR", vms[0], KVM_SET_IDENTITY_MAP_ADDR,
+            ctypes.addressof(identity))  # fmt: skip
+    attempt("KVM_SET_TSS_ADDR", vms[0], KVM_SET_TSS_ADDR, 0xFFFBD000)
+    attempt("KVM_CREATE_IRQCHIP", vms[0], KVM_CREATE_IRQCHIP)
+    if results["KVM_CREATE_IRQCHIP"] is None:
+        attempt("KVM_CREATE_PIT2", vms[0], KVM_CREATE_PIT2, ctypes.addressof(pit))
+    else:  # the PIT needs the in-kernel irqchip: its failure would be a consequence
+        results["KVM_CREATE_PIT2"] = "not tried: KVM_CREATE_IRQCHIP failed"
+    attempt("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", vms[1], KVM_ENABLE_CAP, ctypes.addressof(split))
+    _close_later(vms)
+    return results
+
+
+#: Verdicts, from best to worst.
+WOULD_RUN = "would run"
+WOULD_FAIL_GUEST = "would start but its guest would fail"
+WOULD_NOT_START = "would not start"
+
+
+def _engine_verdicts(arch: str, caps: Mapping[str, int | str],
+                     ioctls: Mapping[str, str | None], guest: SmokeResult | None,
+                     path: str = KVM_DEVICE) -> dict[str, dict[str, object]]:  # fmt: skip
+    """Every engine's verdict on this host: start-up needs, then its guest."""
+    verdicts: dict[str, dict[str, object]] = {}
+    for name, row in ENGINE_REQUIREMENTS.items():
+        missing = _missing(row["required"].get(arch, ()), caps)
+        absent = _missing(row["optional"].get(arch, ()), caps)
+        failed = {call: answer for call in row["ioctls"]
+                  if (answer := ioctls.get(call)) is not None and not answer.startswith("not tried")}
+        untested = [call for call in row["ioctls"]
+                    if (ioctls.get(call) or "").startswith("not tried")]  # fmt: skip
+        why: list[str] = []
+        if missing:
+            why.append("missing " + ", ".join(_cap_label(n) for n in missing))
+        why += [f"{call} fails: {answer}" for call, answer in failed.items()]
+        guest_error = diagnose(guest, path, name) if guest is not None else None
+        if guest_error is not None and guest_error.cause == "msr-arch-capabilities-refused":
+            why.append(guest_error.detail.split("\n", 1)[0])  # QEMU aborts at start
+            guest_error = None
+        if why:
+            verdict, reason = WOULD_NOT_START, "; ".join(why)
+        elif guest_error is not None:
+            verdict, reason = WOULD_FAIL_GUEST, guest_error.detail.split("\n", 1)[0].split(". ")[0]
+        else:
+            verdict, reason = WOULD_RUN, ""
+        verdicts[name] = {
+            "verdict": verdict,
+            "why": reason or None,
+            "cause": guest_error.cause if guest_error is not None and not why else (
+                "kvm-capability-missing" if missing else ("startup-ioctl-failed" if failed else None)),
+            "missing_capabilities": [{"name": n, "number": KVM_CAPS[n]} for n in missing],
+            "optional_capabilities_absent": [{"name": n, "number": KVM_CAPS[n]} for n in absent],
+            "failed_ioctls": failed,
+            "untested_ioctls": untested,
+            "boot": row["boot"],
+            "devices": {purpose: _exists(node) for purpose, node in row["devices"].items()},
+            "limits": {n.lower(): caps.get(n) for n in _LIMIT_CAPS},
+        }  # fmt: skip
+    return verdicts
+
+
+def _engine_finding(name: str, verdict: Mapping[str, object], selected: bool,
+                    error: BoxliteError | None) -> Finding:  # fmt: skip
+    """One engine's verdict; only the selected engine's can fail the report."""
+    text = f"{name} {verdict['verdict']}"
+    if verdict["why"]:
+        text += f": {verdict['why']}"
+    if not selected:
+        return Finding(f"engine.{name}", INFO, text, verdict)
+    status = PASS if verdict["verdict"] == WOULD_RUN else FAIL
+    finding = Finding(f"engine.{name}", status, text, verdict)
+    if error is not None:
+        finding.error, finding.fix = error, error.fix
+        finding.evidence = {"cause": error.cause, **finding.evidence}
+    return finding
+
+
+def _capability_finding(caps: Mapping[str, int | str]) -> Finding:
+    present = sum(1 for name, value in caps.items() if isinstance(value, int) and value > 0)
+    summary = (f"{present} of {len(caps)} capabilities the engines ask about are offered; "
+               f"up to {caps.get('MAX_VCPUS')} vCPUs, {caps.get('NR_MEMSLOTS')} memory slots")  # fmt: skip
+    return Finding("kvm.capabilities", INFO, summary,
+                   {name: {"number": KVM_CAPS[name], "value": value} for name, value in caps.items()})  # fmt: skip
 
 
 def _guest_findings(result: SmokeResult, error: BoxliteError | None) -> list[Finding]:
@@ -3202,7 +3753,79 @@ class HvfProbe(HypervisorProbe):
         return None, None
 
     def diagnose_create_failure(self, error: BoxliteError) -> BoxliteError:
-        """Reproduce hv_vm_create() to learn the code the engine discarded."""
+        """Refine an engine's VM-creation error.
+
+        An engine runs Hypervisor.framework in its own signed helper, so a
+        probe from this process proves something only when this process is
+        entitled too: then hv_vm_create() is reproduced here.  Otherwise the
+        engine's own hv_return_t is decoded from its message and host facts
+        are reported, without claiming the engine's cause.
+        """
+        entitled = _hv_entitlement()
+        if entitled:
+            return self._probe_in_process(error)
+        return self._decode_engine_code(error, entitled)
+
+    def _decode_engine_code(self, error: BoxliteError, entitled: bool | None) -> BoxliteError:
+        import re
+
+        message = str(error)
+        code = None
+        for text in re.findall(r"0x[fF][aA][eE]94[0-9a-fA-F]{3}|-8537\d{4}", message):
+            value = int(text, 0) & 0xFFFFFFFF
+            if value in HV_RETURN_NAMES:
+                code = value
+                break
+        facts = self._host_facts()
+        why = ("this process is not entitled to Hypervisor.framework" if entitled is False
+               else "this process's entitlements cannot be read")  # fmt: skip
+        evidence: dict[str, object] = {"engine_message": message, "entitled": entitled, **facts}
+        if code is None:
+            return EngineError(
+                f"{error.detail or message}\n\nNot probed here: {why}, so a probe from it "
+                f"would answer HV_DENIED whatever the engine's cause.\nHost: "
+                + ", ".join(f"{k} = {v}" for k, v in facts.items()),
+                cause="hv-engine-error", evidence=evidence)  # fmt: skip
+        name = HV_RETURN_NAMES[code]
+        evidence["hv_return"] = name
+        if code == HV_BUSY:
+            return EngineError(
+                f"{error.detail or message}\n\nThe engine's hv_vm_create returned HV_BUSY "
+                f"({code:#x}): a VM already exists in that process (one per process). This is "
+                "not a host problem: the engine created its VM twice.",
+                cause="hv-busy", evidence=evidence)  # fmt: skip
+        if code == HV_NO_RESOURCES:
+            return ResourceExhaustedError(
+                f"macOS Hypervisor.framework has no VM address space left: the engine's "
+                f"hv_vm_create returned HV_NO_RESOURCES ({code:#x}); limit "
+                f"kern.hv.max_address_spaces = {facts.get('kern.hv.max_address_spaces')}. Stop "
+                "some boxes and retry",
+                cause="hv-no-resources", evidence=evidence, fix="stop some boxes and retry")  # fmt: skip
+        if code == HV_DENIED:
+            return UnsupportedError(
+                f"Hypervisor.framework access denied to the engine: its hv_vm_create returned "
+                f"HV_DENIED ({code:#x}). The engine's helper lacks the {HV_ENTITLEMENT} "
+                "entitlement (re-signing with `codesign --force --sign -` strips it); check "
+                "with `codesign -d --entitlements - HELPER`",
+                cause="hv-denied", evidence=evidence,
+                fix=f"sign the engine's helper with the {HV_ENTITLEMENT} entitlement")  # fmt: skip
+        return EngineError(
+            f"{error.detail or message}\n\nThe engine's hv_vm_create returned {name} "
+            f"({code:#x}).\nHost: " + ", ".join(f"{k} = {v}" for k, v in facts.items()),
+            cause="hv-engine-code", evidence=evidence)  # fmt: skip
+
+    def _host_facts(self) -> dict[str, object]:
+        facts: dict[str, object] = {}
+        for key in ("kern.hv_support", "kern.hv_vmm_present", "kern.hv.max_address_spaces",
+                    "sysctl.proc_translated"):  # fmt: skip
+            try:
+                facts[key] = _sysctl_int(key)
+            except OSError as err:
+                facts[key] = errno_name(err.errno or 0)
+        return facts
+
+    def _probe_in_process(self, error: BoxliteError) -> BoxliteError:
+        """Reproduce hv_vm_create() here to learn the code the engine discarded."""
         try:
             code = _hv_vm_create()
         except (OSError, AttributeError) as err:
@@ -3412,6 +4035,12 @@ class Report:
             return USABLE_WITH_WARNINGS
         return USABLE
 
+    @property
+    def engines(self) -> dict[str, object]:
+        """Each engine's verdict, by name (empty when none were checked)."""
+        return {f.id.split(".", 1)[1]: f.evidence for f in self.findings
+                if f.id.startswith("engine.")}  # fmt: skip
+
     def as_dict(self) -> dict[str, object]:
         error = None
         if self.error is not None:
@@ -3423,6 +4052,7 @@ class Report:
             "verdict": self.verdict,
             "host": self.host,
             "error": error,
+            "engines": self.engines,
             "findings": [f.as_dict() for f in self.findings],
         }
 

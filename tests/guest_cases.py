@@ -62,6 +62,16 @@ def with_svm() -> None:
 
     guarded("report", report)
 
+    def engines() -> None:
+        verdicts = b.check().engines
+        b._wait_for_closes()
+        runs = [name for name, v in verdicts.items() if v["verdict"] == b.WOULD_RUN]
+        others = {name: v["why"] for name, v in verdicts.items() if name not in runs}
+        case("engines", set(runs) == set(b.ENGINES),
+             f"would run: {', '.join(runs)}" + (f"; not: {others}" if others else ""))
+
+    guarded("engines", engines)
+
     def bare() -> None:
         with b.SystemCheck.run(engine=None) as host:
             case("bare-device", host.smoke_tested, host.describe())
@@ -142,6 +152,17 @@ def bench() -> None:
     ms, ratio = gate_ratio(50, engine=None)
     print(f"CASE bench-bare INFO bare device check {ms:.2f} ms, {ratio:.2f}x its native "
           "work", flush=True)
+    gate_ns = check_ns = 0
+    for _ in range(10):
+        start = time.perf_counter_ns()
+        b.SystemCheck.run().close()
+        gate_ns += time.perf_counter_ns() - start
+        start = time.perf_counter_ns()
+        b.check()
+        check_ns += time.perf_counter_ns() - start
+        b._wait_for_closes()
+    print(f"CASE bench-report INFO check() with every engine {check_ns / 1e7:.2f} ms, "
+          f"{check_ns / gate_ns:.2f}x the gate (target 1.6x)", flush=True)
 
 
 def without_svm() -> None:

@@ -38,8 +38,8 @@ def test_real_report_on_this_pvm_host_is_not_usable_with_one_cause():
     # The device layer passes: /dev/kvm works.
     assert found["kvm.device"].status == "pass"
     assert found["kvm.smoke"].status == "pass"
-    assert found["kvm.smoke"].evidence["proof"] == hex(b.PROOF_VALUE)
-    assert found["kvm.capabilities"].evidence["api_version"] == 12
+    assert found["kvm.smoke"].evidence["runs"] > 0
+    assert found["kvm.capabilities"].evidence["USER_MEMORY"] == {"number": 3, "value": 1}
     # The real-guest layers say why no real guest runs, with one fix.
     assert found["guest.speed"].status == "fail" and found["guest.speed"].error is report.error
     assert found["guest.speed"].evidence["ratio"] >= b.EMULATION_RATIO

@@ -235,6 +235,7 @@ def test_smoke_failure_closes_the_descriptor(mocker):
 def test_system_check_holds_and_releases_the_descriptor(mocker):
     fd = os.open("/dev/null", os.O_RDONLY)
     mocker.patch.object(b, "_open_device", return_value=fd)
+    mocker.patch.object(b, "_speaks_kvm", return_value=False)  # no capability check
     mocker.patch.object(b, "smoke_test", return_value=result(**OK))
     mocker.patch.object(b, "_PROBE", b.KvmProbe("x86_64"))
     with b.SystemCheck.run() as host:
@@ -249,6 +250,8 @@ def test_system_check_holds_and_releases_the_descriptor(mocker):
 def test_architecture_without_smoke_test_passes_on_open_but_says_so(mocker):
     fd = os.open("/dev/null", os.O_RDONLY)
     mocker.patch.object(b, "_open_device", return_value=fd)
+    mocker.patch.object(b, "_speaks_kvm", return_value=True)
+    mocker.patch.object(b, "_capability_values", side_effect=lambda fd, names: dict.fromkeys(names, 1))
     smoke = mocker.patch.object(b, "smoke_test")
     mocker.patch.object(b, "_PROBE", b.KvmProbe("aarch64"))
     host = b.SystemCheck.run()
@@ -261,6 +264,19 @@ def test_architecture_without_smoke_test_passes_on_open_but_says_so(mocker):
         host.close()
 
 
-def test_diagnose_create_failure_keeps_the_error_on_linux():
-    original = b.EngineError("krun_start_enter failed")
-    assert b.KvmProbe("x86_64").diagnose_create_failure(original) is original
+def test_diagnose_create_failure_returns_the_hosts_precise_error(mocker):
+    precise = b.UnsupportedError("not in group kvm", cause="kvm-not-in-group")
+    mocker.patch.object(b.KvmProbe, "acquire", side_effect=precise)
+    engine_said = b.EngineError("Error creating the Kvm object: Error(13)")
+    assert b.KvmProbe("x86_64").diagnose_create_failure(engine_said) is precise
+
+
+def test_diagnose_create_failure_decodes_when_the_host_passes(mocker):
+    mocker.patch.object(b.KvmProbe, "acquire", return_value=(os.open("/dev/null", os.O_RDONLY), None))
+    said = b.EngineError("Missing KVM capabilities: [0x24]")
+    refined = b.KvmProbe("x86_64").diagnose_create_failure(said, engine="firecracker")
+    assert isinstance(refined, b.EngineError) and refined.cause == "engine-error-decoded"
+    assert "KVM_CAP_IOEVENTFD (36) is missing" in str(refined)
+    plain = b.EngineError("krun_start_enter failed")
+    mocker.patch.object(b.KvmProbe, "acquire", return_value=(None, None))
+    assert b.KvmProbe("x86_64").diagnose_create_failure(plain) is plain

@@ -74,6 +74,9 @@ def test_hv_support_unreadable(mocker):
 class TestDiagnoseCreateFailure:
     @pytest.fixture
     def hvf(self, mocker):
+        # This process is entitled: the probe in-process proves something.
+        mocker.patch.object(b, "_hv_entitlement", return_value=True)
+
         def make(code):
             create = mocker.patch.object(b, "_hv_vm_create", return_value=code)
             destroy = mocker.patch.object(b, "_hv_vm_destroy", return_value=b.HV_SUCCESS)
@@ -123,6 +126,7 @@ class TestDiagnoseCreateFailure:
         assert "krun_start_enter failed" in str(err) and "0xfae94001" in str(err)
 
     def test_framework_not_loadable_keeps_the_error(self, mocker):
+        mocker.patch.object(b, "_hv_entitlement", return_value=True)
         mocker.patch.object(b, "_hv_vm_create", side_effect=OSError(errno.ENOENT, "no framework"))
         assert b.HvfProbe("arm64").diagnose_create_failure(self.original) is self.original
 
@@ -166,3 +170,56 @@ class TestReport:
         report = b.check()
         assert report.verdict == "not-usable"
         assert report.error is not None and report.error.cause == "rosetta"
+
+
+class TestUnentitledProcess:
+    """The engine runs in its own signed helper; this interpreter is not
+    entitled, so probing here would always say HV_DENIED."""
+
+    @pytest.fixture(autouse=True)
+    def unentitled(self, mocker):
+        mocker.patch.object(b, "_hv_entitlement", return_value=False)
+        self.create = mocker.patch.object(b, "_hv_vm_create")
+        values = {"kern.hv_support": 1, "kern.hv_vmm_present": 0,
+                  "kern.hv.max_address_spaces": 256, "sysctl.proc_translated": 0}
+        mocker.patch.object(b, "_sysctl_int", side_effect=values.get)
+
+    def refine(self, message):
+        return b.HvfProbe("arm64").diagnose_create_failure(b.EngineError(message))
+
+    def test_never_probes_in_process(self):
+        self.refine("krun_start_enter failed: -22")
+        assert self.create.call_count == 0
+
+    def test_the_engines_own_denied_code_names_the_helper(self):
+        err = self.refine("hv_vm_create failed: 0xfae94007")
+        assert isinstance(err, b.UnsupportedError) and err.cause == "hv-denied"
+        assert "engine's helper" in str(err) and "codesign -d --entitlements" in str(err)
+
+    def test_busy_is_not_a_host_problem(self):
+        err = self.refine("hv_vm_create returned -85377022")
+        assert err.cause == "hv-busy" and "not a host problem" in str(err)
+
+    def test_no_resources_from_the_engine(self):
+        err = self.refine("HVF error 0xfae94005")
+        assert isinstance(err, b.ResourceExhaustedError) and "256" in str(err)
+
+    def test_without_a_code_it_reports_facts_and_claims_nothing(self):
+        err = self.refine("krun_start_enter failed: -22")
+        assert isinstance(err, b.EngineError) and err.cause == "hv-engine-error"
+        assert "kern.hv_support = 1" in str(err) and "HV_DENIED whatever" in str(err)
+        assert "entitlement" not in err.fix
+
+
+def test_entitlement_is_read_through_security_framework_by_absolute_path(mocker):
+    load = mocker.patch.object(b, "_load_library")
+    lib = load.return_value
+    lib.SecTaskCreateFromSelf.return_value = 0x1000
+    lib.SecTaskCopyValueForEntitlement.return_value = 0x2000
+    lib.CFGetTypeID.return_value = lib.CFBooleanGetTypeID.return_value = 21
+    lib.CFBooleanGetValue.return_value = True
+    assert b._hv_entitlement() is True
+    paths = {call.args[0] for call in load.call_args_list}
+    assert paths == {b._SECURITY_PATH, b._COREFOUNDATION_PATH}
+    lib.SecTaskCopyValueForEntitlement.return_value = 0
+    assert b._hv_entitlement() is False

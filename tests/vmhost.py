@@ -40,7 +40,7 @@ BOOTS = {
     "svm": {
         "cpu": "EPYC",
         "cases": ["kvm-device", "gate-native", "gate-python", "backends-agree", "report",
-                  "bare-device", "cli-json", "bench"],
+                  "engines", "bare-device", "cli-json", "bench"],
     },
     "no-svm": {"cpu": "qemu64,-svm", "cases": ["no-kvm-diagnosed"]},
 }

@@ -1,0 +1,201 @@
+"""Per-engine verdicts: requirements as data, probed on this host for real."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+from conftest import SECCOMP_INSTALL, needs_kvm, needs_root, on_pvm_host, run_script
+
+import boxlite_syscheck as b
+
+# ── The table ───────────────────────────────────────────────────────────────
+
+
+def test_every_capability_in_the_table_has_a_number():
+    for engine, row in b.ENGINE_REQUIREMENTS.items():
+        for kind in ("required", "optional"):
+            for arch, names in row[kind].items():
+                assert arch in ("x86_64", "aarch64"), (engine, arch)
+                for name in names:
+                    assert name in b.KVM_CAPS, (engine, name)
+        assert set(row["ioctls"]) <= {"KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR",
+                                      "KVM_CREATE_IRQCHIP", "KVM_CREATE_PIT2",
+                                      "KVM_ENABLE_CAP(SPLIT_IRQCHIP)"}
+
+
+def test_the_capability_numbers_are_the_kernels(tmp_path):
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        pytest.fail("a C compiler is needed to read <linux/kvm.h>")
+    # Capabilities newer than the installed headers are skipped there.
+    lines = "".join(f'\n#ifdef KVM_CAP_{n}\nprintf("{n} %d\\n", KVM_CAP_{n});\n#endif\n'
+                    for n in b.KVM_CAPS)
+    ioctls = "".join(f'printf("{n} %lu\\n", (unsigned long){n});' for n in
+                     ("KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_CREATE_IRQCHIP",
+                      "KVM_CREATE_PIT2", "KVM_ENABLE_CAP", "KVM_GET_SUPPORTED_CPUID",
+                      "KVM_SET_CPUID2", "KVM_GET_MSR_INDEX_LIST", "KVM_GET_MSR_FEATURE_INDEX_LIST",
+                      "KVM_GET_MSRS", "KVM_SET_MSRS"))
+    source = tmp_path / "caps.c"
+    source.write_text("#include <stdio.h>\n#include <linux/kvm.h>\nint main(void){"
+                      + lines + ioctls + "return 0;}\n")
+    subprocess.run([cc, "-o", str(tmp_path / "caps"), str(source)], check=True)
+    out = subprocess.run([str(tmp_path / "caps")], capture_output=True, text=True, check=True)
+    values = {k: int(v) for k, v in (line.split() for line in out.stdout.splitlines())}
+    checked = [name for name in b.KVM_CAPS if name in values]
+    assert len(checked) >= len(b.KVM_CAPS) - 2, sorted(set(b.KVM_CAPS) - set(values))
+    for name in checked:
+        assert values[name] == b.KVM_CAPS[name], name
+    for name in ("KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_CREATE_IRQCHIP",
+                 "KVM_CREATE_PIT2", "KVM_ENABLE_CAP", "KVM_GET_SUPPORTED_CPUID", "KVM_SET_CPUID2",
+                 "KVM_GET_MSR_INDEX_LIST", "KVM_GET_MSR_FEATURE_INDEX_LIST", "KVM_GET_MSRS",
+                 "KVM_SET_MSRS"):
+        assert values[name] == getattr(b, name), name
+
+
+# ── The decoder, on the messages users see (engine-requirements.md) ─────────
+
+
+@pytest.mark.parametrize("message, expected", [
+    ("Missing KVM capabilities: [0x24]", ["KVM_CAP_IOEVENTFD (36) is missing"]),
+    ("Missing KVM capabilities: [0x4, 0x21]",
+     ["KVM_CAP_SET_TSS_ADDR (4) is missing", "KVM_CAP_PIT2 (33) is missing"]),
+    ("Missing KVM capabilities: SetTssAddr", ["KVM_CAP_SET_TSS_ADDR (4) is missing"]),
+    ("Error creating the Kvm object: Error(13)", ["errno 13 is EACCES (Permission denied)"]),
+    ("thread 'main' panicked: Capability missing: Irqchip", ["KVM_CAP_IRQCHIP (0) is missing"]),
+    ("VmCreate(No such file or directory (os error 2))",
+     ["errno 2 is ENOENT (No such file or directory)"]),
+    ("VmBoot(KvmNew(Error(13)))", ["errno 13 is EACCES (Permission denied)"]),
+    ("ioctl(KVM_CREATE_VM) failed: 16 Device or resource busy",
+     ["errno 16 is EBUSY (Device or resource busy)"]),
+    ("kvm does not support KVM_CAP_SET_TSS_ADDR", ["KVM_CAP_SET_TSS_ADDR (4) is missing"]),
+    ("missing required hypervisor capability ImmediateExit",
+     ["KVM_CAP_IMMEDIATE_EXIT (136) is missing"]),
+    ("VmFd(Os { code: 16, kind: ResourceBusy })", ["errno 16 is EBUSY (Device or resource busy)"]),
+    ("the guest exited", []),
+])
+def test_decoder(message, expected):
+    assert b.decode_engine_message(message) == expected
+
+
+# ── On this host ────────────────────────────────────────────────────────────
+
+
+@on_pvm_host
+def test_here_every_engine_would_start_but_its_guest_would_fail():
+    report = b.check()
+    assert set(report.engines) == set(b.ENGINES)
+    for name, verdict in report.engines.items():
+        assert verdict["verdict"] == b.WOULD_FAIL_GUEST, (name, verdict)
+        assert verdict["missing_capabilities"] == [] and verdict["failed_ioctls"] == {}
+        assert verdict["cause"] == "guest-emulated-pvm"
+    statuses = {f.id: f.status for f in report.findings if f.id.startswith("engine.")}
+    assert statuses.pop("engine.libkrun") == "fail"  # the selected engine decides
+    assert set(statuses.values()) == {"info"}
+    b._wait_for_closes()
+
+
+@on_pvm_host
+@pytest.mark.parametrize("engine", b.ENGINES)
+def test_the_cli_follows_the_engine(engine, capsys):
+    assert b.main(["--engine", engine, "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["host"]["engine"] == engine
+    assert report["engines"][engine]["verdict"] == b.WOULD_FAIL_GUEST
+    b._wait_for_closes()
+
+
+MISSING_SCRIPT = SECCOMP_INSTALL + r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+b._PROBE.acquire(engine=None)[0]  # load everything before the filter
+cap = int(sys.argv[2])
+_install_seccomp(b.KVM_CHECK_EXTENSION, 0, cap)  # "0": not supported
+report = b.check()
+out = {"engines": {n: [v["verdict"], [c["number"] for c in v["missing_capabilities"]]]
+                   for n, v in report.engines.items()}}
+for backend in ("native", "python"):
+    try:
+        b.SystemCheck.run(backend=backend).close()
+        out[backend] = "passed"
+    except b.BoxliteError as err:
+        out[backend] = [err.cause, str(err)]
+b._wait_for_closes()
+print(json.dumps(out))
+"""
+
+
+@needs_root
+def test_a_capability_made_missing_stops_exactly_the_engines_that_need_it():
+    done = run_script(MISSING_SCRIPT, str(b.KVM_CAPS["SET_TSS_ADDR"]))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    for name, row in b.ENGINE_REQUIREMENTS.items():
+        verdict, numbers = out["engines"][name]
+        if "SET_TSS_ADDR" in row["required"]["x86_64"]:
+            assert verdict == b.WOULD_NOT_START and numbers == [4], (name, verdict)
+        else:
+            assert verdict != b.WOULD_NOT_START and numbers == [], (name, verdict)
+    for backend in ("native", "python"):
+        cause, message = out[backend]
+        assert cause == "kvm-capability-missing"
+        assert "KVM_CAP_SET_TSS_ADDR (4)" in message
+        assert "seccomp filter" in message  # two causes fit: said, with the checks in order
+
+
+IOCTL_SCRIPT = SECCOMP_INSTALL + r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+b._PROBE.acquire(engine=None)
+_install_seccomp(int(sys.argv[2]), 1)  # EPERM
+report = b.check()
+b._wait_for_closes()
+print(json.dumps({n: [v["verdict"], v["failed_ioctls"]] for n, v in report.engines.items()}))
+"""
+
+
+@needs_root
+def test_a_failing_startup_ioctl_stops_the_engines_that_issue_it():
+    done = run_script(IOCTL_SCRIPT, str(b.KVM_CREATE_IRQCHIP))
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    for name, row in b.ENGINE_REQUIREMENTS.items():
+        verdict, failed = out[name]
+        if "KVM_CREATE_IRQCHIP" in row["ioctls"]:
+            assert verdict == b.WOULD_NOT_START and failed == {"KVM_CREATE_IRQCHIP": "EPERM"}
+        else:
+            assert failed == {}, name
+
+
+def test_capability_error_without_seccomp_says_update_the_kernel(mocker):
+    mocker.patch.object(b, "_seccomp_mode", return_value="0")
+    values = dict.fromkeys(b._engine_caps("crosvm", "x86_64"), 0)
+    error = b._capability_error("crosvm", "x86_64", values)
+    assert error.cause == "kvm-capability-missing"
+    assert "KVM_CAP_IMMEDIATE_EXIT (136)" in str(error) and "update the host kernel" in error.fix
+
+
+def test_qemu_alone_refuses_an_arch_capabilities_that_kvm_will_not_set():
+    result = b.SmokeResult("python", guest="long-mode")
+    result.step, result.exit_reason, result.proof, result.stage = b.STEP_DONE, 5, b.PROOF_VALUE, 7
+    result.cpuid = {"cx16": False, "xsave": False, "arch_capabilities": True}
+    result.speed = b.Speed(1.0, 1.0, 1024)
+    result.msrs = {"boot_msrs_set": 10, "boot_msr_refused": None,
+                   "arch_capabilities": {"accepted": False, "value": "0x69"}}
+    verdicts = b._engine_verdicts("x86_64", dict.fromkeys(b.KVM_CAPS, 1), {}, result)
+    assert verdicts["qemu"]["verdict"] == b.WOULD_NOT_START
+    assert "-cpu host" in verdicts["qemu"]["why"]
+    assert verdicts["firecracker"]["verdict"] == b.WOULD_RUN
+    assert b.diagnose(result, engine="libkrun") is None
+
+
+@needs_kvm
+def test_startup_ioctls_all_work_here(kvm_fd):
+    assert b._probe_startup_ioctls(kvm_fd) == dict.fromkeys(
+        ["KVM_SET_IDENTITY_MAP_ADDR", "KVM_SET_TSS_ADDR", "KVM_CREATE_IRQCHIP",
+         "KVM_CREATE_PIT2", "KVM_ENABLE_CAP(SPLIT_IRQCHIP)"])
+    b._wait_for_closes()
