@@ -370,3 +370,7 @@ def test_with_no_timer_and_no_thread_the_run_is_unbounded_and_said(kvm_fd, mocke
     finding = b.KvmProbe("x86_64")._usable_finding(1.0, "python", holder := [])
     os.close(holder[0])
     assert finding.status == "warn" and "unbounded" in finding.summary
+
+
+def test_the_watchdog_signal_is_sigstkflt():
+    assert b._watchdog_signal() == signal.SIGSTKFLT  # named in the signal module from 3.11
