@@ -14,10 +14,13 @@ all: libkvmsmoke.so
 libkvmsmoke.so: kvm_smoke.c
 	$(CC) $(CFLAGS) $(LDFLAGS) -o $@ $<
 
+# The test dependencies only (pyproject.toml's "test" extra): the tests use
+# the module in this directory, and test_packaging.py builds and installs
+# the package itself.
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet "pytest>=7" "pytest-mock>=3.10" "prometheus_client>=0.17" build
 	touch $@
 
 test: libkvmsmoke.so $(VENV)/.ready
@@ -25,7 +28,7 @@ test: libkvmsmoke.so $(VENV)/.ready
 
 lint: $(VENV)/.ready
 	$(VENV)/bin/pip install --quiet ruff mypy
-	$(VENV)/bin/ruff check boxlite_syscheck.py tests
+	$(VENV)/bin/ruff check boxlite_syscheck.py setup.py tests
 	$(VENV)/bin/mypy --strict boxlite_syscheck.py
 
 clean:

@@ -16,14 +16,15 @@ Library use::
         print(host.smoke)                               # proof the guest ran
 
     report = boxlite_syscheck.check()                   # never raises
-    print(report.verdict)
+    print(report.verdict, report.engines)
 
 Command line::
 
-    python -m boxlite_syscheck [--json] [--quiet] [--strict] [--timeout S]
+    python -m boxlite_syscheck [--format text|json|prometheus|nfd] [--quiet]
+                               [--strict] [--timeout S] [--engine NAME|none]
 
 Exit codes: 0 usable, 1 not usable, 2 usage error, 3 the checker itself
-failed.  The module is one file with no dependencies outside the standard
+failed, 141 standard output closed.  The module is one file with no dependencies outside the standard
 library; copy it into a project as it is.  ``libkvmsmoke.so`` (built by
 ``make`` from ``kvm_smoke.c``) is used when it sits next to this file, or at
 the absolute path in ``$BOXLITE_SYSCHECK_KVMSMOKE``; without it a pure-Python
@@ -492,12 +493,16 @@ _WSL_INTEROP = "/proc/sys/fs/binfmt_misc/WSLInterop"
 class BoxliteError(RuntimeError):
     """Base of every error; ``str()`` reads like BoxLite's display of it.
 
-    ``detail`` is the bare text after the variant's prefix.  Errors raised by
-    the checks also carry ``cause`` (a stable identifier such as
-    ``"kvm-missing"``), ``evidence`` (what was seen) and ``fix``.
+    ``detail`` is the text after the variant's prefix: for errors the checks
+    raise, the summary, what was tried and answered, the evidence and the
+    fix; ``summary`` is its first line.  They also carry ``cause`` (a stable
+    identifier such as ``"kvm-not-in-group"``), ``evidence`` (what was seen)
+    and ``fix``.  ``code`` is the BoxLite SDK's code for the class
+    ("unsupported", "engine_unavailable", ...), None where the SDK has none.
     """
 
     prefix = ""
+    code: str | None = None
 
     def __init__(
         self,
@@ -516,6 +521,14 @@ class BoxliteError(RuntimeError):
     def __str__(self) -> str:
         return self.prefix + self.detail
 
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.summary!r}, cause={self.cause!r})"
+
+    @property
+    def summary(self) -> str:
+        """The first line of ``detail``."""
+        return self.detail.split("\n", 1)[0]
+
 
 class UnsupportedEngineError(BoxliteError):
     """BoxLite's UnsupportedEngine: the engine kind is not supported."""
@@ -530,24 +543,28 @@ class EngineError(BoxliteError):
     """BoxLite's Engine variant."""
 
     prefix = "engine reported an error: "
+    code = "engine_unavailable"
 
 
 class ConfigError(BoxliteError):
     """BoxLite's Config variant."""
 
     prefix = "configuration error: "
+    code = "config_error"
 
 
 class StorageError(BoxliteError):
     """BoxLite's Storage variant."""
 
     prefix = "storage error: "
+    code = "storage_error"
 
 
 class ImageError(BoxliteError):
     """BoxLite's Image variant."""
 
     prefix = "images error: "
+    code = "image_pull_failed"
 
 
 class PortalError(BoxliteError):
@@ -560,6 +577,7 @@ class NetworkError(BoxliteError):
     """BoxLite's Network variant."""
 
     prefix = "network error: "
+    code = "network_unavailable"
 
 
 class RpcError(BoxliteError):
@@ -578,66 +596,77 @@ class InternalError(BoxliteError):
     """BoxLite's Internal variant: the checker itself failed."""
 
     prefix = "internal error: "
+    code = "internal"
 
 
 class ExecutionError(BoxliteError):
     """BoxLite's Execution variant."""
 
     prefix = "Execution error: "
+    code = "execution_failed"
 
 
 class UnsupportedError(BoxliteError):
     """BoxLite's Unsupported variant: this host cannot run BoxLite's VMs."""
 
     prefix = "unsupported: "
+    code = "unsupported"
 
 
 class NotFoundError(BoxliteError):
     """BoxLite's NotFound variant."""
 
     prefix = "box not found: "
+    code = "not_found"
 
 
 class AlreadyExistsError(BoxliteError):
     """BoxLite's AlreadyExists variant."""
 
     prefix = "already exists: "
+    code = "already_exists"
 
 
 class InvalidStateError(BoxliteError):
     """BoxLite's InvalidState variant."""
 
     prefix = "invalid state: "
+    code = "invalid_state"
 
 
 class DatabaseError(BoxliteError):
     """BoxLite's Database variant."""
 
     prefix = "database error: "
+    code = "database_error"
 
 
 class MetadataError(BoxliteError):
     """BoxLite's MetadataError variant."""
 
     prefix = "metadata error: "
+    code = "metadata_error"
 
 
 class InvalidArgumentError(BoxliteError):
     """BoxLite's InvalidArgument variant."""
 
     prefix = "invalid argument: "
+    code = "invalid_argument"
 
 
 class StoppedError(BoxliteError):
     """BoxLite's Stopped variant."""
 
     prefix = "stopped: "
+    code = "stopped"
 
 
 class ResourceExhaustedError(BoxliteError):
     """BoxLite's ResourceExhausted variant: a limit, not a missing feature."""
 
     prefix = "resource exhausted: "
+    code = "resource_exhausted"
 
 
 # ── Small helpers ───────────────────────────────────────────────────────────
@@ -2416,6 +2445,12 @@ def _describe_node(st: os.stat_result) -> str:
     return f"{kind}, owner {_user_name(st.st_uid)}, group {_group_name(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):04o}"
 
 
+def _who(uid: int) -> str:
+    """"alice (uid 1000)", or "uid 65533" when the uid has no name."""
+    name = _user_name(uid)
+    return f"uid {uid}" if name == str(uid) else f"{name} (uid {uid})"
+
+
 def _user_name(uid: int) -> str:
     import pwd
 
@@ -2542,10 +2577,28 @@ def _missing_device(path: str, err: int) -> BoxliteError:
     )  # fmt: skip
 
 
+def _group_access_fix(path: str, user: str | None) -> str:
+    """Give the kvm group access to the node, creating the group if needed."""
+    import grp
+
+    steps = []
+    try:
+        grp.getgrnam("kvm")
+    except KeyError:
+        steps.append("`sudo groupadd --system kvm` (this host has no kvm group)")
+    steps += [
+        "write the udev rule `KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\"` to "
+        "/etc/udev/rules.d/65-kvm.rules",
+        "`sudo udevadm control --reload && sudo udevadm trigger --name-match=kvm`",
+        f"`sudo usermod -aG kvm {user or '$USER'}`, then log out and back in",
+    ]
+    return "; then ".join(steps)
+
+
 def _access_denied(path: str, err: int) -> BoxliteError:
     import stat
 
-    tried = f"open {path} read-write as {_user_name(os.geteuid())} (uid {os.geteuid()})"
+    tried = f"open {path} read-write as {_who(os.geteuid())}"
     answer = errno_name(err)
     try:
         st = _stat(path)
@@ -2564,9 +2617,7 @@ def _access_denied(path: str, err: int) -> BoxliteError:
             UnsupportedError, "kvm-mode-no-group",
             f"{path}: permission denied, and its mode {mode:04o} lets no group in",
             tried=tried, answer=answer, device=device,
-            fix=f"give the device group access, e.g. a udev rule "
-            f'KERNEL=="kvm", GROUP="kvm", MODE="0660" (or `sudo chgrp kvm {path} && '
-            f"sudo chmod 0660 {path}` until reboot), then add the user to that group",
+            fix=_group_access_fix(path, user),
         )  # fmt: skip
     if held:
         return _failure(
@@ -2899,7 +2950,7 @@ PASS, WARN, FAIL, SKIP, INFO = "pass", "warn", "fail", "skip", "info"
 class Finding:
     """One observation of the report: id, status, summary, evidence and fix."""
 
-    __slots__ = ("duration", "error", "evidence", "fix", "id", "status", "summary")
+    __slots__ = ("duration_s", "error", "evidence", "fix", "id", "status", "summary")
 
     def __init__(
         self,
@@ -2915,7 +2966,8 @@ class Finding:
         self.summary = summary
         self.evidence: dict[str, object] = dict(evidence or {})
         self.fix = fix
-        self.duration = duration
+        #: How long gathering this finding took, in seconds.
+        self.duration_s = duration
         #: The error SystemCheck.run() raises for this failure, if any.
         self.error: BoxliteError | None = None
 
@@ -2926,7 +2978,7 @@ class Finding:
             "summary": self.summary,
             "evidence": self.evidence,
             "fix": self.fix,
-            "duration_s": round(self.duration, 6),
+            "duration_s": round(self.duration_s, 6),
         }
 
     def __repr__(self) -> str:
@@ -2939,7 +2991,7 @@ def _timed(findings: list[Finding], make: Callable[[], Finding]) -> None:
 
     start = time.perf_counter()
     finding = make()
-    finding.duration = time.perf_counter() - start
+    finding.duration_s = time.perf_counter() - start
     findings.append(finding)
 
 
@@ -2993,6 +3045,9 @@ class UnsupportedPlatformProbe(HypervisorProbe):
     def __init__(self, system: str) -> None:
         self.system = system
 
+    def __repr__(self) -> str:
+        return f"UnsupportedPlatformProbe({self.system!r})"
+
     def _error(self) -> BoxliteError:
         return UnsupportedError(
             f"BoxLite only supports Linux and macOS (this is {self.system})",
@@ -3018,6 +3073,9 @@ class KvmProbe(HypervisorProbe):
     def __init__(self, machine: str, path: str = KVM_DEVICE) -> None:
         self.machine = machine
         self.path = path
+
+    def __repr__(self) -> str:
+        return f"KvmProbe({self.machine!r}, path={self.path!r})"
 
     @property
     def can_smoke_test(self) -> bool:
@@ -3085,6 +3143,11 @@ class KvmProbe(HypervisorProbe):
         _timed(found, self._device_finding)
         holder: list[int] = []
         _timed(found, lambda: self._usable_finding(timeout, backend, holder))
+        smoke = found.pop()
+        if smoke.error is not None:
+            found = _blame_the_device(found, smoke.error)
+        else:
+            found.append(smoke)
         guest: SmokeResult | None = None
         if holder:
             fd = holder[0]
@@ -3115,7 +3178,7 @@ class KvmProbe(HypervisorProbe):
         try:
             fd = self._open(timeout)
         except BoxliteError as open_error:
-            found.append(_from_error("kvm.smoke", open_error))
+            found = _blame_the_device(found, open_error)
             found.append(Finding("kvm.capabilities", SKIP, "not read: the device does not open"))
             return found + self._host_findings(None)
         try:
@@ -3180,6 +3243,9 @@ class KvmProbe(HypervisorProbe):
         _timed(found, _context_finding)
         return found
 
+    def _device_finding_for(self, error: BoxliteError) -> Finding:
+        return _from_error("kvm.device", error)
+
     def _device_finding(self) -> Finding:
         import stat
 
@@ -3232,9 +3298,15 @@ class KvmProbe(HypervisorProbe):
         evidence = {"user": user, "uid": uid, "device_group": group,
                     "listed_in_group_db": listed, "process_has_group": held,
                     "process_groups": sorted({os.getegid(), *os.getgroups()})}  # fmt: skip
+        import stat
+
         if uid == 0:
             return Finding("kvm.groups", INFO, "running as root: the device mode does not apply",
                            evidence)  # fmt: skip
+        if stat.S_IMODE(st.st_mode) & 0o006 == 0o006:
+            return Finding("kvm.groups", INFO,
+                           f"{self.path} is open to every user (mode "
+                           f"{stat.S_IMODE(st.st_mode):04o}): no group is needed", evidence)  # fmt: skip
         if uid == st.st_uid:
             return Finding("kvm.groups", INFO, f"{user} owns {self.path}", evidence)
         if held:
@@ -3535,6 +3607,19 @@ def _capability_finding(caps: Mapping[str, int | str]) -> Finding:
                    {name: {"number": KVM_CAPS[name], "value": value} for name, value in caps.items()})  # fmt: skip
 
 
+def _blame_the_device(found: list[Finding], error: BoxliteError) -> list[Finding]:
+    """One cause, one failing finding: a missing node fails ``kvm.device``
+    (with the fix) and the smoke test is skipped; any other open error
+    fails ``kvm.smoke``."""
+    if str(error.evidence.get("answer", "")).startswith("ENOENT"):
+        found = [f for f in found if f.id != "kvm.device"]
+        found.insert(0, _from_error("kvm.device", error))
+        found.append(Finding("kvm.smoke", SKIP, "not run: there is no device to open"))
+    else:
+        found.append(_from_error("kvm.smoke", error))
+    return found
+
+
 def _guest_findings(result: SmokeResult, error: BoxliteError | None) -> list[Finding]:
     """The real-guest layers: hardware speed, a stock kernel's instructions, MSRs.
 
@@ -3686,6 +3771,9 @@ class HvfProbe(HypervisorProbe):
 
     def __init__(self, machine: str) -> None:
         self.machine = machine
+
+    def __repr__(self) -> str:
+        return f"HvfProbe({self.machine!r})"
 
     def _arch_error(self) -> BoxliteError | None:
         if self.machine == "arm64":
@@ -3992,6 +4080,10 @@ class SystemCheck:
         if fd is not None:
             os.close(fd)
 
+    def __repr__(self) -> str:
+        state = "closed" if self._fd is None else f"fd {self._fd}"
+        return f"<SystemCheck {self.describe()}; {state}>"
+
     def __enter__(self) -> SystemCheck:
         return self
 
@@ -4017,7 +4109,7 @@ class SystemCheck:
 
 
 USABLE, USABLE_WITH_WARNINGS, NOT_USABLE = "usable", "usable-with-warnings", "not-usable"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class Report:
@@ -4037,6 +4129,10 @@ class Report:
             return USABLE_WITH_WARNINGS
         return USABLE
 
+    def __repr__(self) -> str:
+        cause = f", cause {self.error.cause}" if self.error is not None else ""
+        return f"<Report {self.verdict}{cause}, {len(self.findings)} findings>"
+
     @property
     def engines(self) -> dict[str, object]:
         """Each engine's verdict, by name (empty when none were checked)."""
@@ -4046,8 +4142,13 @@ class Report:
     def as_dict(self) -> dict[str, object]:
         error = None
         if self.error is not None:
-            error = {"type": type(self.error).__name__, "message": str(self.error),
-                     "cause": self.error.cause, "fix": self.error.fix}  # fmt: skip
+            err = self.error
+            message = str(err)
+            if err.fix and message.endswith("Fix: " + err.fix):  # said once, in "fix"
+                message = message[: -len("Fix: " + err.fix)].rstrip()
+            error = {"type": type(err).__name__, "code": err.code, "cause": err.cause,
+                     "summary": err.summary, "message": message,
+                     "evidence": err.evidence, "fix": err.fix}  # fmt: skip
         return {
             "schema_version": SCHEMA_VERSION,
             "checker_version": __version__,
@@ -4074,6 +4175,7 @@ def _host_facts(probe: HypervisorProbe, findings: Sequence[Finding] = ()) -> dic
         "smoke_backend": ran or (("native" if native else "python")
                                  if isinstance(probe, KvmProbe) else None),
         "native_library": note or None,
+        "kvm_provider": _kvm_provider() if isinstance(probe, KvmProbe) else None,
     }
 
 
@@ -4110,26 +4212,32 @@ def _paint(text: str, status: str, colour: bool) -> str:
     return f"\x1b[{_COLOURS[status]}m{text}\x1b[0m" if colour else text
 
 
-def _render(report: Report, *, quiet: bool, colour: bool) -> str:
-    """The human-readable report."""
+def _render(report: Report, *, quiet: bool, colour: bool, prog: str = "boxlite_syscheck") -> str:
+    """The human-readable report.
+
+    ``quiet`` keeps the failures and the warnings (a fix is never shown
+    without the finding it belongs to) and drops the header and verdict.
+    """
     lines: list[str] = []
     host = report.host
     if not quiet:
         backend = host.get("smoke_backend")
         lines.append(
-            f"boxlite_syscheck {__version__}: {host['host']}, {host['system']} {host['kernel']} "
+            f"{prog} {__version__}: {host['host']}, {host['system']} {host['kernel']} "
             f"{host['machine']}, Python {host['python']}"
             + (f", smoke test: {backend} backend" if backend else "")
         )
         lines.append("")
-    shown = [f for f in report.findings if not quiet or f.status == FAIL]
+    shown = [f for f in report.findings if not quiet or f.status in (FAIL, WARN)]
     width = max((len(f.id) for f in shown), default=0)
     for finding in shown:
         label = _paint(f"{finding.status.upper():<4}", finding.status, colour)
         lines.append(f"  {label}  {finding.id:<{width}}  {finding.summary}")
-    # The failure that carries the error is explained in full below.
-    fixes = [f for f in report.findings
-             if f.fix and f.status in (FAIL, WARN) and f.error is None]  # fmt: skip
+    # The failure that carries the error is explained in full below; a fix
+    # is said once.
+    said = report.error.fix if report.error is not None else None
+    fixes = [f for f in shown
+             if f.fix and f.status in (FAIL, WARN) and f.error is None and f.fix != said]  # fmt: skip
     if fixes:
         lines += ["", "How to fix:"]
         lines += [f"  {f.id}: {f.fix}" for f in fixes]
@@ -4140,18 +4248,103 @@ def _render(report: Report, *, quiet: bool, colour: bool) -> str:
     return "\n".join(lines)
 
 
+def _label_value(text: object) -> str:
+    """A Prometheus label value, escaped (text exposition format 0.0.4)."""
+    return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _prometheus(report: Report, duration_s: float) -> str:
+    """The node_exporter textfile-collector format."""
+    engine = report.host.get("engine") or "none"
+    error = report.error
+    lines = [
+        "# HELP boxlite_syscheck_usable Whether this host can run the selected engine's "
+        "real guests (1) or not (0).",
+        "# TYPE boxlite_syscheck_usable gauge",
+        f'boxlite_syscheck_usable{{engine="{_label_value(engine)}"}} '
+        f"{0 if report.verdict == NOT_USABLE else 1}",
+    ]
+    if report.engines:
+        lines += ["# HELP boxlite_syscheck_engine_would_run Whether each engine would start "
+                  "and run a stock guest here (1) or not (0).",
+                  "# TYPE boxlite_syscheck_engine_would_run gauge"]
+        for name, verdict in report.engines.items():
+            assert isinstance(verdict, dict)
+            lines.append(f'boxlite_syscheck_engine_would_run{{engine="{_label_value(name)}",'
+                         f'verdict="{_label_value(verdict["verdict"])}"}} '
+                         f'{1 if verdict["verdict"] == WOULD_RUN else 0}')  # fmt: skip
+    lines += [
+        "# HELP boxlite_syscheck_check_duration_seconds How long the check took.",
+        "# TYPE boxlite_syscheck_check_duration_seconds gauge",
+        f"boxlite_syscheck_check_duration_seconds {duration_s:.6f}",
+        "# HELP boxlite_syscheck_info The verdict and its cause, as labels.",
+        "# TYPE boxlite_syscheck_info gauge",
+        f'boxlite_syscheck_info{{version="{__version__}",verdict="{report.verdict}",'
+        f'cause="{_label_value(error.cause if error else "")}",'
+        f'kernel="{_label_value(report.host.get("kernel", ""))}",'
+        f'kvm_provider="{_label_value(report.host.get("kvm_provider", ""))}"}} 1',
+    ]
+    return "\n".join(lines)
+
+
+def _nfd_value(text: object) -> str:
+    """A Kubernetes label value: [A-Za-z0-9][-A-Za-z0-9_.]*[A-Za-z0-9], at most 63."""
+    import re
+
+    value = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-_.")[:63].strip("-_.")
+    return value
+
+
+def _nfd(report: Report) -> str:
+    """A Node Feature Discovery local feature file (features.d): one label a line.
+
+    Names without a prefix get NFD's feature.node.kubernetes.io/ namespace.
+    """
+    usable = report.verdict != NOT_USABLE
+    labels = {
+        "boxlite-kvm-usable": "true" if usable else "false",
+        "boxlite-kvm-engine": report.host.get("engine") or "none",
+        "boxlite-kvm-cause": report.error.cause if report.error is not None else "none",
+        "boxlite-kvm-provider": report.host.get("kvm_provider") or "none",
+    }
+    for name, verdict in report.engines.items():
+        assert isinstance(verdict, dict)
+        labels[f"boxlite-kvm-{name}"] = "true" if verdict["verdict"] == WOULD_RUN else "false"
+    return "\n".join(f"{key}={_nfd_value(value)}" for key, value in labels.items())
+
+
+def _prog() -> str:
+    """The name this command was run by, for usage lines and messages."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "boxlite-syscheck" if name == "boxlite-syscheck" else "boxlite_syscheck"
+
+
+def _colour_wanted() -> bool:
+    """Colour only on a terminal, never with a non-empty NO_COLOR or TERM=dumb."""
+    return (sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+            and os.environ.get("TERM") != "dumb")  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check from the command line; return the exit code."""
     import argparse
+    import time
 
+    prog = _prog()
     parser = argparse.ArgumentParser(
-        prog="boxlite_syscheck",
+        prog=prog,
         description="Check that this host can run hardware-accelerated VMs, by running "
         "real guest code under KVM (Linux) or asking Hypervisor.framework (macOS).",
-        epilog="Exit codes: 0 usable, 1 not usable, 2 usage error, 3 the checker failed.",
+        epilog="Exit codes: 0 usable, 1 not usable, 2 usage error, 3 the checker failed, "
+        "141 standard output closed.",
     )
-    parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
-    parser.add_argument("--quiet", "-q", action="store_true", help="print only failures")
+    parser.add_argument("--format", choices=("text", "json", "prometheus", "nfd"),
+                        default="text", help="text (default), json, prometheus "
+                        "(node_exporter textfile) or nfd (Node Feature Discovery features.d)")  # fmt: skip
+    parser.add_argument("--json", action="store_const", const="json", dest="format",
+                        help="the same as --format json")  # fmt: skip
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="text: print only failures and warnings")  # fmt: skip
     parser.add_argument("--strict", action="store_true", help="count warnings as failure")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"bound on running the guest (default {DEFAULT_TIMEOUT:g})")  # fmt: skip
@@ -4167,57 +4360,70 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse exits on --help, --version and errors
         return EXIT_USAGE if stop.code not in (0, None) else EXIT_USABLE
+    if args.quiet and args.format != "text":
+        parser.print_usage(sys.stderr)
+        print(f"{prog}: error: --quiet applies to the text report only", file=sys.stderr)
+        return EXIT_USAGE
     try:
         _check_timeout(args.timeout)
     except InvalidArgumentError as err:
         parser.print_usage(sys.stderr)
-        print(f"{parser.prog}: error: --timeout: {err.detail}", file=sys.stderr)
+        print(f"{prog}: error: --timeout: {err.detail}", file=sys.stderr)
         return EXIT_USAGE
+    if args.probe_hvf and not isinstance(_PROBE, HvfProbe):
+        print(f"{prog}: note: --probe-hvf applies to macOS only; ignored here", file=sys.stderr)
+    started = time.perf_counter()
     try:
         engine = None if args.engine == "none" else args.engine
         report = check(timeout=args.timeout, backend=args.backend, probe_hvf=args.probe_hvf,
                        engine=engine)  # fmt: skip
     except InternalError as err:
-        print(f"{parser.prog}: the checker failed: {err}", file=sys.stderr)
+        print(f"{prog}: the checker failed: {err}", file=sys.stderr)
         if err.fix:
-            print(f"{parser.prog}: fix: {err.fix}", file=sys.stderr)
+            print(f"{prog}: fix: {err.fix}", file=sys.stderr)
         return EXIT_CHECKER_FAILED
     except Exception as err:  # a bug here must not look like a host verdict
-        print(f"{parser.prog}: the checker failed: {type(err).__name__}: {err}",
+        print(f"{prog}: the checker failed: {type(err).__name__}: {err}",
               file=sys.stderr)  # fmt: skip
         return EXIT_CHECKER_FAILED
+    duration_s = time.perf_counter() - started
+    verdict = report.verdict
+    failed = verdict == NOT_USABLE or (args.strict and verdict == USABLE_WITH_WARNINGS)
     try:
-        if args.json:
+        if args.format == "json":
             import json
 
             print(json.dumps(report.as_dict(), indent=2, default=str))
+        elif args.format == "prometheus":
+            print(_prometheus(report, duration_s))
+        elif args.format == "nfd":
+            print(_nfd(report))
         else:
-            colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-            text = _render(report, quiet=args.quiet, colour=colour)
+            text = _render(report, quiet=args.quiet, colour=_colour_wanted(), prog=prog)
             if text:
                 print(text)
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (`| head`): quiet, as other tools are.  Point
         # stdout at /dev/null so the interpreter's final flush says nothing.
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except OSError as err:
+        print(f"{prog}: cannot write the report: {errno_name(err.errno or 0)}", file=sys.stderr)
+        _silence_stdout()
+        return EXIT_CHECKER_FAILED
+    if failed and verdict == USABLE_WITH_WARNINGS:
+        print(f"{prog}: --strict: warnings count as not usable", file=sys.stderr)
+    return EXIT_NOT_USABLE if failed else EXIT_USABLE
+
+
+def _silence_stdout() -> None:
+    try:
         devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        return EXIT_BROKEN_PIPE
-    except OSError as err:
-        print(f"{parser.prog}: cannot write the report: {errno_name(err.errno or 0)}",
-              file=sys.stderr)  # fmt: skip
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except OSError:
-            pass
-        return EXIT_CHECKER_FAILED
-    verdict = report.verdict
-    if verdict == NOT_USABLE or (args.strict and verdict == USABLE_WITH_WARNINGS):
-        return EXIT_NOT_USABLE
-    return EXIT_USABLE
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

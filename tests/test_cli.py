@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -19,10 +20,13 @@ STATUSES = {"pass", "warn", "fail", "skip", "info"}
 
 def check_shape(report):
     """The documented JSON shape (README, 'JSON output')."""
-    assert report["schema_version"] == 1
+    assert report["schema_version"] == 2
     assert report["verdict"] in {"usable", "usable-with-warnings", "not-usable"}
     assert set(report["host"]) >= {"host", "system", "kernel", "machine", "python", "probe"}
-    assert report["error"] is None or set(report["error"]) == {"type", "message", "cause", "fix"}
+    assert report["error"] is None or set(report["error"]) == {
+        "type", "code", "cause", "summary", "message", "evidence", "fix"}
+    if report["error"] is not None:
+        assert report["error"]["fix"] not in report["error"]["message"]  # said once
     for finding in report["findings"]:
         assert set(finding) == FINDING_KEYS
         assert finding["status"] in STATUSES
@@ -158,8 +162,9 @@ def test_linux_findings_through_seams(mocker):
     mocker.patch.object(b, "_exists", return_value=False)
     mocker.patch.object(b, "_read_text", return_value=None)
     found = {f.id: f for f in probe.findings(1.0, None, False)}
-    assert found["kvm.device"].status == "fail"
-    assert found["kvm.smoke"].status == "fail" and found["kvm.smoke"].fix
+    # One cause, one failing finding, and it carries the fix.
+    assert found["kvm.device"].status == "fail" and found["kvm.device"].fix
+    assert found["kvm.smoke"].status == "skip"
     assert found["kvm.capabilities"].status == "skip"
     assert found["kvm.groups"].status == "skip"
     assert found["kvm.module"].status == "skip"  # no /sys/module
@@ -186,3 +191,115 @@ def test_python_dash_m_tells_the_truth_here():
     report = json.loads(done.stdout)
     check_shape(report)
     assert report["error"]["cause"] == "guest-emulated-pvm"
+
+
+# ── The rough edges a new user hit (issue 13) ───────────────────────────────
+
+
+def with_findings(mocker, *findings, error=None):
+    mocker.patch.object(b, "_PROBE", b.KvmProbe("x86_64"))
+    mocker.patch.object(b.KvmProbe, "findings", return_value=list(findings))
+
+
+def test_quiet_keeps_a_warning_with_its_fix_and_strict_says_why(mocker, capsys):
+    with_findings(mocker, b.Finding("x.ok", "pass", "fine"),
+                  b.Finding("x.warn", "warn", "a warning", fix="do it"))
+    assert b.main(["-q"]) == 0
+    out = capsys.readouterr().out
+    assert "WARN  x.warn  a warning" in out and "x.warn: do it" in out and "PASS" not in out
+    assert b.main(["-q", "--strict"]) == 1
+    assert "--strict: warnings count as not usable" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env, expected", [({"NO_COLOR": ""}, True), ({"NO_COLOR": "1"}, False),
+                                           ({"TERM": "dumb"}, False), ({}, True)])
+def test_colour_rules(mocker, monkeypatch, env, expected):
+    mocker.patch.object(sys.stdout, "isatty", return_value=True)
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TERM", "xterm")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert b._colour_wanted() is expected
+
+
+def test_the_usage_line_names_the_command_as_run(mocker, capsys):
+    mocker.patch.object(sys, "argv", ["/usr/local/bin/boxlite-syscheck"])
+    assert b.main(["--bogus"]) == 2
+    assert capsys.readouterr().err.startswith("usage: boxlite-syscheck")
+
+
+def test_json_with_quiet_is_a_usage_error(capsys):
+    assert b.main(["--json", "--quiet"]) == 2
+    assert "--quiet applies to the text report only" in capsys.readouterr().err
+
+
+def test_probe_hvf_on_linux_says_it_is_ignored(mocker, capsys):
+    with_findings(mocker, b.Finding("x.ok", "pass", "fine"))
+    assert b.main(["--probe-hvf"]) == 0
+    assert "--probe-hvf applies to macOS only" in capsys.readouterr().err
+
+
+def test_a_fix_is_said_once(mocker, capsys):
+    error = b.UnsupportedError("no group\n\nFix: add the group", cause="kvm-not-in-group",
+                               fix="add the group")
+    failing = b.Finding("kvm.smoke", "fail", "no group", fix="add the group")
+    failing.error = error
+    with_findings(mocker, failing, b.Finding("kvm.groups", "warn", "no group", fix="add the group"))
+    b.main([])
+    assert capsys.readouterr().out.count("add the group") == 1
+
+
+def test_objects_print_as_what_they_are():
+    assert repr(b.KvmProbe("x86_64")) == "KvmProbe('x86_64', path='/dev/kvm')"
+    assert repr(b.HvfProbe("arm64")) == "HvfProbe('arm64')"
+    report = b.Report([b.Finding("x", "pass", "ok")], None, {})
+    assert repr(report) == "<Report usable, 1 findings>"
+    assert "object at 0x" not in repr(b.SystemCheck(None, None, b.HvfProbe("arm64")))
+
+
+def test_json_error_has_evidence_and_says_the_fix_once():
+    error = b._failure(b.UnsupportedError, "kvm-busy", "busy", tried="create", answer="EBUSY",
+                       fix="quit the other hypervisor")
+    finding = b._from_error("kvm.smoke", error)
+    data = b.Report([finding], error, {}).as_dict()["error"]
+    assert data["code"] == "unsupported" and data["summary"] == "busy"
+    assert data["evidence"]["answer"] == "EBUSY"
+    assert "quit the other hypervisor" not in data["message"] and data["fix"]
+
+
+def test_sdk_codes_match_boxlite_010():
+    # boxlite 0.10 (PyPI), boxlite/errors.py
+    expected = {"UnsupportedError": "unsupported", "EngineError": "engine_unavailable",
+                "ResourceExhaustedError": "resource_exhausted", "InternalError": "internal",
+                "InvalidArgumentError": "invalid_argument", "ImageError": "image_pull_failed",
+                "NetworkError": "network_unavailable", "ConfigError": "config_error"}
+    for name, code in expected.items():
+        assert getattr(b, name).code == code
+    assert b.PortalError.code is None and isinstance(b.UnsupportedError("x"), RuntimeError)
+
+
+def test_a_user_without_a_name_is_said_by_uid(mocker):
+    mocker.patch.object(b, "_user_name", side_effect=str)
+    assert b._who(65533) == "uid 65533"
+
+
+def test_an_open_mode_needs_no_group(mocker):
+    st = os.stat_result((0o020666, 0, 0, 1, 0, 4242, 0, 0, 0, 0), {"st_rdev": os.makedev(10, 232)})
+    mocker.patch.object(b, "_stat", return_value=st)
+    mocker.patch.object(b.os, "geteuid", return_value=1000)
+    mocker.patch.object(b, "_group_membership", return_value=("alice", True, False))
+    finding = b.KvmProbe("x86_64")._groups_finding()
+    assert finding.status == "info" and "every user" in finding.summary
+
+
+@needs_kvm
+def test_every_python_block_in_the_readme_runs(tmp_path):
+    text = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert blocks
+    for number, block in enumerate(blocks):
+        script = tmp_path / f"block{number}.py"
+        script.write_text(block)
+        done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert done.returncode == 0, f"README python block {number}:\n{block}\n{done.stderr}"

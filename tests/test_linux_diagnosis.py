@@ -132,12 +132,21 @@ class TestAccessDenied:
         assert "log out and back in" in err.fix
         assert "usermod" not in err.fix
 
-    def test_mode_without_group_access(self, device):
+    def test_mode_without_group_access(self, device, mocker):
         device(0o600)
+        mocker.patch("grp.getgrnam", return_value=object())  # a kvm group exists
         err = acquire_error()
         assert err.cause == "kvm-mode-no-group"
         assert "0600" in str(err)
-        assert "usermod" not in err.fix
+        assert "/etc/udev/rules.d/65-kvm.rules" in err.fix
+        assert "udevadm control --reload" in err.fix and "udevadm trigger --name-match=kvm" in err.fix
+        assert "usermod -aG kvm" in err.fix and "groupadd" not in err.fix
+
+    def test_mode_without_group_access_on_a_host_without_a_kvm_group(self, device, mocker):
+        device(0o600)
+        mocker.patch("grp.getgrnam", side_effect=KeyError("kvm"))
+        fix = acquire_error().fix
+        assert fix.startswith("`sudo groupadd --system kvm`")
 
     def test_denied_despite_group(self, device):
         device(0o660, held=True)
