@@ -2429,19 +2429,23 @@ def _module_for_cpu() -> str:
     return "kvm_intel or kvm_amd"
 
 
+def _node_kind(st: os.stat_result) -> str:
+    """What kind of file a stat result describes."""
+    import stat
+
+    for test, kind in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISDIR, "directory"), (stat.S_ISREG, "regular file")):  # fmt: skip
+        if test(st.st_mode):
+            return kind
+    return "special file"
+
+
 def _describe_node(st: os.stat_result) -> str:
     import stat
 
-    if stat.S_ISCHR(st.st_mode):
-        kind = f"character device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    elif stat.S_ISBLK(st.st_mode):
-        kind = f"block device {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    elif stat.S_ISDIR(st.st_mode):
-        kind = "directory"
-    elif stat.S_ISREG(st.st_mode):
-        kind = "regular file"
-    else:
-        kind = "special file"
+    kind = _node_kind(st)
+    if kind.endswith("device"):
+        kind += f" {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
     return f"{kind}, owner {_user_name(st.st_uid)}, group {_group_name(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):04o}"
 
 
@@ -2486,6 +2490,603 @@ def _group_membership(gid: int) -> tuple[str | None, bool, bool]:
     return user.pw_name, user.pw_gid == gid or user.pw_name in members, held
 
 
+# ── Host evidence: gathered once, as one value ──────────────────────────────
+
+_OVERFLOW_ID = 65534  # what an unmapped uid or gid shows as inside a user namespace
+# POSIX ACL xattr entries (include/uapi/linux/posix_acl.h, posix_acl_xattr.h).
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = (
+    0x01, 0x02, 0x04, 0x08, 0x10, 0x20)  # fmt: skip
+_LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+
+
+class Evidence:
+    """What the host shows about reaching /dev/kvm, read once.
+
+    A plain value: the diagnosis is a pure function of (step, errno, this),
+    and tests build one directly.  Every field that could not be read is
+    None, never an exception.
+    """
+
+    __slots__ = (
+        "acl", "arch", "cpu_flags", "egid", "euid", "flatpak", "groups", "group_exists",
+        "group_listed", "kubernetes", "kvm_modules", "kvm_registered", "landlock_abi", "lsm",
+        "lsm_context",
+        "module_available", "mount", "no_new_privs", "node", "path", "private_dev",
+        "runtime", "runtime_evidence", "seccomp", "snap", "user", "userns", "vendor", "wsl",
+    )  # fmt: skip
+
+    acl: list[dict[str, Any]] | None
+    arch: str | None
+    cpu_flags: set[str] | None
+    egid: int | None
+    euid: int | None
+    flatpak: bool | None
+    groups: tuple[int, ...]
+    group_exists: bool | None
+    group_listed: bool | None
+    kubernetes: bool | None
+    kvm_modules: list[str]
+    kvm_registered: bool | None
+    landlock_abi: int | None
+    lsm: list[str] | None
+    lsm_context: str | None
+    module_available: dict[str, bool]
+    mount: dict[str, Any] | None
+    no_new_privs: bool | None
+    node: dict[str, Any] | None
+    path: str | None
+    private_dev: bool | None
+    runtime: str | None
+    runtime_evidence: list[str]
+    seccomp: str | None
+    snap: str | None
+    user: str | None
+    userns: dict[str, Any] | None
+    vendor: str | None
+    wsl: str | None
+
+    def __init__(self, **fields: Any) -> None:
+        for name in self.__slots__:
+            setattr(self, name, fields.get(name))
+        self.groups = fields.get("groups") or ()
+        self.kvm_modules = fields.get("kvm_modules") or []
+        self.runtime_evidence = fields.get("runtime_evidence") or []
+        self.module_available = fields.get("module_available") or {}
+
+    def as_dict(self) -> dict[str, object]:
+        out = {name: getattr(self, name) for name in self.__slots__}
+        out["cpu_flags"] = sorted({"vmx", "svm", "hypervisor"} & (self.cpu_flags or set()))
+        out["groups"] = list(self.groups)
+        return out
+
+    def __repr__(self) -> str:
+        return f"<Evidence {self.path}: node {self.node}, runtime {self.runtime}>"
+
+    # Questions the rules ask.
+    @property
+    def in_userns(self) -> bool:
+        return self.userns is not None and not self.userns.get("identity", True)
+
+    @property
+    def contained(self) -> str | None:
+        """The container-like context this process runs in, by name."""
+        if self.kubernetes:
+            return "kubernetes"
+        if self.flatpak:
+            return "flatpak"
+        if self.snap:
+            return "snap"
+        return self.runtime
+
+    def is_kvm_node(self) -> bool:
+        node = self.node or {}
+        return (node.get("kind") == "character device"
+                and (node.get("major"), node.get("minor")) == (KVM_DEVICE_MAJOR, KVM_DEVICE_MINOR))  # fmt: skip
+
+
+def _getxattr(path: str, name: str) -> bytes | None:
+    """An extended attribute's value, or None (seam)."""
+    try:
+        return os.getxattr(path, name)
+    except (OSError, AttributeError):
+        return None
+
+
+def _parse_acl(raw: bytes | None) -> list[dict[str, object]] | None:
+    """system.posix_acl_access: version (u32), then (tag u16, perm u16, id u32) entries."""
+    if not raw or len(raw) < 4:
+        return None
+    names = {_ACL_USER_OBJ: "user_obj", _ACL_USER: "user", _ACL_GROUP_OBJ: "group_obj",
+             _ACL_GROUP: "group", _ACL_MASK: "mask", _ACL_OTHER: "other"}  # fmt: skip
+    entries = []
+    for at in range(4, len(raw) - 7, 8):
+        tag = int.from_bytes(raw[at : at + 2], "little")
+        perm = int.from_bytes(raw[at + 2 : at + 4], "little")
+        ident = int.from_bytes(raw[at + 4 : at + 8], "little")
+        entries.append({"tag": names.get(tag, str(tag)), "perm": perm,
+                        "id": ident if tag in (_ACL_USER, _ACL_GROUP) else None})  # fmt: skip
+    return entries
+
+
+def _mount_of(path: str) -> dict[str, object] | None:
+    """The mount holding ``path``: mount point, type, source and options."""
+    try:
+        target = os.path.realpath(path)
+    except OSError:
+        target = path
+    best: dict[str, object] | None = None
+    for line in (_read_text("/proc/self/mountinfo") or "").splitlines():
+        head, _, tail = line.partition(" - ")
+        fields, rest = head.split(), tail.split()
+        if len(fields) < 6 or len(rest) < 2:
+            continue
+        point = fields[4].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(str(best["point"]))):
+            best = {"point": point, "fstype": rest[0], "source": rest[1],
+                    "options": fields[5].split(",")}  # fmt: skip
+    return best
+
+
+def _userns() -> dict[str, object] | None:
+    uid_map = _read_text("/proc/self/uid_map")
+    gid_map = _read_text("/proc/self/gid_map")
+    if uid_map is None:
+        return None
+    identity = " ".join(uid_map.split()) == "0 0 4294967295"
+    return {"identity": identity, "uid_map": uid_map.strip(), "gid_map": (gid_map or "").strip()}
+
+
+def _runtime() -> tuple[str | None, list[str]]:
+    """The container runtime, with what showed it."""
+    seen: list[str] = []
+    runtime = None
+    environ = os.environ.get("container", "")
+    if environ:
+        seen.append(f"container={environ} in the environment")
+        runtime = {"oci": "containerd", "lxc-libvirt": "lxc"}.get(environ, environ)
+    if _exists("/run/.containerenv"):
+        seen.append("/run/.containerenv")
+        runtime = runtime or "podman"
+    cgroup = _read_text("/proc/1/cgroup") or ""
+    for hint, name in (("kubepods", "containerd"), ("libpod", "podman"), ("docker", "docker"),
+                       ("containerd", "containerd"), ("lxc", "lxc"), ("machine.slice", "systemd-nspawn")):  # fmt: skip
+        if hint in cgroup:
+            seen.append(f"/proc/1/cgroup mentions {hint}")
+            runtime = runtime or name
+            break
+    if _exists("/.dockerenv") and _root_fs_type() in ("overlay", "fuse-overlayfs"):
+        seen.append("/.dockerenv on an overlay root")
+        runtime = runtime or "docker"
+    if runtime is None and cgroup.strip() == "0::/" and _root_fs_type() in ("overlay", "fuse-overlayfs"):
+        # cgroup v2 with its own namespace: /proc/1/cgroup says only "0::/".
+        seen.append("a private cgroup namespace (0::/) on an overlay root")
+        runtime = "container"
+    return runtime, seen
+
+
+def _landlock_abi() -> int | None:
+    """The Landlock ABI this kernel offers, or None when it has none."""
+    import ctypes
+
+    try:
+        libc = _sys_libc()
+    except OSError:
+        return None
+    abi = libc.syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+                       ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))  # fmt: skip
+    return int(abi) if abi > 0 else None
+
+
+def _status_field(name: str) -> str | None:
+    for line in (_read_text("/proc/self/status") or "").splitlines():
+        if line.startswith(name + ":"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _module_available(name: str) -> bool:
+    """Whether the running kernel ships module ``name`` (modules.dep)."""
+    deps = _read_text(f"/lib/modules/{_kernel_release()}/modules.dep") or ""
+    return f"/{name.replace('_', '-')}.ko" in deps or f"/{name}.ko" in deps
+
+
+def _wsl_version() -> str | None:
+    release = _kernel_release()
+    if "microsoft-standard" in release.lower() or _exists(_WSL_INTEROP) and "WSL2" in release:
+        return "2"
+    if release.endswith("-Microsoft"):
+        return "1"
+    return "2" if _exists(_WSL_INTEROP) else None
+
+
+def _gather_evidence(path: str = KVM_DEVICE) -> Evidence:
+    """Read everything the rules may ask about (error paths and the report only)."""
+    import grp
+    import stat
+
+    node: dict[str, Any] | None = None
+    try:
+        st = _stat(path)
+        kind = _node_kind(st)
+        device = stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+        node = {"kind": kind, "major": os.major(st.st_rdev) if device else None,
+                "minor": os.minor(st.st_rdev) if device else None, "uid": st.st_uid,
+                "gid": st.st_gid, "mode": stat.S_IMODE(st.st_mode),
+                "owner": _user_name(st.st_uid), "group": _group_name(st.st_gid)}  # fmt: skip
+    except OSError:
+        pass
+    user, listed, _ = _group_membership(int(node["gid"])) if node else (None, False, False)
+    try:
+        grp.getgrnam("kvm")
+        group_exists = True
+    except KeyError:
+        group_exists = False
+    runtime, seen = _runtime()
+    dev = _mount_of("/dev")
+    lsm = (_read_text("/sys/kernel/security/lsm") or "").strip()
+    context = (_read_text("/proc/self/attr/current") or "").strip("\x00\n ") or None
+    return Evidence(
+        path=path, euid=os.geteuid(), egid=os.getegid(),
+        groups=tuple(sorted({os.getegid(), *os.getgroups()})), user=user,
+        node=node, acl=_parse_acl(_getxattr(path, "system.posix_acl_access")),
+        mount=_mount_of(path), userns=_userns(), runtime=runtime, runtime_evidence=seen,
+        kubernetes=bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        or _exists("/var/run/secrets/kubernetes.io/serviceaccount")
+        or "kubepods" in (_read_text("/proc/1/cgroup") or ""),
+        flatpak=_exists("/.flatpak-info"), snap=os.environ.get("SNAP_NAME"),
+        private_dev=bool(dev and dev.get("fstype") == "tmpfs"),
+        no_new_privs=_status_field("NoNewPrivs") == "1", seccomp=_status_field("Seccomp"),
+        landlock_abi=_landlock_abi(), lsm=lsm.split(",") if lsm else [], lsm_context=context,
+        arch={"amd64": "x86_64", "arm64": "aarch64"}.get(os.uname().machine, os.uname().machine),
+        cpu_flags=_cpu_flags(), vendor=_cpuinfo_field("vendor_id"), kvm_modules=_kvm_modules(),
+        # KVM registered its misc device: it initialised (on arm64, /sys/module/kvm
+        # exists even when KVM gave up for want of EL2).
+        kvm_registered=_exists("/sys/class/misc/kvm"),
+        module_available={m: _module_available(m) for m in ("kvm_pvm", "kvm_intel", "kvm_amd")},
+        wsl=_wsl_version(), group_listed=listed,
+        group_exists=group_exists,
+    )  # fmt: skip
+
+
+# ── Reaching the device: (step, errno, evidence) in, one cause out ──────────
+
+
+def _perm_allows(perm: int) -> bool:
+    return perm & 0o6 == 0o6
+
+
+def _acl_denier(ev: Evidence) -> str | None:
+    """The ACL entry that denies this process read-write, or None when the
+    ACL (if any) lets it in or does not decide (POSIX.1e access check)."""
+    acl, node = ev.acl or [], ev.node or {}
+    if not acl or ev.euid == node.get("uid"):
+        return None
+    mask = next((e["perm"] for e in acl if e["tag"] == "mask"), 0o7)
+    assert isinstance(mask, int)
+    named = [e for e in acl if e["tag"] == "user" and e["id"] == ev.euid]
+    if named:
+        perm = named[0]["perm"]
+        assert isinstance(perm, int)
+        return None if _perm_allows(perm & mask) else f"user:{ev.euid}:{perm & mask:o}"
+    groups = [e for e in acl if (e["tag"] == "group_obj" and node.get("gid") in ev.groups)
+              or (e["tag"] == "group" and e["id"] in ev.groups)]  # fmt: skip
+    if groups:
+        if any(_perm_allows(int(str(e["perm"])) & mask) for e in groups):
+            return None
+        return "mask" if not _perm_allows(mask) else "group entries without rw"
+    return None
+
+
+def _mode_lets_in(ev: Evidence) -> bool:
+    """Whether the mode bits (or ACL) let this process read and write."""
+    node = ev.node or {}
+    mode = int(node.get("mode", 0))
+    if ev.euid == 0 and not ev.in_userns:
+        return True
+    if ev.euid == node.get("uid"):
+        return _perm_allows(mode >> 6)
+    if node.get("gid") in ev.groups:
+        return _perm_allows(mode >> 3)
+    return _perm_allows(mode)
+
+
+def _policies(ev: Evidence) -> list[tuple[str, str, str]]:
+    """The sandboxes the evidence shows: (name, what shows it, the fix)."""
+    found = []
+    if ev.flatpak:
+        found.append(("flatpak", "/.flatpak-info", "`flatpak override --device=kvm APP` "
+                      "(or --device=all), then restart the app"))  # fmt: skip
+    if ev.snap:
+        found.append(("snap", f"SNAP_NAME={ev.snap}", f"`sudo snap connect {ev.snap}:kvm`"))
+    if ev.lsm_context and ev.lsm_context not in ("unconfined", "kernel"):
+        if "_t:" in ev.lsm_context or ev.lsm_context.count(":") >= 3:
+            found.append(("SELinux", f"context {ev.lsm_context}",
+                          "allow kvm_device_t for this domain (for containers: `setsebool -P "
+                          "container_use_devices on`); see `ausearch -m avc -ts recent`"))  # fmt: skip
+        else:
+            found.append(("AppArmor", f"profile {ev.lsm_context}",
+                          "allow `/dev/kvm rw,` in that profile; see the apparmor=\"DENIED\" "
+                          "lines of `dmesg`"))  # fmt: skip
+    if ev.seccomp == "2":
+        found.append(("seccomp", "Seccomp: 2 (filter)",
+                      "allow openat of /dev/kvm and ioctl on it in the seccomp policy"))  # fmt: skip
+    # Last: Landlock is only possible (its domains are not visible), the
+    # others above are shown by the evidence.
+    if ev.landlock_abi and ev.no_new_privs:
+        found.append(("Landlock", f"Landlock ABI {ev.landlock_abi} and NoNewPrivs 1; a Landlock "
+                      "domain is not visible from /proc, so it is possible, not shown",
+                      "allow /dev/kvm read-write (LANDLOCK_ACCESS_FS_READ_FILE|WRITE_FILE) and "
+                      "its ioctls (LANDLOCK_ACCESS_FS_IOCTL_DEV) in the sandbox's ruleset"))  # fmt: skip
+    return found
+
+
+def _node_text(ev: Evidence) -> str:
+    node = ev.node
+    if not node:
+        return "missing"
+    kind = node["kind"]
+    if node.get("major") is not None:
+        kind += f" {node['major']}:{node['minor']}"
+    return f"{kind}, owner {node['owner']}, group {node['group']}, mode {int(node['mode']):04o}"
+
+
+def _pass_in_fix(ev: Evidence) -> str:
+    """How to give this context the host's /dev/kvm."""
+    where = ev.contained
+    if where == "kubernetes":
+        return ("request the device from a device plugin (resources.limits "
+                "devices.kubevirt.io/kvm: 1, or a generic device plugin), or run the pod "
+                "privileged with a hostPath volume for /dev/kvm")
+    if where == "flatpak":
+        return "`flatpak override --device=kvm APP` (or --device=all), then restart the app"
+    if where == "snap":
+        return f"`sudo snap connect {ev.snap}:kvm`"
+    if where == "lxc":
+        return "`lxc config device add CONTAINER kvm unix-char path=/dev/kvm`"
+    if where == "systemd-nspawn":
+        return "start it with `--bind=/dev/kvm` and `--property=DeviceAllow='/dev/kvm rw'`"
+    if where is None and ev.private_dev:
+        return ("this process has a private /dev without the device (systemd PrivateDevices=, "
+                "a sandbox): set PrivateDevices=no or DeviceAllow=/dev/kvm rw and "
+                "BindPaths=/dev/kvm for the service, or pass the device in")
+    return ("start the container with `--device /dev/kvm` (docker, podman, nerdctl); in a "
+            "compose file, `devices: [\"/dev/kvm:/dev/kvm\"]`")
+
+
+def _no_virt_fix(ev: Evidence) -> str:
+    if ev.arch == "aarch64":
+        return ("KVM on arm64 needs the kernel started at EL2: boot it on bare metal or with "
+                "firmware that hands over EL2; on a cloud VM, use an instance type with "
+                "nested virtualization or a bare-metal one")
+    flags = ev.cpu_flags or set()
+    if "hypervisor" in flags:
+        if ev.module_available.get("kvm_pvm"):
+            return "load the paravirtual KVM this kernel ships: `sudo modprobe kvm_pvm`"
+        return ("enable nested virtualization for this VM on its host (on a cloud, an "
+                "instance type that offers it), then load kvm_intel or kvm_amd")
+    return ("enable Intel VT-x or AMD-V (SVM) in the BIOS/UEFI setup, then "
+            f"`sudo modprobe {_module_for(ev)}`")
+
+
+def _module_for(ev: Evidence) -> str:
+    flags = ev.cpu_flags or set()
+    if "svm" in flags or ev.vendor in ("AuthenticAMD", "HygonGenuine"):
+        return "kvm_amd"
+    if "vmx" in flags or ev.vendor == "GenuineIntel":
+        return "kvm_intel"
+    return "kvm_intel or kvm_amd"
+
+
+_DRIVERS = ("kvm_intel", "kvm_amd", "kvm_pvm")
+
+#: The access rules, in order: the first whose predicate holds names the cause.
+#: Each is (cause, predicate on (step, errno, evidence)); _explain() words it.
+ACCESS_RULES: tuple[tuple[str, Callable[[int, int, Evidence], bool]], ...] = (
+    ("kvm-wsl1", lambda st, e, ev: st == STEP_OPEN and e == errno.ENOENT and ev.wsl == "1"),
+    ("kvm-missing-wsl", lambda st, e, ev: st == STEP_OPEN and e == errno.ENOENT and ev.wsl == "2"),
+    ("kvm-not-kvm-device", lambda st, e, ev: (ev.node is not None and not ev.is_kvm_node()
+     and (st == STEP_OPEN or e in (errno.ENOTTY, errno.EINVAL)))
+     or (st in (STEP_API_VERSION, STEP_CREATE_VM) and e == errno.ENOTTY)
+     or (st == STEP_API_VERSION and e == errno.EINVAL)),
+    ("kvm-missing-container", lambda st, e, ev: st == STEP_OPEN and e == errno.ENOENT
+     and (ev.contained is not None or bool(ev.private_dev))),
+    ("kvm-node-missing", lambda st, e, ev: st == STEP_OPEN and e == errno.ENOENT
+     and (bool(ev.kvm_registered) or any(m in ev.kvm_modules for m in _DRIVERS))),
+    ("kvm-module-not-loaded", lambda st, e, ev: st == STEP_OPEN and e == errno.ENOENT
+     and ev.arch != "aarch64" and bool({"vmx", "svm"} & (ev.cpu_flags or set()))),
+    ("kvm-no-virtualization", lambda st, e, ev: st == STEP_OPEN and e == errno.ENOENT),
+    ("kvm-no-driver", lambda st, e, ev: st == STEP_OPEN and e in (errno.ENXIO, errno.ENODEV)),
+    ("kvm-device-cgroup", lambda st, e, ev: st == STEP_OPEN and e == errno.EPERM
+     and ev.contained not in (None, "flatpak", "snap")),
+    ("kvm-nodev", lambda st, e, ev: st == STEP_OPEN and e == errno.EACCES
+     and "nodev" in (ev.mount or {}).get("options", ())),
+    ("kvm-userns", lambda st, e, ev: st == STEP_OPEN and e == errno.EACCES and ev.in_userns
+     and not _mode_lets_in(ev)),
+    ("kvm-acl-denies", lambda st, e, ev: st == STEP_OPEN and e == errno.EACCES
+     and _acl_denier(ev) is not None),
+    ("kvm-mode-no-group", lambda st, e, ev: st == STEP_OPEN and e == errno.EACCES
+     and not _mode_lets_in(ev) and not _perm_allows(int((ev.node or {}).get("mode", 0)) >> 3)),
+    ("kvm-stale-session", lambda st, e, ev: st == STEP_OPEN and e == errno.EACCES
+     and not _mode_lets_in(ev) and bool(ev.group_listed)),
+    ("kvm-not-in-group", lambda st, e, ev: st == STEP_OPEN and e == errno.EACCES
+     and not _mode_lets_in(ev)),
+    ("kvm-policy", lambda st, e, ev: e in (errno.EACCES, errno.EPERM)),
+)  # fmt: skip
+
+
+def diagnose_access(step: int, err: int, ev: Evidence) -> BoxliteError | None:
+    """The cause of a failure to reach or use the device, from the evidence.
+
+    A pure function: the first rule of ACCESS_RULES that holds names the
+    cause, and _explain() says it with its evidence and its one fix (or,
+    where the evidence fits several causes, the checks to run in order).
+    None when no rule applies.
+    """
+    for cause, holds in ACCESS_RULES:
+        if holds(step, err, ev):
+            return _explain(cause, step, err, ev)
+    return None
+
+
+def _explain(cause: str, step: int, err: int, ev: Evidence) -> BoxliteError:
+    path = ev.path or KVM_DEVICE
+    tried = (f"open {path} read-write as {_who(int(ev.euid or 0))}" if step == STEP_OPEN
+             else STEP_NAMES[step])  # fmt: skip
+    answer = errno_name(err)
+    node = _node_text(ev)
+    group = (ev.node or {}).get("group", "kvm")
+    user = ev.user or "$USER"
+    context = ev.contained or ("a private /dev" if ev.private_dev else None)
+    if cause == "kvm-wsl1":
+        return _failure(UnsupportedError, cause,
+                        f"{path} does not exist: WSL 1 has no KVM at all",
+                        tried=tried, answer=answer, kernel=_kernel_release(),
+                        fix="convert the distribution to WSL 2: `wsl --set-version DISTRO 2` "
+                        "(in Windows), then enable nested virtualization")  # fmt: skip
+    if cause == "kvm-missing-wsl":
+        return _failure(UnsupportedError, cause,
+                        f"{path} does not exist: this WSL 2 instance has no nested virtualization",
+                        tried=tried, answer=answer, kernel=_kernel_release(),
+                        fix="nested virtualization in WSL 2 needs Windows 11: set "
+                        "nestedVirtualization=true under [wsl2] in %UserProfile%\\.wslconfig, "
+                        "then `wsl --shutdown` and start WSL again")  # fmt: skip
+    if cause == "kvm-not-kvm-device":
+        what = f"it is a {node}" if ev.node else f"it answers {STEP_NAMES[step]} with {answer}"
+        return _failure(UnsupportedError, cause, f"{path} is not the KVM device: {what}",
+                        tried=tried, answer=answer, device=node,
+                        expected=f"character device {KVM_DEVICE_MAJOR}:{KVM_DEVICE_MINOR}",
+                        fix=(f"remove what is at {path} (a `docker -v /dev/kvm:/dev/kvm` on a "
+                             "host without KVM leaves a directory) and " + _pass_in_fix(ev))
+                        if context else
+                        f"remove what is at {path} and recreate it: `sudo mknod {path} c "
+                        f"{KVM_DEVICE_MAJOR} {KVM_DEVICE_MINOR}` (or let udev do it)")  # fmt: skip
+    if cause == "kvm-missing-container":
+        return _failure(UnsupportedError, cause,
+                        f"{path} does not exist in this {context} (the host's device was not "
+                        "passed in)", tried=tried, answer=answer, context=context,
+                        seen=", ".join(ev.runtime_evidence) or None, fix=_pass_in_fix(ev))  # fmt: skip
+    if cause == "kvm-node-missing":
+        loaded = ", ".join(m for m in ev.kvm_modules if m != "kvm") or "kvm"
+        return _failure(UnsupportedError, cause, f"{loaded} is loaded but {path} does not exist",
+                        tried=tried, answer=answer, kvm_modules_loaded=loaded,
+                        fix=f"create the node: `sudo mknod {path} c {KVM_DEVICE_MAJOR} "
+                        f"{KVM_DEVICE_MINOR} && sudo chmod 0660 {path}` (udev normally does "
+                        "it: check that it runs)")  # fmt: skip
+    if cause == "kvm-module-not-loaded":
+        module = _module_for(ev)
+        return _failure(UnsupportedError, cause,
+                        f"{path} does not exist: the CPU has {'AMD-V' if module == 'kvm_amd' else 'VT-x'} "
+                        "but no KVM module is loaded", tried=tried, answer=answer,
+                        fix=f"`sudo modprobe {module}` (if it fails with 'Operation not "
+                        "supported', enable virtualization in the firmware setup)")  # fmt: skip
+    if cause == "kvm-no-virtualization":
+        flags = ev.cpu_flags or set()
+        if ev.arch == "aarch64":
+            summary, why = f"{path} does not exist: the kernel was not started at EL2", "kvm-no-el2"
+        elif ev.module_available.get("kvm_pvm") and "hypervisor" in flags:
+            summary, why = f"{path} does not exist: kvm_pvm is available but not loaded", "kvm-pvm-not-loaded"
+        elif "hypervisor" in flags:
+            summary, why = (f"{path} does not exist: this machine is itself a VM whose hypervisor "
+                            "does not pass VT-x/AMD-V through", "kvm-no-nested")
+        else:
+            summary, why = f"{path} does not exist and the CPU reports no VT-x/AMD-V", cause
+        return _failure(UnsupportedError, why, summary, tried=tried, answer=answer,
+                        kernel=_kernel_release(), kvm_modules_loaded=", ".join(ev.kvm_modules) or "none",
+                        fix=_no_virt_fix(ev))  # fmt: skip
+    if cause == "kvm-no-driver":
+        return _failure(UnsupportedError, cause, f"{path} exists but no KVM driver answers for it",
+                        tried=tried, answer=answer, device=node,
+                        kvm_modules_loaded=", ".join(ev.kvm_modules) or "none",
+                        fix=_no_virt_fix(ev) if ev.arch == "aarch64"
+                        else f"load the KVM module: `sudo modprobe {_module_for(ev)}`")  # fmt: skip
+    if cause == "kvm-device-cgroup":
+        fix = ("request the device from a device plugin (devices.kubevirt.io/kvm) or run the "
+               "pod privileged" if ev.kubernetes else
+               "pass it with `--device /dev/kvm` (a `-v /dev/kvm:/dev/kvm` bind mount is not "
+               "allowed by the device cgroup), or `--device-cgroup-rule='c 10:232 rwm'`")  # fmt: skip
+        return _failure(UnsupportedError, cause,
+                        f"{path} is refused by the container's device cgroup (EPERM even as root)",
+                        tried=tried, answer=answer, context=context, device=node, fix=fix)  # fmt: skip
+    if cause == "kvm-nodev":
+        mount = ev.mount or {}
+        return _failure(UnsupportedError, cause,
+                        f"{path} looks right but sits on a filesystem mounted nodev "
+                        f"({mount.get('point')}, {mount.get('fstype')})",
+                        tried=tried, answer=answer, device=node,
+                        mount=f"{mount.get('point')} {','.join(mount.get('options', []))}",
+                        fix="bind-mount the host's node instead (`mount --bind /dev/kvm "
+                        f"{path}`); in a user namespace every new mount is nodev, so pass the "
+                        "device in (`--device /dev/kvm`)")  # fmt: skip
+    if cause == "kvm-userns":
+        node_info = ev.node or {}
+        if node_info.get("gid") == _OVERFLOW_ID:
+            # Two causes fit: the runtime dropped the host user's groups, or the
+            # host user never had the group.  Say both, with the check first.
+            why = ("the device's group is not mapped into this user namespace (it shows as "
+                   f"{node_info.get('group')}) and this process does not hold it")
+            fix = ("check in this order: (1) run `id` as the host user: if it lists the "
+                   "device's group, the runtime dropped it: keep it with `podman run "
+                   "--group-add keep-groups` (crun); (2) if not, add the host user to it "
+                   "(`sudo usermod -aG kvm USER` on the host) or give it an ACL (`sudo setfacl "
+                   "-m u:USER:rw /dev/kvm`)")
+        else:
+            why = "the host user of this user namespace has no access to the node"
+            fix = (f"on the host, add that user to group {group} (`sudo usermod -aG {group} "
+                   "USER`) or give it an ACL (`sudo setfacl -m u:USER:rw /dev/kvm`)")
+        root = " (root here is not root on the host)" if ev.euid == 0 else ""
+        return _failure(UnsupportedError, cause, f"{path}: permission denied in a user namespace"
+                        f"{root}: {why}", tried=tried, answer=answer, device=node,
+                        uid_map=(ev.userns or {}).get("uid_map"), fix=fix)  # fmt: skip
+    if cause == "kvm-acl-denies":
+        return _failure(UnsupportedError, cause,
+                        f"{path}: permission denied by its access control list "
+                        f"({_acl_denier(ev)})", tried=tried, answer=answer, device=node,
+                        acl=", ".join(f"{e['tag']}{':' + str(e['id']) if e['id'] is not None else ''}:{e['perm']:o}"
+                                      for e in (ev.acl or [])),
+                        fix=f"`sudo setfacl -m u:{user}:rw {path}` (or remove the entry that "
+                        f"denies: `getfacl {path}`)")  # fmt: skip
+    if cause == "kvm-mode-no-group":
+        return _failure(UnsupportedError, cause,
+                        f"{path}: permission denied, and its mode "
+                        f"{int((ev.node or {}).get('mode', 0)):04o} lets no group in",
+                        tried=tried, answer=answer, device=node, fix=_group_access_fix(path, ev.user))  # fmt: skip
+    if cause == "kvm-stale-session":
+        return _failure(UnsupportedError, cause,
+                        f"{path}: permission denied: {user} is in group {group}, but this "
+                        "session started before that and does not have it",
+                        tried=tried, answer=answer, device=node,
+                        fix=f"log out and back in (or start a shell with the group: `newgrp "
+                        f"{group}`); a running login session does not pick up new groups")  # fmt: skip
+    if cause == "kvm-not-in-group":
+        return _failure(UnsupportedError, cause,
+                        f"{path}: permission denied: {user} is not in group {group}",
+                        tried=tried, answer=answer, device=node,
+                        fix=f"`sudo usermod -aG {group} {user}`, then log out and back in (a "
+                        "running login session does not pick up new groups)")  # fmt: skip
+    # kvm-policy: the mode lets this process in, so a policy refused it.
+    policies = _policies(ev)
+    what = "opening" if step == STEP_OPEN else "an ioctl on"
+    if len(policies) == 1:
+        name, shown, fix = policies[0]
+        return _failure(UnsupportedError, f"kvm-{name.lower()}-denied",
+                        f"{what} {path} is refused by {name} (the device's mode lets this "
+                        "process in)", tried=tried, answer=answer, device=node, sandbox=shown,
+                        fix=fix)  # fmt: skip
+    checks = [f"({i}) {name} ({shown}): {fix}" for i, (name, shown, fix) in enumerate(policies, 1)]
+    if not checks:
+        checks = ["(1) the audit log (`ausearch -m avc -ts recent`, `dmesg`) for an LSM "
+                  "denial", "(2) the sandbox or service manager that started this process "
+                  "(seccomp, Landlock, systemd DevicePolicy=)"]
+    return _failure(UnsupportedError, "kvm-access-policy",
+                    f"{what} {path} is refused by a policy, although the device's mode lets "
+                    "this process in", tried=tried, answer=answer, device=node,
+                    sandboxes=", ".join(p[0] for p in policies) or "none visible",
+                    fix="more than one policy could refuse it; check in this order: "
+                    + "; ".join(checks) if len(checks) > 1 else checks[0])  # fmt: skip
+
+
 # ── Diagnosis: evidence in, one cause and one fix out ───────────────────────
 
 
@@ -2515,68 +3116,6 @@ def _failure(
     return cls("\n".join(lines), cause=cause, evidence=evidence, fix=fix)
 
 
-def _missing_device(path: str, err: int) -> BoxliteError:
-    answer = errno_name(err)
-    tried = f"open {path} read-write"
-    modules = _kvm_modules()
-    container = _container()
-    common = {"kernel": _kernel_release(), "kvm_modules_loaded": ", ".join(modules) or "none"}
-    if _is_wsl():
-        return _failure(
-            UnsupportedError, "kvm-missing-wsl",
-            f"{path} does not exist: this WSL2 instance has no nested virtualization",
-            tried=tried, answer=answer, **common,
-            fix="nested virtualization in WSL2 needs Windows 11: set "
-            "nestedVirtualization=true under [wsl2] in %UserProfile%\\.wslconfig, "
-            "then run `wsl --shutdown` and start WSL again",
-        )  # fmt: skip
-    if container:
-        return _failure(
-            UnsupportedError, "kvm-missing-container",
-            f"{path} does not exist in this container ({container})",
-            tried=tried, answer=answer, container=container, **common,
-            fix="start the container with the device passed in, e.g. "
-            f"`docker run --device {path} ...` (podman: the same flag; Kubernetes: "
-            "a device plugin that exposes /dev/kvm)",
-        )  # fmt: skip
-    arch_modules = [m for m in modules if m != "kvm"]
-    if arch_modules:
-        return _failure(
-            UnsupportedError, "kvm-node-missing",
-            f"{', '.join(arch_modules)} is loaded but {path} does not exist",
-            tried=tried, answer=answer, **common,
-            fix=f"create the device node: `sudo mknod {path} c {KVM_DEVICE_MAJOR} "
-            f"{KVM_DEVICE_MINOR}` (udev normally does this; check that udev runs)",
-        )  # fmt: skip
-    flags = _cpu_flags()
-    if flags is not None and ({"vmx", "svm"} & flags):
-        module = "kvm_amd" if "svm" in flags else "kvm_intel"
-        return _failure(
-            UnsupportedError, "kvm-module-not-loaded",
-            f"{path} does not exist: the CPU has {'AMD-V' if 'svm' in flags else 'VT-x'} "
-            "but no KVM module is loaded",
-            tried=tried, answer=answer, **common,
-            fix=f"load the module: `sudo modprobe {module}` (if it fails with "
-            "'Operation not supported', enable virtualization in the firmware setup)",
-        )  # fmt: skip
-    if flags is not None and "hypervisor" in flags:
-        return _failure(
-            UnsupportedError, "kvm-no-nested",
-            f"{path} does not exist: this machine is itself a virtual machine whose "
-            "hypervisor does not pass VT-x/AMD-V through",
-            tried=tried, answer=answer, cpu_flags="hypervisor, no vmx or svm", **common,
-            fix="enable nested virtualization for this VM on its host (on a cloud, "
-            "use an instance type that offers it), then load kvm_intel or kvm_amd",
-        )  # fmt: skip
-    return _failure(
-        UnsupportedError, "kvm-no-virtualization",
-        f"{path} does not exist and the CPU reports no VT-x/AMD-V",
-        tried=tried, answer=answer, **common,
-        fix="enable Intel VT-x or AMD-V (SVM) in the BIOS/UEFI setup, then "
-        f"`sudo modprobe {_module_for_cpu()}`",
-    )  # fmt: skip
-
-
 def _group_access_fix(path: str, user: str | None) -> str:
     """Give the kvm group access to the node, creating the group if needed."""
     import grp
@@ -2593,56 +3132,6 @@ def _group_access_fix(path: str, user: str | None) -> str:
         f"`sudo usermod -aG kvm {user or '$USER'}`, then log out and back in",
     ]
     return "; then ".join(steps)
-
-
-def _access_denied(path: str, err: int) -> BoxliteError:
-    import stat
-
-    tried = f"open {path} read-write as {_who(os.geteuid())}"
-    answer = errno_name(err)
-    try:
-        st = _stat(path)
-    except OSError as stat_err:
-        return _failure(
-            UnsupportedError, "kvm-access-denied", f"{path}: permission denied",
-            tried=tried, answer=answer, device=f"cannot stat: {errno_name(stat_err.errno or 0)}",
-            fix="make the device readable and writable by a group this user is in",
-        )  # fmt: skip
-    mode = stat.S_IMODE(st.st_mode)
-    group = _group_name(st.st_gid)
-    device = _describe_node(st)
-    user, listed, held = _group_membership(st.st_gid)
-    if mode & 0o060 != 0o060:
-        return _failure(
-            UnsupportedError, "kvm-mode-no-group",
-            f"{path}: permission denied, and its mode {mode:04o} lets no group in",
-            tried=tried, answer=answer, device=device,
-            fix=_group_access_fix(path, user),
-        )  # fmt: skip
-    if held:
-        return _failure(
-            UnsupportedError, "kvm-access-policy",
-            f"{path}: permission denied although this process has group {group}",
-            tried=tried, answer=answer, device=device,
-            fix="an access control list or security module (AppArmor, SELinux) denies "
-            f"it: see `getfacl {path}` and the audit log for the denial",
-        )  # fmt: skip
-    if listed:
-        return _failure(
-            UnsupportedError, "kvm-stale-session",
-            f"{path}: permission denied: {user} is in group {group}, but this session "
-            "started before that and does not have it",
-            tried=tried, answer=answer, device=device,
-            fix=f"log out and back in (or start a shell with the group: `newgrp {group}`); "
-            "a running login session does not pick up new groups",
-        )  # fmt: skip
-    return _failure(
-        UnsupportedError, "kvm-not-in-group",
-        f"{path}: permission denied: {user or 'this user'} is not in group {group}",
-        tried=tried, answer=answer, device=device,
-        fix=f"`sudo usermod -aG {group} {user or '$USER'}`, then log out and back in "
-        "(a running login session does not pick up new groups)",
-    )  # fmt: skip
 
 
 def _resource_exhausted(path: str, step: int, err: int) -> BoxliteError:
@@ -2673,40 +3162,6 @@ def _resource_exhausted(path: str, step: int, err: int) -> BoxliteError:
         tried=tried, answer=answer,
         fix="free memory, or raise this process's memory limit (cgroup memory.max, "
         "`ulimit -v`)",
-    )  # fmt: skip
-
-
-def _forbidden(path: str, step: int, err: int) -> BoxliteError:
-    container = _container()
-    fix = (
-        f"allow the device to the container (`--device {path}`) and do not filter "
-        "KVM ioctls in its seccomp profile"
-        if container
-        else "find the policy that denies it (seccomp filter, SELinux or AppArmor; "
-        "see the audit log) and allow KVM for this program"
-    )
-    return _failure(
-        UnsupportedError, "kvm-forbidden",
-        f"{STEP_NAMES[step]} is forbidden by policy (not a group problem)",
-        tried=STEP_NAMES[step], answer=errno_name(err),
-        context=f"container ({container})" if container else "no container detected",
-        fix=fix,
-    )  # fmt: skip
-
-
-def _not_kvm(path: str, step: int, err: int) -> BoxliteError:
-    try:
-        device = _describe_node(_stat(path))
-    except OSError as stat_err:
-        device = f"cannot stat: {errno_name(stat_err.errno or 0)}"
-    return _failure(
-        UnsupportedError, "kvm-not-kvm-device",
-        f"{path} is not a KVM device",
-        tried=STEP_NAMES[step], answer=errno_name(err), device=device,
-        expected=f"character device {KVM_DEVICE_MAJOR}:{KVM_DEVICE_MINOR}",
-        fix=f"remove what is at {path} and recreate the node: "
-        f"`sudo mknod {path} c {KVM_DEVICE_MAJOR} {KVM_DEVICE_MINOR}` with the KVM "
-        "module loaded (or let udev recreate it)",
     )  # fmt: skip
 
 
@@ -2890,30 +3345,16 @@ def diagnose(result: SmokeResult, path: str = KVM_DEVICE,
         return None if result.ok else _exit_failure(result)
     if err in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
         return _resource_exhausted(path, step, err)
-    if err == errno.EPERM:
-        return _forbidden(path, step, err)
+    if step == STEP_OPEN or err in (errno.EACCES, errno.EPERM, errno.ENOTTY, errno.EINVAL):
+        access = diagnose_access(step, err, _gather_evidence(path))
+        if access is not None:
+            return access
     if step == STEP_OPEN:
-        if err == errno.ENOENT:
-            return _missing_device(path, err)
-        if err == errno.EACCES:
-            return _access_denied(path, err)
-        if err in (errno.ENXIO, errno.ENODEV):
-            return _failure(
-                UnsupportedError, "kvm-no-driver",
-                f"{path} exists but no driver answers for it",
-                tried=f"open {path} read-write", answer=errno_name(err),
-                kvm_modules_loaded=", ".join(_kvm_modules()) or "none",
-                fix=f"load the KVM module: `sudo modprobe {_module_for_cpu()}`",
-            )  # fmt: skip
         return _failure(
             UnsupportedError, "kvm-open-failed", f"{path} cannot be opened",
             tried=f"open {path} read-write", answer=errno_name(err),
             fix="see the answer above; the device must open read-write for this user",
         )  # fmt: skip
-    if step in (STEP_API_VERSION, STEP_CREATE_VM) and err == errno.ENOTTY:
-        return _not_kvm(path, step, err)
-    if step == STEP_API_VERSION and err == errno.EINVAL:
-        return _not_kvm(path, step, err)
     if step == STEP_API_VERSION and err == 0:
         return _failure(
             UnsupportedError, "kvm-api-version",
@@ -3754,14 +4195,31 @@ def _cpu_finding(kvm_works: bool, guest: SmokeResult | None = None) -> Finding:
 
 
 def _context_finding() -> Finding:
-    container = _container()
-    wsl = _is_wsl()
-    evidence = {"container": container, "wsl2": wsl}
-    if container or wsl:
-        where = " and ".join(x for x in (f"container ({container})" if container else "",
-                                         "WSL2" if wsl else "") if x)  # fmt: skip
-        return Finding("host.context", INFO, f"running in {where}", evidence)
-    return Finding("host.context", INFO, "no container or WSL detected", evidence)
+    """Where this process runs: container, cluster, user namespace, sandbox, LSM."""
+    ev = _gather_evidence()
+    parts = []
+    if ev.contained:
+        parts.append(f"{ev.contained} ({', '.join(ev.runtime_evidence) or 'environment'})")
+    if ev.private_dev:
+        parts.append("a private /dev (tmpfs)")
+    if ev.in_userns:
+        parts.append(f"a user namespace (uid_map {' '.join(str((ev.userns or {}).get('uid_map')).split())})")
+    if ev.wsl:
+        parts.append(f"WSL {ev.wsl}")
+    sandbox = [name for name, _, _ in _policies(ev)]
+    if sandbox:
+        parts.append("sandboxed: " + ", ".join(sandbox))
+    evidence = {
+        "runtime": ev.runtime, "runtime_evidence": ev.runtime_evidence,
+        "kubernetes": ev.kubernetes, "flatpak": ev.flatpak, "snap": ev.snap,
+        "private_dev": ev.private_dev, "user_namespace": ev.userns, "wsl": ev.wsl,
+        "no_new_privs": ev.no_new_privs, "seccomp": ev.seccomp,
+        "landlock_abi": ev.landlock_abi, "lsm": ev.lsm, "lsm_context": ev.lsm_context,
+    }  # fmt: skip
+    if parts:
+        return Finding("host.context", INFO, "running in " + "; ".join(parts), evidence)
+    return Finding("host.context", INFO, "no container, user namespace, sandbox or WSL detected",
+                   evidence)  # fmt: skip
 
 
 class HvfProbe(HypervisorProbe):

@@ -149,9 +149,18 @@ class FaultEnv:
         ]
 
     def run(self, code: str, *args: str, user: bool = False, groups: str | None = None,
-            python: str = SYSTEM_PYTHON) -> subprocess.CompletedProcess[str]:
-        """Run Python code inside the namespace, as root or as the test user."""
+            python: str = SYSTEM_PYTHON, userns: bool = False,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """Run Python code inside the namespace, as root or as the test user.
+
+        ``userns`` runs it as root of a new user namespace (``unshare -U -r``),
+        made by the test user when ``user`` is set: a rootless container.
+        """
         command = [python, "-c", code, str(self.dir), *args]
+        if userns:
+            command = ["unshare", "-U", "-r", *command]
+        if env:
+            command = ["env", *(f"{k}={v}" for k, v in env.items()), *command]
         if user:
             drop = ["setpriv", f"--reuid={TEST_UID}", f"--regid={TEST_GID}"]
             drop += [f"--groups={groups}"] if groups else ["--clear-groups"]
@@ -161,6 +170,12 @@ class FaultEnv:
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *command],
             capture_output=True, text=True, timeout=60, cwd="/",
         )
+
+    def node_at(self, where: str, *, major: int = 10, minor: int = 232, mode: int = 0o666,
+                uid: int = 0, gid: int = KVM_GID) -> None:
+        """Make a character device at a path of the namespace (e.g. on a nodev tmpfs)."""
+        self.setup.append(f"mknod -m {mode:o} {where} c {major} {minor}")
+        self.setup.append(f"chown {uid}:{gid} {where}")
 
     def probe(self, engine: str = "none", **kwargs: object) -> dict[str, dict[str, object]]:
         """Run SystemCheck.run() with both backends; return what each gave.

@@ -106,7 +106,7 @@ def test_not_usable_exits_1_and_shows_the_fix(mocker, capsys):
     assert b.main([]) == 1
     out = capsys.readouterr().out
     assert "FAIL  kvm.smoke" in out
-    assert "Fix: find the policy that denies it" in out
+    assert "Fix: more than one policy could refuse it; check in this order" in out
     assert "EPERM (Operation not permitted)" in out
     assert out.rstrip().endswith("Verdict: not-usable")
 

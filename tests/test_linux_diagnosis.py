@@ -86,7 +86,7 @@ class TestMissingDevice:
 
     @pytest.mark.parametrize(("marker", "texts", "name"), [
         ("/run/.containerenv", {}, "podman"),
-        (None, {"/proc/1/cgroup": "0::/kubepods/burstable/pod1\n"}, "kubepods"),
+        (None, {"/proc/1/cgroup": "0::/kubepods/burstable/pod1\n"}, "kubernetes"),
         ("/.dockerenv", {"/proc/self/mountinfo": "1 0 0:1 / / rw - overlay overlay rw\n"}, "docker"),
     ])
     def test_container(self, mocker, marker, texts, name):
@@ -94,8 +94,9 @@ class TestMissingDevice:
         facts(mocker, exists={marker} if marker else set(), texts={**INTEL, **texts})
         err = acquire_error()
         assert err.cause == "kvm-missing-container"
-        assert err.evidence["container"] == name
-        assert "--device /dev/kvm" in err.fix
+        assert err.evidence["context"] == name
+        assert "mknod" not in err.fix  # pass the device in, never create one inside
+        assert ("devices.kubevirt.io/kvm" if name == "kubernetes" else "--device /dev/kvm") in err.fix
 
     def test_dockerenv_on_a_plain_root_is_no_container(self, mocker):
         open_fails(mocker, errno.ENOENT)
@@ -115,6 +116,10 @@ class TestAccessDenied:
             mocker.patch.object(b, "_user_name", return_value="alice")
             listed = "alice" in members or user_gid == gid
             mocker.patch.object(b, "_group_membership", return_value=("alice", listed, held))
+            # The process is alice (uid 1000), holding the device's group only when `held`.
+            mocker.patch.object(b.os, "geteuid", return_value=1000)
+            mocker.patch.object(b.os, "getegid", return_value=user_gid)
+            mocker.patch.object(b.os, "getgroups", return_value=[gid] if held else [user_gid])
             open_fails(mocker, errno.EACCES)
         return make
 
@@ -154,7 +159,7 @@ class TestAccessDenied:
 
 
 @pytest.mark.parametrize(("number", "cause", "cls"), [
-    (errno.EPERM, "kvm-forbidden", b.UnsupportedError),
+    (errno.EPERM, "kvm-access-policy", b.UnsupportedError),
     (errno.ENXIO, "kvm-no-driver", b.UnsupportedError),
     (errno.ENODEV, "kvm-no-driver", b.UnsupportedError),
     (errno.EMFILE, "fd-limit", b.ResourceExhaustedError),
@@ -211,8 +216,8 @@ OK = dict(exit_reason=b.KVM_EXIT_HLT, proof=b.PROOF_VALUE)
      ["RLIMIT_NOFILE", "EMFILE"]),
     (dict(step=b.STEP_GUEST_MEMORY, error=errno.ENOMEM), "out-of-memory",
      b.ResourceExhaustedError, ["ENOMEM"]),
-    (dict(step=b.STEP_CREATE_VCPU, error=errno.EPERM), "kvm-forbidden", b.UnsupportedError,
-     ["EPERM", "not a group problem"]),
+    (dict(step=b.STEP_CREATE_VCPU, error=errno.EPERM), "kvm-access-policy", b.UnsupportedError,
+     ["EPERM", "refused by a policy, although the device's mode lets this process in"]),
     (dict(step=b.STEP_SET_SREGS, error=errno.EINVAL), "kvm-step-failed", b.EngineError,
      ["KVM_SET_SREGS", "EINVAL (Invalid argument)"]),
 ])
