@@ -7,7 +7,7 @@ LDFLAGS += -shared -Wl,-z,now -Wl,-z,relro
 PYTHON ?= python3
 VENV := .venv
 
-.PHONY: all test lint bench stress clean test-x86-nested
+.PHONY: all test lint bench stress clean test-x86-nested test-aarch64
 
 all: libkvmsmoke.so
 
@@ -38,6 +38,10 @@ clean:
 # with an emulated AMD SVM CPU), where the default gate must pass.
 test-x86-nested: libkvmsmoke.so
 	$(PYTHON) tests/vmhost.py x86-nested
+
+# The arm64 smoke test on an emulated arm64 host with EL2 (and one without).
+test-aarch64:
+	$(PYTHON) tests/vmhost.py aarch64
 
 bench: libkvmsmoke.so
 	$(PYTHON) tests/bench.py

@@ -154,6 +154,16 @@ KVM_GET_MSRS = _ioc(_IOC_READ | _IOC_WRITE, _KVMIO, 0x88, _SIZEOF_KVM_MSRS)
 KVM_SET_MSRS = _ioc(_IOC_WRITE, _KVMIO, 0x89, _SIZEOF_KVM_MSRS)
 KVM_SET_SIGNAL_MASK = _ioc(_IOC_WRITE, _KVMIO, 0x8B, _SIZEOF_KVM_SIGNAL_MASK)
 KVM_SET_CPUID2 = _ioc(_IOC_WRITE, _KVMIO, 0x90, _SIZEOF_KVM_CPUID2)
+# arm64 (arch/arm64/include/uapi/asm/kvm.h): struct kvm_vcpu_init is 32 bytes,
+# struct kvm_one_reg 16.
+KVM_GET_ONE_REG = _ioc(_IOC_WRITE, _KVMIO, 0xAB, 16)
+KVM_SET_ONE_REG = _ioc(_IOC_WRITE, _KVMIO, 0xAC, 16)
+KVM_ARM_VCPU_INIT = _ioc(_IOC_WRITE, _KVMIO, 0xAE, 32)
+KVM_ARM_PREFERRED_TARGET = _ioc(_IOC_READ, _KVMIO, 0xAF, 32)
+# Core register ids: KVM_REG_ARM64 | KVM_REG_SIZE_U64 | KVM_REG_ARM_CORE |
+# (offset in struct kvm_regs / 4).
+ARM64_REG_X0 = 0x6030000000100000
+ARM64_REG_PC = 0x6030000000100040
 
 # KVM_CHECK_EXTENSION capabilities that VMMs rely on (include/uapi/linux/kvm.h).
 KVM_CAP_USER_MEMORY = 3
@@ -201,6 +211,9 @@ _EMULATION_FLAG_INSTRUCTION_BYTES = 1
 
 KVM_EXIT_UNKNOWN = 0
 KVM_EXIT_HLT = 5
+KVM_EXIT_MMIO = 6
+# kvm_run.mmio: phys_addr (u64), data[8], len (u32), is_write (u8).
+_RUN_MMIO_ADDR, _RUN_MMIO_DATA, _RUN_MMIO_LEN, _RUN_MMIO_WRITE = 32, 40, 48, 52
 KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_FAIL_ENTRY = 9
 KVM_EXIT_INTR = 10
@@ -247,7 +260,11 @@ STEP_SET_MSRS = 13
 STEP_ARM_TIMER = 14
 STEP_RUN = 15
 STEP_GET_REGS = 16
-STEP_DONE = 17
+STEP_ARM_TARGET = 17
+STEP_ARM_VCPU_INIT = 18
+STEP_SET_ONE_REG = 19
+STEP_GET_ONE_REG = 20
+STEP_DONE = 21
 
 #: What each step does, as said in messages.
 STEP_NAMES = (
@@ -268,6 +285,10 @@ STEP_NAMES = (
     "arm the run time limit (KVM_SET_SIGNAL_MASK, timer_create)",
     "run the vCPU (KVM_RUN)",
     "read registers (KVM_GET_REGS)",
+    "read the preferred vCPU target (KVM_ARM_PREFERRED_TARGET)",
+    "initialise the vCPU (KVM_ARM_VCPU_INIT)",
+    "set PC (KVM_SET_ONE_REG)",
+    "read X0 back (KVM_GET_ONE_REG)",
     "done",
 )
 
@@ -278,8 +299,14 @@ PROOF_VALUE = 0xB0C5117E
 _GUEST_HALT = b"\x66\xb8" + PROOF_VALUE.to_bytes(4, "little") + b"\xf4"
 # "jmp $" (EB FE): a guest that never halts, for the timeout tests.
 _GUEST_SPIN = b"\xeb\xfe"
-# Architectures with a smoke test: the guest code above is x86 real mode.
-_SMOKE_MACHINES = frozenset({"x86_64", "amd64"})
+# Architectures with a smoke test: x86 (real and long mode) and arm64.
+_SMOKE_MACHINES = frozenset({"x86_64", "amd64", "aarch64", "arm64"})
+# The arm64 guest, at guest physical 0x10000 (little-endian words): movz x0,
+# #0x117e; movk x0, #0xb0c5, lsl #16; movz x1, #0x10, lsl #16; str w0, [x1];
+# b .  It writes the proof value to 0x100000, where there is no memory: KVM
+# exits with KVM_EXIT_MMIO, and X0 holds the value.
+_ARM64_CODE = (0xD2822FC0, 0xF2B618A0, 0xD2A00201, 0xB9000020, 0x14000000)
+_ARM64_BASE, _ARM64_MMIO = 0x10000, 0x100000
 
 # The engines whose start-up needs the gate checks.  BoxLite runs libkrun;
 # None is the bare device check (open, API version, VM, trivial guest).
@@ -1041,7 +1068,8 @@ def _segment(selector: int, descriptor: int) -> dict[str, int]:
 class _Guest:
     """A guest program: its memory, its starting state and what proves it.
 
-    ``image`` is loaded at guest physical address 0 of ``mem_size`` bytes.
+    ``image`` is loaded at guest physical address ``base`` (``mem_size``
+    bytes); ``arch`` is "x86_64" or "aarch64".
     ``sregs`` are the special-register fields set on top of KVM's reset
     state (segments as dicts of kvm_segment fields).  ``marks`` names the
     instruction at each code offset, so a stop is reported by instruction.
@@ -1050,8 +1078,10 @@ class _Guest:
     def __init__(self, name: str, image: bytes, mem_size: int, entry: int,
                  sregs: dict[str, Any], regs: dict[str, int],
                  marks: dict[int, str] | None = None, loop: int = -1,
-                 cx16_area: int = -1) -> None:  # fmt: skip
+                 cx16_area: int = -1, base: int = 0, arch: str = "x86_64") -> None:  # fmt: skip
         self.name = name
+        self.base = base
+        self.arch = arch
         self.image = image
         self.mem_size = mem_size
         self.entry = entry
@@ -1082,6 +1112,14 @@ class _Guest:
     @property
     def long_mode(self) -> bool:
         return bool(self.sregs.get("efer", 0) & _EFER_LMA)
+
+
+def _aarch64_guest() -> _Guest:
+    """The arm64 guest: one page at 0x10000, PC there, EL1 with interrupts
+    masked (KVM_ARM_VCPU_INIT's reset state); it proves itself by MMIO."""
+    image = b"".join(word.to_bytes(4, "little") for word in _ARM64_CODE)
+    return _Guest("aarch64", image, 0x1000, _ARM64_BASE, {}, {}, base=_ARM64_BASE,
+                  arch="aarch64")  # fmt: skip
 
 
 def _real_mode_guest(code: bytes = _GUEST_HALT) -> _Guest:
@@ -1810,7 +1848,7 @@ class SmokeResult:
         "api_version", "backend", "cpuid", "cx16_value", "elapsed", "error", "exit_reason",
         "fail_entry_cpu", "guest", "hardware_entry_failure_reason", "insn_bytes",
         "instruction", "internal_data", "internal_suberror", "msrs", "proof", "rip", "runs",
-        "speed", "stage", "step", "timed_out", "timeout", "bound", "requeued",
+        "speed", "stage", "step", "timed_out", "timeout", "bound", "requeued", "mmio",
     )  # fmt: skip
 
     def __init__(self, backend: str, timeout: float = DEFAULT_TIMEOUT,
@@ -1843,10 +1881,17 @@ class SmokeResult:
         self.bound: str | None = None
         #: Signals of the timer's number raised by others, queued again.
         self.requeued = 0
+        #: The arm64 guest's MMIO exit: phys_addr, data, len, is_write.
+        self.mmio: dict[str, object] = {}
 
     @property
     def ok(self) -> bool:
         """True when the guest ran the expected code and halted with the proof."""
+        if self.guest == "aarch64":
+            return (self.step == STEP_DONE and self.exit_reason == KVM_EXIT_MMIO
+                    and self.mmio == {"phys_addr": _ARM64_MMIO, "data": PROOF_VALUE,
+                                      "len": 4, "is_write": True}
+                    and self.proof == PROOF_VALUE)  # fmt: skip
         passed = (
             self.step == STEP_DONE
             and self.exit_reason == KVM_EXIT_HLT
@@ -1875,6 +1920,7 @@ class SmokeResult:
             self.fail_entry_cpu, self.internal_suberror, self.insn_bytes.hex(), self.timed_out,
             tuple(sorted(self.cpuid.items())), self.cx16_value,
             tuple(sorted((k, str(v)) for k, v in self.msrs.items())),
+            tuple(sorted(self.mmio.items())),
             None if self.speed is None else self.speed.emulated,
         )  # fmt: skip
 
@@ -1907,6 +1953,8 @@ class SmokeResult:
             "cpuid": self.cpuid or None,
             "speed": self.speed.as_dict() if self.speed is not None else None,
             "msrs": self.msrs or None,
+            "mmio": {k: hex(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                     for k, v in self.mmio.items()} or None,
         }  # fmt: skip
 
     def __repr__(self) -> str:
@@ -2060,8 +2108,18 @@ class _Session:
         self.mem_addr = ctypes.addressof(anchor)
         del anchor  # the mapping stays; the export must go before close()
         self.region = abi.KvmUserspaceMemoryRegion(
-            slot=0, flags=0, guest_phys_addr=0, memory_size=guest.mem_size,
+            slot=0, flags=0, guest_phys_addr=guest.base, memory_size=guest.mem_size,
             userspace_addr=self.mem_addr)  # fmt: skip
+        if guest.arch == "aarch64":
+            import ctypes
+
+            # struct kvm_vcpu_init: KVM_ARM_PREFERRED_TARGET fills it and
+            # KVM_ARM_VCPU_INIT reads it unchanged.  struct kvm_one_reg: id, addr.
+            self.vcpu_init = (ctypes.c_uint8 * 32)()
+            self.pc = ctypes.c_uint64(guest.entry)
+            self.x0 = ctypes.c_uint64(0)
+            self.set_pc = (ctypes.c_uint64 * 2)(ARM64_REG_PC, ctypes.addressof(self.pc))
+            self.get_x0 = (ctypes.c_uint64 * 2)(ARM64_REG_X0, ctypes.addressof(self.x0))
         # Every buffer whose address goes into an operation is held here
         # until the session closes.
         self.sregs = abi.KvmSregs()
@@ -2254,6 +2312,13 @@ def _run_guest(s: _Session) -> None:
     the native backend); the long-mode one is several, because what comes
     next depends on the CPUID KVM offers and on how fast the guest ran.
     """
+    if s.guest.arch == "aarch64":
+        ran = s.execute(_aarch64_plan(s))
+        s.result.api_version = int(s.out.values[_V_API])
+        if ran:
+            _read_aarch64(s)
+            s.result.step = STEP_DONE
+        return
     final = _Plan()
     s.run_plan(final, s.guest.entry, _V_T_GUEST)
     final.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, s.addr(s.regs))
@@ -2292,12 +2357,43 @@ def _check_timeout(timeout: object) -> None:
             f"timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout!r}")
 
 
+def _aarch64_plan(s: _Session) -> _Plan:
+    """The whole arm64 smoke test as one array of operations."""
+    plan = _setup_plan(s)
+    plan.ioctl(STEP_ARM_TARGET, _VM, KVM_ARM_PREFERRED_TARGET, s.addr(s.vcpu_init))
+    plan.ioctl(STEP_ARM_VCPU_INIT, _VCPU, KVM_ARM_VCPU_INIT, s.addr(s.vcpu_init))
+    plan.ioctl(STEP_SET_ONE_REG, _VCPU, KVM_SET_ONE_REG, s.addr(s.set_pc))
+    plan.ioctl(STEP_RUN_AREA_SIZE, _KVM, KVM_GET_VCPU_MMAP_SIZE, value=_V_RUN_SIZE,
+               check=_CHECK_GE, expect=_SIZEOF_KVM_RUN_MIN)  # fmt: skip
+    plan.map_run(STEP_MAP_RUN_AREA)
+    plan.run(s.timeout_ns, s.signo, _V_T_GUEST, _cookie())
+    plan.ioctl(STEP_GET_ONE_REG, _VCPU, KVM_GET_ONE_REG, s.addr(s.get_x0))
+    return plan
+
+
+def _read_aarch64(s: _Session) -> None:
+    """Decode the arm64 run: the MMIO exit's address, value, and X0."""
+    result, head = s.result, bytes(s.out.run_head)
+    _decode_run(result, head)
+    if result.exit_reason == KVM_EXIT_MMIO:
+        length = int.from_bytes(head[_RUN_MMIO_LEN : _RUN_MMIO_LEN + 4], "little")
+        result.mmio = {
+            "phys_addr": int.from_bytes(head[_RUN_MMIO_ADDR : _RUN_MMIO_ADDR + 8], "little"),
+            "data": int.from_bytes(head[_RUN_MMIO_DATA : _RUN_MMIO_DATA + min(length, 8)], "little"),
+            "len": length, "is_write": bool(head[_RUN_MMIO_WRITE]),
+        }  # fmt: skip
+    result.proof = int(s.x0.value) & 0xFFFFFFFF
+
+
 def _guest_for(kind: str) -> _Guest:
     if kind == "long-mode":
         guest: _Guest = _cached("guest-long", _long_mode_guest)
         return guest
     if kind == "real-mode":
         guest = _cached("guest-real", _real_mode_guest)
+        return guest
+    if kind == "aarch64":
+        guest = _cached("guest-aarch64", _aarch64_guest)
         return guest
     raise InvalidArgumentError(f"guest must be 'real-mode' or 'long-mode', got {kind!r}")
 
@@ -3168,6 +3264,8 @@ def _resource_exhausted(path: str, step: int, err: int) -> BoxliteError:
 _GUEST_TRIED = {
     "real-mode": f"run real-mode guest code (mov eax, {PROOF_VALUE:#x}; hlt) in a new VM",
     "long-mode": "run a 64-bit long-mode guest (cpuid, lock cmpxchg16b, xsave, hlt) in a new VM",
+    "aarch64": f"run arm64 guest code (x0 = {PROOF_VALUE:#x}; str w0, [{_ARM64_MMIO:#x}]) in a "
+    "new VM",
 }
 
 _NESTED_FIX = (
@@ -3180,6 +3278,11 @@ def _exit_failure(result: SmokeResult) -> BoxliteError:
     """The error for a smoke test that ran KVM_RUN but did not pass."""
     kernel = _kernel_release()
     tried = _GUEST_TRIED.get(result.guest, f"run the {result.guest} guest in a new VM")
+    arm = result.guest == "aarch64"
+    expected = KVM_EXIT_MMIO if arm else KVM_EXIT_HLT
+    nested = (f"{KVM_DEVICE} exists but cannot run guest code: the kernel must run at EL2 "
+              "with KVM working (on a cloud VM, an instance type with nested virtualization "
+              "or bare metal)") if arm else f"{KVM_DEVICE} exists but cannot run guest code: " + _NESTED_FIX
     if result.timed_out:
         return _failure(
             UnsupportedError, "smoke-timeout",
@@ -3187,14 +3290,17 @@ def _exit_failure(result: SmokeResult) -> BoxliteError:
             tried=tried, answer=f"KVM_RUN was still running after {result.timeout:g} s",
             backend=result.backend, kernel=kernel,
             fix="retry with a longer --timeout if the host is heavily loaded; if it "
-            "persists, this KVM does not run guest code: " + _NESTED_FIX,
+            "persists: " + nested,
         )  # fmt: skip
     reason = result.exit_reason
-    if reason == KVM_EXIT_HLT:
+    if reason == expected:
+        seen = (f"MMIO {result.mmio} and X0 {result.proof:#x}" if arm
+                else f"EAX {result.proof:#x}")  # fmt: skip
         return _failure(
             UnsupportedError, "smoke-no-proof",
-            "KVM smoke test failed: the guest halted but did not run the expected code",
-            tried=tried, answer=f"{exit_name(reason)} with EAX {result.proof:#x}, "
+            "KVM smoke test failed: the guest stopped as expected but did not run the "
+            "expected code",
+            tried=tried, answer=f"{exit_name(reason)} with {seen}, "
             f"expected {PROOF_VALUE:#x}", backend=result.backend, kernel=kernel,
             fix="this KVM implementation mis-executes guest code: update the host "
             "kernel (and the outer hypervisor, if nested) and report it to its vendor",
@@ -3217,9 +3323,8 @@ def _exit_failure(result: SmokeResult) -> BoxliteError:
         summary = f"KVM smoke test failed: unexpected exit {exit_name(reason)}"
     return _failure(
         UnsupportedError, "smoke-exit",
-        summary + f" (expected {exit_name(KVM_EXIT_HLT)})",
-        tried=tried, answer=answer, backend=result.backend, kernel=kernel,
-        fix=f"{KVM_DEVICE} exists but cannot run guest code: " + _NESTED_FIX,
+        summary + f" (expected {exit_name(expected)})",
+        tried=tried, answer=answer, backend=result.backend, kernel=kernel, fix=nested,
     )  # fmt: skip
 
 
@@ -3547,8 +3652,7 @@ class KvmProbe(HypervisorProbe):
                 _log("debug", "no smoke test for %s: %s opened, guest code not run",
                      self.machine, self.path)  # fmt: skip
                 return fd, None
-            guest = "real-mode" if engine is None else "long-mode"
-            result = smoke_test(fd, timeout=timeout, backend=backend, guest=guest)
+            result = smoke_test(fd, timeout=timeout, backend=backend, guest=self._guest_kind(engine))
             error = diagnose(result, self.path, engine)
         except BaseException:
             os.close(fd)
@@ -3557,6 +3661,12 @@ class KvmProbe(HypervisorProbe):
             os.close(fd)
             raise error
         return fd, result
+
+    def _guest_kind(self, engine: str | None) -> str:
+        """The guest that proves what ``engine`` needs on this architecture."""
+        if self.arch == "aarch64":
+            return "aarch64"
+        return "real-mode" if engine is None else "long-mode"
 
     @property
     def arch(self) -> str:
@@ -3623,9 +3733,11 @@ class KvmProbe(HypervisorProbe):
             found.append(Finding("kvm.capabilities", SKIP, "not read: the device does not open"))
             return found + self._host_findings(None)
         try:
-            guest = smoke_test(fd, timeout=timeout, backend=backend, guest="long-mode")
+            guest = smoke_test(fd, timeout=timeout, backend=backend,
+                               guest=self._guest_kind(engine))  # fmt: skip
             caps = _capability_values(fd, _all_caps(self.arch))
-            ioctls = _probe_startup_ioctls(fd)
+            # The start-up ioctls the table lists are x86's.
+            ioctls = _probe_startup_ioctls(fd) if self.arch == "x86_64" else {}
         finally:
             os.close(fd)
         error = _capability_error(engine, self.arch, caps) or diagnose(guest, self.path, engine)
@@ -3638,8 +3750,11 @@ class KvmProbe(HypervisorProbe):
             found.append(Finding("kvm.smoke", PASS, "the device works: guest code ran and halted "
                                  f"({guest.backend} backend)", {"backend": guest.backend,
                                  "bound": guest.bound, "runs": guest.runs}))  # fmt: skip
-            guest_error = error if cause in _GUEST_CAUSES or cause == "smoke-timeout" else None
-            found += _guest_findings(guest, guest_error)
+            if guest.guest == "long-mode":
+                guest_error = error if cause in _GUEST_CAUSES or cause == "smoke-timeout" else None
+                found += _guest_findings(guest, guest_error)
+            elif error is not None and cause not in _START_CAUSES:
+                found[-1] = _from_error("kvm.smoke", error)
         verdicts = _engine_verdicts(self.arch, caps, ioctls, guest, self.path)
         for name, verdict in verdicts.items():
             found.append(_engine_finding(name, verdict, name == engine,
@@ -4557,6 +4672,9 @@ class SystemCheck:
             return (f"usable: a 64-bit guest ran a stock kernel's early instructions at "
                     f"hardware speed ({self.smoke.speed.describe()}; {self.smoke.backend} "
                     f"backend, {self.smoke.elapsed * 1e3:.2f} ms)")  # fmt: skip
+        if self.smoke is not None and self.smoke.guest == "aarch64":
+            return (f"usable: KVM ran arm64 guest code and it wrote its proof value by MMIO "
+                    f"({self.smoke.backend} backend, {self.smoke.elapsed * 1e3:.2f} ms)")
         if self.smoke is not None:
             return (f"usable: KVM ran guest code and it halted ({self.smoke.backend} backend, "
                     f"{self.smoke.elapsed * 1e3:.2f} ms)")  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -29,6 +30,9 @@ def guarded(name: str, body) -> None:
         case(name, False, f"{type(err).__name__}: {err}")
 
 
+LONG_MODE = platform.machine() == "x86_64"  # aarch64 runs the arm64 guest
+
+
 def with_svm() -> None:
     fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     os.close(fd)
@@ -39,7 +43,7 @@ def with_svm() -> None:
             with b.SystemCheck.run(backend=kind) as host:
                 smoke = host.smoke
                 results[kind] = smoke
-                ok = smoke is not None and smoke.ok and smoke.emulated is False
+                ok = smoke is not None and smoke.ok and (smoke.emulated is False or not LONG_MODE)
                 case(f"gate-{kind}", ok, host.describe())
 
         guarded(f"gate-{backend}", gate)
@@ -53,12 +57,14 @@ def with_svm() -> None:
     def report() -> None:
         rep = b.check()
         layers = {f.id: f.status for f in rep.findings}
-        want = ("kvm.smoke", "guest.speed", "guest.stock_kernel", "guest.msrs")
+        want = (("kvm.smoke", "guest.speed", "guest.stock_kernel", "guest.msrs") if LONG_MODE
+                else ("kvm.smoke", "engine.libkrun"))
         ok = rep.verdict != b.NOT_USABLE and all(layers.get(k) == "pass" for k in want)
         case("report", ok, f"verdict {rep.verdict}; " + ", ".join(
             f"{k} {layers.get(k)}" for k in want))
-        speed = next(f for f in rep.findings if f.id == "guest.speed")
-        print("REPORT-SPEED " + json.dumps(speed.evidence), flush=True)
+        speed = next((f for f in rep.findings if f.id == "guest.speed"), None)
+        if speed is not None:
+            print("REPORT-SPEED " + json.dumps(speed.evidence), flush=True)
 
     guarded("report", report)
 
@@ -67,8 +73,11 @@ def with_svm() -> None:
         b._wait_for_closes()
         runs = [name for name, v in verdicts.items() if v["verdict"] == b.WOULD_RUN]
         others = {name: v["why"] for name, v in verdicts.items() if name not in runs}
-        case("engines", set(runs) == set(b.ENGINES),
-             f"would run: {', '.join(runs)}" + (f"; not: {others}" if others else ""))
+        detail = f"would run: {', '.join(runs)}" + (f"; not: {others}" if others else "")
+        if LONG_MODE:
+            case("engines", set(runs) == set(b.ENGINES), detail)
+        else:  # arm64 capabilities depend on the emulated GIC: reported, not judged
+            print(f"CASE engines INFO {detail}", flush=True)
 
     guarded("engines", engines)
 
@@ -86,7 +95,8 @@ def with_svm() -> None:
         case("cli-json", ok, f"exit {done.returncode}, verdict {report['verdict']}")
 
     guarded("cli-json", cli)
-    guarded("bench", bench)
+    if LONG_MODE:
+        guarded("bench", bench)
 
 
 class NativeShare:
@@ -169,7 +179,8 @@ def without_svm() -> None:
     try:
         b.SystemCheck.run()
     except b.UnsupportedError as err:
-        ok = err.cause in ("kvm-no-nested", "kvm-no-virtualization")
+        ok = err.cause in (("kvm-no-nested", "kvm-no-virtualization") if LONG_MODE
+                           else ("kvm-no-el2",))
         case("no-kvm-diagnosed", ok, f"{err.cause}: {str(err).splitlines()[0]}")
         return
     case("no-kvm-diagnosed", False, "the gate passed on a CPU without SVM")

@@ -303,3 +303,45 @@ def test_importing_runs_no_guest_and_loads_nothing():
     done = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True,
                           text=True, check=True)
     assert done.stdout.strip() == "[] False"
+
+
+# ── arm64: the guest as data, decoded here; run for real by make test-aarch64 ─
+
+
+def test_arm64_ioctl_numbers():
+    # arch/arm64/include/uapi/asm/kvm.h via include/uapi/linux/kvm.h:
+    # _IOW(KVMIO, 0xae, struct kvm_vcpu_init) and friends (32 and 16 bytes).
+    assert b.KVM_ARM_VCPU_INIT == 0x4020AEAE
+    assert b.KVM_ARM_PREFERRED_TARGET == 0x8020AEAF
+    assert b.KVM_SET_ONE_REG == 0x4010AEAC and b.KVM_GET_ONE_REG == 0x4010AEAB
+    assert b.ARM64_REG_PC == 0x6030000000100040 and b.ARM64_REG_X0 == 0x6030000000100000
+
+
+def test_arm64_guest_code_is_the_proof_store():
+    guest = b._aarch64_guest()
+    words = [int.from_bytes(guest.image[i : i + 4], "little") for i in range(0, 20, 4)]
+    # movz x0,#0x117e; movk x0,#0xb0c5,lsl #16; movz x1,#0x10,lsl #16; str w0,[x1]; b .
+    assert words == [0xD2822FC0, 0xF2B618A0, 0xD2A00201, 0xB9000020, 0x14000000]
+    assert guest.base == guest.entry == 0x10000 and guest.arch == "aarch64"
+
+
+def arm_result(phys=0x100000, data=b.PROOF_VALUE, x0=b.PROOF_VALUE, exit_reason=6):
+    result = b.SmokeResult("python", guest="aarch64")
+    result.step, result.exit_reason, result.proof = b.STEP_DONE, exit_reason, x0
+    result.mmio = {"phys_addr": phys, "data": data, "len": 4, "is_write": True}
+    return result
+
+
+def test_arm64_passes_only_on_the_mmio_proof():
+    assert arm_result().ok and b.diagnose(arm_result()) is None
+    assert not arm_result(phys=0x200000).ok
+    assert b.diagnose(arm_result(x0=0)).cause == "smoke-no-proof"
+    failed = b.diagnose(arm_result(exit_reason=b.KVM_EXIT_INTERNAL_ERROR))
+    assert failed.cause == "smoke-exit" and "KVM_EXIT_MMIO" in str(failed)
+    assert "EL2" in failed.fix and "kvm_intel" not in failed.fix
+
+
+def test_arm64_probe_uses_the_arm64_guest():
+    assert b.KvmProbe("aarch64")._guest_kind(None) == "aarch64"
+    assert b.KvmProbe("aarch64")._guest_kind("libkrun") == "aarch64"
+    assert b.KvmProbe("aarch64").can_smoke_test

@@ -1,6 +1,13 @@
 """Boot a throwaway KVM host under QEMU's emulator and run the check inside it.
 
-    python3 tests/vmhost.py x86-nested [--build-dir build/nested] [--keep]
+    python3 tests/vmhost.py x86-nested [--build-dir build/nested]
+    python3 tests/vmhost.py aarch64 [--build-dir build/aarch64]
+
+``aarch64`` boots Debian's arm64 kernel under qemu-system-aarch64 with
+``virtualization=on`` (emulated EL2, so the built-in KVM comes up), with
+Debian's arm64 Python and a cross-built libkvmsmoke.so: the arm64 smoke test
+must pass with both backends; a boot without EL2 must be diagnosed as such.
+It checks the use of KVM's API on arm64, not real-hardware behaviour.
 
 ``x86-nested`` is the positive control: QEMU's TCG emulator gives a Debian
 amd64 kernel an emulated AMD CPU with SVM, kvm_amd loads, and /dev/kvm runs
@@ -189,14 +196,152 @@ def boot(vmlinuz: Path, initrd: Path, cpu: str, log: Path, limit: float) -> str:
     return output
 
 
+ARM_PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
+                "libffi8", "libc6", "zlib1g", "libexpat1", "busybox-static"]  # fmt: skip
+ARM_TOOLS = {"qemu-system-aarch64": "qemu-system-arm", "cpio": "cpio",
+             "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"}  # fmt: skip
+ARM_BOOTS = {
+    "el2": {"machine": "virt,virtualization=on",
+            "cases": ["kvm-device", "gate-native", "gate-python", "backends-agree", "report",
+                      "bare-device", "cli-json"]},
+    "no-el2": {"machine": "virt", "cases": ["no-kvm-diagnosed"]},
+}  # fmt: skip
+ARM_INIT = """#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin PYTHONDONTWRITEBYTECODE=1
+mkdir -p /proc /sys /dev /tmp
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo "vmhost-guest: booted, $(dmesg | grep -o -E 'kvm \\[1\\]: [^,]*(initialized|available)[^,]*' | head -1)"
+/usr/bin/python3.11 /syscheck/guest_cases.py
+echo "vmhost-guest: done"
+poweroff -f
+"""
+
+
+def arm_pieces(build: Path) -> tuple[Path, Path]:
+    """Install the tools, download (once) the arm64 kernel and Python; unpack."""
+    missing = sorted({pkg for tool, pkg in ARM_TOOLS.items() if shutil.which(tool) is None})
+    if missing or not Path("/usr/aarch64-linux-gnu/include/linux/kvm.h").exists():
+        if os.geteuid() != 0:
+            sys.exit("vmhost: needs qemu-system-arm, gcc-aarch64-linux-gnu, cpio (as root)")
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing, "libc6-dev-arm64-cross"],
+                       check=True)  # fmt: skip
+    debs = {p: sorted(build.glob(f"{p}_*_arm64.deb")) for p in ARM_PACKAGES}
+    kernels = sorted(build.glob("linux-image-*-arm64_*_arm64.deb"))
+    if not kernels or not all(debs.values()):
+        arches = subprocess.run(["dpkg", "--print-foreign-architectures"], capture_output=True,
+                                text=True).stdout.split()  # fmt: skip
+        if "arm64" not in arches:
+            subprocess.run(["dpkg", "--add-architecture", "arm64"], check=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=True)
+        depends = subprocess.run(["apt-cache", "depends", "linux-image-arm64:arm64"],
+                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
+        name = re.search(r"(linux-image-\S+-arm64)", depends)
+        if not name:
+            sys.exit("vmhost: cannot find Debian's arm64 kernel package")
+        say("downloading the arm64 kernel and Python (about 70 MB, once)")
+        subprocess.run(["apt-get", "download", f"{name.group(1)}:arm64",
+                        *(f"{p}:arm64" for p in ARM_PACKAGES)], cwd=build, check=True)  # fmt: skip
+        kernels = sorted(build.glob("linux-image-*-arm64_*_arm64.deb"))
+    tree = build / "kernel"
+    if not any(tree.glob("boot/vmlinuz-*")):
+        subprocess.run(["dpkg-deb", "-x", str(kernels[-1]), str(tree)], check=True)
+    root = build / "root"
+    if root.exists():
+        shutil.rmtree(root)
+    for deb in sorted(build.glob("*_arm64.deb")):
+        if not deb.name.startswith("linux-image"):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
+    for junk in ("usr/share", "usr/lib/python3.11/test", "usr/lib/python3.11/idlelib",
+                 "usr/lib/python3.11/tkinter", "usr/lib/python3.11/ensurepip",
+                 "usr/lib/python3.11/lib2to3", "usr/lib/python3.11/pydoc_data"):  # fmt: skip
+        shutil.rmtree(root / junk, ignore_errors=True)
+    (root / "bin").mkdir(exist_ok=True)
+    app = root / "syscheck"
+    app.mkdir()
+    shutil.copy2(ROOT / "boxlite_syscheck.py", app / "boxlite_syscheck.py")
+    shutil.copy2(ROOT / "tests/guest_cases.py", app / "guest_cases.py")
+    subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
+                    "-fPIC", "-shared", "-Wl,-z,now", "-Wl,-z,relro", "-o",
+                    str(app / "libkvmsmoke.so"), str(ROOT / "kvm_smoke.c")], check=True)  # fmt: skip
+    # Bytecode from the host's Python of the same version: it does not depend
+    # on the CPU, and the guest then runs it cached, as users do.
+    subprocess.run([PYTHON, "-m", "compileall", "-q", "-j0", "--invalidation-mode",
+                    "unchecked-hash", str(root / "usr/lib/python3.11"), str(app)],
+                   check=True)  # fmt: skip
+    init = root / "init"
+    init.write_text(ARM_INIT)
+    init.chmod(0o755)
+    return sorted(tree.glob("boot/vmlinuz-*"))[-1], root
+
+
+def boot_arm(vmlinuz: Path, initrd: Path, machine: str, log: Path, limit: float) -> str:
+    command = [
+        "qemu-system-aarch64", "-M", machine, "-cpu", "max,pauth-impdef=on", "-smp", "1",
+        "-m", "1024", "-kernel", str(vmlinuz), "-initrd", str(initrd), "-no-reboot",
+        "-nographic", "-append", "console=ttyAMA0 panic=-1 quiet loglevel=3",
+    ]  # fmt: skip
+    return run_qemu(command, machine, log, limit)
+
+
+def run_qemu(command: list[str], what: str, log: Path, limit: float) -> str:
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit,
+                              errors="replace")  # fmt: skip
+        output = done.stdout + done.stderr
+    except subprocess.TimeoutExpired as expired:
+        raw = expired.stdout or b""
+        output = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        output += f"\nvmhost: QEMU did not finish within {limit:.0f} s\n"
+    log.write_text(output)
+    say(f"{what}: QEMU ran {time.monotonic() - started:.1f} s (log {log})")
+    return output
+
+
+def collect(output: str, name: str, expected: list[str]) -> int:
+    """Print each case's line; return how many failed or were missing."""
+    seen: dict[str, tuple[str, str]] = {}
+    for line in output.splitlines():
+        match = re.search(r"CASE (\S+) (PASS|FAIL|INFO)(.*)", line)  # escapes may precede
+        if match:
+            seen[match.group(1)] = (match.group(2), match.group(3).strip())
+    failures = 0
+    for case in expected:
+        status, detail = seen.get(case, ("FAIL", "not reported (see the log)"))
+        print(f"{status} {name}/{case}: {detail}", flush=True)
+        failures += status == "FAIL"
+    for case, (status, detail) in seen.items():
+        if case not in expected:
+            print(f"{status} {name}/{case}: {detail}", flush=True)
+            failures += status == "FAIL"
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("target", choices=["x86-nested"])
-    parser.add_argument("--build-dir", default=str(ROOT / "build/nested"))
+    parser.add_argument("target", choices=["x86-nested", "aarch64"])
+    parser.add_argument("--build-dir")
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
-    build = Path(args.build_dir)
+    build = Path(args.build_dir or ROOT / "build" / ("nested" if args.target == "x86-nested"
+                                                      else "aarch64"))  # fmt: skip
     build.mkdir(parents=True, exist_ok=True)
+    if args.target == "aarch64":
+        vmlinuz, root = arm_pieces(build)
+        initrd = build / "initrd.gz"
+        pack(root, initrd)
+        say(f"initramfs {initrd.stat().st_size / 1e6:.1f} MB, kernel {vmlinuz.name}")
+        failures = 0
+        for name, spec in ARM_BOOTS.items():
+            output = boot_arm(vmlinuz, initrd, spec["machine"], build / f"{name}.log",
+                              args.timeout)  # fmt: skip
+            failures += collect(output, name, spec["cases"])
+        print(f"{'PASS' if not failures else 'FAIL'}: aarch64, {failures} failed", flush=True)
+        return 1 if failures else 0
     ensure_tools()
     if not (ROOT / "libkvmsmoke.so").exists():
         subprocess.run(["make", "-C", str(ROOT), "libkvmsmoke.so"], check=True)
