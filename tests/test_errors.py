@@ -59,3 +59,20 @@ def test_failure_carries_cause_evidence_and_fix():
     text = str(err)
     assert text.startswith("unsupported: summary")
     assert "Tried: did x" in text and "Answer: EACCES" in text and text.endswith("Fix: do y")
+
+
+def test_every_cause_id_is_in_the_readme():
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    source = (root / "boxlite_syscheck.py").read_text()
+    readme = (root / "README.md").read_text()
+    causes = set(re.findall(r'cause="([a-z0-9-]+)"', source))
+    causes |= set(re.findall(r'_failure\(\s*\w+, "([a-z0-9-]+)"', source))
+    causes |= {name for name, _ in b.ACCESS_RULES} - {"kvm-policy"}  # worded as the ones below
+    causes |= {f"kvm-{n}-denied" for n in ("flatpak", "snap", "selinux", "apparmor",
+                                            "landlock", "seccomp")} | {"kvm-access-policy"}
+    assert len(causes) > 40
+    missing = sorted(c for c in causes if f"`{c}`" not in readme)
+    assert not missing, missing
