@@ -447,6 +447,10 @@ BOOT_MSRS = (
 # emulator at 0.5-3x, an instruction emulator at thousands
 # (../shared/research/real-guests.md has the measurements).
 EMULATION_RATIO = 50.0
+# A guest loop measured more than this many times faster than the same loop on
+# the host CPU is a broken measurement (noise in the 1-iteration run), never
+# hardware speed: it is measured again, and never counted as a pass.
+_IMPLAUSIBLE_RATIO = 0.1
 # Loop sizes: a longer run only when the shorter one's loop time is still
 # within the noise of KVM_RUN's entry and exit.
 _SPEED_SHORT = 1024
@@ -1271,7 +1275,8 @@ _FD_SLOTS, _VALUE_SLOTS = 4, 16
 _KVM, _VM, _VCPU = 0, 1, 2  # descriptor slots
 # Value slots.
 (_V_API, _V_RUN_SIZE, _V_CPUID, _V_BOOT_MSRS, _V_MSR_LIST, _V_FEATURE_LIST, _V_ARCH_GET,
- _V_ARCH_SET, _V_T_WARM, _V_T_BASE, _V_T_SHORT, _V_T_LONG, _V_T_GUEST) = range(13)  # fmt: skip
+ _V_ARCH_SET, _V_T_WARM, _V_T_BASE, _V_T_SHORT, _V_T_LONG, _V_T_GUEST, _V_T_BASE2,
+ _V_T_LONG2) = range(15)  # fmt: skip
 
 
 class _Plan:
@@ -2277,12 +2282,13 @@ def _measure_speed(s: _Session) -> bool:
     between a 1-iteration run and a longer one, never one run alone.  The
     longer run grows until its loop time dominates: on an emulating host the
     short one already does, so the probe stays within a few milliseconds.
+    A verdict of "emulated" is measured twice, the faster kept: a first run
+    can be slow for reasons that pass (a nested emulator translating KVM's
+    own code the first time), and one cold sample must not fail a good host.
     """
     result = s.result
     plan = _Plan()
     s.run_plan(plan, s.guest.loop, _V_T_WARM, rcx=1)  # faults the pages in
-    s.run_plan(plan, s.guest.loop, _V_T_BASE, rcx=1)
-    s.run_plan(plan, s.guest.loop, _V_T_SHORT, rcx=_SPEED_SHORT)
     plan.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, s.addr(s.regs))
     if not s.execute(plan):
         return False
@@ -2290,19 +2296,56 @@ def _measure_speed(s: _Session) -> bool:
     if result.exit_reason != KVM_EXIT_HLT:
         _read_guest(s)
         return False
-    base = int(s.out.values[_V_T_BASE])
-    extra, iterations = int(s.out.values[_V_T_SHORT]) - base, _SPEED_SHORT
+    host_ns, note = _host_ns_per_iteration(1 << 16)
+    best: tuple[float, int] | None = None
+    implausible: tuple[float, int] | None = None
+    plausible = 0
+    for _ in range(3):  # at most two plausible samples; a third try for noise
+        measured = _guest_slope(s)
+        if measured is None:
+            return False
+        if host_ns is not None and measured[0] < _IMPLAUSIBLE_RATIO * host_ns:
+            implausible = measured  # faster than the host CPU itself: noise
+            continue
+        plausible += 1
+        if best is None or measured[0] < best[0]:
+            best = measured
+        if host_ns is None or best[0] / max(host_ns, 1e-9) < EMULATION_RATIO or plausible == 2:
+            break
+    if best is None:
+        assert implausible is not None
+        result.speed = Speed(implausible[0], None, implausible[1],
+                             "the measurements were inconsistent (a guest loop faster than "
+                             "the host CPU); no verdict is drawn from them")  # fmt: skip
+    else:
+        result.speed = Speed(best[0], host_ns, best[1], note)
+    result.exit_reason = -1
+    return True
+
+
+def _guest_slope(s: _Session) -> tuple[float, int] | None:
+    """(ns per loop iteration, iterations of the longer run), or None on failure."""
+    values = s.out.values
+    for slot in (_V_T_BASE, _V_T_BASE2, _V_T_SHORT, _V_T_LONG, _V_T_LONG2):
+        values[slot] = 0  # run times add up across resumed runs
+    # Noise only ever adds time: the minimum of two runs of each size.
+    plan = _Plan()
+    s.run_plan(plan, s.guest.loop, _V_T_BASE, rcx=1)
+    s.run_plan(plan, s.guest.loop, _V_T_BASE2, rcx=1)
+    s.run_plan(plan, s.guest.loop, _V_T_SHORT, rcx=_SPEED_SHORT)
+    if not s.execute(plan):
+        return None
+    base = min(int(values[_V_T_BASE]), int(values[_V_T_BASE2]))
+    extra, iterations = int(values[_V_T_SHORT]) - base, _SPEED_SHORT
     if extra < _SPEED_SLOW_NS:  # not yet above the noise of entry and exit
         plan = _Plan()
         s.run_plan(plan, s.guest.loop, _V_T_LONG, rcx=_SPEED_LONG)
+        s.run_plan(plan, s.guest.loop, _V_T_LONG2, rcx=_SPEED_LONG)
         if not s.execute(plan):
-            return False
-        extra, iterations = int(s.out.values[_V_T_LONG]) - base, _SPEED_LONG
-    guest_ns = max(extra, 1) / (iterations - 1)
-    host_ns, note = _host_ns_per_iteration(1 << 16)
-    result.speed = Speed(guest_ns, host_ns, iterations, note)
-    result.exit_reason = -1
-    return True
+            return None
+        longest = min(int(values[_V_T_LONG]), int(values[_V_T_LONG2]))
+        extra, iterations = longest - base, _SPEED_LONG
+    return max(extra, 1) / (iterations - 1), iterations
 
 
 def _run_guest(s: _Session) -> None:
@@ -2422,6 +2465,7 @@ def smoke_test(
     backend: str | None = None,
     guest: str = "real-mode",
     _guest: bytes | None = None,
+    _program: _Guest | None = None,
 ) -> SmokeResult:
     """Run guest code in a throwaway VM on an open /dev/kvm descriptor.
 
@@ -2436,7 +2480,7 @@ def smoke_test(
     import time
 
     _check_timeout(timeout)
-    program = _real_mode_guest(_guest) if _guest is not None else _guest_for(guest)
+    program = _program or (_real_mode_guest(_guest) if _guest is not None else _guest_for(guest))
     runner = _backend_for(backend)
     result = SmokeResult(runner.name, timeout, program.name)
     start = time.perf_counter()
@@ -2797,8 +2841,28 @@ def _wsl_version() -> str | None:
     return "2" if _exists(_WSL_INTEROP) else None
 
 
-def _gather_evidence(path: str = KVM_DEVICE) -> Evidence:
-    """Read everything the rules may ask about (error paths and the report only)."""
+def _gather_evidence(path: str = KVM_DEVICE, *, context_only: bool = False) -> Evidence:
+    """Read everything the rules may ask about (error paths and the report only).
+
+    ``context_only`` reads just where this process runs (runtime, namespaces,
+    sandbox, LSM), for the report's host.context finding.
+    """
+    if context_only:
+        runtime, seen = _runtime()
+        dev = _mount_of("/dev")
+        lsm = (_read_text("/sys/kernel/security/lsm") or "").strip()
+        return Evidence(
+            path=path, userns=_userns(), runtime=runtime, runtime_evidence=seen,
+            kubernetes=bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+            or _exists("/var/run/secrets/kubernetes.io/serviceaccount")
+            or "kubepods" in (_read_text("/proc/1/cgroup") or ""),
+            flatpak=_exists("/.flatpak-info"), snap=os.environ.get("SNAP_NAME"),
+            private_dev=bool(dev and dev.get("fstype") == "tmpfs"),
+            no_new_privs=_status_field("NoNewPrivs") == "1", seccomp=_status_field("Seccomp"),
+            landlock_abi=_landlock_abi(), lsm=lsm.split(",") if lsm else [],
+            lsm_context=(_read_text("/proc/self/attr/current") or "").strip("\x00\n ") or None,
+            wsl=_wsl_version(),
+        )  # fmt: skip
     import grp
     import stat
 
@@ -2819,31 +2883,22 @@ def _gather_evidence(path: str = KVM_DEVICE) -> Evidence:
         group_exists = True
     except KeyError:
         group_exists = False
-    runtime, seen = _runtime()
-    dev = _mount_of("/dev")
-    lsm = (_read_text("/sys/kernel/security/lsm") or "").strip()
-    context = (_read_text("/proc/self/attr/current") or "").strip("\x00\n ") or None
-    return Evidence(
-        path=path, euid=os.geteuid(), egid=os.getegid(),
+    where = _gather_evidence(path, context_only=True)
+    fields = {name: getattr(where, name) for name in Evidence.__slots__}
+    fields.update(
+        euid=os.geteuid(), egid=os.getegid(),
         groups=tuple(sorted({os.getegid(), *os.getgroups()})), user=user,
         node=node, acl=_parse_acl(_getxattr(path, "system.posix_acl_access")),
-        mount=_mount_of(path), userns=_userns(), runtime=runtime, runtime_evidence=seen,
-        kubernetes=bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-        or _exists("/var/run/secrets/kubernetes.io/serviceaccount")
-        or "kubepods" in (_read_text("/proc/1/cgroup") or ""),
-        flatpak=_exists("/.flatpak-info"), snap=os.environ.get("SNAP_NAME"),
-        private_dev=bool(dev and dev.get("fstype") == "tmpfs"),
-        no_new_privs=_status_field("NoNewPrivs") == "1", seccomp=_status_field("Seccomp"),
-        landlock_abi=_landlock_abi(), lsm=lsm.split(",") if lsm else [], lsm_context=context,
+        mount=_mount_of(path),
         arch={"amd64": "x86_64", "arm64": "aarch64"}.get(os.uname().machine, os.uname().machine),
         cpu_flags=_cpu_flags(), vendor=_cpuinfo_field("vendor_id"), kvm_modules=_kvm_modules(),
         # KVM registered its misc device: it initialised (on arm64, /sys/module/kvm
         # exists even when KVM gave up for want of EL2).
         kvm_registered=_exists("/sys/class/misc/kvm"),
         module_available={m: _module_available(m) for m in ("kvm_pvm", "kvm_intel", "kvm_amd")},
-        wsl=_wsl_version(), group_listed=listed,
-        group_exists=group_exists,
+        group_listed=listed, group_exists=group_exists,
     )  # fmt: skip
+    return Evidence(**fields)
 
 
 # ── Reaching the device: (step, errno, evidence) in, one cause out ──────────
@@ -4311,7 +4366,7 @@ def _cpu_finding(kvm_works: bool, guest: SmokeResult | None = None) -> Finding:
 
 def _context_finding() -> Finding:
     """Where this process runs: container, cluster, user namespace, sandbox, LSM."""
-    ev = _gather_evidence()
+    ev = _gather_evidence(context_only=True)
     parts = []
     if ev.contained:
         parts.append(f"{ev.contained} ({', '.join(ev.runtime_evidence) or 'environment'})")

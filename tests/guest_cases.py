@@ -97,6 +97,25 @@ def with_svm() -> None:
     guarded("cli-json", cli)
     if LONG_MODE:
         guarded("bench", bench)
+    else:
+        guarded("bound", arm64_bound)
+
+
+def arm64_bound() -> None:
+    """A guest that never stops ("b ." at its entry) ends at the bound, both backends."""
+    spin = b._Guest("aarch64-spin", (0x14000000).to_bytes(4, "little"), 0x1000, 0x10000, {}, {},
+                    base=0x10000, arch="aarch64")
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        seen = []
+        for backend in ("native", "python"):
+            start = time.monotonic()
+            result = b.smoke_test(fd, backend=backend, timeout=0.5, _program=spin)
+            seen.append((backend, result.timed_out, round(time.monotonic() - start, 2)))
+        ok = all(timed_out and 0.5 <= took < 2.0 for _, timed_out, took in seen)
+        case("bound", ok, f"(backend, timed out, seconds): {seen}")
+    finally:
+        os.close(fd)
 
 
 class NativeShare:

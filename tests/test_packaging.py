@@ -97,3 +97,16 @@ def test_the_sdist_builds_the_library_and_runs_tests(built, tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:]
     assert " passed" in done.stdout
+
+
+def test_without_a_compiler_the_wheel_is_pure_and_says_so(tmp_path):
+    import os as _os
+
+    env = {**_os.environ, "CC": "no-such-compiler-here"}
+    done = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(tmp_path),
+                           str(ROOT)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "building a pure-Python wheel" in done.stdout + done.stderr
+    wheel = next(tmp_path.glob("*.whl"))
+    assert wheel.name.endswith("-py3-none-any.whl"), wheel.name
+    assert not any(n.endswith(".so") for n in zipfile.ZipFile(wheel).namelist())

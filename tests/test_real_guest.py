@@ -345,3 +345,35 @@ def test_arm64_probe_uses_the_arm64_guest():
     assert b.KvmProbe("aarch64")._guest_kind(None) == "aarch64"
     assert b.KvmProbe("aarch64")._guest_kind("libkrun") == "aarch64"
     assert b.KvmProbe("aarch64").can_smoke_test
+
+
+@needs_kvm
+def test_one_cold_slow_sample_does_not_fail_a_good_host(kvm_fd, mocker):
+    """A first measurement can be slow for reasons that pass (a nested emulator
+    translating KVM's code the first time): "emulated" is measured twice."""
+    slope = mocker.patch.object(b, "_guest_slope", side_effect=[(300.0, 131072), (0.9, 131072)])
+    mocker.patch.object(b, "_host_ns_per_iteration", return_value=(1.0, ""))
+    result = b.smoke_test(kvm_fd, guest="long-mode")
+    assert slope.call_count == 2
+    assert result.speed.guest_ns == 0.9 and result.emulated is False
+
+
+@needs_kvm
+def test_a_slow_host_stays_slow_when_measured_again(kvm_fd, mocker):
+    slope = mocker.patch.object(b, "_guest_slope", side_effect=[(900.0, 1024), (950.0, 1024)])
+    mocker.patch.object(b, "_host_ns_per_iteration", return_value=(0.5, ""))
+    result = b.smoke_test(kvm_fd, guest="long-mode")
+    assert slope.call_count == 2 and result.speed.guest_ns == 900.0 and result.emulated
+
+
+@needs_kvm
+def test_an_impossible_speed_is_never_a_pass(kvm_fd, mocker):
+    """A guest loop faster than the host CPU is a broken measurement: it is
+    measured again, and if it stays broken no speed verdict is drawn."""
+    mocker.patch.object(b, "_guest_slope", return_value=(1e-5, 131072))
+    mocker.patch.object(b, "_host_ns_per_iteration", return_value=(3.0, ""))
+    result = b.smoke_test(kvm_fd, guest="long-mode")
+    assert result.emulated is None and "inconsistent" in result.speed.note
+    mocker.patch.object(b, "_guest_slope", side_effect=[(1e-5, 131072), (3.2, 131072)])
+    result = b.smoke_test(kvm_fd, guest="long-mode")
+    assert result.speed.guest_ns == 3.2 and result.emulated is False

@@ -203,7 +203,7 @@ ARM_TOOLS = {"qemu-system-aarch64": "qemu-system-arm", "cpio": "cpio",
 ARM_BOOTS = {
     "el2": {"machine": "virt,virtualization=on",
             "cases": ["kvm-device", "gate-native", "gate-python", "backends-agree", "report",
-                      "bare-device", "cli-json"]},
+                      "bare-device", "cli-json", "bound"]},
     "no-el2": {"machine": "virt", "cases": ["no-kvm-diagnosed"]},
 }  # fmt: skip
 ARM_INIT = """#!/bin/busybox sh
