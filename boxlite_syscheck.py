@@ -4074,29 +4074,47 @@ def _capability_error(engine: str, arch: str,
 def _close_later(fds: Sequence[int]) -> None:
     """Close VM descriptors in a thread: tearing down a VM with an in-kernel
     irqchip and PIT takes tens of milliseconds, which the report need not
-    wait for.  They are closed all the same (see _wait_for_closes)."""
-    import threading
-
-    def close() -> None:
+    wait for.  They are closed all the same (see _wait_for_closes).  One
+    closer thread serves the process; where none can be had, close now."""
+    closer = _cached("closer", _start_closer)
+    if closer is None:
         for fd in fds:
             os.close(fd)
+        return
+    closer.put(list(fds))
 
-    thread = threading.Thread(target=close, name="boxlite-syscheck-close", daemon=True)
+
+def _start_closer() -> Any:
+    """The closer thread's queue, or None when no thread can be started."""
+    import queue
+    import threading
+
+    jobs: queue.Queue[list[int]] = queue.Queue()
+
+    def work() -> None:
+        while True:
+            fds = jobs.get()
+            try:
+                for fd in fds:
+                    os.close(fd)
+            finally:
+                jobs.task_done()
+
+    thread = threading.Thread(target=work, name="boxlite-syscheck-close", daemon=True)
     try:
         thread.start()
     except RuntimeError:
-        close()
-        return
-    _CLOSERS.append(thread)
-
-
-_CLOSERS: list[Any] = []
+        return None
+    # A forked child has no closer thread: it makes its own on first use.
+    os.register_at_fork(after_in_child=lambda: _CACHE.pop("closer", None))
+    return jobs
 
 
 def _wait_for_closes() -> None:
     """Wait until every descriptor handed to _close_later is closed."""
-    while _CLOSERS:
-        _CLOSERS.pop().join()
+    closer = _CACHE.get("closer")
+    if closer is not None:
+        closer.join()
 
 
 def _probe_startup_ioctls(fd: int) -> dict[str, str | None]:
@@ -4157,6 +4175,9 @@ def _engine_verdicts(arch: str, caps: Mapping[str, int | str],
                      path: str = KVM_DEVICE) -> dict[str, dict[str, object]]:  # fmt: skip
     """Every engine's verdict on this host: start-up needs, then its guest."""
     verdicts: dict[str, dict[str, object]] = {}
+    # The guest's diagnosis is the same for every engine but QEMU (which alone
+    # sets ARCH_CAPABILITIES): made once, and once more for QEMU.
+    shared = diagnose(guest, path, DEFAULT_ENGINE) if guest is not None else None
     for name, row in ENGINE_REQUIREMENTS.items():
         missing = _missing(row["required"].get(arch, ()), caps)
         absent = _missing(row["optional"].get(arch, ()), caps)
@@ -4168,7 +4189,8 @@ def _engine_verdicts(arch: str, caps: Mapping[str, int | str],
         if missing:
             why.append("missing " + ", ".join(_cap_label(n) for n in missing))
         why += [f"{call} fails: {answer}" for call, answer in failed.items()]
-        guest_error = diagnose(guest, path, name) if guest is not None else None
+        guest_error = (diagnose(guest, path, name) if name == "qemu" and guest is not None
+                       else shared)  # fmt: skip
         if guest_error is not None and guest_error.cause == "msr-arch-capabilities-refused":
             why.append(guest_error.detail.split("\n", 1)[0])  # QEMU aborts at start
             guest_error = None
