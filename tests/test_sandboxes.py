@@ -7,6 +7,7 @@ machine we do not have (aarch64, WSL, a device cgroup), fed evidence directly.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pytest
@@ -37,7 +38,10 @@ def test_a_node_on_a_nodev_filesystem(fault_env, user):
 
 def test_an_acl_that_denies_the_user_on_an_open_node(fault_env):
     if shutil.which("setfacl") is None:
-        pytest.fail("setfacl (Debian package acl) is needed: .ci/run installs it")
+        message = "needs setfacl (Debian package acl), which .ci/run installs"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI must run it
+        pytest.skip(message)
     fault_env.passwd_and_group()
     fault_env.kvm_node(mode=0o666)
     fault_env.setup.insert(0, f"setfacl -m u:{TEST_UID}:--- {fault_env.dir}/kvm")
