@@ -1,12 +1,15 @@
 """Can this host run hardware-accelerated virtual machines, and if not, why?
 
 boxlite_syscheck is a Python port of the host check that BoxLite 0.9.1 runs
-before it starts a micro-VM.  It does not guess from CPU flags: on Linux it
-opens ``/dev/kvm`` the way a VMM will, builds a throwaway VM and runs a few
-real guest instructions, bounded in time; on macOS it asks the kernel whether
-Hypervisor.framework is available.  When the host cannot run VMs, the error
-names what was tried, what the operating system answered and the one fix for
-that cause.
+before it starts a micro-VM.  It does not guess from CPU flags, and "usable"
+means a real guest can run: on Linux it opens ``/dev/kvm`` the way a VMM
+will, checks the capabilities the engine needs, enters 64-bit long mode in a
+throwaway VM as direct-boot VMMs do, runs what a stock kernel runs early
+(``lock cmpxchg16b``, ``xsave``...) and times guest code against the host
+CPU, every run bounded in time (arm64: a guest that proves itself by MMIO);
+on macOS it asks the kernel whether Hypervisor.framework is available.  When
+the host cannot run VMs, the error names what was tried, what the operating
+system answered and the one fix for that cause.
 
 Library use::
 
