@@ -2525,24 +2525,6 @@ def _cpu_flags() -> set[str] | None:
     return set(flags.split()) if flags is not None else None
 
 
-def _container() -> str | None:
-    """Name the container runtime this process runs under, when evidence shows one.
-
-    /.dockerenv alone is not enough: images exported from Docker keep it on
-    ordinary VMs.  It counts when the root filesystem is an overlay, as it is
-    in a Docker container.
-    """
-    if _exists("/run/.containerenv"):
-        return "podman"
-    cgroup = _read_text("/proc/1/cgroup") or ""
-    for hint in ("kubepods", "docker", "containerd", "lxc", "libpod"):
-        if hint in cgroup:
-            return hint
-    if _exists("/.dockerenv") and _root_fs_type() in ("overlay", "fuse-overlayfs"):
-        return "docker"
-    return None
-
-
 def _root_fs_type() -> str | None:
     """The filesystem type mounted at / in this mount namespace."""
     for line in (_read_text("/proc/self/mountinfo") or "").splitlines():
@@ -2554,22 +2536,8 @@ def _root_fs_type() -> str | None:
     return None
 
 
-def _is_wsl() -> bool:
-    return _exists(_WSL_INTEROP) or "microsoft" in _kernel_release().lower()
-
-
 def _kernel_release() -> str:
     return os.uname().release
-
-
-def _module_for_cpu() -> str:
-    """The KVM module this CPU needs, from its vendor."""
-    vendor = _cpuinfo_field("vendor_id") or ""
-    if vendor == "AuthenticAMD" or vendor == "HygonGenuine":
-        return "kvm_amd"
-    if vendor == "GenuineIntel":
-        return "kvm_intel"
-    return "kvm_intel or kvm_amd"
 
 
 def _node_kind(st: os.stat_result) -> str:
@@ -3856,9 +3824,6 @@ class KvmProbe(HypervisorProbe):
         _timed(found, lambda: _cpu_finding(guest is not None, guest))
         _timed(found, _context_finding)
         return found
-
-    def _device_finding_for(self, error: BoxliteError) -> Finding:
-        return _from_error("kvm.device", error)
 
     def _device_finding(self) -> Finding:
         import stat

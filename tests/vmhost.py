@@ -133,20 +133,26 @@ def stage(build: Path, modules: Path) -> Path:
     for lib in shared_libraries([PYTHON, *dynload]):
         copy(lib, root)
     copy(PYTHON, root)
+    install_app(root, ROOT / "libkvmsmoke.so", INIT)
+    return root
+
+
+def install_app(root: Path, library: Path, init_script: str) -> None:
+    """The module, its library and the cases under /syscheck; bytecode; /init."""
     app = root / "syscheck"
     app.mkdir()
-    for name in ("boxlite_syscheck.py", "libkvmsmoke.so"):
-        shutil.copy2(ROOT / name, app / name)
+    shutil.copy2(ROOT / "boxlite_syscheck.py", app / "boxlite_syscheck.py")
+    shutil.copy2(library, app / "libkvmsmoke.so")
     shutil.copy2(ROOT / "tests/guest_cases.py", app / "guest_cases.py")
-    # Bytecode made here with the same interpreter: the guest runs it cached,
-    # as users do, instead of compiling under the emulator.
+    # Bytecode made here with the same Python version: it does not depend on
+    # the CPU, and the guest then runs it cached, as users do, instead of
+    # compiling under the emulator.
     subprocess.run([PYTHON, "-m", "compileall", "-q", "-j0", "--invalidation-mode",
                     "unchecked-hash", str(root / "usr/lib/python3.11"), str(app)],
                    check=True)  # fmt: skip
     init = root / "init"
-    init.write_text(INIT)
+    init.write_text(init_script)
     init.chmod(0o755)
-    return root
 
 
 INIT = """#!/bin/busybox sh
@@ -182,18 +188,7 @@ def boot(vmlinuz: Path, initrd: Path, cpu: str, log: Path, limit: float) -> str:
         "-kernel", str(vmlinuz), "-initrd", str(initrd), "-no-reboot", "-nographic",
         "-append", "console=ttyS0 panic=-1 quiet loglevel=3",
     ]  # fmt: skip
-    started = time.monotonic()
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=limit,
-                              errors="replace")  # fmt: skip
-        output = done.stdout + done.stderr
-    except subprocess.TimeoutExpired as expired:
-        output = (expired.stdout or b"").decode("utf-8", "replace") if isinstance(
-            expired.stdout, bytes) else (expired.stdout or "")  # fmt: skip
-        output += f"\nvmhost: QEMU did not finish within {limit:.0f} s\n"
-    log.write_text(output)
-    say(f"{cpu}: QEMU ran {time.monotonic() - started:.1f} s (log {log})")
-    return output
+    return run_qemu(command, cpu, log, limit)
 
 
 ARM_PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
@@ -260,21 +255,11 @@ def arm_pieces(build: Path) -> tuple[Path, Path]:
                  "usr/lib/python3.11/lib2to3", "usr/lib/python3.11/pydoc_data"):  # fmt: skip
         shutil.rmtree(root / junk, ignore_errors=True)
     (root / "bin").mkdir(exist_ok=True)
-    app = root / "syscheck"
-    app.mkdir()
-    shutil.copy2(ROOT / "boxlite_syscheck.py", app / "boxlite_syscheck.py")
-    shutil.copy2(ROOT / "tests/guest_cases.py", app / "guest_cases.py")
+    library = build / "libkvmsmoke.so"
     subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
-                    "-fPIC", "-shared", "-Wl,-z,now", "-Wl,-z,relro", "-o",
-                    str(app / "libkvmsmoke.so"), str(ROOT / "kvm_smoke.c")], check=True)  # fmt: skip
-    # Bytecode from the host's Python of the same version: it does not depend
-    # on the CPU, and the guest then runs it cached, as users do.
-    subprocess.run([PYTHON, "-m", "compileall", "-q", "-j0", "--invalidation-mode",
-                    "unchecked-hash", str(root / "usr/lib/python3.11"), str(app)],
-                   check=True)  # fmt: skip
-    init = root / "init"
-    init.write_text(ARM_INIT)
-    init.chmod(0o755)
+                    "-fPIC", "-shared", "-Wl,-z,now", "-Wl,-z,relro", "-o", str(library),
+                    str(ROOT / "kvm_smoke.c")], check=True)  # fmt: skip
+    install_app(root, library, ARM_INIT)
     return sorted(tree.glob("boot/vmlinuz-*"))[-1], root
 
 
@@ -353,19 +338,7 @@ def main() -> int:
     failures = 0
     for name, spec in BOOTS.items():
         output = boot(vmlinuz, initrd, spec["cpu"], build / f"{name}.log", args.timeout)
-        seen: dict[str, tuple[str, str]] = {}
-        for line in output.splitlines():
-            match = re.search(r"CASE (\S+) (PASS|FAIL|INFO)(.*)", line)  # escapes may precede
-            if match:
-                seen[match.group(1)] = (match.group(2), match.group(3).strip())
-        for case in spec["cases"]:
-            status, detail = seen.get(case, ("FAIL", "not reported (see the log)"))
-            print(f"{status} {name}/{case}: {detail}", flush=True)
-            failures += status == "FAIL"
-        for case, (status, detail) in seen.items():
-            if case not in spec["cases"]:
-                print(f"{status} {name}/{case}: {detail}", flush=True)
-                failures += status == "FAIL"
+        failures += collect(output, name, spec["cases"])
     print(f"{'PASS' if not failures else 'FAIL'}: x86-nested, {failures} failed", flush=True)
     return 1 if failures else 0
 
