@@ -94,6 +94,20 @@ def test_a_directory_where_the_device_should_be(fault_env):
     assert "docker -v" in result["native"]["fix"]
 
 
+# The end of each sandbox script: the bare check with both backends, as JSON.
+CHECK_BOTH = r"""
+out = {}
+for backend in ("native", "python"):
+    try:
+        b.SystemCheck.run(backend=backend, engine=None).close()
+        out[backend] = {"cause": None}
+    except b.BoxliteError as err:
+        out[backend] = {"cause": err.cause, "type": type(err).__name__,
+                        "message": str(err), "fix": err.fix}
+print(json.dumps(out))
+"""
+
+
 LANDLOCK_SCRIPT = r"""
 import ctypes, json, os, struct, sys
 sys.path.insert(0, sys.argv[1])
@@ -116,15 +130,7 @@ if allowed:  # read anything, write nothing: /dev/kvm cannot be opened read-writ
                         ctypes.c_uint32(0)) == 0
 assert libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS, as Landlock wants
 assert libc.syscall(446, ctypes.c_int(ruleset), ctypes.c_uint32(0)) == 0
-out = {}
-for backend in ("native", "python"):
-    try:
-        b.SystemCheck.run(backend=backend, engine=None).close()
-        out[backend] = {"cause": None}
-    except b.BoxliteError as err:
-        out[backend] = {"cause": err.cause, "message": str(err), "fix": err.fix}
-print(json.dumps(out))
-"""
+""" + CHECK_BOTH
 
 
 @needs_root
@@ -149,15 +155,7 @@ import boxlite_syscheck as b
 for backend in ("native", "python"):
     b.SystemCheck.run(backend=backend, engine=None).close()
 _install_seccomp(b.KVM_CREATE_VM, 13)  # EACCES, as an SELinux ioctl denial answers
-out = {}
-for backend in ("native", "python"):
-    try:
-        b.SystemCheck.run(backend=backend, engine=None).close()
-        out[backend] = {"cause": None}
-    except b.BoxliteError as err:
-        out[backend] = {"cause": err.cause, "type": type(err).__name__, "fix": err.fix}
-print(json.dumps(out))
-"""
+""" + CHECK_BOTH
 
 
 @needs_root

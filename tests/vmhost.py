@@ -155,14 +155,16 @@ def install_app(root: Path, library: Path, init_script: str) -> None:
     init.chmod(0o755)
 
 
-INIT = """#!/bin/busybox sh
+# The start of every guest's /init: busybox, and the kernel's filesystems.
+INIT_HEAD = """#!/bin/busybox sh
 /bin/busybox --install -s /bin
 export PATH=/bin PYTHONDONTWRITEBYTECODE=1
 mkdir -p /proc /sys /dev /tmp
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
-for m in /modules/irqbypass.ko /modules/ccp.ko /modules/kvm.ko /modules/kvm-amd.ko; do
+"""
+INIT = INIT_HEAD + """for m in /modules/irqbypass.ko /modules/ccp.ko /modules/kvm.ko /modules/kvm-amd.ko; do
     insmod $m 2>/dev/null || echo "vmhost-guest: insmod $m failed"
 done
 echo "vmhost-guest: booted, cpu flags: $(grep -o -w -E 'svm|npt|hypervisor' /proc/cpuinfo | sort -u | tr '\\n' ' ')"
@@ -201,14 +203,7 @@ ARM_BOOTS = {
                       "bare-device", "cli-json", "bound"]},
     "no-el2": {"machine": "virt", "cases": ["no-kvm-diagnosed"]},
 }  # fmt: skip
-ARM_INIT = """#!/bin/busybox sh
-/bin/busybox --install -s /bin
-export PATH=/bin PYTHONDONTWRITEBYTECODE=1
-mkdir -p /proc /sys /dev /tmp
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-echo "vmhost-guest: booted, $(dmesg | grep -o -E 'kvm \\[1\\]: [^,]*(initialized|available)[^,]*' | head -1)"
+ARM_INIT = INIT_HEAD + """echo "vmhost-guest: booted, $(dmesg | grep -o -E 'kvm \\[1\\]: [^,]*(initialized|available)[^,]*' | head -1)"
 /usr/bin/python3.11 /syscheck/guest_cases.py
 echo "vmhost-guest: done"
 poweroff -f
