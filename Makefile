@@ -29,6 +29,7 @@ test: libkvmsmoke.so $(VENV)/.ready
 lint: $(VENV)/.ready
 	$(VENV)/bin/pip install --quiet ruff mypy
 	$(VENV)/bin/ruff check boxlite_syscheck.py setup.py tests
+	$(VENV)/bin/ruff format --check boxlite_syscheck.py setup.py tests
 	$(VENV)/bin/mypy --strict boxlite_syscheck.py
 
 clean:

@@ -3,13 +3,13 @@
 boxlite_syscheck is a Python port of the host check that BoxLite 0.9.1 runs
 before it starts a micro-VM.  It does not guess from CPU flags, and "usable"
 means a real guest can run: on Linux it opens ``/dev/kvm`` the way a VMM
-will, checks the capabilities the engine needs, enters 64-bit long mode in a
-throwaway VM as direct-boot VMMs do, runs what a stock kernel runs early
-(``lock cmpxchg16b``, ``xsave``...) and times guest code against the host
-CPU, every run bounded in time (arm64: a guest that proves itself by MMIO);
-on macOS it asks the kernel whether Hypervisor.framework is available.  When
-the host cannot run VMs, the error names what was tried, what the operating
-system answered and the one fix for that cause.
+will, checks the capabilities and start-up ioctls the engine needs, enters
+64-bit long mode in a throwaway VM as direct-boot VMMs do, runs what a stock
+kernel runs early (``lock cmpxchg16b``, ``xsave``...) and times guest code
+against the host CPU, every run bounded in time (arm64: a guest that proves
+itself by MMIO); on macOS it asks the kernel whether Hypervisor.framework is
+available.  When the host cannot run VMs, the error names what was tried,
+what the operating system answered and the one fix for that cause.
 
 Library use::
 
@@ -27,11 +27,12 @@ Command line::
                                [--strict] [--timeout S] [--engine NAME|none]
 
 Exit codes: 0 usable, 1 not usable, 2 usage error, 3 the checker itself
-failed, 141 standard output closed.  The module is one file with no dependencies outside the standard
-library; copy it into a project as it is.  ``libkvmsmoke.so`` (built by
-``make`` from ``kvm_smoke.c``) is used when it sits next to this file, or at
-the absolute path in ``$BOXLITE_SYSCHECK_KVMSMOKE``; without it a pure-Python
-backend with the same contract runs the smoke test.
+failed, 141 standard output closed.  The module is one file with no
+dependencies outside the standard library; copy it into a project as it is.
+``libkvmsmoke.so`` (built by ``make`` from ``kvm_smoke.c``) is used when it
+sits next to this file, or at the absolute path in
+``$BOXLITE_SYSCHECK_KVMSMOKE``; without it a pure-Python backend with the
+same contract runs the guests.
 """
 
 from __future__ import annotations
@@ -72,31 +73,34 @@ __all__ = [
     "UnsupportedError",
     "UnsupportedPlatformProbe",
     "check",
+    "diagnose_create_failure",
     "hypervisor_probe",
     "main",
     "smoke_test",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # Lets mypy see the imports below without paying for them at import time.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ctypes
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Mapping, Sequence
     from typing import Any
 
 # ── Constants and kernel ABI ────────────────────────────────────────────────
 
 KVM_DEVICE = "/dev/kvm"
-#: How long KVM_RUN may take before the smoke test gives up, in seconds.
+#: How long one KVM_RUN may take before the check gives up, in seconds.
 DEFAULT_TIMEOUT = 2.0
+#: The longest bound on one KVM_RUN that ``timeout`` accepts, in seconds.
+MAX_TIMEOUT = 3600.0
 #: Names an absolute path to libkvmsmoke.so, used instead of the copy next to
 #: this file.  Relative paths are refused: native code is never searched for.
 LIBRARY_ENV = "BOXLITE_SYSCHECK_KVMSMOKE"
 _LIBRARY_NAME = "libkvmsmoke.so"
 #: The native library must report this ABI version (KVMSMOKE_ABI_VERSION).
-_NATIVE_ABI_VERSION = 3
+_NATIVE_ABI_VERSION = 4
 
 # include/uapi/linux/kvm.h: KVM_API_VERSION has been 12 since Linux 2.6.22.
 KVM_API_VERSION = 12
@@ -105,13 +109,8 @@ KVM_DEVICE_MAJOR = 10
 KVM_DEVICE_MINOR = 232
 
 # include/uapi/asm-generic/ioctl.h (x86 and arm64 use the generic layout).
-_IOC_NRSHIFT = 0
-_IOC_TYPESHIFT = 8
-_IOC_SIZESHIFT = 16
-_IOC_DIRSHIFT = 30
-_IOC_NONE = 0
-_IOC_WRITE = 1
-_IOC_READ = 2
+_IOC_NRSHIFT, _IOC_TYPESHIFT, _IOC_SIZESHIFT, _IOC_DIRSHIFT = 0, 8, 16, 30
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
 
 
 def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
@@ -125,8 +124,9 @@ def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
 
 
 _KVMIO = 0xAE
+_RW = _IOC_READ | _IOC_WRITE
 # Sizes of the x86_64 structures (arch/x86/include/uapi/asm/kvm.h); the
-# ctypes definitions in _abi() are checked against them in the tests.
+# ctypes definitions in _Abi are checked against them in the tests.
 _SIZEOF_KVM_REGS = 144
 _SIZEOF_KVM_SREGS = 312
 _SIZEOF_KVM_USERSPACE_MEMORY_REGION = 32
@@ -134,29 +134,32 @@ _SIZEOF_KVM_SIGNAL_MASK = 4
 _SIZEOF_KVM_MSR_LIST = 4  # struct kvm_msr_list header: nmsrs
 _SIZEOF_KVM_CPUID2 = 8  # struct kvm_cpuid2 header: nent, padding
 _SIZEOF_KVM_MSRS = 8  # struct kvm_msrs header: nmsrs, pad
+_SIZEOF_KVM_PIT_CONFIG = 64
+_SIZEOF_KVM_ENABLE_CAP = 104
 
 KVM_GET_API_VERSION = _ioc(_IOC_NONE, _KVMIO, 0x00, 0)
 KVM_CREATE_VM = _ioc(_IOC_NONE, _KVMIO, 0x01, 0)
-KVM_GET_MSR_INDEX_LIST = _ioc(_IOC_READ | _IOC_WRITE, _KVMIO, 0x02, _SIZEOF_KVM_MSR_LIST)
+KVM_GET_MSR_INDEX_LIST = _ioc(_RW, _KVMIO, 0x02, _SIZEOF_KVM_MSR_LIST)
 KVM_CHECK_EXTENSION = _ioc(_IOC_NONE, _KVMIO, 0x03, 0)
 KVM_GET_VCPU_MMAP_SIZE = _ioc(_IOC_NONE, _KVMIO, 0x04, 0)
-KVM_GET_SUPPORTED_CPUID = _ioc(_IOC_READ | _IOC_WRITE, _KVMIO, 0x05, _SIZEOF_KVM_CPUID2)
-KVM_GET_MSR_FEATURE_INDEX_LIST = _ioc(
-    _IOC_READ | _IOC_WRITE, _KVMIO, 0x0A, _SIZEOF_KVM_MSR_LIST
-)
+KVM_GET_SUPPORTED_CPUID = _ioc(_RW, _KVMIO, 0x05, _SIZEOF_KVM_CPUID2)
+KVM_GET_MSR_FEATURE_INDEX_LIST = _ioc(_RW, _KVMIO, 0x0A, _SIZEOF_KVM_MSR_LIST)
 KVM_CREATE_VCPU = _ioc(_IOC_NONE, _KVMIO, 0x41, 0)
-KVM_SET_USER_MEMORY_REGION = _ioc(
-    _IOC_WRITE, _KVMIO, 0x46, _SIZEOF_KVM_USERSPACE_MEMORY_REGION
-)
+KVM_SET_USER_MEMORY_REGION = _ioc(_IOC_WRITE, _KVMIO, 0x46, _SIZEOF_KVM_USERSPACE_MEMORY_REGION)
+KVM_SET_TSS_ADDR = _ioc(_IOC_NONE, _KVMIO, 0x47, 0)
+KVM_SET_IDENTITY_MAP_ADDR = _ioc(_IOC_WRITE, _KVMIO, 0x48, 8)
+KVM_CREATE_IRQCHIP = _ioc(_IOC_NONE, _KVMIO, 0x60, 0)
+KVM_CREATE_PIT2 = _ioc(_IOC_WRITE, _KVMIO, 0x77, _SIZEOF_KVM_PIT_CONFIG)
 KVM_RUN = _ioc(_IOC_NONE, _KVMIO, 0x80, 0)
 KVM_GET_REGS = _ioc(_IOC_READ, _KVMIO, 0x81, _SIZEOF_KVM_REGS)
 KVM_SET_REGS = _ioc(_IOC_WRITE, _KVMIO, 0x82, _SIZEOF_KVM_REGS)
 KVM_GET_SREGS = _ioc(_IOC_READ, _KVMIO, 0x83, _SIZEOF_KVM_SREGS)
 KVM_SET_SREGS = _ioc(_IOC_WRITE, _KVMIO, 0x84, _SIZEOF_KVM_SREGS)
-KVM_GET_MSRS = _ioc(_IOC_READ | _IOC_WRITE, _KVMIO, 0x88, _SIZEOF_KVM_MSRS)
+KVM_GET_MSRS = _ioc(_RW, _KVMIO, 0x88, _SIZEOF_KVM_MSRS)
 KVM_SET_MSRS = _ioc(_IOC_WRITE, _KVMIO, 0x89, _SIZEOF_KVM_MSRS)
 KVM_SET_SIGNAL_MASK = _ioc(_IOC_WRITE, _KVMIO, 0x8B, _SIZEOF_KVM_SIGNAL_MASK)
 KVM_SET_CPUID2 = _ioc(_IOC_WRITE, _KVMIO, 0x90, _SIZEOF_KVM_CPUID2)
+KVM_ENABLE_CAP = _ioc(_IOC_WRITE, _KVMIO, 0xA3, _SIZEOF_KVM_ENABLE_CAP)
 # arm64 (arch/arm64/include/uapi/asm/kvm.h): struct kvm_vcpu_init is 32 bytes,
 # struct kvm_one_reg 16.
 KVM_GET_ONE_REG = _ioc(_IOC_WRITE, _KVMIO, 0xAB, 16)
@@ -168,35 +171,28 @@ KVM_ARM_PREFERRED_TARGET = _ioc(_IOC_READ, _KVMIO, 0xAF, 32)
 ARM64_REG_X0 = 0x6030000000100000
 ARM64_REG_PC = 0x6030000000100040
 
-# KVM_CHECK_EXTENSION capabilities that VMMs rely on (include/uapi/linux/kvm.h).
-KVM_CAP_USER_MEMORY = 3
-KVM_CAP_NR_VCPUS = 9
-KVM_CAP_NR_MEMSLOTS = 10
-KVM_CAP_MAX_VCPUS = 66
-KVM_CAP_IMMEDIATE_EXIT = 136
-#: KVM_CAP_* numbers by name, for the capabilities the engines ask about.
+#: KVM_CAP_* numbers by name (include/uapi/linux/kvm.h), for the
+#: capabilities the engines ask about.
 KVM_CAPS = {
-    "IRQCHIP": 0, "USER_MEMORY": 3, "SET_TSS_ADDR": 4, "EXT_CPUID": 7, "NR_VCPUS": 9,
-    "NR_MEMSLOTS": 10, "MP_STATE": 14, "DESTROY_MEMORY_REGION_WORKS": 21, "USER_NMI": 22,
-    "IRQ_ROUTING": 25, "JOIN_MEMORY_REGIONS_WORKS": 30, "MCE": 31, "IRQFD": 32, "PIT2": 33,
-    "PIT_STATE2": 35, "IOEVENTFD": 36, "SET_IDENTITY_MAP_ADDR": 37, "ADJUST_CLOCK": 39,
-    "INTERNAL_ERROR_DATA": 40, "VCPU_EVENTS": 41, "DEBUGREGS": 50,
-    "X86_ROBUST_SINGLESTEP": 51, "XSAVE": 55, "XCRS": 56, "TSC_CONTROL": 60,
-    "GET_TSC_KHZ": 61, "MAX_VCPUS": 66, "ONE_REG": 70, "TSC_DEADLINE_TIMER": 72,
-    "SIGNAL_MSI": 77, "DEVICE_CTRL": 89, "ARM_PSCI_0_2": 102, "SPLIT_IRQCHIP": 121,
-    "IOEVENTFD_ANY_LENGTH": 122, "X2APIC_API": 129, "IMMEDIATE_EXIT": 136,
-    "ARM_VM_IPA_SIZE": 165, "XSAVE2": 208, "COUNTER_OFFSET": 227,
-}  # fmt: skip
+    name: int(number)
+    for name, number in (
+        pair.split("=")
+        for pair in (
+            "IRQCHIP=0 USER_MEMORY=3 SET_TSS_ADDR=4 EXT_CPUID=7 NR_VCPUS=9 NR_MEMSLOTS=10 "
+            "MP_STATE=14 DESTROY_MEMORY_REGION_WORKS=21 USER_NMI=22 IRQ_ROUTING=25 "
+            "JOIN_MEMORY_REGIONS_WORKS=30 MCE=31 IRQFD=32 PIT2=33 PIT_STATE2=35 IOEVENTFD=36 "
+            "SET_IDENTITY_MAP_ADDR=37 ADJUST_CLOCK=39 INTERNAL_ERROR_DATA=40 VCPU_EVENTS=41 "
+            "DEBUGREGS=50 X86_ROBUST_SINGLESTEP=51 XSAVE=55 XCRS=56 TSC_CONTROL=60 "
+            "GET_TSC_KHZ=61 MAX_VCPUS=66 ONE_REG=70 TSC_DEADLINE_TIMER=72 SIGNAL_MSI=77 "
+            "DEVICE_CTRL=89 ARM_PSCI_0_2=102 SPLIT_IRQCHIP=121 IOEVENTFD_ANY_LENGTH=122 "
+            "X2APIC_API=129 IMMEDIATE_EXIT=136 ARM_VM_IPA_SIZE=165 XSAVE2=208 "
+            "COUNTER_OFFSET=227"
+        ).split()
+    )
+}
 KVM_CAP_NAMES = {number: name for name, number in KVM_CAPS.items()}
-
-# VM ioctls the engines issue at start-up (include/uapi/linux/kvm.h).
-_SIZEOF_KVM_PIT_CONFIG = 64
-_SIZEOF_KVM_ENABLE_CAP = 104
-KVM_SET_TSS_ADDR = _ioc(_IOC_NONE, 0xAE, 0x47, 0)
-KVM_SET_IDENTITY_MAP_ADDR = _ioc(_IOC_WRITE, 0xAE, 0x48, 8)
-KVM_CREATE_IRQCHIP = _ioc(_IOC_NONE, 0xAE, 0x60, 0)
-KVM_CREATE_PIT2 = _ioc(_IOC_WRITE, 0xAE, 0x77, _SIZEOF_KVM_PIT_CONFIG)
-KVM_ENABLE_CAP = _ioc(_IOC_WRITE, 0xAE, 0xA3, _SIZEOF_KVM_ENABLE_CAP)
+# The limits every engine's verdict reports.
+_LIMIT_CAPS = ("MAX_VCPUS", "NR_VCPUS", "NR_MEMSLOTS")
 
 # struct kvm_run offsets (include/uapi/linux/kvm.h).
 _RUN_EXIT_REASON = 8
@@ -207,69 +203,38 @@ _RUN_INTERNAL_NDATA = 36  # internal.ndata, u32
 _RUN_INTERNAL_DATA = 40  # internal.data[16], u64
 _RUN_EMULATION_INSN_SIZE = 48  # emulation_failure.insn_size, u8
 _RUN_EMULATION_INSN_BYTES = 49  # emulation_failure.insn_bytes[15]
+# kvm_run.mmio: phys_addr (u64), data[8], len (u32), is_write (u8).
+_RUN_MMIO_ADDR, _RUN_MMIO_DATA, _RUN_MMIO_LEN, _RUN_MMIO_WRITE = 32, 40, 48, 52
+# kvm_run.io: direction (u8), size (u8), port (u16), count (u32), data_offset (u64).
+_RUN_IO_DIRECTION, _RUN_IO_SIZE, _RUN_IO_PORT, _RUN_IO_COUNT, _RUN_IO_OFFSET = 32, 33, 34, 36, 40
 _SIZEOF_KVM_RUN_MIN = 2352
 _RUN_HEAD = 288  # the bytes of kvm_run both backends copy out after a run
 # KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: the failure carries them.
 _EMULATION_FLAG_INSTRUCTION_BYTES = 1
 
-KVM_EXIT_UNKNOWN = 0
 KVM_EXIT_HLT = 5
 KVM_EXIT_MMIO = 6
-# kvm_run.mmio: phys_addr (u64), data[8], len (u32), is_write (u8).
-_RUN_MMIO_ADDR, _RUN_MMIO_DATA, _RUN_MMIO_LEN, _RUN_MMIO_WRITE = 32, 40, 48, 52
 KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_FAIL_ENTRY = 9
-KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
 
 #: KVM_EXIT_* names by number, from include/uapi/linux/kvm.h.
-EXIT_REASONS = {
-    0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 3: "HYPERCALL", 4: "DEBUG",
-    5: "HLT", 6: "MMIO", 7: "IRQ_WINDOW_OPEN", 8: "SHUTDOWN",
-    9: "FAIL_ENTRY", 10: "INTR", 11: "SET_TPR", 12: "TPR_ACCESS",
-    13: "S390_SIEIC", 14: "S390_RESET", 15: "DCR", 16: "NMI",
-    17: "INTERNAL_ERROR", 18: "OSI", 19: "PAPR_HCALL", 20: "S390_UCONTROL",
-    21: "WATCHDOG", 22: "S390_TSCH", 23: "EPR", 24: "SYSTEM_EVENT",
-    25: "S390_STSI", 26: "IOAPIC_EOI", 27: "HYPERV", 28: "ARM_NISV",
-    29: "X86_RDMSR", 30: "X86_WRMSR", 31: "DIRTY_RING_FULL",
-    32: "AP_RESET_HOLD", 33: "X86_BUS_LOCK", 34: "XEN", 35: "RISCV_SBI",
-    36: "RISCV_CSR", 37: "NOTIFY",
-}  # fmt: skip
-
+EXIT_REASONS = dict(
+    enumerate(
+        (
+            "UNKNOWN EXCEPTION IO HYPERCALL DEBUG HLT MMIO IRQ_WINDOW_OPEN SHUTDOWN FAIL_ENTRY "
+            "INTR SET_TPR TPR_ACCESS S390_SIEIC S390_RESET DCR NMI INTERNAL_ERROR OSI "
+            "PAPR_HCALL S390_UCONTROL WATCHDOG S390_TSCH EPR SYSTEM_EVENT S390_STSI "
+            "IOAPIC_EOI HYPERV ARM_NISV X86_RDMSR X86_WRMSR DIRTY_RING_FULL AP_RESET_HOLD "
+            "X86_BUS_LOCK XEN RISCV_SBI RISCV_CSR NOTIFY"
+        ).split()
+    )
+)
 #: KVM_INTERNAL_ERROR_* suberrors (include/uapi/linux/kvm.h).
-INTERNAL_SUBERRORS = {
-    1: "EMULATION",
-    2: "SIMUL_EX",
-    3: "DELIVERY_EV",
-    4: "UNEXPECTED_EXIT_REASON",
-}
+INTERNAL_SUBERRORS = {1: "EMULATION", 2: "SIMUL_EX", 3: "DELIVERY_EV", 4: "UNEXPECTED_EXIT_REASON"}
 
-# Smoke-test steps.  Each operation the backends execute carries its step, so
-# a failure is reported as "step, errno" whatever the backend.
-STEP_OPEN = 0
-STEP_API_VERSION = 1
-STEP_CREATE_VM = 2
-STEP_GUEST_MEMORY = 3
-STEP_MEMORY_REGION = 4
-STEP_CREATE_VCPU = 5
-STEP_GET_CPUID = 6
-STEP_SET_CPUID = 7
-STEP_GET_SREGS = 8
-STEP_SET_SREGS = 9
-STEP_SET_REGS = 10
-STEP_RUN_AREA_SIZE = 11
-STEP_MAP_RUN_AREA = 12
-STEP_SET_MSRS = 13
-STEP_ARM_TIMER = 14
-STEP_RUN = 15
-STEP_GET_REGS = 16
-STEP_ARM_TARGET = 17
-STEP_ARM_VCPU_INIT = 18
-STEP_SET_ONE_REG = 19
-STEP_GET_ONE_REG = 20
-STEP_DONE = 21
-
-#: What each step does, as said in messages.
+#: Each step of the check, as messages say it.  Every operation the backends
+#: execute carries its step, so a failure is "step, errno" whatever the backend.
 STEP_NAMES = (
     "open /dev/kvm",
     "read the KVM API version (KVM_GET_API_VERSION)",
@@ -292,24 +257,52 @@ STEP_NAMES = (
     "initialise the vCPU (KVM_ARM_VCPU_INIT)",
     "set PC (KVM_SET_ONE_REG)",
     "read X0 back (KVM_GET_ONE_REG)",
+    "ask for the capabilities (KVM_CHECK_EXTENSION)",
+    "set the identity-map address (KVM_SET_IDENTITY_MAP_ADDR)",
+    "set the TSS address (KVM_SET_TSS_ADDR)",
+    "create the in-kernel irqchip (KVM_CREATE_IRQCHIP)",
+    "create the in-kernel PIT (KVM_CREATE_PIT2)",
+    "enable the split irqchip (KVM_ENABLE_CAP(SPLIT_IRQCHIP))",
     "done",
 )
+STEP_OPEN, STEP_API_VERSION, STEP_CREATE_VM, STEP_GUEST_MEMORY, STEP_MEMORY_REGION = range(0, 5)
+STEP_CREATE_VCPU, STEP_GET_CPUID, STEP_SET_CPUID, STEP_GET_SREGS, STEP_SET_SREGS = range(5, 10)
+STEP_SET_REGS, STEP_RUN_AREA_SIZE, STEP_MAP_RUN_AREA, STEP_SET_MSRS, STEP_ARM_TIMER = range(10, 15)
+STEP_RUN, STEP_GET_REGS, STEP_ARM_TARGET, STEP_ARM_VCPU_INIT, STEP_SET_ONE_REG = range(15, 20)
+STEP_GET_ONE_REG, STEP_CHECK_EXTENSION, STEP_SET_IDENTITY_MAP_ADDR = range(20, 23)
+STEP_SET_TSS_ADDR, STEP_CREATE_IRQCHIP, STEP_CREATE_PIT2, STEP_SPLIT_IRQCHIP = range(23, 27)
+STEP_DONE = 27
+assert STEP_DONE == len(STEP_NAMES) - 1
 
 #: The guest puts this in EAX before HLT; reading it back proves it ran.
 PROOF_VALUE = 0xB0C5117E
-# 16-bit real mode: "mov eax, PROOF_VALUE" (operand-size prefix 66 B8 imm32),
-# then "hlt" (F4).
-_GUEST_HALT = b"\x66\xb8" + PROOF_VALUE.to_bytes(4, "little") + b"\xf4"
-# "jmp $" (EB FE): a guest that never halts, for the timeout tests.
-_GUEST_SPIN = b"\xeb\xfe"
 # Architectures with a smoke test: x86 (real and long mode) and arm64.
 _SMOKE_MACHINES = frozenset({"x86_64", "amd64", "aarch64", "arm64"})
-# The arm64 guest, at guest physical 0x10000 (little-endian words): movz x0,
-# #0x117e; movk x0, #0xb0c5, lsl #16; movz x1, #0x10, lsl #16; str w0, [x1];
-# b .  It writes the proof value to 0x100000, where there is no memory: KVM
-# exits with KVM_EXIT_MMIO, and X0 holds the value.
-_ARM64_CODE = (0xD2822FC0, 0xF2B618A0, 0xD2A00201, 0xB9000020, 0x14000000)
-_ARM64_BASE, _ARM64_MMIO = 0x10000, 0x100000
+_ARCH_NAMES = {"amd64": "x86_64", "arm64": "aarch64"}
+
+
+def _engine(
+    x86_64: str,
+    aarch64: str,
+    ioctls: str,
+    boot: str,
+    optional_x86_64: str = "",
+    optional_aarch64: str = "",
+    **devices: str,
+) -> dict[str, Any]:
+    """One row of ENGINE_REQUIREMENTS from its space-separated lists."""
+    return {
+        "required": {"x86_64": tuple(x86_64.split()), "aarch64": tuple(aarch64.split())},
+        "optional": {
+            arch: tuple(names.split())
+            for arch, names in (("x86_64", optional_x86_64), ("aarch64", optional_aarch64))
+            if names
+        },
+        "ioctls": tuple(ioctls.split()),
+        "devices": {purpose.replace("_", "-"): node for purpose, node in devices.items()},
+        "boot": boot,
+    }
+
 
 # The engines whose start-up needs the gate checks.  BoxLite runs libkrun;
 # None is the bare device check (open, API version, VM, trivial guest).
@@ -323,77 +316,81 @@ ENGINE_REQUIREMENTS: dict[str, dict[str, Any]] = {
     # libkrun src/vmm/src/linux/vstate.rs: KvmContext::new() (capabilities,
     # first missing one reported by name), Vm::new() (TSS, irqchip, PIT2,
     # supported CPUID, MSR list).  BoxLite's fork has the same lists.
-    "libkrun": {
-        "required": {"x86_64": ("IRQCHIP", "IOEVENTFD", "IRQFD", "USER_MEMORY", "SET_TSS_ADDR"),
-                     "aarch64": ("IRQCHIP", "IOEVENTFD", "IRQFD", "USER_MEMORY", "ARM_PSCI_0_2")},
-        "optional": {"x86_64": ("SPLIT_IRQCHIP",)},
-        "ioctls": ("KVM_SET_TSS_ADDR", "KVM_CREATE_IRQCHIP", "KVM_CREATE_PIT2"),
-        "devices": {},
-        "boot": "direct 64-bit",
-    },
+    "libkrun": _engine(
+        x86_64="IRQCHIP IOEVENTFD IRQFD USER_MEMORY SET_TSS_ADDR",
+        aarch64="IRQCHIP IOEVENTFD IRQFD USER_MEMORY ARM_PSCI_0_2",
+        optional_x86_64="SPLIT_IRQCHIP",
+        ioctls="KVM_SET_TSS_ADDR KVM_CREATE_IRQCHIP KVM_CREATE_PIT2",
+        boot="direct 64-bit",
+    ),
     # firecracker src/vmm/src/arch/x86_64/kvm.rs and arch/aarch64/kvm.rs
     # DEFAULT_CAPABILITIES; src/vmm/src/vstate/kvm.rs ("Missing KVM
     # capabilities: {0:#x?}"); src/vmm/src/arch/x86_64/vm.rs (TSS, irqchip, PIT2).
-    "firecracker": {
-        "required": {"x86_64": ("IRQCHIP", "IOEVENTFD", "IRQFD", "USER_MEMORY", "SET_TSS_ADDR",
-                                "PIT2", "PIT_STATE2", "ADJUST_CLOCK", "DEBUGREGS", "MP_STATE",
-                                "VCPU_EVENTS", "XCRS", "XSAVE", "EXT_CPUID"),
-                     "aarch64": ("IOEVENTFD", "IRQFD", "USER_MEMORY", "ARM_PSCI_0_2",
-                                 "DEVICE_CTRL", "MP_STATE", "ONE_REG")},
-        "optional": {"x86_64": ("TSC_CONTROL", "GET_TSC_KHZ", "XSAVE2"),
-                     "aarch64": ("COUNTER_OFFSET",)},
-        "ioctls": ("KVM_SET_TSS_ADDR", "KVM_CREATE_IRQCHIP", "KVM_CREATE_PIT2"),
-        "devices": {"networking": "/dev/net/tun"},
-        "boot": "direct 64-bit",
-    },
+    "firecracker": _engine(
+        x86_64="IRQCHIP IOEVENTFD IRQFD USER_MEMORY SET_TSS_ADDR PIT2 PIT_STATE2 ADJUST_CLOCK "
+        "DEBUGREGS MP_STATE VCPU_EVENTS XCRS XSAVE EXT_CPUID",
+        aarch64="IOEVENTFD IRQFD USER_MEMORY ARM_PSCI_0_2 DEVICE_CTRL MP_STATE ONE_REG",
+        optional_x86_64="TSC_CONTROL GET_TSC_KHZ XSAVE2",
+        optional_aarch64="COUNTER_OFFSET",
+        ioctls="KVM_SET_TSS_ADDR KVM_CREATE_IRQCHIP KVM_CREATE_PIT2",
+        boot="direct 64-bit",
+        networking="/dev/net/tun",
+    ),
     # cloud-hypervisor hypervisor/src/kvm/x86_64/mod.rs and aarch64/mod.rs
     # check_required_kvm_extensions(); hypervisor/src/kvm/mod.rs (identity
     # map, TSS and split irqchip set with unwrap: a failure is a panic).
-    "cloud-hypervisor": {
-        "required": {"x86_64": ("ADJUST_CLOCK", "EXT_CPUID", "GET_TSC_KHZ", "IMMEDIATE_EXIT",
-                                "IOEVENTFD", "IRQCHIP", "IRQFD", "IRQ_ROUTING", "MP_STATE",
-                                "SET_IDENTITY_MAP_ADDR", "SET_TSS_ADDR", "SPLIT_IRQCHIP",
-                                "TSC_DEADLINE_TIMER", "USER_MEMORY", "USER_NMI", "VCPU_EVENTS",
-                                "XSAVE"),
-                     "aarch64": ("IMMEDIATE_EXIT", "IOEVENTFD", "IRQCHIP", "IRQFD",
-                                 "IRQ_ROUTING", "MP_STATE", "ONE_REG", "USER_MEMORY")},
-        "optional": {"x86_64": ("XCRS", "X2APIC_API", "XSAVE2"), "aarch64": ("ARM_VM_IPA_SIZE",)},
-        "ioctls": ("KVM_SET_IDENTITY_MAP_ADDR", "KVM_SET_TSS_ADDR", "KVM_ENABLE_CAP(SPLIT_IRQCHIP)"),
-        "devices": {"networking": "/dev/net/tun"},
-        "boot": "direct 64-bit",
-    },
+    "cloud-hypervisor": _engine(
+        x86_64="ADJUST_CLOCK EXT_CPUID GET_TSC_KHZ IMMEDIATE_EXIT IOEVENTFD IRQCHIP IRQFD "
+        "IRQ_ROUTING MP_STATE SET_IDENTITY_MAP_ADDR SET_TSS_ADDR SPLIT_IRQCHIP "
+        "TSC_DEADLINE_TIMER USER_MEMORY USER_NMI VCPU_EVENTS XSAVE",
+        aarch64="IMMEDIATE_EXIT IOEVENTFD IRQCHIP IRQFD IRQ_ROUTING MP_STATE ONE_REG USER_MEMORY",
+        optional_x86_64="XCRS X2APIC_API XSAVE2",
+        optional_aarch64="ARM_VM_IPA_SIZE",
+        ioctls="KVM_SET_IDENTITY_MAP_ADDR KVM_SET_TSS_ADDR KVM_ENABLE_CAP(SPLIT_IRQCHIP)",
+        boot="direct 64-bit",
+        networking="/dev/net/tun",
+    ),
     # QEMU accel/kvm/kvm-all.c kvm_required_capabilites (9.x/10.x) and
     # target/i386/kvm/kvm.c kvm_arch_required_capabilities; IRQFD, PIT2 and
     # PIT_STATE2 with its default in-kernel irqchip and PIT.
-    "qemu": {
-        "required": {"x86_64": ("USER_MEMORY", "DESTROY_MEMORY_REGION_WORKS",
-                                "JOIN_MEMORY_REGIONS_WORKS", "INTERNAL_ERROR_DATA", "IOEVENTFD",
-                                "IOEVENTFD_ANY_LENGTH", "SET_TSS_ADDR", "EXT_CPUID", "MP_STATE",
-                                "SIGNAL_MSI", "IRQ_ROUTING", "DEBUGREGS", "XSAVE", "VCPU_EVENTS",
-                                "X86_ROBUST_SINGLESTEP", "MCE", "ADJUST_CLOCK",
-                                "SET_IDENTITY_MAP_ADDR", "IRQFD", "PIT2", "PIT_STATE2"),
-                     "aarch64": ("USER_MEMORY", "DESTROY_MEMORY_REGION_WORKS",
-                                 "JOIN_MEMORY_REGIONS_WORKS", "INTERNAL_ERROR_DATA",
-                                 "IOEVENTFD", "IOEVENTFD_ANY_LENGTH")},
-        "optional": {"x86_64": ("XSAVE2",)},
-        "ioctls": ("KVM_SET_IDENTITY_MAP_ADDR", "KVM_SET_TSS_ADDR", "KVM_CREATE_IRQCHIP",
-                   "KVM_CREATE_PIT2"),
-        "devices": {"networking": "/dev/net/tun", "vhost-net": "/dev/vhost-net",
-                    "vhost-vsock (Kata)": "/dev/vhost-vsock"},
-        "boot": "firmware (real mode)",
-    },
+    "qemu": _engine(
+        x86_64="USER_MEMORY DESTROY_MEMORY_REGION_WORKS JOIN_MEMORY_REGIONS_WORKS "
+        "INTERNAL_ERROR_DATA IOEVENTFD IOEVENTFD_ANY_LENGTH SET_TSS_ADDR EXT_CPUID MP_STATE "
+        "SIGNAL_MSI IRQ_ROUTING DEBUGREGS XSAVE VCPU_EVENTS X86_ROBUST_SINGLESTEP MCE "
+        "ADJUST_CLOCK SET_IDENTITY_MAP_ADDR IRQFD PIT2 PIT_STATE2",
+        aarch64="USER_MEMORY DESTROY_MEMORY_REGION_WORKS JOIN_MEMORY_REGIONS_WORKS "
+        "INTERNAL_ERROR_DATA IOEVENTFD IOEVENTFD_ANY_LENGTH",
+        optional_x86_64="XSAVE2",
+        ioctls="KVM_SET_IDENTITY_MAP_ADDR KVM_SET_TSS_ADDR KVM_CREATE_IRQCHIP KVM_CREATE_PIT2",
+        boot="firmware (real mode)",
+        networking="/dev/net/tun",
+        vhost_net="/dev/vhost-net",
+        vhost_vsock="/dev/vhost-vsock",
+    ),
     # crosvm src/crosvm/sys/linux.rs ("missing required hypervisor
     # capability ImmediateExit"); hypervisor/src/kvm/mod.rs.
-    "crosvm": {
-        "required": {"x86_64": ("IMMEDIATE_EXIT",), "aarch64": ("IMMEDIATE_EXIT",)},
-        "optional": {"x86_64": ("XCRS", "TSC_DEADLINE_TIMER")},
-        "ioctls": ("KVM_SET_IDENTITY_MAP_ADDR", "KVM_SET_TSS_ADDR", "KVM_CREATE_PIT2"),
-        "devices": {"networking": "/dev/net/tun"},
-        "boot": "direct 64-bit",
-    },
-}  # fmt: skip
+    "crosvm": _engine(
+        x86_64="IMMEDIATE_EXIT",
+        aarch64="IMMEDIATE_EXIT",
+        optional_x86_64="XCRS TSC_DEADLINE_TIMER",
+        ioctls="KVM_SET_IDENTITY_MAP_ADDR KVM_SET_TSS_ADDR KVM_CREATE_PIT2",
+        boot="direct 64-bit",
+        networking="/dev/net/tun",
+    ),
+}
 #: The engines whose start-up the gate can check.  None is the bare device check.
 ENGINES = tuple(ENGINE_REQUIREMENTS)
+# The start-up ioctls the table names, with their steps, in the order engines
+# issue them.  Each runs on a throwaway VM (see _probe_startup_ioctls).
+_STARTUP_STEPS = {
+    "KVM_SET_IDENTITY_MAP_ADDR": STEP_SET_IDENTITY_MAP_ADDR,
+    "KVM_SET_TSS_ADDR": STEP_SET_TSS_ADDR,
+    "KVM_CREATE_IRQCHIP": STEP_CREATE_IRQCHIP,
+    "KVM_CREATE_PIT2": STEP_CREATE_PIT2,
+    "KVM_ENABLE_CAP(SPLIT_IRQCHIP)": STEP_SPLIT_IRQCHIP,
+}
+# The addresses QEMU and the rust-vmm engines use, below 4 GiB.
+_IDENTITY_MAP_ADDR, _TSS_ADDR = 0xFFFBC000, 0xFFFBD000
 
 # x86 control-register and EFER bits (arch/x86/include/uapi/asm/processor-flags.h,
 # arch/x86/include/asm/msr-index.h).
@@ -418,10 +415,13 @@ _GDT_DATA64 = 0xC093
 # __BOOT_CS 0x10 and __BOOT_DS 0x18, GDT entries 2 and 3.
 _BOOT_CS, _BOOT_DS = 0x10, 0x18
 
-# CPUID bits the long-mode guest tests for (leaf 1 ECX; leaf 7 EDX).
-_CPUID1_ECX_CX16 = 1 << 13
-_CPUID1_ECX_XSAVE = 1 << 26
-_CPUID7_EDX_ARCH_CAPABILITIES = 1 << 29
+#: CPUID features the long-mode guest and the MSR step depend on: (leaf,
+#: register, bit) from arch/x86/include/asm/cpufeatures.h.
+CPUID_FEATURES = {
+    "cx16": (1, "ecx", 13),
+    "xsave": (1, "ecx", 26),
+    "arch_capabilities": (7, "edx", 29),
+}
 # MSRs (arch/x86/include/asm/msr-index.h).
 MSR_IA32_TSC = 0x10
 MSR_IA32_ARCH_CAPABILITIES = 0x10A
@@ -460,9 +460,6 @@ _SPEED_SHORT = 1024
 _SPEED_LONG = 1 << 17
 _SPEED_SLOW_NS = 200_000  # loop time that already measures well
 
-#: The longest bound on one KVM_RUN that ``timeout`` accepts, in seconds.
-MAX_TIMEOUT = 3600.0
-
 # Raw syscalls of the Python backend (the native side uses the same):
 # timer_create, timer_settime, timer_delete, rt_tgsigqueueinfo.  glibc before
 # 2.34 keeps the timer calls in librt, which a Python process may not have
@@ -482,10 +479,15 @@ _SIGEV_THREAD_ID = 4
 _SI_USER, _SI_TIMER = 0, -2
 # How a run was bounded (kvm_smoke.c BOUND_*).
 BOUND_TIMER, BOUND_WATCHDOG, BOUND_NONE = 1, 2, 3
-BOUND_NAMES = {0: None, BOUND_TIMER: "timer", BOUND_WATCHDOG: "watchdog thread",
-               BOUND_NONE: "none"}  # fmt: skip
+BOUND_NAMES = {0: None, BOUND_TIMER: "timer", BOUND_WATCHDOG: "watchdog thread", BOUND_NONE: "none"}
 _STASH = 8  # foreign signals of our number set aside during one run
-_EINTR_RETRIES = 1000
+# EINTR on an ioctl other than KVM_RUN is retried for this long at most: a
+# policy that answers EINTR forever must not hang the check, and a caller's
+# fast interval timer must not fail it.
+_EINTR_RETRY_NS = 200_000_000
+# mmap(2) and mprotect(2) flags (include/uapi/asm-generic/mman-common.h).
+_PROT_READ, _PROT_WRITE, _PROT_EXEC = 0x1, 0x2, 0x4
+_MAP_SHARED, _MAP_PRIVATE, _MAP_ANONYMOUS = 0x01, 0x02, 0x20
 
 # Hypervisor.framework return codes (hv_error.h): err_common_hypervisor is
 # err_system(0x3e) | err_sub(0xba5) = 0xfae94000; hv_return_t is a signed
@@ -517,8 +519,18 @@ HV_ENTITLEMENT = "com.apple.security.hypervisor"
 # libSystem holds sysctlbyname; since macOS 11 it lives in the dyld shared
 # cache, and dlopen() by this absolute path still finds it there.
 _LIBSYSTEM_PATH = "/usr/lib/libSystem.B.dylib"
+#: The sysctls the macOS check reads.
+MACOS_SYSCTLS = (
+    "kern.hv_support",
+    "kern.hv_vmm_present",
+    "kern.hv.max_address_spaces",
+    "sysctl.proc_translated",
+)
 
 _WSL_INTEROP = "/proc/sys/fs/binfmt_misc/WSLInterop"
+_OVERFLOW_ID = 65534  # what an unmapped uid or gid shows as inside a user namespace
+_LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture
+_LANDLOCK_CREATE_RULESET_VERSION = 1
 
 
 # ── Errors ──────────────────────────────────────────────────────────────────
@@ -537,13 +549,15 @@ class BoxliteError(RuntimeError):
 
     prefix = ""
     code: str | None = None
+    # The finding whose failure it is, for errors the rules name.
+    _layer: str | None = None
 
     def __init__(
         self,
         detail: str = "",
         *,
         cause: str = "",
-        evidence: dict[str, object] | None = None,
+        evidence: Mapping[str, object] | None = None,
         fix: str = "",
     ) -> None:
         super().__init__(detail)
@@ -576,29 +590,25 @@ class UnsupportedEngineError(BoxliteError):
 class EngineError(BoxliteError):
     """BoxLite's Engine variant."""
 
-    prefix = "engine reported an error: "
-    code = "engine_unavailable"
+    prefix, code = "engine reported an error: ", "engine_unavailable"
 
 
 class ConfigError(BoxliteError):
     """BoxLite's Config variant."""
 
-    prefix = "configuration error: "
-    code = "config_error"
+    prefix, code = "configuration error: ", "config_error"
 
 
 class StorageError(BoxliteError):
     """BoxLite's Storage variant."""
 
-    prefix = "storage error: "
-    code = "storage_error"
+    prefix, code = "storage error: ", "storage_error"
 
 
 class ImageError(BoxliteError):
     """BoxLite's Image variant."""
 
-    prefix = "images error: "
-    code = "image_pull_failed"
+    prefix, code = "images error: ", "image_pull_failed"
 
 
 class PortalError(BoxliteError):
@@ -610,8 +620,7 @@ class PortalError(BoxliteError):
 class NetworkError(BoxliteError):
     """BoxLite's Network variant."""
 
-    prefix = "network error: "
-    code = "network_unavailable"
+    prefix, code = "network error: ", "network_unavailable"
 
 
 class RpcError(BoxliteError):
@@ -629,81 +638,67 @@ class RpcTransportError(BoxliteError):
 class InternalError(BoxliteError):
     """BoxLite's Internal variant: the checker itself failed."""
 
-    prefix = "internal error: "
-    code = "internal"
+    prefix, code = "internal error: ", "internal"
 
 
 class ExecutionError(BoxliteError):
     """BoxLite's Execution variant."""
 
-    prefix = "Execution error: "
-    code = "execution_failed"
+    prefix, code = "Execution error: ", "execution_failed"
 
 
 class UnsupportedError(BoxliteError):
     """BoxLite's Unsupported variant: this host cannot run BoxLite's VMs."""
 
-    prefix = "unsupported: "
-    code = "unsupported"
+    prefix, code = "unsupported: ", "unsupported"
 
 
 class NotFoundError(BoxliteError):
     """BoxLite's NotFound variant."""
 
-    prefix = "box not found: "
-    code = "not_found"
+    prefix, code = "box not found: ", "not_found"
 
 
 class AlreadyExistsError(BoxliteError):
     """BoxLite's AlreadyExists variant."""
 
-    prefix = "already exists: "
-    code = "already_exists"
+    prefix, code = "already exists: ", "already_exists"
 
 
 class InvalidStateError(BoxliteError):
     """BoxLite's InvalidState variant."""
 
-    prefix = "invalid state: "
-    code = "invalid_state"
+    prefix, code = "invalid state: ", "invalid_state"
 
 
 class DatabaseError(BoxliteError):
     """BoxLite's Database variant."""
 
-    prefix = "database error: "
-    code = "database_error"
+    prefix, code = "database error: ", "database_error"
 
 
 class MetadataError(BoxliteError):
     """BoxLite's MetadataError variant."""
 
-    prefix = "metadata error: "
-    code = "metadata_error"
+    prefix, code = "metadata error: ", "metadata_error"
 
 
 class InvalidArgumentError(BoxliteError):
     """BoxLite's InvalidArgument variant."""
 
-    prefix = "invalid argument: "
-    code = "invalid_argument"
+    prefix, code = "invalid argument: ", "invalid_argument"
 
 
 class StoppedError(BoxliteError):
     """BoxLite's Stopped variant."""
 
-    prefix = "stopped: "
-    code = "stopped"
+    prefix, code = "stopped: ", "stopped"
 
 
 class ResourceExhaustedError(BoxliteError):
     """BoxLite's ResourceExhausted variant: a limit, not a missing feature."""
 
-    prefix = "resource exhausted: "
-    code = "resource_exhausted"
-
-
-# ── Small helpers ───────────────────────────────────────────────────────────
+    prefix, code = "resource exhausted: ", "resource_exhausted"
 
 
 def _log(level: str, message: str, *args: object) -> None:
@@ -714,7 +709,7 @@ def _log(level: str, message: str, *args: object) -> None:
 
 
 def errno_name(number: int) -> str:
-    """Return "ENAME (text)" for an errno, or the number if it has no name."""
+    """Return "ENAME (text)" for an errno, or "errno N (text)" without a name."""
     name = errno.errorcode.get(number, f"errno {number}")
     return f"{name} ({os.strerror(number)})"
 
@@ -722,6 +717,18 @@ def errno_name(number: int) -> str:
 def exit_name(reason: int) -> str:
     """Return "KVM_EXIT_NAME (n)" for an exit reason."""
     return f"KVM_EXIT_{EXIT_REASONS.get(reason, 'UNLISTED')} ({reason})"
+
+
+def _errno_of(err: OSError) -> int:
+    """The errno of an OS call that failed.
+
+    An OSError without an errno is not the OS's answer: a caller's signal
+    handler raised it (a TimeoutError, say) while we waited in the call, and
+    it goes back to the caller unchanged.
+    """
+    if err.errno is None:
+        raise err
+    return err.errno
 
 
 # ── OS seams: every operating-system access goes through these ─────────────
@@ -737,18 +744,33 @@ def _stat(path: str) -> os.stat_result:
     return os.stat(path)
 
 
-def _read_text(path: str) -> str | None:
-    """Return a small text file's content, or None when it cannot be read."""
+def _read_text(path: str, limit: int = 1 << 16) -> str | None:
+    """A text file's first ``limit`` bytes, or None when it cannot be read."""
     try:
         with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read(65536)
-    except OSError:
+            return handle.read(limit)
+    except OSError as err:
+        _errno_of(err)
         return None
 
 
 def _exists(path: str) -> bool:
-    """Return whether a path exists (used for marker files only)."""
-    return os.path.exists(path)
+    """Whether a path exists (marker files, /sys entries)."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        _errno_of(err)
+        return False
+    return True
+
+
+def _getxattr(path: str, name: str) -> bytes | None:
+    """An extended attribute's value, or None."""
+    try:
+        return os.getxattr(path, name)
+    except OSError as err:
+        _errno_of(err)
+        return None
 
 
 def _load_library(path: str) -> ctypes.CDLL:
@@ -761,17 +783,54 @@ def _load_library(path: str) -> ctypes.CDLL:
 
 
 def _libc() -> ctypes.CDLL:
-    """Return the C library already in this process (dlopen(NULL), no search)."""
+    """The C library already in this process (dlopen(NULL), no search)."""
     import ctypes
 
     return ctypes.CDLL(None, use_errno=True)
+
+
+def _user_name(uid: int) -> str | None:
+    """The user database's name for a uid, or None (none, or unreadable)."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (KeyError, ImportError):
+        return None
+
+
+def _group_entry(gid: int) -> tuple[str, list[str]] | None:
+    """The group database's (name, members) for a gid, or None."""
+    try:
+        import grp
+
+        entry = grp.getgrgid(gid)
+    except (KeyError, ImportError):
+        return None
+    return entry.gr_name, list(entry.gr_mem)
+
+
+def _group_named(name: str) -> bool | None:
+    """Whether the group database has a group of this name (None: unreadable)."""
+    try:
+        import grp
+
+        grp.getgrnam(name)
+    except KeyError:
+        return False
+    except ImportError:
+        return None
+    return True
 
 
 def _sysctl_int(name: str) -> int | None:
     """Read an integer sysctl on macOS; None when it does not exist."""
     import ctypes
 
-    libc = _cached("libsystem", lambda: _load_library(_LIBSYSTEM_PATH))
+    try:
+        libc = _cached("libsystem", lambda: _load_library(_LIBSYSTEM_PATH))
+    except OSError as err:  # no libSystem: not macOS, or a broken one
+        raise OSError(errno.ENOENT, f"{_LIBSYSTEM_PATH}: {err}") from err
     fn = libc.sysctlbyname
     fn.argtypes = [
         ctypes.c_char_p,
@@ -784,10 +843,10 @@ def _sysctl_int(name: str) -> int | None:
     value = ctypes.c_int64(0)
     size = ctypes.c_size_t(ctypes.sizeof(value))
     if fn(name.encode(), ctypes.byref(value), ctypes.byref(size), None, 0) != 0:
-        err = ctypes.get_errno()
-        if err == errno.ENOENT:
+        number = ctypes.get_errno()
+        if number == errno.ENOENT:
             return None
-        raise OSError(err, os.strerror(err), name)
+        raise OSError(number, os.strerror(number), name)
     # Sysctls are 4 or 8 bytes; a 4-byte one filled only the low half.
     if size.value == 4:
         return int(ctypes.c_int32(value.value & 0xFFFFFFFF).value)
@@ -859,8 +918,8 @@ def _hv_entitlement() -> bool | None:
         if not value:
             return False
         try:
-            return bool(cf.CFGetTypeID(value) == cf.CFBooleanGetTypeID()
-                        and cf.CFBooleanGetValue(value))  # fmt: skip
+            is_bool = cf.CFGetTypeID(value) == cf.CFBooleanGetTypeID()
+            return bool(is_bool and cf.CFBooleanGetValue(value))
         finally:
             cf.CFRelease(value)
     finally:
@@ -898,6 +957,8 @@ def _reset_caches() -> None:
 
 _MAX_CPUID_ENTRIES = 256  # more than any KVM reports today (E2BIG otherwise)
 _MAX_MSR_INDICES = 1024
+# Operation arrays (kvm_smoke.c has the same numbers).
+_FD_SLOTS, _VALUE_SLOTS = 4, 16
 
 
 class _Abi:
@@ -912,51 +973,40 @@ class _Abi:
         u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
         i32, i64 = ctypes.c_int32, ctypes.c_int64
 
+        def fields(names: str, kind: Any) -> list[tuple[str, Any]]:
+            return [(name, kind) for name in names.split()]
+
         class KvmRegs(ctypes.Structure):
             # arch/x86/include/uapi/asm/kvm.h struct kvm_regs
-            _fields_ = [
-                (name, u64)
-                for name in (
-                    "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 "
-                    "rip rflags"
-                ).split()
-            ]
+            _fields_ = fields(
+                "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags", u64
+            )
 
         class KvmSegment(ctypes.Structure):
             # arch/x86/include/uapi/asm/kvm.h struct kvm_segment
-            _fields_ = [("base", u64), ("limit", u32), ("selector", u16)] + [
-                (name, u8)
-                for name in "type present dpl db s l g avl unusable padding".split()
-            ]
+            _fields_ = [("base", u64), ("limit", u32), ("selector", u16)]
+            _fields_ += fields("type present dpl db s l g avl unusable padding", u8)
 
         class KvmDtable(ctypes.Structure):
             _fields_ = [("base", u64), ("limit", u16), ("padding", u16 * 3)]
 
         class KvmSregs(ctypes.Structure):
-            _fields_ = (
-                [(name, KvmSegment) for name in "cs ds es fs gs ss tr ldt".split()]
-                + [("gdt", KvmDtable), ("idt", KvmDtable)]
-                + [(name, u64) for name in "cr0 cr2 cr3 cr4 cr8 efer apic_base".split()]
-                + [("interrupt_bitmap", u64 * 4)]
-            )
+            _fields_ = fields("cs ds es fs gs ss tr ldt", KvmSegment)
+            _fields_ += [("gdt", KvmDtable), ("idt", KvmDtable)]
+            _fields_ += fields("cr0 cr2 cr3 cr4 cr8 efer apic_base", u64)
+            _fields_ += [("interrupt_bitmap", u64 * 4)]
 
         class KvmUserspaceMemoryRegion(ctypes.Structure):
-            _fields_ = [
-                ("slot", u32),
-                ("flags", u32),
-                ("guest_phys_addr", u64),
-                ("memory_size", u64),
-                ("userspace_addr", u64),
-            ]
+            _fields_ = [("slot", u32), ("flags", u32)]
+            _fields_ += fields("guest_phys_addr memory_size userspace_addr", u64)
 
         class KvmCpuidEntry2(ctypes.Structure):
-            _fields_ = [(name, u32) for name in "function index flags eax ebx ecx edx".split()] + [
-                ("padding", u32 * 3)
-            ]
+            _fields_ = fields("function index flags eax ebx ecx edx", u32)
+            _fields_ += [("padding", u32 * 3)]
 
         class KvmCpuid2(ctypes.Structure):
-            _fields_ = [("nent", u32), ("padding", u32),
-                        ("entries", KvmCpuidEntry2 * _MAX_CPUID_ENTRIES)]  # fmt: skip
+            _fields_ = [("nent", u32), ("padding", u32)]
+            _fields_ += [("entries", KvmCpuidEntry2 * _MAX_CPUID_ENTRIES)]
 
         class KvmMsrList(ctypes.Structure):
             _fields_ = [("nmsrs", u32), ("indices", u32 * _MAX_MSR_INDICES)]
@@ -970,22 +1020,16 @@ class _Abi:
         class SigEvent(ctypes.Structure):
             # include/uapi/asm-generic/siginfo.h struct sigevent, 64 bytes,
             # with the SIGEV_THREAD_ID member of its union.
-            _fields_ = [
-                ("sigev_value", ctypes.c_void_p),
-                ("sigev_signo", ctypes.c_int),
-                ("sigev_notify", ctypes.c_int),
-                ("tid", ctypes.c_int),
-                ("pad", ctypes.c_int * 11),
-            ]
+            _fields_ = [("sigev_value", ctypes.c_void_p)]
+            _fields_ += fields("sigev_signo sigev_notify tid", ctypes.c_int)
+            _fields_ += [("pad", ctypes.c_int * 11)]
 
         class SigInfo(ctypes.Structure):
             # siginfo_t, 128 bytes: the fields read here sit at the same
             # offsets for SI_TIMER (_timer) and SI_USER/SI_QUEUE (_rt).
-            _fields_ = [("si_signo", ctypes.c_int), ("si_errno", ctypes.c_int),
-                        ("si_code", ctypes.c_int), ("pad0", ctypes.c_int),
-                        ("si_pid", ctypes.c_int), ("si_uid", ctypes.c_uint),
-                        ("si_value", ctypes.c_void_p),
-                        ("rest", ctypes.c_uint8 * (128 - 16 - 8 - ctypes.sizeof(ctypes.c_void_p)))]  # fmt: skip
+            _fields_ = fields("si_signo si_errno si_code pad0 si_pid", ctypes.c_int)
+            _fields_ += [("si_uid", ctypes.c_uint), ("si_value", ctypes.c_void_p)]
+            _fields_ += [("rest", u8 * (128 - 24 - ctypes.sizeof(ctypes.c_void_p)))]
 
         class SigSet(ctypes.Structure):
             _fields_ = [("bits", ctypes.c_ulong * (128 // ctypes.sizeof(ctypes.c_ulong)))]
@@ -998,21 +1042,21 @@ class _Abi:
 
         class Op(ctypes.Structure):
             # struct kvmsmoke_op in kvm_smoke.c
-            _fields_ = [(name, i32) for name in
-                        "step kind fd fd_out value_out check flags pad".split()]  # fmt: skip
+            _fields_ = fields("step kind fd fd_out value_out check flags pad", i32)
             _fields_ += [("check_value", i64)]
-            _fields_ += [(name, u64) for name in "request arg src len".split()]
+            _fields_ += fields("request arg src len", u64)
 
         class State(ctypes.Structure):
             # struct kvmsmoke_state
-            _fields_ = [("fds", i32 * _FD_SLOTS), ("run_addr", u64), ("run_size", u64),
-                        ("deadline_ns", u64)]  # fmt: skip
+            _fields_ = [("fds", i32 * _FD_SLOTS)]
+            _fields_ += fields("run_addr run_size deadline_ns", u64)
 
         class Outcome(ctypes.Structure):
             # struct kvmsmoke_result
-            _fields_ = [(name, i32) for name in (
-                "step error op_index timed_out runs interrupted bound bound_error "
-                "requeued pad").split()]  # fmt: skip
+            _fields_ = fields(
+                "step error op_index timed_out runs interrupted bound bound_error requeued pad",
+                i32,
+            )
             _fields_ += [("values", i64 * _VALUE_SLOTS), ("run_head", u8 * _RUN_HEAD)]
 
         self.KvmRegs = KvmRegs
@@ -1076,16 +1120,27 @@ class _Guest:
     """A guest program: its memory, its starting state and what proves it.
 
     ``image`` is loaded at guest physical address ``base`` (``mem_size``
-    bytes); ``arch`` is "x86_64" or "aarch64".
-    ``sregs`` are the special-register fields set on top of KVM's reset
-    state (segments as dicts of kvm_segment fields).  ``marks`` names the
-    instruction at each code offset, so a stop is reported by instruction.
+    bytes); ``arch`` is "x86_64" or "aarch64".  ``sregs`` are the
+    special-register fields set on top of KVM's reset state (segments as
+    dicts of kvm_segment fields).  ``marks`` names the instruction at each
+    code offset, so a stop is reported by instruction.
     """
 
-    def __init__(self, name: str, image: bytes, mem_size: int, entry: int,
-                 sregs: dict[str, Any], regs: dict[str, int],
-                 marks: dict[int, str] | None = None, loop: int = -1,
-                 cx16_area: int = -1, base: int = 0, arch: str = "x86_64") -> None:  # fmt: skip
+    def __init__(
+        self,
+        name: str,
+        image: bytes,
+        mem_size: int,
+        entry: int,
+        sregs: dict[str, Any],
+        regs: dict[str, int],
+        *,
+        marks: dict[int, str] | None = None,
+        loop: int = -1,
+        cx16_area: int = -1,
+        base: int = 0,
+        arch: str = "x86_64",
+    ) -> None:
         self.name = name
         self.base = base
         self.arch = arch
@@ -1121,203 +1176,6 @@ class _Guest:
         return bool(self.sregs.get("efer", 0) & _EFER_LMA)
 
 
-def _aarch64_guest() -> _Guest:
-    """The arm64 guest: one page at 0x10000, PC there, EL1 with interrupts
-    masked (KVM_ARM_VCPU_INIT's reset state); it proves itself by MMIO."""
-    image = b"".join(word.to_bytes(4, "little") for word in _ARM64_CODE)
-    return _Guest("aarch64", image, 0x1000, _ARM64_BASE, {}, {}, base=_ARM64_BASE,
-                  arch="aarch64")  # fmt: skip
-
-
-def _real_mode_guest(code: bytes = _GUEST_HALT) -> _Guest:
-    """Real-mode code at address 0: the bare device check's trivial guest."""
-    return _Guest("real-mode", code, 0x1000, 0,
-                  {"cs": {"base": 0, "selector": 0}}, {"rip": 0, "rflags": 0x2})  # fmt: skip
-
-
-# Long-mode guest memory: the boot GDT where Firecracker puts it, identity
-# page tables (PML4, PDPT, PD with one 2 MiB page), code, data, stack.
-_LM_GDT, _LM_PML4, _LM_PDPT, _LM_PD = 0x500, 0x1000, 0x2000, 0x3000
-_LM_CODE, _LM_DATA, _LM_XSAVE, _LM_STACK, _LM_SIZE = 0x4000, 0x5000, 0x5040, 0x7FF0, 0x8000
-
-#: Stage numbers the long-mode guest writes to R15 before each tested
-#: instruction; a stop anywhere else is reported by the last stage reached.
-STAGES = {
-    1: "cpuid",
-    2: "lock cmpxchg16b",
-    3: "mov cr4 (OSXSAVE)",
-    4: "xsetbv",
-    5: "xsave64",
-    6: "xrstor64",
-    7: "mov eax (proof value)",
-}
-_STAGE_FAILED = 8  # the guest saw a wrong result and halted without the proof
-
-
-def _long_mode_program() -> tuple[bytes, dict[int, str], dict[str, int]]:
-    """Assemble the long-mode guest; return (code, marks, labels).
-
-    It runs what a stock Linux kernel runs early and an instruction emulator
-    may lack: CPUID, then ``lock cmpxchg16b`` when CPUID offers CX16 (SLUB
-    relies on it), then ``mov cr4``/``xsetbv``/``xsave64``/``xrstor64`` when
-    CPUID offers XSAVE (the FPU set-up), then loads the proof value and
-    halts.  The speed loop (``dec ecx; jnz``, RCX iterations) follows.
-    """
-    proof = PROOF_VALUE.to_bytes(4, "little")
-    code = bytearray()
-    marks: dict[int, str] = {}
-    labels: dict[str, int] = {}
-    fixups: list[tuple[int, str]] = []
-
-    def put(raw: bytes, mark: str = "") -> None:
-        if mark:
-            marks[len(code)] = mark
-        code.extend(raw)
-
-    def stage(n: int) -> None:
-        put(b"\x41\xbf" + n.to_bytes(4, "little"))  # mov r15d, n
-
-    def jump(opcode: int, label: str) -> None:
-        put(bytes([opcode, 0]))
-        fixups.append((len(code) - 1, label))
-
-    stage(1)
-    put(b"\xb8\x01\x00\x00\x00")  # mov eax, 1
-    put(b"\x31\xc9")  # xor ecx, ecx
-    put(b"\x0f\xa2", "cpuid")
-    put(b"\x41\x89\xc8")  # mov r8d, ecx: the leaf 1 feature bits
-    put(b"\x41\x0f\xba\xe0\x0d")  # bt r8d, 13 (CX16)
-    jump(0x73, "no_cx16")  # jnc
-    stage(2)
-    put(b"\xbf" + _LM_DATA.to_bytes(4, "little"))  # mov edi, data
-    put(b"\x31\xc0\x31\xd2")  # xor eax, eax; xor edx, edx: expect 0
-    put(b"\xbb" + proof + b"\xb9" + proof)  # mov ebx, proof; mov ecx, proof
-    put(b"\xf0\x48\x0f\xc7\x0f", "lock cmpxchg16b")  # lock cmpxchg16b [rdi]
-    jump(0x75, "failed")  # jnz: the compare must have matched
-    labels["no_cx16"] = len(code)
-    put(b"\x41\x0f\xba\xe0\x1a")  # bt r8d, 26 (XSAVE)
-    jump(0x73, "no_xsave")
-    stage(3)
-    put(b"\x0f\x20\xe0")  # mov rax, cr4
-    put(b"\x0d" + _CR4_OSXSAVE.to_bytes(4, "little"))  # or eax, OSXSAVE
-    put(b"\x0f\x22\xe0", "mov cr4 (OSXSAVE)")  # mov cr4, rax
-    stage(4)
-    put(b"\x31\xc9\xb8\x03\x00\x00\x00\x31\xd2")  # ecx=0 (XCR0), edx:eax = 3 (x87|SSE)
-    put(b"\x0f\x01\xd1", "xsetbv")
-    stage(5)
-    put(b"\xbf" + _LM_XSAVE.to_bytes(4, "little"))  # mov edi, xsave area
-    put(b"\xb8\x03\x00\x00\x00\x31\xd2")  # edx:eax = 3: the components
-    put(b"\x48\x0f\xae\x27", "xsave64")  # xsave64 [rdi]
-    stage(6)
-    put(b"\x48\x0f\xae\x2f", "xrstor64")  # xrstor64 [rdi]
-    labels["no_xsave"] = len(code)
-    stage(7)
-    put(b"\xb8" + proof, "mov eax (proof value)")
-    put(b"\xf4", "hlt")
-    labels["failed"] = len(code)
-    stage(_STAGE_FAILED)
-    put(b"\x31\xc0")  # xor eax, eax: no proof
-    put(b"\xf4", "hlt")
-    labels["loop"] = len(code)
-    put(_LOOP_BODY, "dec ecx; jnz (speed loop)")
-    put(b"\xf4", "hlt")
-    for at, label in fixups:
-        offset = labels[label] - (at + 1)
-        assert -128 <= offset < 128, label
-        code[at] = offset & 0xFF
-    return bytes(code), marks, labels
-
-
-# The speed loop's body: "dec ecx; jnz .-2".  The guest runs it with RCX set;
-# the host runs the same bytes as "mov ecx, edi; <body>; ret".
-_LOOP_BODY = b"\xff\xc9\x75\xfc"
-_HOST_LOOP = b"\x89\xf9" + _LOOP_BODY + b"\xc3"
-
-
-def _long_mode_guest() -> _Guest:
-    """A guest entered directly in 64-bit mode, as Linux is by direct boot.
-
-    The state is the one Firecracker, cloud-hypervisor and libkrun give a
-    Linux kernel (the 64-bit boot protocol): the boot GDT, identity-mapped
-    page tables, CR0/CR4/EFER with paging in long mode.
-    """
-    code, marks, labels = _long_mode_program()
-    image = bytearray(_LM_SIZE)
-    gdt = [0, 0, _gdt_entry(_GDT_CODE64, 0, 0xFFFFF), _gdt_entry(_GDT_DATA64, 0, 0xFFFFF)]
-    for i, entry in enumerate(gdt):
-        image[_LM_GDT + 8 * i : _LM_GDT + 8 * i + 8] = entry.to_bytes(8, "little")
-    image[_LM_PML4 : _LM_PML4 + 8] = (_LM_PDPT | _KERNPG_TABLE).to_bytes(8, "little")
-    image[_LM_PDPT : _LM_PDPT + 8] = (_LM_PD | _KERNPG_TABLE).to_bytes(8, "little")
-    image[_LM_PD : _LM_PD + 8] = (0 | _PAGE_KERNEL_LARGE).to_bytes(8, "little")
-    image[_LM_CODE : _LM_CODE + len(code)] = code
-    data = _segment(_BOOT_DS, gdt[_BOOT_DS // 8])
-    sregs: dict[str, Any] = {
-        "cs": _segment(_BOOT_CS, gdt[_BOOT_CS // 8]),
-        **{name: data for name in ("ds", "es", "fs", "gs", "ss")},
-        "gdt": {"base": _LM_GDT, "limit": 8 * len(gdt) - 1},
-        "cr0": _CR0_LINUX,
-        "cr3": _LM_PML4,
-        "cr4": _CR4_PAE,
-        "efer": _EFER_LME | _EFER_LMA,
-    }
-    guest = _Guest(
-        "long-mode", bytes(image), _LM_SIZE, _LM_CODE, sregs,
-        {"rip": _LM_CODE, "rsp": _LM_STACK, "rflags": 0x2},
-        {_LM_CODE + k: v for k, v in marks.items()}, _LM_CODE + labels["loop"], _LM_DATA,
-    )  # fmt: skip
-    return guest
-
-
-# ── The operations both backends execute ────────────────────────────────────
-
-# Operation kinds, result checks and flags (kvm_smoke.c has the same numbers).
-_OP_IOCTL, _OP_COPY, _OP_MAP_RUN, _OP_RUN = 1, 2, 3, 4
-_CHECK_NONE, _CHECK_EQ, _CHECK_GE = 0, 1, 2
-_OPF_SOFT = 1  # a failure stores -errno in the value slot and goes on
-_FD_SLOTS, _VALUE_SLOTS = 4, 16
-_KVM, _VM, _VCPU = 0, 1, 2  # descriptor slots
-# Value slots.
-(_V_API, _V_RUN_SIZE, _V_CPUID, _V_BOOT_MSRS, _V_MSR_LIST, _V_FEATURE_LIST, _V_ARCH_GET,
- _V_ARCH_SET, _V_T_WARM, _V_T_BASE, _V_T_SHORT, _V_T_LONG, _V_T_GUEST, _V_T_BASE2,
- _V_T_LONG2) = range(15)  # fmt: skip
-
-
-class _Plan:
-    """An array of operations under construction, with the buffers they use."""
-
-    def __init__(self) -> None:
-        self.ops: list[tuple[int, ...]] = []
-
-    # Each op is a tuple in struct kvmsmoke_op's field order: step, kind, fd,
-    # fd_out, value_out, check, flags, pad, check_value, request, arg, src, len.
-
-    def ioctl(self, step: int, fd: int, request: int, arg: int = 0, *, fd_out: int = -1,
-              value: int = -1, check: int = _CHECK_NONE, expect: int = 0,
-              soft: bool = False) -> None:  # fmt: skip
-        self.ops.append((step, _OP_IOCTL, fd, fd_out, value, check,
-                         _OPF_SOFT if soft else 0, 0, expect, request, arg, 0, 0))  # fmt: skip
-
-    def copy(self, step: int, dest: int, src: int, size: int) -> None:
-        self.ops.append((step, _OP_COPY, 0, -1, -1, 0, 0, 0, 0, 0, dest, src, size))
-
-    def map_run(self, step: int) -> None:
-        self.ops.append((step, _OP_MAP_RUN, _VCPU, -1, -1, 0, 0, 0, 0, 0, 0, _V_RUN_SIZE, 0))
-
-    def run(self, timeout_ns: int, signo: int, value: int, cookie: int) -> None:
-        # check_value carries the step reported when arming the bound fails.
-        self.ops.append((STEP_RUN, _OP_RUN, _VCPU, -1, value, 0, 0, 0, STEP_ARM_TIMER,
-                         timeout_ns, signo, cookie, 0))  # fmt: skip
-
-    def build(self) -> tuple[Any, int]:
-        """The operations as a struct kvmsmoke_op array, and their count."""
-        import struct
-
-        count = len(self.ops)
-        pack = struct.Struct("=8iq4Q").pack  # struct kvmsmoke_op, 64 bytes
-        raw = b"".join([pack(*op) for op in self.ops]) or bytes(64)
-        return (_abi().Op * max(1, count)).from_buffer_copy(raw), count
-
-
 def _patches(struct: Any, wanted: Mapping[str, Any]) -> list[tuple[int, int]]:
     """(offset, size) byte ranges of ``struct`` covering the wanted fields, merged."""
     spans = []
@@ -1347,6 +1205,284 @@ def _assign(struct: Any, wanted: Mapping[str, Any]) -> None:
             setattr(struct, name, value)
 
 
+# 16-bit real mode: "mov eax, PROOF_VALUE" (operand-size prefix 66 B8 imm32),
+# then "hlt" (F4): BoxLite's own smoke test, the bare device check.
+_GUEST_HALT = b"\x66\xb8" + PROOF_VALUE.to_bytes(4, "little") + b"\xf4"
+
+
+def _real_mode_guest(code: bytes = _GUEST_HALT) -> _Guest:
+    """Real-mode code at address 0: the bare device check's trivial guest."""
+    regs = {"rip": 0, "rflags": 0x2}
+    return _Guest("real-mode", code, 0x1000, 0, {"cs": {"base": 0, "selector": 0}}, regs)
+
+
+# The arm64 guest, at guest physical 0x10000 (little-endian words): movz x0,
+# #0x117e; movk x0, #0xb0c5, lsl #16; movz x1, #0x10, lsl #16; str w0, [x1];
+# b .  It writes the proof value to 0x100000, where there is no memory: KVM
+# exits with KVM_EXIT_MMIO, and X0 holds the value.
+_ARM64_CODE = (0xD2822FC0, 0xF2B618A0, 0xD2A00201, 0xB9000020, 0x14000000)
+_ARM64_BASE, _ARM64_MMIO = 0x10000, 0x100000
+
+
+def _aarch64_guest(words: Sequence[int] = _ARM64_CODE) -> _Guest:
+    """The arm64 guest: one page at 0x10000, PC there, EL1 with interrupts
+    masked (KVM_ARM_VCPU_INIT's reset state); it proves itself by MMIO."""
+    image = b"".join(word.to_bytes(4, "little") for word in words)
+    base = _ARM64_BASE
+    return _Guest("aarch64", image, 0x1000, base, {}, {}, base=base, arch="aarch64")
+
+
+# Long-mode guest memory: the boot GDT where Firecracker puts it, identity
+# page tables (PML4, PDPT, PD with one 2 MiB page), code, data, stack.
+_LM_GDT, _LM_PML4, _LM_PDPT, _LM_PD = 0x500, 0x1000, 0x2000, 0x3000
+_LM_CODE, _LM_DATA, _LM_XSAVE, _LM_STACK, _LM_SIZE = 0x4000, 0x5000, 0x5040, 0x7FF0, 0x8000
+_PROOF = PROOF_VALUE.to_bytes(4, "little")
+_JNZ_FAILED = b"\x75"  # jnz rel8 to the failure stop: the result was wrong
+
+#: The long-mode guest's stages, in order: what a stock Linux kernel runs
+#: early and an instruction emulator may lack.  Each is (stage number, the
+#: instruction as messages name it, the CPUID feature without which the
+#: stage is skipped (None: always run), set-up bytes, the instruction's
+#: bytes, bytes after it).  The guest writes the stage number to R15 before
+#: its set-up, so a stop is reported by stage; _long_mode_program assembles
+#: the table, and the stage names, the "ran" list and the failure text all
+#: come from it.  R8 holds CPUID leaf 1's ECX from stage 1 on.
+LONG_MODE_STAGES: tuple[tuple[int, str, str | None, bytes, bytes, bytes], ...] = (
+    (1, "cpuid", None, b"\xb8\x01\x00\x00\x00\x31\xc9", b"\x0f\xa2", b"\x41\x89\xc8"),
+    # mov edi, data; xor eax, eax; xor edx, edx; mov ebx, proof; mov ecx,
+    # proof; then lock cmpxchg16b [rdi]: the compare must match (ZF set).
+    (
+        2,
+        "lock cmpxchg16b",
+        "cx16",
+        b"\xbf"
+        + _LM_DATA.to_bytes(4, "little")
+        + b"\x31\xc0\x31\xd2\xbb"
+        + _PROOF
+        + b"\xb9"
+        + _PROOF,
+        b"\xf0\x48\x0f\xc7\x0f",
+        _JNZ_FAILED,
+    ),
+    # mov rax, cr4; or eax, OSXSAVE; then mov cr4, rax.
+    (
+        3,
+        "mov cr4 (OSXSAVE)",
+        "xsave",
+        b"\x0f\x20\xe0\x0d" + _CR4_OSXSAVE.to_bytes(4, "little"),
+        b"\x0f\x22\xe0",
+        b"",
+    ),
+    # ecx = 0 (XCR0), edx:eax = 3 (x87 | SSE); then xsetbv.
+    (4, "xsetbv", "xsave", b"\x31\xc9\xb8\x03\x00\x00\x00\x31\xd2", b"\x0f\x01\xd1", b""),
+    # mov edi, the xsave area; edx:eax = 3; then xsave64 [rdi].
+    (
+        5,
+        "xsave64",
+        "xsave",
+        b"\xbf" + _LM_XSAVE.to_bytes(4, "little") + b"\xb8\x03\x00\x00\x00\x31\xd2",
+        b"\x48\x0f\xae\x27",
+        b"",
+    ),
+    (6, "xrstor64", "xsave", b"", b"\x48\x0f\xae\x2f", b""),
+    # mov eax, proof; then hlt.
+    (7, "mov eax (proof value)", None, b"", b"\xb8" + _PROOF, b"\xf4"),
+)
+#: The stage numbers, by name: where a stopped guest was.
+STAGES = {number: name for number, name, *_ in LONG_MODE_STAGES}
+_STAGE_PASSED = LONG_MODE_STAGES[-1][0]
+_STAGE_FAILED = _STAGE_PASSED + 1  # the guest saw a wrong result and halted without the proof
+# The speed loop's body: "dec ecx; jnz .-2".  The guest runs it with RCX set;
+# the host runs the same bytes as "mov ecx, edi; <body>; ret".
+_LOOP_BODY = b"\xff\xc9\x75\xfc"
+_HOST_LOOP = b"\x89\xf9" + _LOOP_BODY + b"\xc3"
+
+
+def _long_mode_program() -> tuple[bytes, dict[int, str], dict[str, int]]:
+    """Assemble LONG_MODE_STAGES; return (code, marks by offset, labels).
+
+    A run of stages that one CPUID feature enables is skipped as a whole
+    when the supported CPUID lacks it (``bt r8d, bit; jnc`` past the run).
+    After the stages: the failure stop (stage _STAGE_FAILED, EAX 0, hlt) and
+    the speed loop (``dec ecx; jnz``, RCX iterations, hlt).
+    """
+    code = bytearray()
+    marks: dict[int, str] = {}
+    labels: dict[str, int] = {}
+    fixups: list[tuple[int, str]] = []
+
+    def jump(opcode: bytes, label: str) -> None:
+        code.extend(opcode + b"\x00")
+        fixups.append((len(code) - 1, label))
+
+    previous: str | None = None
+    for number, name, feature, setup, instruction, after in LONG_MODE_STAGES:
+        if feature != previous:
+            labels[f"after {previous}"] = len(code)
+            if feature is not None:
+                leaf, register, bit = CPUID_FEATURES[feature]
+                assert (leaf, register) == (1, "ecx"), feature  # what R8 holds
+                code.extend(b"\x41\x0f\xba\xe0" + bytes([bit]))  # bt r8d, bit
+                jump(b"\x73", f"after {feature}")  # jnc: not offered, skip the run
+            previous = feature
+        code.extend(b"\x41\xbf" + number.to_bytes(4, "little"))  # mov r15d, number
+        code.extend(setup)
+        marks[len(code)] = name
+        code.extend(instruction)
+        if after == _JNZ_FAILED:
+            jump(_JNZ_FAILED, "failed")
+        else:
+            code.extend(after)
+    marks[len(code) - 1] = "hlt"
+    labels["failed"] = len(code)
+    code.extend(b"\x41\xbf" + _STAGE_FAILED.to_bytes(4, "little") + b"\x31\xc0")  # xor eax, eax
+    marks[len(code)] = "hlt"
+    code.extend(b"\xf4")
+    labels["loop"] = len(code)
+    marks[len(code)] = "dec ecx; jnz (speed loop)"
+    code.extend(_LOOP_BODY + b"\xf4")
+    for at, label in fixups:
+        offset = labels[label] - (at + 1)
+        assert -128 <= offset < 128, label
+        code[at] = offset & 0xFF
+    return bytes(code), marks, labels
+
+
+def _long_mode_guest() -> _Guest:
+    """A guest entered directly in 64-bit mode, as Linux is by direct boot.
+
+    The state is the one Firecracker, cloud-hypervisor and libkrun give a
+    Linux kernel (the 64-bit boot protocol): the boot GDT, identity-mapped
+    page tables, CR0/CR4/EFER with paging in long mode.
+    """
+    code, marks, labels = _long_mode_program()
+    image = bytearray(_LM_SIZE)
+    gdt = [0, 0, _gdt_entry(_GDT_CODE64, 0, 0xFFFFF), _gdt_entry(_GDT_DATA64, 0, 0xFFFFF)]
+    for i, entry in enumerate(gdt):
+        image[_LM_GDT + 8 * i : _LM_GDT + 8 * i + 8] = entry.to_bytes(8, "little")
+    image[_LM_PML4 : _LM_PML4 + 8] = (_LM_PDPT | _KERNPG_TABLE).to_bytes(8, "little")
+    image[_LM_PDPT : _LM_PDPT + 8] = (_LM_PD | _KERNPG_TABLE).to_bytes(8, "little")
+    image[_LM_PD : _LM_PD + 8] = (0 | _PAGE_KERNEL_LARGE).to_bytes(8, "little")
+    image[_LM_CODE : _LM_CODE + len(code)] = code
+    sregs = _long_mode_sregs(_LM_GDT, len(gdt), _LM_PML4)
+    regs = {"rip": _LM_CODE, "rsp": _LM_STACK, "rflags": 0x2}
+    return _Guest(
+        "long-mode",
+        bytes(image),
+        _LM_SIZE,
+        _LM_CODE,
+        sregs,
+        regs,
+        marks={_LM_CODE + k: v for k, v in marks.items()},
+        loop=_LM_CODE + labels["loop"],
+        cx16_area=_LM_DATA,
+    )
+
+
+def _long_mode_sregs(gdt: int, entries: int, pml4: int) -> dict[str, Any]:
+    """The 64-bit boot protocol's special registers: __BOOT_CS/__BOOT_DS
+    loaded from the boot GDT at ``gdt``, paging from ``pml4``, long mode."""
+    code = _segment(_BOOT_CS, _gdt_entry(_GDT_CODE64, 0, 0xFFFFF))
+    data = _segment(_BOOT_DS, _gdt_entry(_GDT_DATA64, 0, 0xFFFFF))
+    return {
+        "cs": code,
+        **{name: data for name in ("ds", "es", "fs", "gs", "ss")},
+        "gdt": {"base": gdt, "limit": 8 * entries - 1},
+        "cr0": _CR0_LINUX,
+        "cr3": pml4,
+        "cr4": _CR4_PAE,
+        "efer": _EFER_LME | _EFER_LMA,
+    }
+
+
+def _guest(kind: str) -> _Guest:
+    """The guest of a kind: "real-mode", "long-mode" or "aarch64" (made once)."""
+    makers = {"real-mode": _real_mode_guest, "long-mode": _long_mode_guest}
+    makers["aarch64"] = _aarch64_guest
+    if kind not in makers:
+        choices = ", ".join(repr(k) for k in makers)
+        raise InvalidArgumentError(f"guest must be one of {choices}, got {kind!r}")
+    guest: _Guest = _cached(f"guest-{kind}", makers[kind])
+    return guest
+
+
+# ── The operations both backends execute ────────────────────────────────────
+
+# Operation kinds, result checks and flags (kvm_smoke.c has the same numbers).
+_OP_IOCTL, _OP_COPY, _OP_MAP_RUN, _OP_RUN = 1, 2, 3, 4
+_CHECK_NONE, _CHECK_EQ, _CHECK_GE = 0, 1, 2
+_OPF_SOFT = 1  # a failure stores -errno in the value slot and goes on
+_KVM, _VM, _VCPU = 0, 1, 2  # descriptor slots
+# Value slots.
+_V_API, _V_RUN_SIZE, _V_CPUID, _V_BOOT_MSRS, _V_MSR_LIST, _V_FEATURE_LIST = range(6)
+_V_ARCH_GET, _V_ARCH_SET, _V_T_WARM, _V_T_BASE, _V_T_SHORT, _V_T_LONG = range(6, 12)
+_V_T_GUEST, _V_T_BASE2, _V_T_LONG2 = range(12, 15)
+
+
+class _Plan:
+    """An array of operations under construction.
+
+    Each op is a tuple in struct kvmsmoke_op's field order: step, kind, fd,
+    fd_out, value_out, check, flags, pad, check_value, request, arg, src, len.
+    """
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[int, ...]] = []
+
+    def ioctl(
+        self,
+        step: int,
+        fd: int,
+        request: int,
+        arg: int = 0,
+        *,
+        fd_out: int = -1,
+        value: int = -1,
+        check: int = _CHECK_NONE,
+        expect: int = 0,
+        soft: bool = False,
+    ) -> None:
+        flags = _OPF_SOFT if soft else 0
+        self.ops.append(
+            (step, _OP_IOCTL, fd, fd_out, value, check, flags, 0, expect, request, arg, 0, 0)
+        )
+
+    def copy(self, step: int, dest: int, src: int, size: int) -> None:
+        self.ops.append((step, _OP_COPY, 0, -1, -1, 0, 0, 0, 0, 0, dest, src, size))
+
+    def map_run(self, step: int) -> None:
+        self.ops.append((step, _OP_MAP_RUN, _VCPU, -1, -1, 0, 0, 0, 0, 0, 0, _V_RUN_SIZE, 0))
+
+    def run(self, timeout_ns: int, signo: int, value: int, cookie: int) -> None:
+        # check_value carries the step reported when arming the bound fails.
+        self.ops.append(
+            (
+                STEP_RUN,
+                _OP_RUN,
+                _VCPU,
+                -1,
+                value,
+                0,
+                0,
+                0,
+                STEP_ARM_TIMER,
+                timeout_ns,
+                signo,
+                cookie,
+                0,
+            )
+        )
+
+    def build(self) -> tuple[Any, int]:
+        """The operations as a struct kvmsmoke_op array, and their count."""
+        import struct
+
+        count = len(self.ops)
+        pack = struct.Struct("=8iq4Q").pack  # struct kvmsmoke_op, 64 bytes
+        raw = b"".join([pack(*op) for op in self.ops]) or bytes(64)
+        return (_abi().Op * max(1, count)).from_buffer_copy(raw), count
+
+
 # ── Backends: execute an operation array ────────────────────────────────────
 
 
@@ -1371,8 +1507,12 @@ class _NativeBackend:
         start = 0
         size = ctypes.sizeof(_abi().Op)
         while True:
-            self.lib.kvmsmoke_exec(ctypes.byref(ops, start * size), count - start,
-                                   ctypes.byref(state), ctypes.byref(out))  # fmt: skip
+            self.lib.kvmsmoke_exec(
+                ctypes.byref(ops, start * size),
+                count - start,
+                ctypes.byref(state),
+                ctypes.byref(out),
+            )
             out.op_index += start
             if not out.interrupted:
                 return
@@ -1399,9 +1539,8 @@ class _PythonBackend:
         out.step, out.error, out.timed_out = -1, 0, 0
         for index in range(count):
             out.op_index = index
-            op = ops[index]
             try:
-                self._one(op, state, out)
+                self._one(ops[index], state, out)
             except _StepFailed as failed:
                 out.step, out.error = failed.step, failed.error
                 return
@@ -1409,7 +1548,6 @@ class _PythonBackend:
     def _one(self, op: Any, state: Any, out: Any) -> None:
         import ctypes
 
-        libc = _sys_libc()
         if op.kind == _OP_IOCTL:
             try:
                 ret = _ioctl(state.fds[op.fd], op.request, op.arg)
@@ -1431,7 +1569,8 @@ class _PythonBackend:
             ctypes.memmove(op.arg, op.src, op.len)
         elif op.kind == _OP_MAP_RUN:
             size = out.values[op.src]
-            addr = libc.mmap(None, size, 0x3, 0x01, state.fds[op.fd], 0)  # RW, MAP_SHARED
+            prot, flags = _PROT_READ | _PROT_WRITE, _MAP_SHARED
+            addr = _sys_libc().mmap(None, size, prot, flags, state.fds[op.fd], 0)
             if addr in (None, ctypes.c_void_p(-1).value):
                 raise _StepFailed(op.step, ctypes.get_errno())
             state.run_addr, state.run_size = addr, size
@@ -1470,57 +1609,83 @@ class _StepFailed(Exception):
         self.error = error
 
 
+class _SysError(OSError):
+    """An error a system call of ours returned (never one a caller raised)."""
+
+
 def _sys_libc() -> ctypes.CDLL:
     """The C library with the calls the Python backend makes, declared."""
     import ctypes
 
     def load() -> ctypes.CDLL:
         libc = _libc()
-        libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
-        libc.ioctl.restype = ctypes.c_int
-        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                              ctypes.c_int, ctypes.c_long]  # fmt: skip
-        libc.mmap.restype = ctypes.c_void_p
-        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        libc.munmap.restype = ctypes.c_int
-        libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.mprotect.restype = ctypes.c_int
+        c_int, c_long, c_size_t, c_void_p = (
+            ctypes.c_int,
+            ctypes.c_long,
+            ctypes.c_size_t,
+            ctypes.c_void_p,
+        )
+        libc.ioctl.argtypes = [c_int, ctypes.c_ulong, ctypes.c_ulong]
+        libc.ioctl.restype = c_int
+        libc.mmap.argtypes = [c_void_p, c_size_t, c_int, c_int, c_int, c_long]
+        libc.mmap.restype = c_void_p
+        libc.munmap.argtypes = [c_void_p, c_size_t]
+        libc.munmap.restype = c_int
+        libc.mprotect.argtypes = [c_void_p, c_size_t, c_int]
+        libc.mprotect.restype = c_int
         # long syscall(long number, ...); the rest are passed as typed values.
-        libc.syscall.argtypes = [ctypes.c_long]
-        libc.syscall.restype = ctypes.c_long
-        libc.sigemptyset.argtypes = [ctypes.c_void_p]
-        libc.sigemptyset.restype = ctypes.c_int
-        libc.sigaddset.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        libc.sigaddset.restype = ctypes.c_int
-        libc.sigtimedwait.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        libc.sigtimedwait.restype = ctypes.c_int
+        libc.syscall.argtypes = [c_long]
+        libc.syscall.restype = c_long
+        libc.sigemptyset.argtypes = [c_void_p]
+        libc.sigemptyset.restype = c_int
+        libc.sigaddset.argtypes = [c_void_p, c_int]
+        libc.sigaddset.restype = c_int
+        libc.sigtimedwait.argtypes = [c_void_p, c_void_p, c_void_p]
+        libc.sigtimedwait.restype = c_int
         return libc
 
     libc: ctypes.CDLL = _cached("libc", load)
     return libc
 
 
-class _SysError(OSError):
-    """An error a system call of ours returned (never one a caller raised)."""
-
-
 def _ioctl(fd: int, request: int, arg: int = 0, *, retry: bool = True) -> int:
     """ioctl(2) through the C library; raise _SysError.
 
-    EINTR is retried a bounded number of times (a policy that answers EINTR
-    forever must not hang the check), or not at all when ``retry`` is false.
+    A call a signal interrupted (EINTR) is retried with every signal blocked
+    (a caller's fast interval timer cannot starve it; the signals wait, and
+    arrive when the mask is restored) for _EINTR_RETRY_NS at most: a policy
+    that answers EINTR forever must not hang the check.  ``retry`` false
+    returns EINTR as it came (KVM_RUN, whose bound is a signal).
     """
     import ctypes
 
     libc = _sys_libc()
-    for _ in range(_EINTR_RETRIES if retry else 1):
-        ret = int(libc.ioctl(fd, request, arg))
-        if ret >= 0:
-            return ret
-        err = ctypes.get_errno()
-        if err != errno.EINTR:
-            break
+    ret = int(libc.ioctl(fd, request, arg))
+    if ret >= 0:
+        return ret
+    err = ctypes.get_errno()
+    if err == errno.EINTR and retry:
+        return _ioctl_masked(libc, fd, request, arg)
     raise _SysError(err, os.strerror(err))
+
+
+def _ioctl_masked(libc: ctypes.CDLL, fd: int, request: int, arg: int) -> int:
+    import ctypes
+    import signal
+    import time
+
+    saved = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+    try:
+        deadline = time.monotonic_ns() + _EINTR_RETRY_NS
+        while True:
+            ret = int(libc.ioctl(fd, request, arg))
+            if ret >= 0:
+                return ret
+            err = ctypes.get_errno()
+            if err != errno.EINTR or time.monotonic_ns() >= deadline:
+                raise _SysError(err, os.strerror(err))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, saved)
 
 
 def _cookie() -> int:
@@ -1569,8 +1734,8 @@ class _Watchdog:
         self.fired = False
         self.stopped = threading.Event()
         self.lock = threading.Lock()
-        self.thread = threading.Thread(target=self._watch, name="boxlite-syscheck-watchdog",
-                                       daemon=True)  # fmt: skip
+        name = "boxlite-syscheck-watchdog"
+        self.thread = threading.Thread(target=self._watch, name=name, daemon=True)
         self.thread.start()  # RuntimeError when no thread can be had
 
     def _watch(self) -> None:
@@ -1607,9 +1772,9 @@ def _kvm_mask(vcpu: int, saved: set[Any], unblocked: set[int], arm_step: int) ->
     import ctypes
 
     bits = sum(1 << (int(s) - 1) for s in saved if int(s) not in unblocked)
-    kmask = (ctypes.c_uint8 * 12).from_buffer_copy(
-        (8).to_bytes(4, "little") + bits.to_bytes(8, "little"))  # fmt: skip
-    _at(arm_step, _ioctl, vcpu, KVM_SET_SIGNAL_MASK, ctypes.addressof(kmask))
+    raw = (8).to_bytes(4, "little") + bits.to_bytes(8, "little")
+    kmask = (ctypes.c_uint8 * 12).from_buffer_copy(raw)
+    _as_step(arm_step, _ioctl, vcpu, KVM_SET_SIGNAL_MASK, ctypes.addressof(kmask))
 
 
 def _take_pending(signo: int, cookie: int, stash: list[Any]) -> bool:
@@ -1649,7 +1814,7 @@ def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
     signo, cookie, arm_step = int(op.arg), int(op.src), int(op.check_value)
     if not state.deadline_ns:
         state.deadline_ns = time.monotonic_ns() + int(op.request)
-    saved = _at(arm_step, signal.pthread_sigmask, signal.SIG_BLOCK, {signo})
+    saved = _as_step(arm_step, signal.pthread_sigmask, signal.SIG_BLOCK, {signo})
     stash: list[Any] = []
     timer = watchdog = None
     theirs_classic = finished = False
@@ -1657,8 +1822,8 @@ def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
         _take_pending(signo, cookie, stash)  # someone else's, already pending
         _kvm_mask(vcpu, saved, {signo}, arm_step)
         try:
-            timer = _timer_start(libc, signo, threading.get_native_id(), state.deadline_ns,
-                                 cookie)  # fmt: skip
+            tid = threading.get_native_id()
+            timer = _timer_start(libc, signo, tid, state.deadline_ns, cookie)
             out.bound = BOUND_TIMER
         except _SysError as err:
             out.bound_error = err.errno or 0
@@ -1705,9 +1870,8 @@ def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, saved)
         for info in stash:  # queued again exactly as they came
             number = _syscall_numbers()[3]
-            if libc.syscall(number, ctypes.c_int(os.getpid()),
-                            ctypes.c_int(threading.get_native_id()), ctypes.c_int(signo),
-                            ctypes.byref(info)) == 0:  # fmt: skip
+            me = ctypes.c_int(os.getpid()), ctypes.c_int(threading.get_native_id())
+            if libc.syscall(number, *me, ctypes.c_int(signo), ctypes.byref(info)) == 0:
                 out.requeued += 1
         if theirs_classic:
             signal.pthread_kill(threading.get_ident(), _watchdog_signal())
@@ -1715,8 +1879,8 @@ def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
             state.deadline_ns = 0
 
 
-def _at(step: int, call: Callable[..., Any], *args: Any) -> Any:
-    """Run one step; turn the OS's error into _StepFailed.
+def _as_step(step: int, call: Callable[..., Any], *args: Any) -> Any:
+    """Make one OS call as a step of the check: its error becomes _StepFailed.
 
     Only errors with an errno are the OS's: an exception a signal handler
     raises (a TimeoutError of the caller's, say) propagates unchanged.
@@ -1724,9 +1888,7 @@ def _at(step: int, call: Callable[..., Any], *args: Any) -> Any:
     try:
         return call(*args)
     except OSError as err:
-        if err.errno is None:
-            raise
-        raise _StepFailed(step, err.errno) from err
+        raise _StepFailed(step, _errno_of(err)) from err
 
 
 def _interpreter_abi() -> str:
@@ -1756,17 +1918,18 @@ def _timer_start(libc: ctypes.CDLL, signo: int, tid: int, deadline_ns: int, cook
 
     create, settime, _, _ = _syscall_numbers()
     abi = _abi()
-    event = abi.SigEvent(sigev_value=cookie, sigev_signo=signo,
-                         sigev_notify=_SIGEV_THREAD_ID, tid=tid)  # fmt: skip
+    event = abi.SigEvent(
+        sigev_value=cookie, sigev_signo=signo, sigev_notify=_SIGEV_THREAD_ID, tid=tid
+    )
     timer_id = ctypes.c_int(-1)
-    if libc.syscall(create, ctypes.c_int(_CLOCK_MONOTONIC), ctypes.byref(event),
-                    ctypes.byref(timer_id)) < 0:  # fmt: skip
+    clock = ctypes.c_int(_CLOCK_MONOTONIC)
+    if libc.syscall(create, clock, ctypes.byref(event), ctypes.byref(timer_id)) < 0:
         err = ctypes.get_errno()
         raise _SysError(err, os.strerror(err))
     when = abi.Itimerspec()
     when.it_value.tv_sec, when.it_value.tv_nsec = divmod(max(1, deadline_ns), 1_000_000_000)
-    if libc.syscall(settime, ctypes.c_int(timer_id.value), ctypes.c_int(_TIMER_ABSTIME),
-                    ctypes.byref(when), None) < 0:  # fmt: skip
+    timer, absolute = ctypes.c_int(timer_id.value), ctypes.c_int(_TIMER_ABSTIME)
+    if libc.syscall(settime, timer, absolute, ctypes.byref(when), None) < 0:
         err = ctypes.get_errno()
         _timer_delete(libc, timer_id.value)
         raise _SysError(err, os.strerror(err))
@@ -1794,9 +1957,9 @@ def _load_native() -> tuple[ctypes.CDLL | None, str]:
 
     path = _native_path()
     if not os.path.isabs(path):
-        _log("warning", "%s=%r is not an absolute path; using the Python backend",
-             LIBRARY_ENV, path)  # fmt: skip
-        return None, f"{path!r} is not an absolute path"
+        why = f"{LIBRARY_ENV}={path!r} is not an absolute path"
+        _log("warning", "%s; using the Python backend", why)
+        return None, why
     if not _exists(path):
         return None, f"{path} does not exist (run `make` to build it)"
     try:
@@ -1821,9 +1984,9 @@ def _load_native() -> tuple[ctypes.CDLL | None, str]:
     release.restype = None
     found = abi_version()
     if found != _NATIVE_ABI_VERSION:
-        _log("warning", "%s has ABI version %d, expected %d; using the Python backend",
-             path, found, _NATIVE_ABI_VERSION)  # fmt: skip
-        return None, f"{path} has ABI version {found}, expected {_NATIVE_ABI_VERSION}"
+        why = f"{path} has ABI version {found}, expected {_NATIVE_ABI_VERSION}"
+        _log("warning", "%s; using the Python backend", why)
+        return None, why
     expected = [ctypes.sizeof(t) for t in (abi.Op, abi.State, abi.Outcome)]
     if [sizes(i) for i in range(3)] != expected:
         _log("warning", "%s structure sizes differ; using the Python backend", path)
@@ -1835,6 +1998,20 @@ def native_backend() -> tuple[bool, str]:
     """Return (whether libkvmsmoke.so is usable, its path or why not)."""
     lib, note = _cached("native", _load_native)
     return lib is not None, note
+
+
+def _backend_for(backend: str | None) -> Any:
+    if backend not in (None, "native", "python"):
+        raise InvalidArgumentError(f"backend must be 'native' or 'python', got {backend!r}")
+    if backend != "python":
+        lib, note = _cached("native", _load_native)
+        if lib is not None:
+            return _NativeBackend(lib)
+        if backend == "native":
+            facts = Facts()
+            facts.note = note
+            raise _render("native-missing", facts)
+    return _PythonBackend()
 
 
 # ── The smoke test ──────────────────────────────────────────────────────────
@@ -1852,15 +2029,15 @@ class SmokeResult:
     guest ran its code and halted with the proof.
     """
 
-    __slots__ = (
-        "api_version", "backend", "cpuid", "cx16_value", "elapsed", "error", "exit_reason",
-        "fail_entry_cpu", "guest", "hardware_entry_failure_reason", "insn_bytes",
-        "instruction", "internal_data", "internal_suberror", "msrs", "proof", "rip", "runs",
-        "speed", "stage", "step", "timed_out", "timeout", "bound", "requeued", "mmio",
-    )  # fmt: skip
+    __slots__ = tuple(
+        "api_version backend bound cpuid cx16_value elapsed error exit_reason fail_entry_cpu guest "
+        "hardware_entry_failure_reason insn_bytes instruction internal_data internal_suberror "
+        "mmio msrs proof requeued rip runs speed stage step timed_out timeout".split()
+    )
 
-    def __init__(self, backend: str, timeout: float = DEFAULT_TIMEOUT,
-                 guest: str = "real-mode") -> None:  # fmt: skip
+    def __init__(
+        self, backend: str, timeout: float = DEFAULT_TIMEOUT, guest: str = "real-mode"
+    ) -> None:
         self.backend = backend
         self.timeout = timeout
         self.guest = guest
@@ -1880,36 +2057,38 @@ class SmokeResult:
         self.timed_out = False
         self.runs = 0
         self.elapsed = 0.0
-        #: Leaf 1/7 features the supported CPUID offers (long mode only).
+        #: CPUID_FEATURES the supported CPUID offers (long mode only).
         self.cpuid: dict[str, bool] = {}
         self.cx16_value = 0
         self.speed: Speed | None = None
-        self.msrs: dict[str, object] = {}
+        self.msrs: dict[str, Any] = {}
         #: How KVM_RUN was bounded: "timer", "watchdog thread" or "none".
         self.bound: str | None = None
         #: Signals of the timer's number raised by others, queued again.
         self.requeued = 0
         #: The arm64 guest's MMIO exit: phys_addr, data, len, is_write.
-        self.mmio: dict[str, object] = {}
+        self.mmio: dict[str, Any] = {}
 
     @property
     def ok(self) -> bool:
-        """True when the guest ran the expected code and halted with the proof."""
+        """True when the guest ran the expected code and proved it."""
+        if self.step != STEP_DONE or self.proof != PROOF_VALUE:
+            return False
         if self.guest == "aarch64":
-            return (self.step == STEP_DONE and self.exit_reason == KVM_EXIT_MMIO
-                    and self.mmio == {"phys_addr": _ARM64_MMIO, "data": PROOF_VALUE,
-                                      "len": 4, "is_write": True}
-                    and self.proof == PROOF_VALUE)  # fmt: skip
-        passed = (
-            self.step == STEP_DONE
-            and self.exit_reason == KVM_EXIT_HLT
-            and self.proof == PROOF_VALUE
-        )
+            expected = {"phys_addr": _ARM64_MMIO, "data": PROOF_VALUE, "len": 4, "is_write": True}
+            return self.exit_reason == KVM_EXIT_MMIO and self.mmio == expected
+        if self.exit_reason != KVM_EXIT_HLT:
+            return False
         if self.guest == "long-mode":
             swapped = PROOF_VALUE | PROOF_VALUE << 64
-            passed = passed and self.stage == 7 and (
-                not self.cpuid.get("cx16") or self.cx16_value == swapped)  # fmt: skip
-        return passed
+            cx16 = not self.cpuid.get("cx16") or self.cx16_value == swapped
+            return self.stage == _STAGE_PASSED and cx16
+        return True
+
+    @property
+    def ran(self) -> bool:
+        """Whether guest code ran at all (the device works)."""
+        return self.speed is not None or self.step == STEP_DONE
 
     @property
     def emulated(self) -> bool | None:
@@ -1920,20 +2099,18 @@ class SmokeResult:
     def step_name(self) -> str:
         return STEP_NAMES[self.step] if 0 <= self.step < len(STEP_NAMES) else str(self.step)
 
-    def outcome(self) -> tuple[object, ...]:
-        """The fields that must agree between backends (not timing, not backend)."""
-        return (
-            self.guest, self.step, self.error, self.api_version, self.exit_reason,
-            self.proof, self.stage, self.instruction, self.hardware_entry_failure_reason,
-            self.fail_entry_cpu, self.internal_suberror, self.insn_bytes.hex(), self.timed_out,
-            tuple(sorted(self.cpuid.items())), self.cx16_value,
-            tuple(sorted((k, str(v)) for k, v in self.msrs.items())),
-            tuple(sorted(self.mmio.items())),
-            None if self.speed is None else self.speed.emulated,
-        )  # fmt: skip
+    def stages_run(self) -> list[str]:
+        """The long-mode stages the supported CPUID let the guest run."""
+        return [
+            name
+            for _, name, feature, *_ in LONG_MODE_STAGES
+            if feature is None or self.cpuid.get(feature)
+        ]
 
     def as_dict(self) -> dict[str, object]:
         """Return the result as plain JSON-ready values, with names."""
+        sub = self.internal_suberror
+        mmio = {k: v if isinstance(v, bool) else hex(v) for k, v in self.mmio.items()}
         return {
             "backend": self.backend,
             "guest": self.guest,
@@ -1949,9 +2126,9 @@ class SmokeResult:
             "instruction": self.instruction,
             "hardware_entry_failure_reason": self.hardware_entry_failure_reason,
             "fail_entry_cpu": self.fail_entry_cpu,
-            "internal_suberror": self.internal_suberror,
-            "internal_suberror_name": INTERNAL_SUBERRORS.get(self.internal_suberror)
-            if self.internal_suberror else None,
+            "internal_suberror": sub,
+            "internal_suberror_name": INTERNAL_SUBERRORS.get(sub) if sub else None,
+            "internal_data": [f"{value:#x}" for value in self.internal_data] or None,
             "insn_bytes": self.insn_bytes.hex(" ") or None,
             "timed_out": self.timed_out,
             "timeout_s": self.timeout,
@@ -1961,14 +2138,13 @@ class SmokeResult:
             "cpuid": self.cpuid or None,
             "speed": self.speed.as_dict() if self.speed is not None else None,
             "msrs": self.msrs or None,
-            "mmio": {k: hex(v) if isinstance(v, int) and not isinstance(v, bool) else v
-                     for k, v in self.mmio.items()} or None,
-        }  # fmt: skip
+            "mmio": mmio or None,
+        }
 
     def __repr__(self) -> str:
         if self.ok:
             return (
-                f"<SmokeResult {self.guest} guest ran and halted, proof {self.proof:#x}, "
+                f"<SmokeResult {self.guest} guest ran and proved it ({self.proof:#x}), "
                 f"{self.elapsed * 1e3:.2f} ms, {self.backend} backend>"
             )
         what = errno_name(self.error) if self.error else "no errno"
@@ -1978,8 +2154,34 @@ class SmokeResult:
                 what += f" at {self.instruction}"
         if self.timed_out:
             what = f"timed out after {self.timeout:g} s"
-        return (f"<SmokeResult {self.guest} guest failed at {self.step_name!r}: {what}, "
-                f"{self.backend} backend>")  # fmt: skip
+        return (
+            f"<SmokeResult {self.guest} guest failed at {self.step_name!r}: {what}, "
+            f"{self.backend} backend>"
+        )
+
+
+def _outcome(result: SmokeResult) -> tuple[object, ...]:
+    """The fields that must agree between backends (not timing, not backend)."""
+    return (
+        result.guest,
+        result.step,
+        result.error,
+        result.api_version,
+        result.exit_reason,
+        result.proof,
+        result.stage,
+        result.instruction,
+        result.hardware_entry_failure_reason,
+        result.fail_entry_cpu,
+        result.internal_suberror,
+        result.insn_bytes.hex(),
+        result.timed_out,
+        tuple(sorted(result.cpuid.items())),
+        result.cx16_value,
+        tuple(sorted((k, str(v)) for k, v in result.msrs.items())),
+        tuple(sorted(result.mmio.items())),
+        result.emulated,
+    )
 
 
 class Speed:
@@ -1987,8 +2189,9 @@ class Speed:
 
     __slots__ = ("guest_ns", "host_ns", "iterations", "note")
 
-    def __init__(self, guest_ns: float, host_ns: float | None, iterations: int,
-                 note: str = "") -> None:  # fmt: skip
+    def __init__(
+        self, guest_ns: float, host_ns: float | None, iterations: int, note: str = ""
+    ) -> None:
         self.guest_ns = guest_ns
         self.host_ns = host_ns
         self.iterations = iterations
@@ -2008,10 +2211,8 @@ class Speed:
     def describe(self) -> str:
         text = f"{_ns(self.guest_ns)} ns per guest loop iteration"
         if self.ratio is not None:
-            text += f", about {_times(self.ratio)} times the same loop on the host CPU"
-        else:
-            text += f" (host not measured: {self.note})"
-        return text
+            return text + f", about {_times(self.ratio)} times the same loop on the host CPU"
+        return text + f" (host not measured: {self.note})"
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -2026,11 +2227,11 @@ class Speed:
 
 
 def _times(ratio: float) -> str:
-    return f"{ratio:.0f}" if ratio >= 10 else f"{ratio:.2g}"
+    return f"{ratio:,.0f}" if ratio >= 10 else f"{ratio:.2g}"
 
 
 def _ns(value: float) -> str:
-    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _host_loop() -> Callable[[int], None]:
@@ -2040,12 +2241,14 @@ def _host_loop() -> Callable[[int], None]:
     def load() -> Callable[[int], None]:
         libc = _sys_libc()
         page = os.sysconf("SC_PAGE_SIZE")
-        addr = libc.mmap(None, page, 0x3, 0x22, -1, 0)  # RW, MAP_PRIVATE|MAP_ANONYMOUS
+        rw, private = _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS
+        addr = libc.mmap(None, page, rw, private, -1, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             err = ctypes.get_errno()
             raise OSError(err, os.strerror(err), "mmap")
         ctypes.memmove(addr, _HOST_LOOP, len(_HOST_LOOP))
-        if libc.mprotect(addr, page, 0x5) != 0:  # never writable and executable at once
+        # Never writable and executable at once.
+        if libc.mprotect(addr, page, _PROT_READ | _PROT_EXEC) != 0:
             err = ctypes.get_errno()
             libc.munmap(addr, page)
             raise OSError(err, os.strerror(err), "mprotect")
@@ -2063,7 +2266,7 @@ def _host_ns_per_iteration(iterations: int) -> tuple[float | None, str]:
     try:
         loop = _host_loop()
     except OSError as err:
-        return None, f"cannot map the host loop executable: {errno_name(err.errno or 0)}"
+        return None, f"cannot map the host loop executable: {errno_name(_errno_of(err))}"
     best = None
     for _ in range(2):
         start = time.perf_counter_ns()
@@ -2089,16 +2292,27 @@ def _decode_run(result: SmokeResult, head: bytes) -> None:
         ndata = min(u(_RUN_INTERNAL_NDATA, 4), 16)
         result.internal_data = tuple(u(_RUN_INTERNAL_DATA + 8 * i, 8) for i in range(ndata))
         flags = u(_RUN_INTERNAL_DATA, 8) if ndata else 0
-        if result.internal_suberror == 1 and ndata >= 3 and flags & _EMULATION_FLAG_INSTRUCTION_BYTES:
+        has_bytes = flags & _EMULATION_FLAG_INSTRUCTION_BYTES
+        if result.internal_suberror == 1 and ndata >= 3 and has_bytes:
             size = min(u(_RUN_EMULATION_INSN_SIZE, 1), 15)
-            result.insn_bytes = bytes(head[_RUN_EMULATION_INSN_BYTES : _RUN_EMULATION_INSN_BYTES + size])
+            start = _RUN_EMULATION_INSN_BYTES
+            result.insn_bytes = bytes(head[start : start + size])
+    elif result.exit_reason == KVM_EXIT_MMIO:
+        length = u(_RUN_MMIO_LEN, 4)
+        result.mmio = {
+            "phys_addr": u(_RUN_MMIO_ADDR, 8),
+            "data": u(_RUN_MMIO_DATA, min(length, 8)),
+            "len": length,
+            "is_write": bool(head[_RUN_MMIO_WRITE]),
+        }
 
 
 class _Session:
     """One throwaway VM: guest memory, the buffers the operations point into."""
 
-    def __init__(self, fd: int, guest: _Guest, backend: Any, result: SmokeResult,
-                 timeout_ns: int) -> None:  # fmt: skip
+    def __init__(
+        self, fd: int, guest: _Guest, backend: Any, result: SmokeResult, timeout_ns: int
+    ) -> None:
         import ctypes
         import mmap
 
@@ -2109,18 +2323,20 @@ class _Session:
         self.state = abi.State()
         self.state.fds[:] = [fd, -1, -1, -1]
         self.out = abi.Outcome()
-        self.mem = _at(STEP_GUEST_MEMORY, mmap.mmap, -1, guest.mem_size,
-                       mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        self.mem = _as_step(STEP_GUEST_MEMORY, mmap.mmap, -1, guest.mem_size, flags)
         self.mem[: len(guest.image)] = guest.image
         anchor = ctypes.c_char.from_buffer(self.mem)
         self.mem_addr = ctypes.addressof(anchor)
         del anchor  # the mapping stays; the export must go before close()
         self.region = abi.KvmUserspaceMemoryRegion(
-            slot=0, flags=0, guest_phys_addr=guest.base, memory_size=guest.mem_size,
-            userspace_addr=self.mem_addr)  # fmt: skip
+            slot=0,
+            flags=0,
+            guest_phys_addr=guest.base,
+            memory_size=guest.mem_size,
+            userspace_addr=self.mem_addr,
+        )
         if guest.arch == "aarch64":
-            import ctypes
-
             # struct kvm_vcpu_init: KVM_ARM_PREFERRED_TARGET fills it and
             # KVM_ARM_VCPU_INIT reads it unchanged.  struct kvm_one_reg: id, addr.
             self.vcpu_init = (ctypes.c_uint8 * 32)()
@@ -2180,104 +2396,120 @@ class _Session:
         plan.run(self.timeout_ns, self.signo, value, _cookie())
 
 
-def _setup_plan(s: _Session) -> _Plan:
+def _setup_plan(session: _Session) -> _Plan:
     """Create the VM, its memory and vCPU; long mode reads the CPUID too."""
     plan = _Plan()
-    plan.ioctl(STEP_API_VERSION, _KVM, KVM_GET_API_VERSION, value=_V_API,
-               check=_CHECK_EQ, expect=KVM_API_VERSION)  # fmt: skip
+    plan.ioctl(
+        STEP_API_VERSION,
+        _KVM,
+        KVM_GET_API_VERSION,
+        value=_V_API,
+        check=_CHECK_EQ,
+        expect=KVM_API_VERSION,
+    )
     plan.ioctl(STEP_CREATE_VM, _KVM, KVM_CREATE_VM, 0, fd_out=_VM)
-    plan.ioctl(STEP_MEMORY_REGION, _VM, KVM_SET_USER_MEMORY_REGION, s.addr(s.region))
+    plan.ioctl(STEP_MEMORY_REGION, _VM, KVM_SET_USER_MEMORY_REGION, session.addr(session.region))
     plan.ioctl(STEP_CREATE_VCPU, _VM, KVM_CREATE_VCPU, 0, fd_out=_VCPU)
-    if s.guest.long_mode:
-        plan.ioctl(STEP_GET_CPUID, _KVM, KVM_GET_SUPPORTED_CPUID, s.addr(s.cpuid))
+    if session.guest.long_mode:
+        plan.ioctl(STEP_GET_CPUID, _KVM, KVM_GET_SUPPORTED_CPUID, session.addr(session.cpuid))
     return plan
 
 
-def _vcpu_plan(s: _Session) -> _Plan:
+def _run_area_plan(plan: _Plan) -> None:
+    size, run = STEP_RUN_AREA_SIZE, _SIZEOF_KVM_RUN_MIN
+    plan.ioctl(size, _KVM, KVM_GET_VCPU_MMAP_SIZE, value=_V_RUN_SIZE, check=_CHECK_GE, expect=run)
+    plan.map_run(STEP_MAP_RUN_AREA)
+
+
+def _vcpu_plan(session: _Session) -> _Plan:
     """Give the vCPU its CPUID, mode and MSRs, and map its run area."""
     plan = _Plan()
-    if s.guest.long_mode:
-        plan.ioctl(STEP_SET_CPUID, _VCPU, KVM_SET_CPUID2, s.addr(s.cpuid))
-    plan.ioctl(STEP_GET_SREGS, _VCPU, KVM_GET_SREGS, s.addr(s.sregs))
-    for offset, size in s.spans:
-        plan.copy(STEP_SET_SREGS, s.addr(s.sregs) + offset, s.addr(s.wanted) + offset, size)
-    plan.ioctl(STEP_SET_SREGS, _VCPU, KVM_SET_SREGS, s.addr(s.sregs))
-    plan.ioctl(STEP_RUN_AREA_SIZE, _KVM, KVM_GET_VCPU_MMAP_SIZE, value=_V_RUN_SIZE,
-               check=_CHECK_GE, expect=_SIZEOF_KVM_RUN_MIN)  # fmt: skip
-    plan.map_run(STEP_MAP_RUN_AREA)
-    if s.guest.long_mode:
-        plan.ioctl(STEP_SET_MSRS, _VCPU, KVM_SET_MSRS, s.addr(s.boot_msrs), value=_V_BOOT_MSRS)
-        plan.ioctl(STEP_SET_MSRS, _KVM, KVM_GET_MSR_INDEX_LIST, s.addr(s.msr_list),
-                   value=_V_MSR_LIST, soft=True)  # fmt: skip
-        plan.ioctl(STEP_SET_MSRS, _KVM, KVM_GET_MSR_FEATURE_INDEX_LIST, s.addr(s.feature_list),
-                   value=_V_FEATURE_LIST, soft=True)  # fmt: skip
-        if s.result.cpuid.get("arch_capabilities"):
+    if session.guest.long_mode:
+        plan.ioctl(STEP_SET_CPUID, _VCPU, KVM_SET_CPUID2, session.addr(session.cpuid))
+    plan.ioctl(STEP_GET_SREGS, _VCPU, KVM_GET_SREGS, session.addr(session.sregs))
+    for offset, size in session.spans:
+        plan.copy(
+            STEP_SET_SREGS,
+            session.addr(session.sregs) + offset,
+            session.addr(session.wanted) + offset,
+            size,
+        )
+    plan.ioctl(STEP_SET_SREGS, _VCPU, KVM_SET_SREGS, session.addr(session.sregs))
+    _run_area_plan(plan)
+    if session.guest.long_mode:
+        msrs = STEP_SET_MSRS
+        plan.ioctl(msrs, _VCPU, KVM_SET_MSRS, session.addr(session.boot_msrs), value=_V_BOOT_MSRS)
+        lists = (
+            (KVM_GET_MSR_INDEX_LIST, session.msr_list, _V_MSR_LIST),
+            (
+                KVM_GET_MSR_FEATURE_INDEX_LIST,
+                session.feature_list,
+                _V_FEATURE_LIST,
+            ),
+        )
+        for request, buffer, slot in lists:
+            plan.ioctl(msrs, _KVM, request, session.addr(buffer), value=slot, soft=True)
+        if session.result.cpuid.get("arch_capabilities"):
             # What QEMU does with -cpu host: read the feature MSR, set it.
-            plan.ioctl(STEP_SET_MSRS, _KVM, KVM_GET_MSRS, s.addr(s.arch_msrs),
-                       value=_V_ARCH_GET, soft=True)  # fmt: skip
-            plan.ioctl(STEP_SET_MSRS, _VCPU, KVM_SET_MSRS, s.addr(s.arch_msrs),
-                       value=_V_ARCH_SET, soft=True)  # fmt: skip
+            arch = session.addr(session.arch_msrs)
+            plan.ioctl(msrs, _KVM, KVM_GET_MSRS, arch, value=_V_ARCH_GET, soft=True)
+            plan.ioctl(msrs, _VCPU, KVM_SET_MSRS, arch, value=_V_ARCH_SET, soft=True)
     return plan
 
 
-def _read_cpuid(s: _Session) -> None:
-    """Note the features the long-mode guest will find in its CPUID."""
-    leaf1 = leaf7 = None
-    for entry in s.cpuid.entries[: s.cpuid.nent]:
-        if entry.function == 1:
-            leaf1 = entry
-        elif entry.function == 7 and entry.index == 0:
-            leaf7 = entry
-    s.result.cpuid = {
-        "cx16": bool(leaf1 and leaf1.ecx & _CPUID1_ECX_CX16),
-        "xsave": bool(leaf1 and leaf1.ecx & _CPUID1_ECX_XSAVE),
-        "arch_capabilities": bool(leaf7 and leaf7.edx & _CPUID7_EDX_ARCH_CAPABILITIES),
-    }
+def _read_cpuid(session: _Session) -> None:
+    """Note the CPUID_FEATURES the long-mode guest will find in its CPUID."""
+    entries = session.cpuid.entries[: session.cpuid.nent]
+    found = {}
+    for feature, (leaf, register, bit) in CPUID_FEATURES.items():
+        entry = next((e for e in entries if e.function == leaf and e.index == 0), None)
+        found[feature] = bool(entry is not None and getattr(entry, register) >> bit & 1)
+    session.result.cpuid = found
 
 
-def _read_msrs(s: _Session) -> None:
-    values = s.out.values
+def _read_msrs(session: _Session) -> None:
+    values = session.out.values
     set_count = int(values[_V_BOOT_MSRS])
-    msrs: dict[str, object] = {
+    refused = BOOT_MSRS[set_count][0] if set_count < len(BOOT_MSRS) else None
+    msrs: dict[str, Any] = {
         "boot_msrs_set": set_count,
         "boot_msrs": len(BOOT_MSRS),
-        "boot_msr_refused": BOOT_MSRS[set_count][0] if set_count < len(BOOT_MSRS) else None,
+        "boot_msr_refused": refused,
         "msr_index_list": int(values[_V_MSR_LIST]) >= 0,
     }
-    if s.result.cpuid.get("arch_capabilities"):
-        features = [s.feature_list.indices[i] for i in
-                    range(min(s.feature_list.nmsrs, _MAX_MSR_INDICES))]  # fmt: skip
+    if session.result.cpuid.get("arch_capabilities"):
+        count = min(session.feature_list.nmsrs, _MAX_MSR_INDICES)
+        features = [session.feature_list.indices[i] for i in range(count)]
         got, put = int(values[_V_ARCH_GET]), int(values[_V_ARCH_SET])
+        listed = MSR_IA32_ARCH_CAPABILITIES in features if values[_V_FEATURE_LIST] >= 0 else None
         msrs["arch_capabilities"] = {
             "offered_by_cpuid": True,
-            "feature_msr": MSR_IA32_ARCH_CAPABILITIES in features
-            if values[_V_FEATURE_LIST] >= 0 else None,
-            "value": f"{s.arch_msrs.entries[0].data:#x}" if got == 1 else None,
+            "feature_msr": listed,
+            "value": f"{session.arch_msrs.entries[0].data:#x}" if got == 1 else None,
             "read": errno.errorcode.get(-got, got) if got < 0 else got == 1,
             "accepted": put == 1,
-        }  # fmt: skip
-    s.result.msrs = msrs
+        }
+    session.result.msrs = msrs
 
 
-def _read_guest(s: _Session) -> None:
+def _read_guest(session: _Session) -> None:
     """Decode a guest run: exit, registers, and the instruction it stopped at."""
     import ctypes
 
-    result = s.result
-    _decode_run(result, bytes(s.out.run_head))
-    result.proof = int(s.regs.rax) & 0xFFFFFFFF
-    result.rip = int(s.regs.rip)
-    result.stage = int(s.regs.r15)
-    if s.guest.long_mode:
-        result.cx16_value = int.from_bytes(ctypes.string_at(s.mem_addr + s.guest.cx16_area, 16),
-                                           "little")  # fmt: skip
-        passed = result.exit_reason == KVM_EXIT_HLT and result.stage == 7
-        if not passed:
-            result.instruction = (s.guest.marks.get(result.rip)
-                                  or STAGES.get(result.stage, "entering 64-bit mode"))  # fmt: skip
+    result = session.result
+    _decode_run(result, bytes(session.out.run_head))
+    result.proof = int(session.regs.rax) & 0xFFFFFFFF
+    result.rip = int(session.regs.rip)
+    result.stage = int(session.regs.r15)
+    if session.guest.long_mode:
+        area = ctypes.string_at(session.mem_addr + session.guest.cx16_area, 16)
+        result.cx16_value = int.from_bytes(area, "little")
+        if not (result.exit_reason == KVM_EXIT_HLT and result.stage == _STAGE_PASSED):
+            where = session.guest.marks.get(result.rip) or STAGES.get(result.stage)
+            result.instruction = where or "entering 64-bit mode"
 
 
-def _measure_speed(s: _Session) -> bool:
+def _measure_speed(session: _Session) -> bool:
     """Time the guest loop; return False when it did not halt.
 
     Each KVM_RUN costs a fixed entry and exit (hundreds of microseconds when
@@ -2289,22 +2521,22 @@ def _measure_speed(s: _Session) -> bool:
     can be slow for reasons that pass (a nested emulator translating KVM's
     own code the first time), and one cold sample must not fail a good host.
     """
-    result = s.result
+    result = session.result
     plan = _Plan()
-    s.run_plan(plan, s.guest.loop, _V_T_WARM, rcx=1)  # faults the pages in
-    plan.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, s.addr(s.regs))
-    if not s.execute(plan):
+    session.run_plan(plan, session.guest.loop, _V_T_WARM, rcx=1)  # faults the pages in
+    plan.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, session.addr(session.regs))
+    if not session.execute(plan):
         return False
-    _decode_run(result, bytes(s.out.run_head))
+    _decode_run(result, bytes(session.out.run_head))
     if result.exit_reason != KVM_EXIT_HLT:
-        _read_guest(s)
+        _read_guest(session)
         return False
     host_ns, note = _host_ns_per_iteration(1 << 16)
     best: tuple[float, int] | None = None
     implausible: tuple[float, int] | None = None
     plausible = 0
     for _ in range(3):  # at most two plausible samples; a third try for noise
-        measured = _guest_slope(s)
+        measured = _guest_slope(session)
         if measured is None:
             return False
         if host_ns is not None and measured[0] < _IMPLAUSIBLE_RATIO * host_ns:
@@ -2317,79 +2549,94 @@ def _measure_speed(s: _Session) -> bool:
             break
     if best is None:
         assert implausible is not None
-        result.speed = Speed(implausible[0], None, implausible[1],
-                             "the measurements were inconsistent (a guest loop faster than "
-                             "the host CPU); no verdict is drawn from them")  # fmt: skip
+        why = (
+            "the measurements were inconsistent (a guest loop faster than the host CPU); "
+            "no verdict is drawn from them"
+        )
+        result.speed = Speed(implausible[0], None, implausible[1], why)
     else:
         result.speed = Speed(best[0], host_ns, best[1], note)
     result.exit_reason = -1
     return True
 
 
-def _guest_slope(s: _Session) -> tuple[float, int] | None:
+def _guest_slope(session: _Session) -> tuple[float, int] | None:
     """(ns per loop iteration, iterations of the longer run), or None on failure."""
-    values = s.out.values
+    values = session.out.values
     for slot in (_V_T_BASE, _V_T_BASE2, _V_T_SHORT, _V_T_LONG, _V_T_LONG2):
         values[slot] = 0  # run times add up across resumed runs
     # Noise only ever adds time: the minimum of two runs of each size.
     plan = _Plan()
-    s.run_plan(plan, s.guest.loop, _V_T_BASE, rcx=1)
-    s.run_plan(plan, s.guest.loop, _V_T_BASE2, rcx=1)
-    s.run_plan(plan, s.guest.loop, _V_T_SHORT, rcx=_SPEED_SHORT)
-    if not s.execute(plan):
+    session.run_plan(plan, session.guest.loop, _V_T_BASE, rcx=1)
+    session.run_plan(plan, session.guest.loop, _V_T_BASE2, rcx=1)
+    session.run_plan(plan, session.guest.loop, _V_T_SHORT, rcx=_SPEED_SHORT)
+    if not session.execute(plan):
         return None
     base = min(int(values[_V_T_BASE]), int(values[_V_T_BASE2]))
     extra, iterations = int(values[_V_T_SHORT]) - base, _SPEED_SHORT
     if extra < _SPEED_SLOW_NS:  # not yet above the noise of entry and exit
         plan = _Plan()
-        s.run_plan(plan, s.guest.loop, _V_T_LONG, rcx=_SPEED_LONG)
-        s.run_plan(plan, s.guest.loop, _V_T_LONG2, rcx=_SPEED_LONG)
-        if not s.execute(plan):
+        session.run_plan(plan, session.guest.loop, _V_T_LONG, rcx=_SPEED_LONG)
+        session.run_plan(plan, session.guest.loop, _V_T_LONG2, rcx=_SPEED_LONG)
+        if not session.execute(plan):
             return None
         longest = min(int(values[_V_T_LONG]), int(values[_V_T_LONG2]))
         extra, iterations = longest - base, _SPEED_LONG
     return max(extra, 1) / (iterations - 1), iterations
 
 
-def _run_guest(s: _Session) -> None:
+def _aarch64_plan(session: _Session) -> _Plan:
+    """The whole arm64 smoke test as one array of operations."""
+    plan = _setup_plan(session)
+    plan.ioctl(STEP_ARM_TARGET, _VM, KVM_ARM_PREFERRED_TARGET, session.addr(session.vcpu_init))
+    plan.ioctl(STEP_ARM_VCPU_INIT, _VCPU, KVM_ARM_VCPU_INIT, session.addr(session.vcpu_init))
+    plan.ioctl(STEP_SET_ONE_REG, _VCPU, KVM_SET_ONE_REG, session.addr(session.set_pc))
+    _run_area_plan(plan)
+    plan.run(session.timeout_ns, session.signo, _V_T_GUEST, _cookie())
+    plan.ioctl(STEP_GET_ONE_REG, _VCPU, KVM_GET_ONE_REG, session.addr(session.get_x0))
+    return plan
+
+
+def _run_guest(session: _Session) -> None:
     """The whole smoke test for one guest; failures land in the result.
 
-    The real-mode guest is one array of operations (one foreign call with
-    the native backend); the long-mode one is several, because what comes
-    next depends on the CPUID KVM offers and on how fast the guest ran.
+    The real-mode and arm64 guests are one array of operations each (one
+    foreign call with the native backend); the long-mode one is several,
+    because what comes next depends on the CPUID KVM offers and on how fast
+    the guest ran.
     """
-    if s.guest.arch == "aarch64":
-        ran = s.execute(_aarch64_plan(s))
-        s.result.api_version = int(s.out.values[_V_API])
+    result = session.result
+    if session.guest.arch == "aarch64":
+        ran = session.execute(_aarch64_plan(session))
+        result.api_version = int(session.out.values[_V_API])
         if ran:
-            _read_aarch64(s)
-            s.result.step = STEP_DONE
+            _decode_run(result, bytes(session.out.run_head))
+            result.proof = int(session.x0.value) & 0xFFFFFFFF
+            result.step = STEP_DONE
         return
     final = _Plan()
-    s.run_plan(final, s.guest.entry, _V_T_GUEST)
-    final.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, s.addr(s.regs))
-    if not s.guest.long_mode:
-        plan = _setup_plan(s)
-        plan.ops += _vcpu_plan(s).ops + final.ops
-        ran = s.execute(plan)
-        s.result.api_version = int(s.out.values[_V_API])
+    session.run_plan(final, session.guest.entry, _V_T_GUEST)
+    final.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, session.addr(session.regs))
+    if not session.guest.long_mode:
+        plan = _setup_plan(session)
+        plan.ops += _vcpu_plan(session).ops + final.ops
+        ran = session.execute(plan)
+        result.api_version = int(session.out.values[_V_API])
         if ran:
-            _read_guest(s)
-            s.result.step = STEP_DONE
+            _read_guest(session)
+            result.step = STEP_DONE
         return
-    if not s.execute(_setup_plan(s)):
+    if not session.execute(_setup_plan(session)):
         return
-    s.result.api_version = int(s.out.values[_V_API])
-    _read_cpuid(s)
-    if not s.execute(_vcpu_plan(s)):
+    result.api_version = int(session.out.values[_V_API])
+    _read_cpuid(session)
+    if not session.execute(_vcpu_plan(session)):
         return
-    _read_msrs(s)
-    if not _measure_speed(s):
+    _read_msrs(session)
+    if not _measure_speed(session) or not session.execute(final):
         return
-    if not s.execute(final):
-        return
-    _read_guest(s)
-    s.result.step = STEP_DONE
+    _read_guest(session)
+    result.step = STEP_DONE
 
 
 def _check_timeout(timeout: object) -> None:
@@ -2400,65 +2647,8 @@ def _check_timeout(timeout: object) -> None:
         raise InvalidArgumentError(f"timeout must be a number of seconds, got {timeout!r}")
     if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
         raise InvalidArgumentError(
-            f"timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout!r}")
-
-
-def _aarch64_plan(s: _Session) -> _Plan:
-    """The whole arm64 smoke test as one array of operations."""
-    plan = _setup_plan(s)
-    plan.ioctl(STEP_ARM_TARGET, _VM, KVM_ARM_PREFERRED_TARGET, s.addr(s.vcpu_init))
-    plan.ioctl(STEP_ARM_VCPU_INIT, _VCPU, KVM_ARM_VCPU_INIT, s.addr(s.vcpu_init))
-    plan.ioctl(STEP_SET_ONE_REG, _VCPU, KVM_SET_ONE_REG, s.addr(s.set_pc))
-    plan.ioctl(STEP_RUN_AREA_SIZE, _KVM, KVM_GET_VCPU_MMAP_SIZE, value=_V_RUN_SIZE,
-               check=_CHECK_GE, expect=_SIZEOF_KVM_RUN_MIN)  # fmt: skip
-    plan.map_run(STEP_MAP_RUN_AREA)
-    plan.run(s.timeout_ns, s.signo, _V_T_GUEST, _cookie())
-    plan.ioctl(STEP_GET_ONE_REG, _VCPU, KVM_GET_ONE_REG, s.addr(s.get_x0))
-    return plan
-
-
-def _read_aarch64(s: _Session) -> None:
-    """Decode the arm64 run: the MMIO exit's address, value, and X0."""
-    result, head = s.result, bytes(s.out.run_head)
-    _decode_run(result, head)
-    if result.exit_reason == KVM_EXIT_MMIO:
-        length = int.from_bytes(head[_RUN_MMIO_LEN : _RUN_MMIO_LEN + 4], "little")
-        result.mmio = {
-            "phys_addr": int.from_bytes(head[_RUN_MMIO_ADDR : _RUN_MMIO_ADDR + 8], "little"),
-            "data": int.from_bytes(head[_RUN_MMIO_DATA : _RUN_MMIO_DATA + min(length, 8)], "little"),
-            "len": length, "is_write": bool(head[_RUN_MMIO_WRITE]),
-        }  # fmt: skip
-    result.proof = int(s.x0.value) & 0xFFFFFFFF
-
-
-def _guest_for(kind: str) -> _Guest:
-    if kind == "long-mode":
-        guest: _Guest = _cached("guest-long", _long_mode_guest)
-        return guest
-    if kind == "real-mode":
-        guest = _cached("guest-real", _real_mode_guest)
-        return guest
-    if kind == "aarch64":
-        guest = _cached("guest-aarch64", _aarch64_guest)
-        return guest
-    raise InvalidArgumentError(f"guest must be 'real-mode' or 'long-mode', got {kind!r}")
-
-
-def _backend_for(backend: str | None) -> Any:
-    if backend not in (None, "native", "python"):
-        raise InvalidArgumentError(f"backend must be 'native' or 'python', got {backend!r}")
-    if backend != "python":
-        lib, note = _cached("native", _load_native)
-        if lib is not None:
-            return _NativeBackend(lib)
-        if backend == "native":
-            raise InternalError(
-                f"the native smoke test is not available: {note}",
-                cause="native-missing",
-                fix="run `make` in the boxlite_syscheck directory, or set "
-                f"{LIBRARY_ENV} to the absolute path of libkvmsmoke.so",
-            )
-    return _PythonBackend()
+            f"timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout!r}"
+        )
 
 
 def smoke_test(
@@ -2467,23 +2657,26 @@ def smoke_test(
     timeout: float = DEFAULT_TIMEOUT,
     backend: str | None = None,
     guest: str = "real-mode",
-    _guest: bytes | None = None,
-    _program: _Guest | None = None,
 ) -> SmokeResult:
     """Run guest code in a throwaway VM on an open /dev/kvm descriptor.
 
-    ``guest`` is "real-mode" (the bare device check: ``mov eax; hlt``) or
+    ``guest`` is "real-mode" (the bare device check: ``mov eax; hlt``),
     "long-mode" (what a stock kernel needs: 64-bit mode, CX16, XSAVE, the
-    boot MSRs, and the speed of guest code against the host CPU).
-    ``backend`` is "native" (libkvmsmoke.so), "python", or None for the
-    native one when it can be used.  Never raises for a KVM failure: the
-    result says how far it got.  Raises InternalError when the native backend
-    is asked for and cannot be used, InvalidArgumentError for a bad argument.
+    boot MSRs, and the speed of guest code against the host CPU) or
+    "aarch64".  ``backend`` is "native" (libkvmsmoke.so), "python", or None
+    for the native one when it can be used.  Never raises for a KVM failure:
+    the result says how far it got.  Raises InternalError when the native
+    backend is asked for and cannot be used, InvalidArgumentError for a bad
+    argument.
     """
+    _check_timeout(timeout)
+    return _run_program(fd, _guest(guest), timeout, backend)
+
+
+def _run_program(fd: int, program: _Guest, timeout: float, backend: str | None) -> SmokeResult:
+    """smoke_test() for any guest program (the tests run spinning ones)."""
     import time
 
-    _check_timeout(timeout)
-    program = _program or (_real_mode_guest(_guest) if _guest is not None else _guest_for(guest))
     runner = _backend_for(backend)
     result = SmokeResult(runner.name, timeout, program.name)
     start = time.perf_counter()
@@ -2500,173 +2693,95 @@ def smoke_test(
     return result
 
 
-# ── Host facts (read only on error paths and for the report) ────────────────
+# ── Evidence: what the host shows, read once ────────────────────────────────
 
-
-def _kvm_modules() -> list[str]:
-    """KVM modules loaded now, from /sys/module (built-in ones show too)."""
-    names = ("kvm_intel", "kvm_amd", "kvm_pvm", "kvm")
-    return [name for name in names if _exists(f"/sys/module/{name}")]
-
-
-def _cpuinfo_field(field: str) -> str | None:
-    """The first value of a /proc/cpuinfo field, or None."""
-    text = _read_text("/proc/cpuinfo") or ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == field:
-            return value.strip()
-    return None
-
-
-def _cpu_flags() -> set[str] | None:
-    """The x86 CPU flags, or None when /proc/cpuinfo has none."""
-    flags = _cpuinfo_field("flags")
-    return set(flags.split()) if flags is not None else None
-
-
-def _root_fs_type() -> str | None:
-    """The filesystem type mounted at / in this mount namespace."""
-    for line in (_read_text("/proc/self/mountinfo") or "").splitlines():
-        fields = line.split()
-        if len(fields) > 4 and fields[4] == "/" and " - " in line:
-            kind = line.split(" - ", 1)[1].split()
-            if kind:
-                return kind[0]
-    return None
-
-
-def _kernel_release() -> str:
-    return os.uname().release
-
-
-def _node_kind(st: os.stat_result) -> str:
-    """What kind of file a stat result describes."""
-    import stat
-
-    for test, kind in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
-                       (stat.S_ISDIR, "directory"), (stat.S_ISREG, "regular file")):  # fmt: skip
-        if test(st.st_mode):
-            return kind
-    return "special file"
-
-
-def _describe_node(st: os.stat_result) -> str:
-    import stat
-
-    kind = _node_kind(st)
-    if kind.endswith("device"):
-        kind += f" {os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
-    return f"{kind}, owner {_user_name(st.st_uid)}, group {_group_name(st.st_gid)}, mode {stat.S_IMODE(st.st_mode):04o}"
-
-
-def _who(uid: int) -> str:
-    """"alice (uid 1000)", or "uid 65533" when the uid has no name."""
-    name = _user_name(uid)
-    return f"uid {uid}" if name == str(uid) else f"{name} (uid {uid})"
-
-
-def _user_name(uid: int) -> str:
-    import pwd
-
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
-def _group_name(gid: int) -> str:
-    import grp
-
-    try:
-        return grp.getgrgid(gid).gr_name
-    except KeyError:
-        return str(gid)
-
-
-def _group_membership(gid: int) -> tuple[str | None, bool, bool]:
-    """Return (user name, listed in the group database, held by this process)."""
-    import grp
-    import pwd
-
-    held = gid == os.getegid() or gid in os.getgroups()
-    try:
-        user = pwd.getpwuid(os.geteuid())
-    except KeyError:
-        return None, False, held
-    try:
-        members = grp.getgrgid(gid).gr_mem
-    except KeyError:
-        members = []
-    return user.pw_name, user.pw_gid == gid or user.pw_name in members, held
-
-
-# ── Host evidence: gathered once, as one value ──────────────────────────────
-
-_OVERFLOW_ID = 65534  # what an unmapped uid or gid shows as inside a user namespace
 # POSIX ACL xattr entries (include/uapi/linux/posix_acl.h, posix_acl_xattr.h).
-_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = (
-    0x01, 0x02, 0x04, 0x08, 0x10, 0x20)  # fmt: skip
-_LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture
-_LANDLOCK_CREATE_RULESET_VERSION = 1
+_ACL_TAGS = {0x01: "user_obj", 0x02: "user", 0x04: "group_obj", 0x08: "group"}
+_ACL_TAGS.update({0x10: "mask", 0x20: "other"})
 
 
 class Evidence:
-    """What the host shows about reaching /dev/kvm, read once.
+    """What the host shows about reaching /dev/kvm and running guests.
 
-    A plain value: the diagnosis is a pure function of (step, errno, this),
-    and tests build one directly.  Every field that could not be read is
-    None, never an exception.
+    A plain value: the diagnosis is a pure function of it and of what the
+    probes answered.  Each field is read from the host on first use and
+    once (only error paths and the report read most of them), by the
+    function of that name in _GATHER; tests give the values directly with
+    ``gather=False``, and then an unset field is None.  A field that cannot
+    be read is None, never an exception.
     """
 
-    __slots__ = (
-        "acl", "arch", "cpu_flags", "egid", "euid", "flatpak", "groups", "group_exists",
-        "group_listed", "kubernetes", "kvm_modules", "kvm_registered", "landlock_abi", "lsm",
-        "lsm_context",
-        "module_available", "mount", "no_new_privs", "node", "path", "private_dev",
-        "runtime", "runtime_evidence", "seccomp", "snap", "user", "userns", "vendor", "wsl",
-    )  # fmt: skip
-
-    acl: list[dict[str, Any]] | None
-    arch: str | None
-    cpu_flags: set[str] | None
-    egid: int | None
+    path: str
+    # Who: effective ids, every group, the user's name.
     euid: int | None
-    flatpak: bool | None
     groups: tuple[int, ...]
-    group_exists: bool | None
+    user: str | None
+    # The node: {kind, major, minor, uid, gid, mode, owner, group}, its
+    # ACL, the mount that holds it, and whether it is a mount of its own.
+    node: dict[str, Any] | None
+    acl: list[dict[str, Any]] | None
+    mount: dict[str, Any] | None
+    bind_mounted: bool | None
+    # The group database: the user is listed in the node's group; that
+    # group has a name; a group called "kvm" exists.
     group_listed: bool | None
-    kubernetes: bool | None
-    kvm_modules: list[str]
-    kvm_registered: bool | None
+    group_named: bool | None
+    kvm_group: bool | None
+    # Where: user namespace maps, runtime or sandbox, cgroups, /dev.
+    userns: dict[str, Any] | None
+    runtime: str | None
+    runtime_evidence: list[str]
+    private_dev: bool | None
+    cgroup: dict[str, Any] | None
+    systemd_unit: str | None
+    wsl: str | None
+    snap: str | None
+    # Sandboxing: NoNewPrivs, seccomp mode, Landlock ABI, LSMs.
+    no_new_privs: bool | None
+    seccomp: str | None
     landlock_abi: int | None
     lsm: list[str] | None
     lsm_context: str | None
-    module_available: dict[str, bool]
-    mount: dict[str, Any] | None
-    no_new_privs: bool | None
-    node: dict[str, Any] | None
-    path: str | None
-    private_dev: bool | None
-    runtime: str | None
-    runtime_evidence: list[str]
-    seccomp: str | None
-    snap: str | None
-    user: str | None
-    userns: dict[str, Any] | None
+    # Hardware and kernel.
+    arch: str | None
+    cpu_flags: set[str] | None
     vendor: str | None
-    wsl: str | None
+    kernel: str | None
+    kvm_modules: list[str]
+    kvm_registered: bool | None
+    kvm_provider: str | None
+    module_available: dict[str, bool]
+    pvm_native: str | None
+    # Limits.
+    rlimit_nofile: tuple[int, int] | None
+    file_max: str | None
 
-    def __init__(self, **fields: Any) -> None:
-        for name in self.__slots__:
-            setattr(self, name, fields.get(name))
-        self.groups = fields.get("groups") or ()
-        self.kvm_modules = fields.get("kvm_modules") or []
-        self.runtime_evidence = fields.get("runtime_evidence") or []
-        self.module_available = fields.get("module_available") or {}
+    def __init__(self, path: str = KVM_DEVICE, *, gather: bool = True, **values: Any) -> None:
+        unknown = set(values) - set(_GATHER)
+        if unknown:
+            raise TypeError(f"Evidence has no field {', '.join(sorted(unknown))}")
+        self.path = path
+        self._gather = gather
+        self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:
+        gather = _GATHER.get(name)
+        if gather is None:
+            raise AttributeError(name)
+        value = _EMPTY.get(name)
+        if self._gather:
+            try:
+                value = gather(self)
+            except (ImportError, _SysError) as err:  # a limit the check itself hit
+                _log("debug", "evidence %s unreadable: %s", name, err)
+            except OSError as err:
+                _errno_of(err)
+                _log("debug", "evidence %s unreadable: %s", name, err)
+        self.__dict__[name] = value
+        return value
 
     def as_dict(self) -> dict[str, object]:
-        out = {name: getattr(self, name) for name in self.__slots__}
+        out = {name: getattr(self, name) for name in _GATHER}
         out["cpu_flags"] = sorted({"vmx", "svm", "hypervisor"} & (self.cpu_flags or set()))
         out["groups"] = list(self.groups)
         return out
@@ -2679,115 +2794,150 @@ class Evidence:
     def in_userns(self) -> bool:
         return self.userns is not None and not self.userns.get("identity", True)
 
-    @property
-    def contained(self) -> str | None:
-        """The container-like context this process runs in, by name."""
-        if self.kubernetes:
-            return "kubernetes"
-        if self.flatpak:
-            return "flatpak"
-        if self.snap:
-            return "snap"
-        return self.runtime
-
     def is_kvm_node(self) -> bool:
         node = self.node or {}
-        return (node.get("kind") == "character device"
-                and (node.get("major"), node.get("minor")) == (KVM_DEVICE_MAJOR, KVM_DEVICE_MINOR))  # fmt: skip
+        numbers = (node.get("major"), node.get("minor"))
+        return node.get("kind") == "character device" and numbers == (10, 232)
+
+    def unmapped(self, which: str) -> bool:
+        """Whether the node's owner ("uid") or group ("gid") is not mapped
+        into this user namespace: it shows as the overflow id, which then
+        matches nothing, not even a process whose own id shows the same."""
+        return self.in_userns and (self.node or {}).get(which) == _OVERFLOW_ID
 
 
-def _getxattr(path: str, name: str) -> bytes | None:
-    """An extended attribute's value, or None (seam)."""
+# What an unset field is when nothing is gathered.
+_EMPTY: dict[str, Any] = {
+    "groups": (),
+    "runtime_evidence": [],
+    "kvm_modules": [],
+    "module_available": {},
+}
+
+
+def _ev_node(ev: Evidence) -> dict[str, Any] | None:
+    import stat
+
     try:
-        return os.getxattr(path, name)
-    except (OSError, AttributeError):
+        st = _stat(ev.path)
+    except OSError as err:
+        _errno_of(err)
         return None
+    device = stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+    kinds = (
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+        (stat.S_ISDIR, "directory"),
+        (stat.S_ISREG, "regular file"),
+    )
+    kind = next((name for test, name in kinds if test(st.st_mode)), "special file")
+    group = _group_entry(st.st_gid)
+    return {
+        "kind": kind,
+        "major": os.major(st.st_rdev) if device else None,
+        "minor": os.minor(st.st_rdev) if device else None,
+        "uid": st.st_uid,
+        "gid": st.st_gid,
+        "mode": stat.S_IMODE(st.st_mode),
+        "owner": _user_name(st.st_uid),
+        "group": group[0] if group else None,
+    }
 
 
-def _parse_acl(raw: bytes | None) -> list[dict[str, object]] | None:
-    """system.posix_acl_access: version (u32), then (tag u16, perm u16, id u32) entries."""
+def _ev_acl(ev: Evidence) -> list[dict[str, Any]] | None:
+    """system.posix_acl_access: version (u32), then (tag u16, perm u16, id u32)."""
+    raw = _getxattr(ev.path, "system.posix_acl_access")
     if not raw or len(raw) < 4:
         return None
-    names = {_ACL_USER_OBJ: "user_obj", _ACL_USER: "user", _ACL_GROUP_OBJ: "group_obj",
-             _ACL_GROUP: "group", _ACL_MASK: "mask", _ACL_OTHER: "other"}  # fmt: skip
     entries = []
     for at in range(4, len(raw) - 7, 8):
         tag = int.from_bytes(raw[at : at + 2], "little")
         perm = int.from_bytes(raw[at + 2 : at + 4], "little")
         ident = int.from_bytes(raw[at + 4 : at + 8], "little")
-        entries.append({"tag": names.get(tag, str(tag)), "perm": perm,
-                        "id": ident if tag in (_ACL_USER, _ACL_GROUP) else None})  # fmt: skip
+        named = _ACL_TAGS.get(tag, str(tag))
+        entries.append(
+            {"tag": named, "perm": perm, "id": ident if named in ("user", "group") else None}
+        )
     return entries
 
 
-def _mount_of(path: str) -> dict[str, object] | None:
-    """The mount holding ``path``: mount point, type, source and options."""
-    try:
-        target = os.path.realpath(path)
-    except OSError:
-        target = path
-    best: dict[str, object] | None = None
-    for line in (_read_text("/proc/self/mountinfo") or "").splitlines():
+def _mounts() -> list[dict[str, Any]]:
+    """This mount namespace's mounts, from /proc/self/mountinfo, in order."""
+    found = []
+    for line in (_read_text("/proc/self/mountinfo", 1 << 20) or "").splitlines():
         head, _, tail = line.partition(" - ")
         fields, rest = head.split(), tail.split()
         if len(fields) < 6 or len(rest) < 2:
             continue
         point = fields[4].replace("\\040", " ")
-        inside = target == point or target.startswith(point.rstrip("/") + "/")
-        if inside and (best is None or len(point) >= len(str(best["point"]))):
-            best = {"point": point, "fstype": rest[0], "source": rest[1],
-                    "options": fields[5].split(",")}  # fmt: skip
+        found.append(
+            {
+                "point": point,
+                "root": fields[3].replace("\\040", " "),
+                "options": fields[5].split(","),
+                "fstype": rest[0],
+                "source": rest[1],
+            }
+        )
+    return found
+
+
+def _mount_of(path: str) -> dict[str, Any] | None:
+    """The mount holding ``path`` (the last one mounted over it wins)."""
+    best: dict[str, Any] | None = None
+    for mount in _mounts():
+        point = mount["point"]
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best["point"])):
+            best = mount
     return best
 
 
-def _userns() -> dict[str, object] | None:
+def _ev_mount(ev: Evidence) -> dict[str, Any] | None:
+    return _mount_of(ev.path)
+
+
+def _ev_bind_mounted(ev: Evidence) -> bool | None:
+    """Whether something is mounted on the path itself (``mount --bind X /dev/kvm``)."""
+    mount = ev.mount
+    return None if mount is None else mount["point"] == ev.path
+
+
+def _ev_user(ev: Evidence) -> str | None:
+    return _user_name(ev.euid) if ev.euid is not None else None
+
+
+def _ev_group_listed(ev: Evidence) -> bool | None:
+    """Whether the group database lists this user in the node's group."""
+    import pwd
+
+    node = ev.node
+    if node is None or ev.euid is None:
+        return None
+    try:
+        entry = pwd.getpwuid(ev.euid)
+    except KeyError:
+        return False
+    group = _group_entry(node["gid"])
+    return entry.pw_gid == node["gid"] or (group is not None and entry.pw_name in group[1])
+
+
+def _ev_group_named(ev: Evidence) -> bool | None:
+    node = ev.node
+    return None if node is None else node.get("group") is not None
+
+
+def _ev_userns(ev: Evidence) -> dict[str, Any] | None:
     uid_map = _read_text("/proc/self/uid_map")
-    gid_map = _read_text("/proc/self/gid_map")
     if uid_map is None:
         return None
+    gid_map = _read_text("/proc/self/gid_map") or ""
     identity = " ".join(uid_map.split()) == "0 0 4294967295"
-    return {"identity": identity, "uid_map": uid_map.strip(), "gid_map": (gid_map or "").strip()}
-
-
-def _runtime() -> tuple[str | None, list[str]]:
-    """The container runtime, with what showed it."""
-    seen: list[str] = []
-    runtime = None
-    environ = os.environ.get("container", "")
-    if environ:
-        seen.append(f"container={environ} in the environment")
-        runtime = {"oci": "containerd", "lxc-libvirt": "lxc"}.get(environ, environ)
-    if _exists("/run/.containerenv"):
-        seen.append("/run/.containerenv")
-        runtime = runtime or "podman"
-    cgroup = _read_text("/proc/1/cgroup") or ""
-    for hint, name in (("kubepods", "containerd"), ("libpod", "podman"), ("docker", "docker"),
-                       ("containerd", "containerd"), ("lxc", "lxc"), ("machine.slice", "systemd-nspawn")):  # fmt: skip
-        if hint in cgroup:
-            seen.append(f"/proc/1/cgroup mentions {hint}")
-            runtime = runtime or name
-            break
-    if _exists("/.dockerenv") and _root_fs_type() in ("overlay", "fuse-overlayfs"):
-        seen.append("/.dockerenv on an overlay root")
-        runtime = runtime or "docker"
-    if runtime is None and cgroup.strip() == "0::/" and _root_fs_type() in ("overlay", "fuse-overlayfs"):
-        # cgroup v2 with its own namespace: /proc/1/cgroup says only "0::/".
-        seen.append("a private cgroup namespace (0::/) on an overlay root")
-        runtime = "container"
-    return runtime, seen
-
-
-def _landlock_abi() -> int | None:
-    """The Landlock ABI this kernel offers, or None when it has none."""
-    import ctypes
-
-    try:
-        libc = _sys_libc()
-    except OSError:
-        return None
-    abi = libc.syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
-                       ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))  # fmt: skip
-    return int(abi) if abi > 0 else None
+    return {
+        "identity": identity,
+        "uid_map": " ".join(uid_map.split()),
+        "gid_map": " ".join(gid_map.split()),
+    }
 
 
 def _status_field(name: str) -> str | None:
@@ -2797,199 +2947,502 @@ def _status_field(name: str) -> str | None:
     return None
 
 
-def _module_available(name: str) -> bool:
-    """Whether the running kernel ships module ``name`` (modules.dep)."""
-    deps = _read_text(f"/lib/modules/{_kernel_release()}/modules.dep") or ""
-    return f"/{name.replace('_', '-')}.ko" in deps or f"/{name}.ko" in deps
+def _ancestors(limit: int = 16) -> list[str]:
+    """The command names of this process's ancestors, nearest first."""
+    names = []
+    pid = os.getppid()
+    for _ in range(limit):
+        stat = _read_text(f"/proc/{pid}/stat") if pid > 0 else None
+        if not stat or ")" not in stat:
+            break
+        names.append(stat[stat.index("(") + 1 : stat.rindex(")")])
+        pid = int(stat[stat.rindex(")") + 2 :].split()[1])
+    return names
 
 
-def _wsl_version() -> str | None:
-    release = _kernel_release()
-    if "microsoft-standard" in release.lower() or _exists(_WSL_INTEROP) and "WSL2" in release:
+def _cgroups(text: str | None) -> dict[str, str]:
+    """/proc/PID/cgroup as {controller or "" for v2: path}."""
+    found = {}
+    for line in (text or "").splitlines():
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            for controller in parts[1].split(",") or [""]:
+                found[controller] = parts[2]
+    return found
+
+
+# (runtime, what shows it): each a predicate on the markers read below, in
+# the order a process that matches several is named.
+_RUNTIME_MARKERS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool]], ...] = (
+    ("kubernetes", "KUBERNETES_SERVICE_HOST in the environment", lambda m: m["kube_env"]),
+    ("kubernetes", "a service-account token", lambda m: m["kube_token"]),
+    ("kubernetes", "a kubepods cgroup", lambda m: "kubepods" in m["cgroups"]),
+    ("flatpak", "/.flatpak-info", lambda m: m["flatpak"]),
+    ("snap", "SNAP_NAME in the environment", lambda m: bool(m["snap"])),
+    ("firejail", "container=firejail", lambda m: m["container"] == "firejail"),
+    ("bubblewrap", "a bwrap parent process", lambda m: "bwrap" in m["ancestors"]),
+    ("systemd-nspawn", "container=systemd-nspawn", lambda m: m["container"] == "systemd-nspawn"),
+    ("systemd-nspawn", "a machine.slice cgroup", lambda m: "machine.slice" in m["cgroups"]),
+    ("lxc", "container=lxc", lambda m: m["container"] in ("lxc", "lxc-libvirt")),
+    ("podman", "/run/.containerenv", lambda m: m["containerenv"]),
+    ("podman", "container=podman", lambda m: m["container"] == "podman"),
+    ("podman", "a libpod cgroup", lambda m: "libpod" in m["cgroups"]),
+    ("docker", "a docker cgroup", lambda m: "docker" in m["cgroups"]),
+    ("docker", "/.dockerenv on an overlay root", lambda m: m["dockerenv"] and m["overlay"]),
+    ("containerd", "a containerd cgroup", lambda m: "containerd" in m["cgroups"]),
+    ("containerd", "container=oci", lambda m: m["container"] == "oci"),
+    ("container", "a private cgroup namespace (0::/) on an overlay root", lambda m: m["cgns"]),
+)
+
+
+def _ev_runtime(ev: Evidence) -> str | None:
+    """The container runtime or sandbox, by name (runtime_evidence: what showed it)."""
+    root = _mount_of("/")
+    overlay = root is not None and root["fstype"] in ("overlay", "fuse-overlayfs")
+    pid1 = _read_text("/proc/1/cgroup") or ""
+    markers = {
+        "kube_env": bool(os.environ.get("KUBERNETES_SERVICE_HOST")),
+        "kube_token": _exists("/var/run/secrets/kubernetes.io/serviceaccount"),
+        "cgroups": pid1 + (_read_text("/proc/self/cgroup") or ""),
+        "flatpak": _exists("/.flatpak-info"),
+        "snap": ev.snap,
+        "container": os.environ.get("container", ""),
+        "ancestors": _ancestors() + [(_read_text("/proc/1/comm") or "").strip()],
+        "containerenv": _exists("/run/.containerenv"),
+        "dockerenv": _exists("/.dockerenv"),
+        "overlay": overlay,
+        "cgns": overlay and pid1.strip() == "0::/",
+    }
+    seen = [(name, shown) for name, shown, holds in _RUNTIME_MARKERS if holds(markers)]
+    ev.__dict__["runtime_evidence"] = [shown for _, shown in seen]
+    return seen[0][0] if seen else None
+
+
+def _ev_runtime_evidence(ev: Evidence) -> list[str]:
+    ev.runtime  # noqa: B018 - detecting the runtime records what showed it
+    shown: list[str] = ev.__dict__.get("runtime_evidence", [])
+    return shown
+
+
+def _ev_private_dev(ev: Evidence) -> bool | None:
+    dev = _mount_of("/dev")
+    return None if dev is None else dev["fstype"] == "tmpfs"
+
+
+def _ev_cgroup(ev: Evidence) -> dict[str, Any] | None:
+    """The device cgroup: the v1 ``devices`` path and its allowlist where
+    readable, the v2 path (where a device policy is a BPF program)."""
+    text = _read_text("/proc/self/cgroup")
+    if text is None:
+        return None
+    paths = _cgroups(text)
+    v1 = paths.get("devices")
+    listing = None
+    if v1 is not None:
+        for root in ("/sys/fs/cgroup/devices" + v1.rstrip("/"), "/sys/fs/cgroup/devices"):
+            listing = _read_text(root + "/devices.list")
+            if listing is not None:
+                break
+    return {
+        "devices": v1,
+        "devices_list": listing.split("\n")[:-1] if listing else None,
+        "unified": paths.get(""),
+    }
+
+
+def _ev_systemd_unit(ev: Evidence) -> str | None:
+    """The systemd service or scope this process runs in, from its cgroup."""
+    cgroup = ev.cgroup or {}
+    for path in (
+        cgroup.get("unified"),
+        (_cgroups(_read_text("/proc/self/cgroup"))).get("name=systemd"),
+    ):
+        leaf = (path or "").rstrip("/").rsplit("/", 1)[-1]
+        if leaf.endswith((".service", ".scope")) and not leaf.startswith("session-"):
+            return leaf
+    return None
+
+
+def _ev_wsl(ev: Evidence) -> str | None:
+    release = (ev.kernel or "").lower()
+    if "microsoft-standard" in release or (_exists(_WSL_INTEROP) and "wsl2" in release):
         return "2"
-    if release.endswith("-Microsoft"):
+    if (ev.kernel or "").endswith("-Microsoft"):
         return "1"
     return "2" if _exists(_WSL_INTEROP) else None
 
 
-def _gather_evidence(path: str = KVM_DEVICE, *, context_only: bool = False) -> Evidence:
-    """Read everything the rules may ask about (error paths and the report only).
+def _ev_landlock_abi(ev: Evidence) -> int | None:
+    """The Landlock ABI this kernel offers, or None when it has none."""
+    import ctypes
 
-    ``context_only`` reads just where this process runs (runtime, namespaces,
-    sandbox, LSM), for the report's host.context finding.
-    """
-    if context_only:
-        runtime, seen = _runtime()
-        dev = _mount_of("/dev")
-        lsm = (_read_text("/sys/kernel/security/lsm") or "").strip()
-        return Evidence(
-            path=path, userns=_userns(), runtime=runtime, runtime_evidence=seen,
-            kubernetes=bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-            or _exists("/var/run/secrets/kubernetes.io/serviceaccount")
-            or "kubepods" in (_read_text("/proc/1/cgroup") or ""),
-            flatpak=_exists("/.flatpak-info"), snap=os.environ.get("SNAP_NAME"),
-            private_dev=bool(dev and dev.get("fstype") == "tmpfs"),
-            no_new_privs=_status_field("NoNewPrivs") == "1", seccomp=_status_field("Seccomp"),
-            landlock_abi=_landlock_abi(), lsm=lsm.split(",") if lsm else [],
-            lsm_context=(_read_text("/proc/self/attr/current") or "").strip("\x00\n ") or None,
-            wsl=_wsl_version(),
-        )  # fmt: skip
-    import grp
-    import stat
-
-    node: dict[str, Any] | None = None
     try:
-        st = _stat(path)
-        kind = _node_kind(st)
-        device = stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-        node = {"kind": kind, "major": os.major(st.st_rdev) if device else None,
-                "minor": os.minor(st.st_rdev) if device else None, "uid": st.st_uid,
-                "gid": st.st_gid, "mode": stat.S_IMODE(st.st_mode),
-                "owner": _user_name(st.st_uid), "group": _group_name(st.st_gid)}  # fmt: skip
+        libc = _sys_libc()
     except OSError:
-        pass
-    user, listed, _ = _group_membership(int(node["gid"])) if node else (None, False, False)
-    try:
-        grp.getgrnam("kvm")
-        group_exists = True
-    except KeyError:
-        group_exists = False
-    where = _gather_evidence(path, context_only=True)
-    fields = {name: getattr(where, name) for name in Evidence.__slots__}
-    fields.update(
-        euid=os.geteuid(), egid=os.getegid(),
-        groups=tuple(sorted({os.getegid(), *os.getgroups()})), user=user,
-        node=node, acl=_parse_acl(_getxattr(path, "system.posix_acl_access")),
-        mount=_mount_of(path),
-        arch={"amd64": "x86_64", "arm64": "aarch64"}.get(os.uname().machine, os.uname().machine),
-        cpu_flags=_cpu_flags(), vendor=_cpuinfo_field("vendor_id"), kvm_modules=_kvm_modules(),
-        # KVM registered its misc device: it initialised (on arm64, /sys/module/kvm
-        # exists even when KVM gave up for want of EL2).
-        kvm_registered=_exists("/sys/class/misc/kvm"),
-        module_available={m: _module_available(m) for m in ("kvm_pvm", "kvm_intel", "kvm_amd")},
-        group_listed=listed, group_exists=group_exists,
-    )  # fmt: skip
-    return Evidence(**fields)
+        return None
+    version = ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION)
+    abi = libc.syscall(_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0), version)
+    return int(abi) if abi > 0 else None
 
 
-# ── Reaching the device: (step, errno, evidence) in, one cause out ──────────
+def _ev_lsm(ev: Evidence) -> list[str] | None:
+    text = _read_text("/sys/kernel/security/lsm")
+    return None if text is None else [name for name in text.strip().split(",") if name]
+
+
+def _ev_lsm_context(ev: Evidence) -> str | None:
+    return (_read_text("/proc/self/attr/current") or "").strip("\x00\n ") or None
+
+
+def _cpuinfo_field(field: str) -> str | None:
+    """The first value of a /proc/cpuinfo field, or None."""
+    for line in (_read_text("/proc/cpuinfo", 1 << 20) or "").splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == field:
+            return value.strip()
+    return None
+
+
+def _ev_cpu_flags(ev: Evidence) -> set[str] | None:
+    flags = _cpuinfo_field("flags")
+    return set(flags.split()) if flags is not None else None
+
+
+_KVM_MODULES = ("kvm_intel", "kvm_amd", "kvm_pvm", "kvm")
+_DRIVERS = _KVM_MODULES[:3]
+
+
+def _ev_kvm_modules(ev: Evidence) -> list[str]:
+    """KVM modules loaded now, from /sys/module (built-in ones show too)."""
+    return [name for name in _KVM_MODULES if _exists(f"/sys/module/{name}")]
+
+
+def _ev_kvm_provider(ev: Evidence) -> str | None:
+    """The KVM module that drives the CPU ("kvm_pvm", "kvm_intel", ...)."""
+    return next((m for m in ev.kvm_modules if m != "kvm"), None)
+
+
+def _ev_module_available(ev: Evidence) -> dict[str, bool]:
+    """Which KVM drivers the running kernel ships (its modules.dep)."""
+    deps = _read_text(f"/lib/modules/{ev.kernel}/modules.dep", 1 << 24) or ""
+    return {m: f"/{m.replace('_', '-')}.ko" in deps or f"/{m}.ko" in deps for m in _DRIVERS}
+
+
+def _ev_rlimit_nofile(ev: Evidence) -> tuple[int, int]:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft, hard
+
+
+# The gatherer of each field, in the order as_dict() lists them.
+_GATHER: dict[str, Callable[[Evidence], Any]] = {
+    "euid": lambda ev: os.geteuid(),
+    "groups": lambda ev: tuple(sorted({os.getegid(), *os.getgroups()})),
+    "user": _ev_user,
+    "node": _ev_node,
+    "acl": _ev_acl,
+    "mount": _ev_mount,
+    "bind_mounted": _ev_bind_mounted,
+    "group_listed": _ev_group_listed,
+    "group_named": _ev_group_named,
+    "kvm_group": lambda ev: _group_named("kvm"),
+    "userns": _ev_userns,
+    "runtime": _ev_runtime,
+    "runtime_evidence": _ev_runtime_evidence,
+    "private_dev": _ev_private_dev,
+    "cgroup": _ev_cgroup,
+    "systemd_unit": _ev_systemd_unit,
+    "wsl": _ev_wsl,
+    "snap": lambda ev: os.environ.get("SNAP_NAME"),
+    "no_new_privs": lambda ev: _status_field("NoNewPrivs") == "1",
+    "seccomp": lambda ev: _status_field("Seccomp"),
+    "landlock_abi": _ev_landlock_abi,
+    "lsm": _ev_lsm,
+    "lsm_context": _ev_lsm_context,
+    "arch": lambda ev: _ARCH_NAMES.get(os.uname().machine, os.uname().machine),
+    "cpu_flags": _ev_cpu_flags,
+    "vendor": lambda ev: _cpuinfo_field("vendor_id"),
+    "kernel": lambda ev: os.uname().release,
+    "kvm_modules": _ev_kvm_modules,
+    # KVM registered its misc device: it initialised (on arm64, /sys/module/kvm
+    # exists even when KVM gave up for want of EL2).
+    "kvm_registered": lambda ev: _exists("/sys/class/misc/kvm"),
+    "kvm_provider": _ev_kvm_provider,
+    "module_available": _ev_module_available,
+    "pvm_native": lambda ev: (
+        (_read_text("/sys/module/kvm_pvm/parameters/pvm_native") or "").strip() or None
+    ),
+    "rlimit_nofile": _ev_rlimit_nofile,
+    "file_max": lambda ev: (_read_text("/proc/sys/fs/file-max") or "").strip() or None,
+}
+
+
+# ── Facts: what the probes answered, with the evidence ──────────────────────
+
+
+class Facts:
+    """Everything the diagnosis reads, as one value.
+
+    The probes fill it in stages (open, capabilities, start-up ioctls, the
+    guest, the deep boot); the rules read only it.  ``ev`` is the host's
+    Evidence; tests build both by hand.
+    """
+
+    def __init__(
+        self,
+        platform: str = "linux",
+        machine: str = "x86_64",
+        *,
+        engine: str | None = DEFAULT_ENGINE,
+        path: str = KVM_DEVICE,
+        evidence: Evidence | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.platform = "linux" if platform.startswith("linux") else platform
+        self.machine = machine
+        self.arch = _ARCH_NAMES.get(machine, machine)
+        self.engine = engine
+        self.path = path
+        self.timeout = timeout
+        self.ev = evidence if evidence is not None else Evidence(path)
+        #: open(2)'s errno, or None when the device opened (or was not tried).
+        self.open_errno: int | None = None
+        self.open_error: OSError | None = None
+        #: Whether the opened device answers KVM_GET_API_VERSION with 12.
+        self.speaks_kvm: bool | None = None
+        #: KVM_CHECK_EXTENSION's answer per capability: its value, or -errno.
+        self.caps: dict[str, int] | None = None
+        #: Each start-up ioctl tried: 0 when it worked, its errno, -1 not tried.
+        self.ioctls: dict[str, int] | None = None
+        #: The guest run: the trivial one, the long-mode one, or arm64's.
+        self.smoke: SmokeResult | None = None
+        #: macOS: each sysctl's value, None when absent, or the errno's name.
+        self.sysctls: dict[str, int | str | None] = {}
+        #: macOS: an hv_return_t and where it came from ("process", "engine").
+        self.hv: tuple[int, str] | None = None
+        self.entitled: bool | None = None
+        #: The engine's error message, for diagnose_create_failure.
+        self.message: str | None = None
+        self.decoded: list[str] = []
+        #: The deep boot's result, when one ran.
+        self.deep: Any = None
+        #: The checker's own failure ("native-missing", "checker-failed").
+        self.note: str | None = None
+        #: How long each stage of the report took, by finding id.
+        self.durations: dict[str, float] = {}
+        #: macOS: what hv_vm_create answered when the report asked for it.
+        self.probe_hvf: tuple[int, int | None] | str | None = None
+
+    def for_engine(self, engine: str | None) -> Facts:
+        import copy
+
+        other = copy.copy(self)
+        other.engine = engine
+        return other
+
+    @property
+    def engine_caps(self) -> tuple[str, ...]:
+        if self.engine is None:
+            return ()
+        caps: tuple[str, ...] = ENGINE_REQUIREMENTS[self.engine]["required"].get(self.arch, ())
+        return caps
+
+    @property
+    def engine_ioctls(self) -> tuple[str, ...]:
+        if self.engine is None or self.arch != "x86_64":
+            return ()
+        ioctls: tuple[str, ...] = ENGINE_REQUIREMENTS[self.engine]["ioctls"]
+        return ioctls
+
+    @property
+    def missing(self) -> list[str]:
+        """The capabilities the engine needs that KVM reports absent (0)."""
+        caps = self.caps or {}
+        return [name for name in self.engine_caps if caps.get(name) == 0]
+
+    @property
+    def failure(self) -> tuple[int, int] | None:
+        """(step, errno) of the first OS call that failed, in the order the
+        gate makes them: open, the engine's capabilities, its start-up
+        ioctls, the guest's steps.  None when none failed."""
+        if self.open_errno is not None:
+            return STEP_OPEN, self.open_errno
+        caps = self.caps or {}
+        refused = [caps[n] for n in self.engine_caps if caps.get(n, 0) < 0]
+        if refused:
+            return STEP_CHECK_EXTENSION, -refused[0]
+        ioctls = self.ioctls or {}
+        for name in self.engine_ioctls:
+            if ioctls.get(name, -1) > 0:
+                return _STARTUP_STEPS[name], ioctls[name]
+        smoke = self.smoke
+        if smoke is not None and smoke.step != STEP_DONE and not smoke.timed_out:
+            return smoke.step, smoke.error
+        return None
+
+    def failed(self, *errnos: int, step: int | None = None) -> bool:
+        """Whether an OS call failed (at ``step``, with one of ``errnos``)."""
+        failure = self.failure
+        if failure is None:
+            return False
+        return (step is None or failure[0] == step) and (not errnos or failure[1] in errnos)
+
+    def opened(self, *errnos: int) -> bool:
+        """Whether open(2) failed with one of ``errnos``."""
+        return self.failed(*errnos, step=STEP_OPEN)
+
+    @property
+    def mac(self) -> bool:
+        return self.platform == "darwin"
+
+    def sysctl(self, name: str) -> int | str | None:
+        return self.sysctls.get(name)
+
+
+# ── Reaching the device: what the evidence says about access ────────────────
 
 
 def _perm_allows(perm: int) -> bool:
     return perm & 0o6 == 0o6
 
 
+def _owner_matches(ev: Evidence) -> bool:
+    return not ev.unmapped("uid") and ev.euid == (ev.node or {}).get("uid")
+
+
+def _group_matches(ev: Evidence) -> bool:
+    return not ev.unmapped("gid") and (ev.node or {}).get("gid") in ev.groups
+
+
+def _mode_lets_in(ev: Evidence) -> bool:
+    """Whether the mode bits let this process read and write the node.
+
+    Ids shown as the overflow id inside a user namespace are not mapped and
+    match nothing: the "other" bits decide.
+    """
+    mode = int((ev.node or {}).get("mode", 0))
+    if ev.euid == 0 and not ev.in_userns:
+        return True
+    if _owner_matches(ev):
+        return _perm_allows(mode >> 6)
+    if _group_matches(ev):
+        return _perm_allows(mode >> 3)
+    return _perm_allows(mode)
+
+
 def _acl_denier(ev: Evidence) -> str | None:
     """The ACL entry that denies this process read-write, or None when the
     ACL (if any) lets it in or does not decide (POSIX.1e access check)."""
     acl, node = ev.acl or [], ev.node or {}
-    if not acl or ev.euid == node.get("uid"):
+    if not acl or _owner_matches(ev):
         return None
-    mask = next((e["perm"] for e in acl if e["tag"] == "mask"), 0o7)
-    assert isinstance(mask, int)
-    named = [e for e in acl if e["tag"] == "user" and e["id"] == ev.euid]
+    mask = next((int(e["perm"]) for e in acl if e["tag"] == "mask"), 0o7)
+    named = [int(e["perm"]) for e in acl if e["tag"] == "user" and e["id"] == ev.euid]
     if named:
-        perm = named[0]["perm"]
-        assert isinstance(perm, int)
-        return None if _perm_allows(perm & mask) else f"user:{ev.euid}:{perm & mask:o}"
-    groups = [e for e in acl if (e["tag"] == "group_obj" and node.get("gid") in ev.groups)
-              or (e["tag"] == "group" and e["id"] in ev.groups)]  # fmt: skip
+        return None if _perm_allows(named[0] & mask) else f"user:{ev.euid}:{named[0] & mask:o}"
+    groups = [
+        int(e["perm"])
+        for e in acl
+        if (e["tag"] == "group_obj" and node.get("gid") in ev.groups)
+        or (e["tag"] == "group" and e["id"] in ev.groups)
+    ]
     if groups:
-        if any(_perm_allows(int(str(e["perm"])) & mask) for e in groups):
+        if any(_perm_allows(perm & mask) for perm in groups):
             return None
         return "mask" if not _perm_allows(mask) else "group entries without rw"
     return None
 
 
-def _mode_lets_in(ev: Evidence) -> bool:
-    """Whether the mode bits (or ACL) let this process read and write."""
-    node = ev.node or {}
-    mode = int(node.get("mode", 0))
-    if ev.euid == 0 and not ev.in_userns:
-        return True
-    if ev.euid == node.get("uid"):
-        return _perm_allows(mode >> 6)
-    if node.get("gid") in ev.groups:
-        return _perm_allows(mode >> 3)
-    return _perm_allows(mode)
+def _devices_allow_kvm(lines: Sequence[str]) -> bool | None:
+    """Whether a cgroup v1 devices.list allows read-write on c 10:232; None
+    when it cannot tell (a default-allow cgroup lists only "a *:* rwm" and
+    hides its deny exceptions)."""
+    if any(line.split()[:1] == ["a"] for line in lines if line.strip()):
+        return None
+    for line in lines:
+        kind, _, rest = line.partition(" ")
+        numbers, _, access = rest.partition(" ")
+        major, _, minor = numbers.partition(":")
+        if kind in ("c", "a") and major in ("*", "10") and minor in ("*", "232"):
+            if "r" in access and "w" in access:
+                return True
+    return False
 
 
-def _policies(ev: Evidence) -> list[tuple[str, str, str]]:
-    """The sandboxes the evidence shows: (name, what shows it, the fix)."""
-    found = []
-    if ev.flatpak:
-        found.append(("flatpak", "/.flatpak-info", "`flatpak override --device=kvm APP` "
-                      "(or --device=all), then restart the app"))  # fmt: skip
-    if ev.snap:
-        found.append(("snap", f"SNAP_NAME={ev.snap}", f"`sudo snap connect {ev.snap}:kvm`"))
-    if ev.lsm_context and ev.lsm_context not in ("unconfined", "kernel"):
-        if "_t:" in ev.lsm_context or ev.lsm_context.count(":") >= 3:
-            found.append(("SELinux", f"context {ev.lsm_context}",
-                          "allow kvm_device_t for this domain (for containers: `setsebool -P "
-                          "container_use_devices on`); see `ausearch -m avc -ts recent`"))  # fmt: skip
-        else:
-            found.append(("AppArmor", f"profile {ev.lsm_context}",
-                          "allow `/dev/kvm rw,` in that profile; see the apparmor=\"DENIED\" "
-                          "lines of `dmesg`"))  # fmt: skip
+def _device_cgroup(ev: Evidence) -> str | None:
+    """How the evidence shows a device cgroup: "shown" (its allowlist lacks
+    c 10:232 rw), "possible" (this process is in a non-root device cgroup
+    whose policy cannot be read, or in a container), or None."""
+    cgroup = ev.cgroup or {}
+    v1, listing, v2 = cgroup.get("devices"), cgroup.get("devices_list"), cgroup.get("unified")
+    if listing is not None and _devices_allow_kvm(listing) is False:
+        return "shown"
+    if (v1 not in (None, "/")) or (v2 not in (None, "/")) or ev.runtime in _CONTAINERS:
+        return "possible"
+    return None
+
+
+# Runtimes that put their processes in a device cgroup of their own.
+_CONTAINERS = ("docker", "podman", "containerd", "kubernetes", "lxc", "systemd-nspawn", "container")
+
+
+def _policy_candidates(f: Facts) -> list[str]:
+    """The policies that could have refused the call, by what the evidence
+    shows, in the order to check them: each one the errno or the evidence
+    rules out is left out.  EPERM is a device cgroup or seccomp (never an
+    LSM or Landlock); EACCES is an LSM, Landlock or seccomp (never a device
+    cgroup, which answers EPERM on open only)."""
+    ev = f.ev
+    failure = f.failure or (STEP_OPEN, 0)
+    eperm, on_open = failure[1] == errno.EPERM, failure[0] == STEP_OPEN
+    cgroup = _device_cgroup(ev) if eperm and on_open else None
+    context = ev.lsm_context or ""
+    active = set(ev.lsm or ())
+    candidates = []
+    if cgroup == "shown":
+        candidates.append("device cgroup")
+    if not eperm:
+        if ev.runtime == "flatpak":
+            candidates.append("flatpak")
+        if ev.runtime == "snap":
+            candidates.append("snap")
+        if context not in ("", "unconfined", "kernel"):
+            selinux = "_t:" in context or context.count(":") >= 3
+            candidates.append("SELinux" if selinux else "AppArmor")
     if ev.seccomp == "2":
-        found.append(("seccomp", "Seccomp: 2 (filter)",
-                      "allow openat of /dev/kvm and ioctl on it in the seccomp policy"))  # fmt: skip
-    # Last: Landlock is only possible (its domains are not visible), the
-    # others above are shown by the evidence.
-    if ev.landlock_abi and ev.no_new_privs:
-        found.append(("Landlock", f"Landlock ABI {ev.landlock_abi} and NoNewPrivs 1; a Landlock "
-                      "domain is not visible from /proc, so it is possible, not shown",
-                      "allow /dev/kvm read-write (LANDLOCK_ACCESS_FS_READ_FILE|WRITE_FILE) and "
-                      "its ioctls (LANDLOCK_ACCESS_FS_IOCTL_DEV) in the sandbox's ruleset"))  # fmt: skip
-    return found
+        candidates.append("seccomp")
+    if cgroup == "possible":
+        candidates.append("device cgroup")
+    if not eperm and ev.landlock_abi and not (active and "landlock" not in active):
+        # Not visible from /proc: possible whenever the kernel has it.
+        candidates.append("Landlock")
+    return candidates
 
 
-def _node_text(ev: Evidence) -> str:
-    node = ev.node
+def _sole_policy(f: Facts, name: str) -> bool:
+    """Whether ``name`` is the one policy the evidence leaves."""
+    return f.failed(errno.EACCES, errno.EPERM) and _policy_candidates(f) == [name]
+
+
+# ── The values causes are worded with ───────────────────────────────────────
+
+
+def _who(ev: Evidence) -> str:
+    """ "alice (uid 1000)", or "uid 65533" when the uid has no name."""
+    uid = ev.euid if ev.euid is not None else os.geteuid()
+    return f"{ev.user} (uid {uid})" if ev.user else f"uid {uid}"
+
+
+def _node_text(node: Mapping[str, Any] | None) -> str | None:
     if not node:
-        return "missing"
+        return None
     kind = node["kind"]
     if node.get("major") is not None:
         kind += f" {node['major']}:{node['minor']}"
-    return f"{kind}, owner {node['owner']}, group {node['group']}, mode {int(node['mode']):04o}"
-
-
-def _pass_in_fix(ev: Evidence) -> str:
-    """How to give this context the host's /dev/kvm."""
-    where = ev.contained
-    if where == "kubernetes":
-        return ("request the device from a device plugin (resources.limits "
-                "devices.kubevirt.io/kvm: 1, or a generic device plugin), or run the pod "
-                "privileged with a hostPath volume for /dev/kvm")
-    if where == "flatpak":
-        return "`flatpak override --device=kvm APP` (or --device=all), then restart the app"
-    if where == "snap":
-        return f"`sudo snap connect {ev.snap}:kvm`"
-    if where == "lxc":
-        return "`lxc config device add CONTAINER kvm unix-char path=/dev/kvm`"
-    if where == "systemd-nspawn":
-        return "start it with `--bind=/dev/kvm` and `--property=DeviceAllow='/dev/kvm rw'`"
-    if where is None and ev.private_dev:
-        return ("this process has a private /dev without the device (systemd PrivateDevices=, "
-                "a sandbox): set PrivateDevices=no or DeviceAllow=/dev/kvm rw and "
-                "BindPaths=/dev/kvm for the service, or pass the device in")
-    return ("start the container with `--device /dev/kvm` (docker, podman, nerdctl); in a "
-            "compose file, `devices: [\"/dev/kvm:/dev/kvm\"]`")
-
-
-def _no_virt_fix(ev: Evidence) -> str:
-    if ev.arch == "aarch64":
-        return ("KVM on arm64 needs the kernel started at EL2: boot it on bare metal or with "
-                "firmware that hands over EL2; on a cloud VM, use an instance type with "
-                "nested virtualization or a bare-metal one")
-    flags = ev.cpu_flags or set()
-    if "hypervisor" in flags:
-        if ev.module_available.get("kvm_pvm"):
-            return "load the paravirtual KVM this kernel ships: `sudo modprobe kvm_pvm`"
-        return ("enable nested virtualization for this VM on its host (on a cloud, an "
-                "instance type that offers it), then load kvm_intel or kvm_amd")
-    return ("enable Intel VT-x or AMD-V (SVM) in the BIOS/UEFI setup, then "
-            f"`sudo modprobe {_module_for(ev)}`")
+    owner = node.get("owner") or f"uid {node['uid']}"
+    group = node.get("group") or f"gid {node['gid']} (no name)"
+    return f"{kind}, owner {owner}, group {group}, mode {int(node['mode']):04o}"
 
 
 def _module_for(ev: Evidence) -> str:
@@ -3001,377 +3454,12 @@ def _module_for(ev: Evidence) -> str:
     return "kvm_intel or kvm_amd"
 
 
-_DRIVERS = ("kvm_intel", "kvm_amd", "kvm_pvm")
-
-#: The access rules, in order: the first whose predicate holds names the cause.
-#: Each is (cause, predicate on (step, errno, evidence)); _explain() words it.
-ACCESS_RULES: tuple[tuple[str, Callable[[int, int, Evidence], bool]], ...] = (
-    ("kvm-wsl1", lambda st, e, ev: st == STEP_OPEN and e == errno.ENOENT and ev.wsl == "1"),
-    ("kvm-missing-wsl", lambda st, e, ev: st == STEP_OPEN and e == errno.ENOENT and ev.wsl == "2"),
-    ("kvm-not-kvm-device", lambda st, e, ev: (ev.node is not None and not ev.is_kvm_node()
-     and (st == STEP_OPEN or e in (errno.ENOTTY, errno.EINVAL)))
-     or (st in (STEP_API_VERSION, STEP_CREATE_VM) and e == errno.ENOTTY)
-     or (st == STEP_API_VERSION and e == errno.EINVAL)),
-    ("kvm-missing-container", lambda st, e, ev: st == STEP_OPEN and e == errno.ENOENT
-     and (ev.contained is not None or bool(ev.private_dev))),
-    ("kvm-node-missing", lambda st, e, ev: st == STEP_OPEN and e == errno.ENOENT
-     and (bool(ev.kvm_registered) or any(m in ev.kvm_modules for m in _DRIVERS))),
-    ("kvm-module-not-loaded", lambda st, e, ev: st == STEP_OPEN and e == errno.ENOENT
-     and ev.arch != "aarch64" and bool({"vmx", "svm"} & (ev.cpu_flags or set()))),
-    ("kvm-no-virtualization", lambda st, e, ev: st == STEP_OPEN and e == errno.ENOENT),
-    ("kvm-no-driver", lambda st, e, ev: st == STEP_OPEN and e in (errno.ENXIO, errno.ENODEV)),
-    ("kvm-device-cgroup", lambda st, e, ev: st == STEP_OPEN and e == errno.EPERM
-     and ev.contained not in (None, "flatpak", "snap")),
-    ("kvm-nodev", lambda st, e, ev: st == STEP_OPEN and e == errno.EACCES
-     and "nodev" in (ev.mount or {}).get("options", ())),
-    ("kvm-userns", lambda st, e, ev: st == STEP_OPEN and e == errno.EACCES and ev.in_userns
-     and not _mode_lets_in(ev)),
-    ("kvm-acl-denies", lambda st, e, ev: st == STEP_OPEN and e == errno.EACCES
-     and _acl_denier(ev) is not None),
-    ("kvm-mode-no-group", lambda st, e, ev: st == STEP_OPEN and e == errno.EACCES
-     and not _mode_lets_in(ev) and not _perm_allows(int((ev.node or {}).get("mode", 0)) >> 3)),
-    ("kvm-stale-session", lambda st, e, ev: st == STEP_OPEN and e == errno.EACCES
-     and not _mode_lets_in(ev) and bool(ev.group_listed)),
-    ("kvm-not-in-group", lambda st, e, ev: st == STEP_OPEN and e == errno.EACCES
-     and not _mode_lets_in(ev)),
-    ("kvm-policy", lambda st, e, ev: e in (errno.EACCES, errno.EPERM)),
-)  # fmt: skip
-
-
-def diagnose_access(step: int, err: int, ev: Evidence) -> BoxliteError | None:
-    """The cause of a failure to reach or use the device, from the evidence.
-
-    A pure function: the first rule of ACCESS_RULES that holds names the
-    cause, and _explain() says it with its evidence and its one fix (or,
-    where the evidence fits several causes, the checks to run in order).
-    None when no rule applies.
-    """
-    for cause, holds in ACCESS_RULES:
-        if holds(step, err, ev):
-            return _explain(cause, step, err, ev)
-    return None
-
-
-def _explain(cause: str, step: int, err: int, ev: Evidence) -> BoxliteError:
-    path = ev.path or KVM_DEVICE
-    tried = (f"open {path} read-write as {_who(int(ev.euid or 0))}" if step == STEP_OPEN
-             else STEP_NAMES[step])  # fmt: skip
-    answer = errno_name(err)
-    node = _node_text(ev)
-    group = (ev.node or {}).get("group", "kvm")
-    user = ev.user or "$USER"
-    context = ev.contained or ("a private /dev" if ev.private_dev else None)
-    if cause == "kvm-wsl1":
-        return _failure(UnsupportedError, cause,
-                        f"{path} does not exist: WSL 1 has no KVM at all",
-                        tried=tried, answer=answer, kernel=_kernel_release(),
-                        fix="convert the distribution to WSL 2: `wsl --set-version DISTRO 2` "
-                        "(in Windows), then enable nested virtualization")  # fmt: skip
-    if cause == "kvm-missing-wsl":
-        return _failure(UnsupportedError, cause,
-                        f"{path} does not exist: this WSL 2 instance has no nested virtualization",
-                        tried=tried, answer=answer, kernel=_kernel_release(),
-                        fix="nested virtualization in WSL 2 needs Windows 11: set "
-                        "nestedVirtualization=true under [wsl2] in %UserProfile%\\.wslconfig, "
-                        "then `wsl --shutdown` and start WSL again")  # fmt: skip
-    if cause == "kvm-not-kvm-device":
-        what = f"it is a {node}" if ev.node else f"it answers {STEP_NAMES[step]} with {answer}"
-        return _failure(UnsupportedError, cause, f"{path} is not the KVM device: {what}",
-                        tried=tried, answer=answer, device=node,
-                        expected=f"character device {KVM_DEVICE_MAJOR}:{KVM_DEVICE_MINOR}",
-                        fix=(f"remove what is at {path} (a `docker -v /dev/kvm:/dev/kvm` on a "
-                             "host without KVM leaves a directory) and " + _pass_in_fix(ev))
-                        if context else
-                        f"remove what is at {path} and recreate it: `sudo mknod {path} c "
-                        f"{KVM_DEVICE_MAJOR} {KVM_DEVICE_MINOR}` (or let udev do it)")  # fmt: skip
-    if cause == "kvm-missing-container":
-        return _failure(UnsupportedError, cause,
-                        f"{path} does not exist in this {context} (the host's device was not "
-                        "passed in)", tried=tried, answer=answer, context=context,
-                        seen=", ".join(ev.runtime_evidence) or None, fix=_pass_in_fix(ev))  # fmt: skip
-    if cause == "kvm-node-missing":
-        loaded = ", ".join(m for m in ev.kvm_modules if m != "kvm") or "kvm"
-        return _failure(UnsupportedError, cause, f"{loaded} is loaded but {path} does not exist",
-                        tried=tried, answer=answer, kvm_modules_loaded=loaded,
-                        fix=f"create the node: `sudo mknod {path} c {KVM_DEVICE_MAJOR} "
-                        f"{KVM_DEVICE_MINOR} && sudo chmod 0660 {path}` (udev normally does "
-                        "it: check that it runs)")  # fmt: skip
-    if cause == "kvm-module-not-loaded":
-        module = _module_for(ev)
-        return _failure(UnsupportedError, cause,
-                        f"{path} does not exist: the CPU has {'AMD-V' if module == 'kvm_amd' else 'VT-x'} "
-                        "but no KVM module is loaded", tried=tried, answer=answer,
-                        fix=f"`sudo modprobe {module}` (if it fails with 'Operation not "
-                        "supported', enable virtualization in the firmware setup)")  # fmt: skip
-    if cause == "kvm-no-virtualization":
-        flags = ev.cpu_flags or set()
-        if ev.arch == "aarch64":
-            summary, why = f"{path} does not exist: the kernel was not started at EL2", "kvm-no-el2"
-        elif ev.module_available.get("kvm_pvm") and "hypervisor" in flags:
-            summary, why = f"{path} does not exist: kvm_pvm is available but not loaded", "kvm-pvm-not-loaded"
-        elif "hypervisor" in flags:
-            summary, why = (f"{path} does not exist: this machine is itself a VM whose hypervisor "
-                            "does not pass VT-x/AMD-V through", "kvm-no-nested")
-        else:
-            summary, why = f"{path} does not exist and the CPU reports no VT-x/AMD-V", cause
-        return _failure(UnsupportedError, why, summary, tried=tried, answer=answer,
-                        kernel=_kernel_release(), kvm_modules_loaded=", ".join(ev.kvm_modules) or "none",
-                        fix=_no_virt_fix(ev))  # fmt: skip
-    if cause == "kvm-no-driver":
-        return _failure(UnsupportedError, cause, f"{path} exists but no KVM driver answers for it",
-                        tried=tried, answer=answer, device=node,
-                        kvm_modules_loaded=", ".join(ev.kvm_modules) or "none",
-                        fix=_no_virt_fix(ev) if ev.arch == "aarch64"
-                        else f"load the KVM module: `sudo modprobe {_module_for(ev)}`")  # fmt: skip
-    if cause == "kvm-device-cgroup":
-        fix = ("request the device from a device plugin (devices.kubevirt.io/kvm) or run the "
-               "pod privileged" if ev.kubernetes else
-               "pass it with `--device /dev/kvm` (a `-v /dev/kvm:/dev/kvm` bind mount is not "
-               "allowed by the device cgroup), or `--device-cgroup-rule='c 10:232 rwm'`")  # fmt: skip
-        return _failure(UnsupportedError, cause,
-                        f"{path} is refused by the container's device cgroup (EPERM even as root)",
-                        tried=tried, answer=answer, context=context, device=node, fix=fix)  # fmt: skip
-    if cause == "kvm-nodev":
-        mount = ev.mount or {}
-        return _failure(UnsupportedError, cause,
-                        f"{path} looks right but sits on a filesystem mounted nodev "
-                        f"({mount.get('point')}, {mount.get('fstype')})",
-                        tried=tried, answer=answer, device=node,
-                        mount=f"{mount.get('point')} {','.join(mount.get('options', []))}",
-                        fix="bind-mount the host's node instead (`mount --bind /dev/kvm "
-                        f"{path}`); in a user namespace every new mount is nodev, so pass the "
-                        "device in (`--device /dev/kvm`)")  # fmt: skip
-    if cause == "kvm-userns":
-        node_info = ev.node or {}
-        if node_info.get("gid") == _OVERFLOW_ID:
-            # Two causes fit: the runtime dropped the host user's groups, or the
-            # host user never had the group.  Say both, with the check first.
-            why = ("the device's group is not mapped into this user namespace (it shows as "
-                   f"{node_info.get('group')}) and this process does not hold it")
-            fix = ("check in this order: (1) run `id` as the host user: if it lists the "
-                   "device's group, the runtime dropped it: keep it with `podman run "
-                   "--group-add keep-groups` (crun); (2) if not, add the host user to it "
-                   "(`sudo usermod -aG kvm USER` on the host) or give it an ACL (`sudo setfacl "
-                   "-m u:USER:rw /dev/kvm`)")
-        else:
-            why = "the host user of this user namespace has no access to the node"
-            fix = (f"on the host, add that user to group {group} (`sudo usermod -aG {group} "
-                   "USER`) or give it an ACL (`sudo setfacl -m u:USER:rw /dev/kvm`)")
-        root = " (root here is not root on the host)" if ev.euid == 0 else ""
-        return _failure(UnsupportedError, cause, f"{path}: permission denied in a user namespace"
-                        f"{root}: {why}", tried=tried, answer=answer, device=node,
-                        uid_map=(ev.userns or {}).get("uid_map"), fix=fix)  # fmt: skip
-    if cause == "kvm-acl-denies":
-        return _failure(UnsupportedError, cause,
-                        f"{path}: permission denied by its access control list "
-                        f"({_acl_denier(ev)})", tried=tried, answer=answer, device=node,
-                        acl=", ".join(f"{e['tag']}{':' + str(e['id']) if e['id'] is not None else ''}:{e['perm']:o}"
-                                      for e in (ev.acl or [])),
-                        fix=f"`sudo setfacl -m u:{user}:rw {path}` (or remove the entry that "
-                        f"denies: `getfacl {path}`)")  # fmt: skip
-    if cause == "kvm-mode-no-group":
-        return _failure(UnsupportedError, cause,
-                        f"{path}: permission denied, and its mode "
-                        f"{int((ev.node or {}).get('mode', 0)):04o} lets no group in",
-                        tried=tried, answer=answer, device=node, fix=_group_access_fix(path, ev.user))  # fmt: skip
-    if cause == "kvm-stale-session":
-        return _failure(UnsupportedError, cause,
-                        f"{path}: permission denied: {user} is in group {group}, but this "
-                        "session started before that and does not have it",
-                        tried=tried, answer=answer, device=node,
-                        fix=f"log out and back in (or start a shell with the group: `newgrp "
-                        f"{group}`); a running login session does not pick up new groups")  # fmt: skip
-    if cause == "kvm-not-in-group":
-        return _failure(UnsupportedError, cause,
-                        f"{path}: permission denied: {user} is not in group {group}",
-                        tried=tried, answer=answer, device=node,
-                        fix=f"`sudo usermod -aG {group} {user}`, then log out and back in (a "
-                        "running login session does not pick up new groups)")  # fmt: skip
-    # kvm-policy: the mode lets this process in, so a policy refused it.
-    policies = _policies(ev)
-    what = "opening" if step == STEP_OPEN else "an ioctl on"
-    if len(policies) == 1:
-        name, shown, fix = policies[0]
-        return _failure(UnsupportedError, f"kvm-{name.lower()}-denied",
-                        f"{what} {path} is refused by {name} (the device's mode lets this "
-                        "process in)", tried=tried, answer=answer, device=node, sandbox=shown,
-                        fix=fix)  # fmt: skip
-    checks = [f"({i}) {name} ({shown}): {fix}" for i, (name, shown, fix) in enumerate(policies, 1)]
-    if not checks:
-        checks = ["(1) the audit log (`ausearch -m avc -ts recent`, `dmesg`) for an LSM "
-                  "denial", "(2) the sandbox or service manager that started this process "
-                  "(seccomp, Landlock, systemd DevicePolicy=)"]
-    return _failure(UnsupportedError, "kvm-access-policy",
-                    f"{what} {path} is refused by a policy, although the device's mode lets "
-                    "this process in", tried=tried, answer=answer, device=node,
-                    sandboxes=", ".join(p[0] for p in policies) or "none visible",
-                    fix="more than one policy could refuse it; check in this order: "
-                    + "; ".join(checks) if len(checks) > 1 else checks[0])  # fmt: skip
-
-
-# ── Diagnosis: evidence in, one cause and one fix out ───────────────────────
-
-
-def _label(key: str) -> str:
-    """An evidence key as a label: "kvm_provider" -> "KVM provider"."""
-    words = key.split("_")
-    words = [w.upper() if w in ("kvm", "cpuid", "cpu", "msr", "msrs") else w for w in words]
-    text = " ".join(words)
-    return text[:1].upper() + text[1:]
-
-
-def _failure(
-    cls: type[BoxliteError],
-    cause: str,
-    summary: str,
-    *,
-    tried: str,
-    answer: str,
-    fix: str,
-    **evidence: object,
-) -> BoxliteError:
-    """Build an error whose text says what was tried, the answer and the fix."""
-    lines = [summary, "", f"Tried: {tried}", f"Answer: {answer}"]
-    lines += [f"{_label(key)}: {value}" for key, value in evidence.items()]
-    lines += ["", f"Fix: {fix}"]
-    evidence = {"tried": tried, "answer": answer, **evidence}
-    return cls("\n".join(lines), cause=cause, evidence=evidence, fix=fix)
-
-
-def _group_access_fix(path: str, user: str | None) -> str:
-    """Give the kvm group access to the node, creating the group if needed."""
-    import grp
-
-    steps = []
-    try:
-        grp.getgrnam("kvm")
-    except KeyError:
-        steps.append("`sudo groupadd --system kvm` (this host has no kvm group)")
-    steps += [
-        "write the udev rule `KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\"` to "
-        "/etc/udev/rules.d/65-kvm.rules",
-        "`sudo udevadm control --reload && sudo udevadm trigger --name-match=kvm`",
-        f"`sudo usermod -aG kvm {user or '$USER'}`, then log out and back in",
-    ]
-    return "; then ".join(steps)
-
-
-def _resource_exhausted(path: str, step: int, err: int) -> BoxliteError:
-    tried = STEP_NAMES[step]
-    answer = errno_name(err)
-    if err == errno.EMFILE:
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        return _failure(
-            ResourceExhaustedError, "fd-limit",
-            f"this process hit its open-file limit (RLIMIT_NOFILE {soft})",
-            tried=tried, answer=answer, limit=f"soft {soft}, hard {hard}",
-            fix="raise the limit (`ulimit -n`, LimitNOFILE= for a service) or close "
-            "descriptors this process leaks",
-        )  # fmt: skip
-    if err == errno.ENFILE:
-        file_max = (_read_text("/proc/sys/fs/file-max") or "?").strip()
-        return _failure(
-            ResourceExhaustedError, "system-file-limit",
-            f"the system-wide open-file limit is reached (fs.file-max {file_max})",
-            tried=tried, answer=answer,
-            fix="raise fs.file-max (`sysctl -w fs.file-max=...`) or stop what holds the files",
-        )  # fmt: skip
-    return _failure(
-        ResourceExhaustedError, "out-of-memory",
-        "the kernel could not allocate memory for the VM",
-        tried=tried, answer=answer,
-        fix="free memory, or raise this process's memory limit (cgroup memory.max, "
-        "`ulimit -v`)",
-    )  # fmt: skip
-
-
-_GUEST_TRIED = {
-    "real-mode": f"run real-mode guest code (mov eax, {PROOF_VALUE:#x}; hlt) in a new VM",
-    "long-mode": "run a 64-bit long-mode guest (cpuid, lock cmpxchg16b, xsave, hlt) in a new VM",
-    "aarch64": f"run arm64 guest code (x0 = {PROOF_VALUE:#x}; str w0, [{_ARM64_MMIO:#x}]) in a "
-    "new VM",
-}
-
-_NESTED_FIX = (
-    "enable nested virtualization for this machine on its host (cloud instances "
-    "need it switched on explicitly) and make sure kvm_intel or kvm_amd is loaded"
-)
-
-
-def _exit_failure(result: SmokeResult) -> BoxliteError:
-    """The error for a smoke test that ran KVM_RUN but did not pass."""
-    kernel = _kernel_release()
-    tried = _GUEST_TRIED.get(result.guest, f"run the {result.guest} guest in a new VM")
-    arm = result.guest == "aarch64"
-    expected = KVM_EXIT_MMIO if arm else KVM_EXIT_HLT
-    nested = (f"{KVM_DEVICE} exists but cannot run guest code: the kernel must run at EL2 "
-              "with KVM working (on a cloud VM, an instance type with nested virtualization "
-              "or bare metal)") if arm else f"{KVM_DEVICE} exists but cannot run guest code: " + _NESTED_FIX
-    if result.timed_out:
-        return _failure(
-            UnsupportedError, "smoke-timeout",
-            f"KVM smoke test failed: the guest did not halt within {result.timeout:g} s",
-            tried=tried, answer=f"KVM_RUN was still running after {result.timeout:g} s",
-            backend=result.backend, kernel=kernel,
-            fix="retry with a longer --timeout if the host is heavily loaded; if it "
-            "persists: " + nested,
-        )  # fmt: skip
-    reason = result.exit_reason
-    if reason == expected:
-        seen = (f"MMIO {result.mmio} and X0 {result.proof:#x}" if arm
-                else f"EAX {result.proof:#x}")  # fmt: skip
-        return _failure(
-            UnsupportedError, "smoke-no-proof",
-            "KVM smoke test failed: the guest stopped as expected but did not run the "
-            "expected code",
-            tried=tried, answer=f"{exit_name(reason)} with {seen}, "
-            f"expected {PROOF_VALUE:#x}", backend=result.backend, kernel=kernel,
-            fix="this KVM implementation mis-executes guest code: update the host "
-            "kernel (and the outer hypervisor, if nested) and report it to its vendor",
-        )  # fmt: skip
-    if reason == KVM_EXIT_FAIL_ENTRY:
-        answer = (
-            f"{exit_name(reason)}, hardware entry failure reason "
-            f"{result.hardware_entry_failure_reason:#x} on CPU {result.fail_entry_cpu}"
-        )
-        summary = "KVM smoke test failed: the CPU refused to enter the guest"
-    elif reason == KVM_EXIT_INTERNAL_ERROR:
-        sub = result.internal_suberror
-        answer = f"{exit_name(reason)}, suberror {INTERNAL_SUBERRORS.get(sub, 'UNLISTED')} ({sub})"
-        summary = "KVM smoke test failed: KVM hit an internal error running the guest"
-    elif reason == KVM_EXIT_SHUTDOWN:
-        answer = f"{exit_name(reason)} (the guest triple-faulted)"
-        summary = "KVM smoke test failed: the vCPU shut down instead of running the guest"
-    else:
-        answer = exit_name(reason)
-        summary = f"KVM smoke test failed: unexpected exit {exit_name(reason)}"
-    return _failure(
-        UnsupportedError, "smoke-exit",
-        summary + f" (expected {exit_name(expected)})",
-        tried=tried, answer=answer, backend=result.backend, kernel=kernel, fix=nested,
-    )  # fmt: skip
-
-
-def _kvm_provider() -> str:
-    """The KVM module that drives the CPU, by name ("kvm_pvm", "kvm_intel", ...)."""
-    arch = [m for m in _kvm_modules() if m != "kvm"]
-    return arch[0] if arch else "unknown"
-
-
 def _stopped_at(result: SmokeResult) -> str:
     """Where and how the long-mode guest stopped, with what KVM reported."""
-    text = f"{result.instruction} stopped the guest: {exit_name(result.exit_reason)}"
-    if result.exit_reason == KVM_EXIT_INTERNAL_ERROR:
-        sub = result.internal_suberror
-        text += f", suberror {INTERNAL_SUBERRORS.get(sub, 'UNLISTED')} ({sub})"
-    elif result.exit_reason == KVM_EXIT_FAIL_ENTRY:
-        text += f", hardware entry failure reason {result.hardware_entry_failure_reason:#x}"
-    elif result.exit_reason == KVM_EXIT_SHUTDOWN:
-        text += " (the guest triple-faulted)"
-    elif result.exit_reason == KVM_EXIT_HLT:
-        text += f" with EAX {result.proof:#x}, not the proof value"
+    reason = result.exit_reason
+    text = f"{result.instruction} stopped the guest: {_exit_detail(result)}"
+    if reason == KVM_EXIT_HLT:
+        text = f"{result.instruction} stopped the guest: {exit_name(reason)} with EAX {result.proof:#x}, not the proof value"
     if result.insn_bytes:
         text += f"; instruction bytes {result.insn_bytes.hex(' ')}"
     if result.rip >= 0:
@@ -3379,585 +3467,1042 @@ def _stopped_at(result: SmokeResult) -> str:
     return text
 
 
-def _real_guest_failure(result: SmokeResult, engine: str | None = DEFAULT_ENGINE) -> BoxliteError | None:
-    """The error for the long-mode guest: what a real engine's guest needs.
+def _exit_detail(result: SmokeResult) -> str:
+    """An exit by name, with what KVM said of it."""
+    reason = result.exit_reason
+    extra = {
+        KVM_EXIT_FAIL_ENTRY: f", hardware entry failure reason "
+        f"{result.hardware_entry_failure_reason:#x} on CPU {result.fail_entry_cpu}",
+        KVM_EXIT_INTERNAL_ERROR: f", suberror "
+        f"{INTERNAL_SUBERRORS.get(result.internal_suberror, 'UNLISTED')} ({result.internal_suberror})",
+        KVM_EXIT_SHUTDOWN: " (the guest triple-faulted)",
+    }
+    return exit_name(reason) + extra.get(reason, "")
 
-    Precedence: a run that never ended, then emulation (which explains any
-    instruction failure that comes with it), then the instruction that
-    failed, then an MSR every direct-boot VMM sets.
-    """
-    if result.timed_out:
-        return _exit_failure(result)
-    tried = ("run a 64-bit guest loop (dec ecx; jnz) under KVM, and the same "
-             "loop on the host CPU")  # fmt: skip
-    kernel = _kernel_release()
-    guest = _stopped_at(result) if not result.ok else "the stock-kernel instructions ran"
-    if result.emulated and result.speed is not None:
-        speed = result.speed
-        ratio = speed.ratio or 0.0
-        summary = (f"guest code is emulated in software: {_ns(speed.guest_ns)} ns per "
-                   f"iteration, about {_times(ratio)} times the host")  # fmt: skip
-        provider = _kvm_provider()
-        if provider == "kvm_pvm":
-            return _failure(
-                UnsupportedError, "guest-emulated-pvm",
-                summary + ". This KVM is kvm_pvm: only PVM-enabled guest kernels run at "
-                "hardware speed, and a stock guest kernel (BoxLite's included) has its "
-                "kernel-mode code run through KVM's instruction emulator",
-                tried=tried, answer=speed.describe(), kvm_provider=provider,
-                stock_kernel_instructions=guest, backend=result.backend, kernel=kernel,
-                fix="run a PVM-enabled guest kernel with an engine that supports PVM, or "
-                "move to a host whose CPU gives KVM VT-x/AMD-V: bare metal, or a cloud VM "
-                "with nested virtualization enabled",
-            )  # fmt: skip
-        return _failure(
-            UnsupportedError, "guest-emulated", summary,
-            tried=tried, answer=speed.describe(), kvm_provider=provider,
-            stock_kernel_instructions=guest, backend=result.backend, kernel=kernel,
-            fix="run on a host whose KVM executes guest code in hardware: VT-x/AMD-V "
-            "enabled in the firmware, or nested virtualization enabled for this VM "
-            "on its host",
-        )  # fmt: skip
-    if not result.ok:
-        return _failure(
-            UnsupportedError, "guest-instruction-failed",
-            "KVM cannot run what a stock Linux kernel runs early: " + guest,
-            tried="enter 64-bit long mode directly (as Firecracker, cloud-hypervisor and "
-            "libkrun boot Linux) and run cpuid, lock cmpxchg16b, xsetbv, xsave64, xrstor64",
-            answer=guest, cpuid_offered=_offered(result), backend=result.backend,
-            kernel=kernel, kvm_provider=_kvm_provider(),
-            fix="update the host kernel (and the outer hypervisor, if this host is "
-            "itself a VM) and report the instruction and bytes above to the KVM provider",
-        )  # fmt: skip
-    refused = result.msrs.get("boot_msr_refused")
-    if refused:
-        return _failure(
-            UnsupportedError, "msr-refused",
-            f"KVM refuses the MSR {refused} that direct-boot VMMs set before Linux starts",
-            tried=STEP_NAMES[STEP_SET_MSRS],
-            answer=f"KVM_SET_MSRS set {result.msrs.get('boot_msrs_set')} of "
-            f"{len(BOOT_MSRS)} MSRs and stopped at {refused}",
-            backend=result.backend, kernel=kernel, kvm_provider=_kvm_provider(),
-            fix="update the host kernel (and the outer hypervisor, if nested); "
-            "Firecracker and libkrun cannot boot a guest without this MSR",
-        )  # fmt: skip
-    arch = result.msrs.get("arch_capabilities")
-    if engine == "qemu" and isinstance(arch, dict) and not arch.get("accepted"):
-        return _failure(
-            UnsupportedError, "msr-arch-capabilities-refused",
-            "QEMU with -cpu host would abort at start: the supported CPUID offers "
-            "ARCH_CAPABILITIES, but KVM refuses to set MSR 0x10a",
-            tried="read MSR 0x10a as a feature MSR (KVM_GET_MSRS on /dev/kvm) and set it "
-            "on a vCPU (KVM_SET_MSRS), as QEMU does",
-            answer=f"value {arch.get('value')}, accepted: no", kernel=kernel,
-            kvm_provider=_kvm_provider(),
-            fix="start QEMU with -cpu host,-arch-capabilities (or a named CPU model), "
-            "or update the host kernel",
-        )  # fmt: skip
+
+# What the trivial guests' failures say, by exit reason.
+_EXIT_SUMMARIES = {
+    KVM_EXIT_FAIL_ENTRY: "the CPU refused to enter the guest",
+    KVM_EXIT_INTERNAL_ERROR: "KVM hit an internal error running the guest",
+    KVM_EXIT_SHUTDOWN: "the vCPU shut down instead of running the guest",
+}
+_GUEST_TRIED = {
+    "real-mode": f"run real-mode guest code (mov eax, {PROOF_VALUE:#x}; hlt) in a new VM",
+    "long-mode": "run a 64-bit long-mode guest in a new VM, as direct-boot VMMs enter Linux",
+    "aarch64": f"run arm64 guest code (x0 = {PROOF_VALUE:#x}; str w0, [{_ARM64_MMIO:#x}]) in a new VM",
+}
+
+
+def _policy_checks(f: Facts) -> str:
+    """The policies that could refuse, as checks in order, each with its fix."""
+    candidates = _policy_candidates(f)
+    return "; ".join(
+        f"({i}) {name}: {_POLICY_CHECKS[name].format_map(_Values(f))}"
+        for i, name in enumerate(candidates, 1)
+    )
+
+
+# How to check each policy and what to change, for "check in this order".
+_POLICY_CHECKS = {
+    "device cgroup": "the device cgroup of {cgroup_path} ({cgroup_shown}): {cgroup_fix}",
+    "seccomp": "allow openat and ioctl on {path} in this process's filter",
+    "Landlock": "allow {path} read-write and its ioctls (LANDLOCK_ACCESS_FS_IOCTL_DEV) in the "
+    "ruleset",
+    "SELinux": "allow kvm_device_t for context {lsm_context} (containers: `setsebool -P "
+    "container_use_devices on`); see `ausearch -m avc -ts recent`",
+    "AppArmor": 'allow `{path} rw,` in profile {lsm_context}; see the apparmor="DENIED" '
+    "lines of `dmesg`",
+    "flatpak": "`flatpak override --device=kvm APP`",
+    "snap": "`sudo snap connect {snap}:kvm`",
+}
+
+# Who made the device cgroup, and the fix that belongs to it.
+_CGROUP_FIXES = {
+    "docker": "start the container with `--device /dev/kvm` (a `-v /dev/kvm:/dev/kvm` bind "
+    "mount is not let through the device cgroup), or add `--device-cgroup-rule='c 10:232 rwm'`",
+    "kubernetes": "request the device from a device plugin (resources.limits "
+    "devices.kubevirt.io/kvm: 1), or run the pod privileged with a hostPath volume for /dev/kvm",
+    "systemd": "allow it for the unit: `DeviceAllow=/dev/kvm rw` (systemctl edit {unit}; a "
+    "DevicePolicy=closed or strict unit refuses every device it does not list)",
+    "systemd-nspawn": "start the container with `--bind=/dev/kvm` and allow it in its scope "
+    "(`--property=DeviceAllow='/dev/kvm rw'`, which needs systemd as the manager)",
+    "oci": "in the OCI config.json, list the node in linux.devices "
+    '({{"path": "/dev/kvm", "type": "c", "major": 10, "minor": 232}}) and allow it in '
+    'linux.resources.devices ({{"allow": true, "type": "c", "major": 10, "minor": 232, '
+    '"access": "rwm"}})',
+    "unknown": "allow c 10:232 rw where the cgroup was made: Docker or podman `--device "
+    "/dev/kvm`; runc, crun or containerd: the node in linux.devices and `c 10:232 rwm` in "
+    "linux.resources.devices; a systemd unit `DeviceAllow=/dev/kvm rw`",
+}
+_CGROUP_OWNERS = {
+    "docker": "docker",
+    "podman": "docker",
+    "containerd": "oci",
+    "container": "docker",
+}
+_CGROUP_OWNERS.update(kubernetes="kubernetes", lxc="unknown")
+_CGROUP_OWNERS["systemd-nspawn"] = "systemd-nspawn"
+
+
+def _cgroup_owner(ev: Evidence) -> str:
+    """Who made this process's device cgroup, as a key of _CGROUP_FIXES."""
+    if ev.runtime in _CGROUP_OWNERS:
+        return _CGROUP_OWNERS[ev.runtime]
+    return "systemd" if ev.systemd_unit else "unknown"
+
+
+def _cgroup_shown(ev: Evidence) -> str:
+    cgroup = ev.cgroup or {}
+    if _device_cgroup(ev) == "shown":
+        allowed = ", ".join(cgroup.get("devices_list") or []) or "nothing"
+        return f"its devices.list allows {allowed}, not c 10:232 rw"
+    if cgroup.get("devices") not in (None, "/"):
+        return "its devices.list cannot be read"
+    return "a cgroup v2 device policy is a BPF program, which cannot be read"
+
+
+def _cgroup_path(ev: Evidence) -> str:
+    cgroup = ev.cgroup or {}
+    v1, v2 = cgroup.get("devices"), cgroup.get("unified")
+    if v1 not in (None, "/"):
+        return f"devices:{v1}"
+    return f"0::{v2}" if v2 else "this process"
+
+
+# Where this process runs, as the messages say it.
+_CONTEXTS = {
+    "kubernetes": "in a Kubernetes pod",
+    "flatpak": "in a flatpak sandbox",
+    "snap": "in a snap",
+    "firejail": "in a firejail sandbox",
+    "bubblewrap": "in a bubblewrap sandbox",
+    "systemd-nspawn": "in a systemd-nspawn container",
+    "lxc": "in an LXC container",
+    "podman": "in a podman container",
+    "docker": "in a Docker container",
+    "containerd": "in a containerd container",
+    "container": "in a container",
+    "private-dev": "in a private /dev",
+}
+
+
+def _hv_answer(f: Facts) -> str | None:
+    if f.hv is None:
+        return None
+    code, source = f.hv
+    where = "in the engine's message" if source == "engine" else "from this process"
+    return f"{HV_RETURN_NAMES.get(code, 'an unlisted code')} ({code:#x}) {where}"
+
+
+def _sysctl_text(f: Facts, name: str) -> str:
+    value = f.sysctl(name)
+    if value is None:
+        return f"{name} does not exist"
+    return f"{name} = {value}" if isinstance(value, int) else f"{name}: {value}"
+
+
+def _step(f: Facts) -> str:
+    return STEP_NAMES[(f.failure or (STEP_DONE, 0))[0]]
+
+
+def _mount_text(mount: Mapping[str, Any] | None) -> str | None:
+    if not mount:
+        return None
+    return f"{mount['point']} ({mount['fstype']}, {','.join(mount['options'])})"
+
+
+def _acl_text(entry: Mapping[str, Any]) -> str:
+    who = f":{entry['id']}" if entry["id"] is not None else ""
+    return f"{entry['tag']}{who}:{entry['perm']:o}"
+
+
+def _mmio_text(mmio: Mapping[str, Any]) -> str:
+    parts = [f"{k} {v}" if isinstance(v, bool) else f"{k} {v:#x}" for k, v in mmio.items()]
+    return ", ".join(parts) or "none"
+
+
+def _sandbox_shown(f: Facts, policy: str) -> str | None:
+    """What shows a policy, in the words of an evidence line."""
+    ev = f.ev
+    return {
+        "seccomp": "Seccomp: 2 (a filter)",
+        "Landlock": f"Landlock ABI {ev.landlock_abi}; a Landlock domain is not visible from "
+        "/proc, and nothing else that answers EACCES is active",
+        "SELinux": f"context {ev.lsm_context}",
+        "AppArmor": f"profile {ev.lsm_context}",
+        "flatpak": "/.flatpak-info",
+        "snap": f"SNAP_NAME={ev.snap}",
+    }.get(policy)
+
+
+# Each value a cause's text may name, from the facts, the evidence or the
+# guest's result; None when they do not have it (an evidence line is then
+# left out).
+_VALUES: dict[str, Callable[[Facts], Any]] = {
+    "path": lambda f: f.path,
+    "tried": lambda f: f"open {f.path} read-write as {_who(f.ev)}" if f.opened() else _step(f),
+    "answer": lambda f: errno_name(f.failure[1]) if f.failure and f.failure[1] else "no errno",
+    "errno": lambda f: errno.errorcode.get(f.failure[1], str(f.failure[1])) if f.failure else None,
+    "step": _step,
+    "expected": lambda f: f"character device {KVM_DEVICE_MAJOR}:{KVM_DEVICE_MINOR}",
+    "context": lambda f: _CONTEXTS.get(f.ev.runtime or ("private-dev" if f.ev.private_dev else "")),
+    "policy_checks": _policy_checks,
+    "refused_what": lambda f: "opening" if f.opened() else "an ioctl on",
+    "sandbox": lambda f: _sandbox_shown(f, (_policy_candidates(f) or [""])[0]),
+    "sandboxes": lambda f: ", ".join(_policy_candidates(f)) or "none visible",
+    "engine": lambda f: f.engine,
+    "caps_missing": lambda f: ", ".join(f"KVM_CAP_{n} ({KVM_CAPS[n]})" for n in f.missing),
+    "caps_missing_names": lambda f: ", ".join(f.missing),
+    "caps_answer": lambda f: "; ".join(
+        f"KVM_CAP_{n} ({KVM_CAPS[n]}): {(f.caps or {}).get(n)}" for n in f.missing
+    ),
+    "ioctl": lambda f: next((n for n in f.engine_ioctls if (f.ioctls or {}).get(n, -1) > 0), None),
+    "guest_tried": lambda f: _GUEST_TRIED.get(f.smoke.guest if f.smoke else "", "run guest code"),
+    "timeout": lambda f: f"{f.smoke.timeout if f.smoke else f.timeout:g}",
+    "expected_exit": lambda f: exit_name(KVM_EXIT_MMIO if f.arch == "aarch64" else KVM_EXIT_HLT),
+    "proof": lambda f: f"{PROOF_VALUE:#x}",
+    "stages": lambda f: ", ".join(name for _, name, *_ in LONG_MODE_STAGES[:-1]),
+    "msrs_total": lambda f: len(BOOT_MSRS),
+    "platform": lambda f: f.platform,
+    "machine": lambda f: f.machine,
+    "translated": lambda f: _sysctl_text(f, "sysctl.proc_translated"),
+    "hv_support": lambda f: _sysctl_text(f, "kern.hv_support"),
+    "vmm_present": lambda f: _sysctl_text(f, "kern.hv_vmm_present"),
+    "max_address_spaces": lambda f: _sysctl_text(f, "kern.hv.max_address_spaces"),
+    "hv_host": lambda f: ", ".join(_sysctl_text(f, name) for name in MACOS_SYSCTLS),
+    "hv_name": lambda f: HV_RETURN_NAMES.get(f.hv[0], "an unlisted code") if f.hv else None,
+    "hv_hex": lambda f: f"{f.hv[0]:#x}" if f.hv else None,
+    "hv_answer": _hv_answer,
+    "hv_tried": lambda f: (
+        "call hv_vm_create(NULL) in this process (it holds the hypervisor entitlement)"
+        if f.hv and f.hv[1] == "process"
+        else "look for an hv_return_t in the engine's message"
+    ),
+    "executable": lambda f: sys.executable or "this interpreter",
+    "entitlement": lambda f: (
+        "has entitlements that cannot be read"
+        if f.entitled is None
+        else "is not entitled to Hypervisor.framework"
+    ),
+    "engine_message": lambda f: f.message,
+    "decoded": lambda f: "; ".join(f.decoded) or None,
+    "note": lambda f: f.note,
+    "nested": lambda f: (
+        "enable nested virtualization for this machine on its host (cloud "
+        "instances need it switched on explicitly) and make sure kvm_intel or kvm_amd is loaded"
+    ),
+    "el2": lambda f: (
+        "run the kernel at EL2 with KVM working: boot it on bare metal or with "
+        "firmware that hands over EL2; on a cloud VM, an instance type with nested virtualization"
+    ),
+    "relogin": lambda f: (
+        "log out and back in (a running login session does not pick up new groups)"
+    ),
+}
+_EVIDENCE_VALUES: dict[str, Callable[[Evidence], Any]] = {
+    "device": lambda ev: _node_text(ev.node),
+    "user": lambda ev: ev.user or (f"uid {ev.euid}" if ev.euid is not None else "$USER"),
+    "group": lambda ev: (ev.node or {}).get("group") or str((ev.node or {}).get("gid", "kvm")),
+    "gid": lambda ev: (ev.node or {}).get("gid"),
+    "mode": lambda ev: f"{int((ev.node or {}).get('mode', 0)):04o}",
+    "kernel": lambda ev: ev.kernel,
+    "kvm_modules_loaded": lambda ev: ", ".join(ev.kvm_modules) or "none",
+    "driver": lambda ev: ", ".join(m for m in ev.kvm_modules if m != "kvm") or "kvm",
+    "module": _module_for,
+    "cpu": lambda ev: "AMD-V" if _module_for(ev) == "kvm_amd" else "VT-x",
+    "seen": lambda ev: ", ".join(ev.runtime_evidence) or None,
+    "mount": lambda ev: _mount_text(ev.mount),
+    "mount_point": lambda ev: (ev.mount or {}).get("point"),
+    "bound": lambda ev: f"{ev.mount['root']} ({ev.mount['fstype']})" if ev.mount else None,
+    "uid_map": lambda ev: (ev.userns or {}).get("uid_map") or "empty (nothing mapped)",
+    "gid_map": lambda ev: (ev.userns or {}).get("gid_map") or "empty (nothing mapped)",
+    "acl": lambda ev: ", ".join(_acl_text(e) for e in ev.acl or []) or None,
+    "acl_denier": _acl_denier,
+    "limit": lambda ev: "soft {}, hard {}".format(*ev.rlimit_nofile) if ev.rlimit_nofile else None,
+    "soft_limit": lambda ev: ev.rlimit_nofile[0] if ev.rlimit_nofile else "?",
+    "file_max": lambda ev: ev.file_max or "unknown",
+    "runtime_root": lambda ev: " (root here is not root on the host)" if ev.euid == 0 else "",
+    "lsm_context": lambda ev: ev.lsm_context or "unconfined",
+    "snap": lambda ev: ev.snap or "APP",
+    "cgroup_path": lambda ev: _cgroup_path(ev) if _device_cgroup(ev) else None,
+    "cgroup_shown": _cgroup_shown,
+    "cgroup_fix": lambda ev: _CGROUP_FIXES[_cgroup_owner(ev)].format(unit=ev.systemd_unit),
+    "unit": lambda ev: ev.systemd_unit,
+    "seccomp_mode": lambda ev: {"0": "none", "1": "strict", "2": "a filter"}.get(ev.seccomp or ""),
+    "no_new_privs": lambda ev: None if ev.no_new_privs is None else str(int(ev.no_new_privs)),
+    "provider": lambda ev: ev.kvm_provider or "unknown",
+}
+_SMOKE_VALUES: dict[str, Callable[[SmokeResult], Any]] = {
+    "backend": lambda r: r.backend,
+    "exit": _exit_detail,
+    "exit_summary": lambda r: (
+        _EXIT_SUMMARIES.get(r.exit_reason) or f"unexpected exit {exit_name(r.exit_reason)}"
+    ),
+    "proof_seen": lambda r: (
+        f"MMIO {_mmio_text(r.mmio)} and X0 {r.proof:#x}"
+        if r.guest == "aarch64"
+        else f"EAX {r.proof:#x}"
+    ),
+    "speed": lambda r: r.speed.describe() if r.speed else None,
+    "ratio": lambda r: _times(r.speed.ratio or 0) if r.speed else None,
+    "stock_kernel": lambda r: "the stock-kernel instructions ran" if r.ok else _stopped_at(r),
+    "stopped_at": _stopped_at,
+    "instruction": lambda r: r.instruction,
+    "cpuid_offered": lambda r: (
+        ", ".join(n for n, on in r.cpuid.items() if on) or "none of " + ", ".join(CPUID_FEATURES)
+    ),
+    "msr_refused": lambda r: r.msrs.get("boot_msr_refused"),
+    "msrs_set": lambda r: r.msrs.get("boot_msrs_set"),
+    "arch_value": lambda r: (r.msrs.get("arch_capabilities") or {}).get("value") or "unread",
+    "api_version": lambda r: r.api_version,
+}
+
+
+#: How each value is labelled when it is shown as evidence.
+_LABELS = {
+    "device": "Device",
+    "expected": "Expected",
+    "kernel": "Kernel",
+    "kvm_modules_loaded": "KVM modules loaded",
+    "context": "Context",
+    "seen": "Seen",
+    "mount": "Mount",
+    "bound": "Bound over it",
+    "uid_map": "uid_map",
+    "gid_map": "gid_map",
+    "acl": "ACL",
+    "limit": "Limit",
+    "sandbox": "Sandbox",
+    "sandboxes": "Policies seen",
+    "cgroup_path": "Device cgroup",
+    "seccomp_mode": "Seccomp",
+    "no_new_privs": "NoNewPrivs",
+    "provider": "KVM provider",
+    "backend": "Backend",
+    "stock_kernel": "Stock kernel instructions",
+    "cpuid_offered": "CPUID offers",
+    "vmm_present": "VMM present",
+    "max_address_spaces": "Address spaces",
+    "hv_host": "Host",
+    "executable": "Executable",
+    "engine_message": "Engine said",
+    "decoded": "Decoded",
+    "unit": "systemd unit",
+}
+
+
+class _Values(dict):  # type: ignore[type-arg]
+    """The values of one facts value, computed as a template asks for them."""
+
+    def __init__(self, facts: Facts, strict: bool = True) -> None:
+        super().__init__()
+        self.facts, self.strict = facts, strict
+
+    def raw(self, key: str) -> Any:
+        """A value, or None when the facts do not have it."""
+        if key in _EVIDENCE_VALUES:
+            return _EVIDENCE_VALUES[key](self.facts.ev)
+        if key in _SMOKE_VALUES:
+            smoke = self.facts.smoke
+            return None if smoke is None else _SMOKE_VALUES[key](smoke)
+        return _VALUES[key](self.facts)
+
+    def __missing__(self, key: str) -> Any:
+        value = self.raw(key)
+        if value is None:
+            if self.strict:
+                raise _NoValue(key)
+            value = "(not known)"
+        self[key] = value
+        return value
+
+
+class _NoValue(LookupError):
+    """A cause's text asked for a value its facts do not have."""
+
+
+# ── Causes: one registry, one ordered rule table ────────────────────────────
+
+
+class _Cause:
+    """One cause as data: its error class, the layer (the finding, or
+    "engine") it fails, its summary, what was tried and answered, the
+    values shown as evidence, and its fix.  Texts are templates over _VALUES."""
+
+    __slots__ = ("answer", "cls", "fix", "layer", "shown", "summary", "tried")
+
+    def __init__(self, cls: type[BoxliteError], layer: str, fields: Mapping[str, str]) -> None:
+        self.cls, self.layer = cls, layer
+        self.summary, self.fix = fields["summary"], fields["fix"]
+        self.tried = fields.get("tried", "{tried}")
+        self.answer = fields.get("answer", "{answer}")
+        self.shown = tuple(name for name in fields.get("shown", "").split(", ") if name)
+
+
+#: Every cause the checker can name, one block each: "== KEY CLASS LAYER
+#: (values shown as evidence)", the summary, then "tried:", "answer:" and
+#: "fix:" (a line indented under one continues it).  KEY is "cause-id" or
+#: "cause-id/variant": the same cause with the fix that fits other
+#: evidence; err.cause is the part before the slash.  "tried" and "answer"
+#: default to the OS call that failed and its errno.  RULES says when each
+#: cause holds.
+_CAUSE_TABLE = """
+== platform-unsupported UnsupportedError platform
+BoxLite only supports Linux and macOS (this is {platform})
+tried: identify the operating system (sys.platform)
+answer: {platform}
+fix: run on Linux with KVM, or on macOS on Apple Silicon
+== rosetta UnsupportedError macos.arch
+Unsupported architecture: {machine} Python running under Rosetta on Apple Silicon
+tried: read sysctl sysctl.proc_translated (sysctlbyname)
+answer: {translated}
+fix: run an arm64 Python (a universal2 or arm64 build started natively: `arch -arm64
+    python3`); Hypervisor.framework is not available to a translated process
+== macos-not-arm64 UnsupportedError macos.arch
+Unsupported architecture: {machine}: BoxLite on macOS needs Apple Silicon (arm64)
+tried: read the machine type (uname) and sysctl.proc_translated
+answer: {machine}, {translated}
+fix: use a Mac with Apple Silicon; Intel Macs are not supported
+== hv-support-unreadable UnsupportedError macos.hv_support
+Hypervisor.framework support cannot be read
+tried: read sysctl kern.hv_support (sysctlbyname)
+answer: {hv_support}
+fix: check by hand with `sysctl kern.hv_support`
+== hv-in-vm UnsupportedError macos.hv_support (vmm_present)
+Hypervisor.framework is not available: this Mac is itself a virtual machine without
+    nested virtualization
+tried: read sysctl kern.hv_support (sysctlbyname)
+answer: {hv_support}
+fix: run on a physical Mac (macOS VMs get no nested virtualization before macOS 15 on M3 or
+    later)
+== hv-unsupported UnsupportedError macos.hv_support
+Hypervisor.framework is not available
+tried: read sysctl kern.hv_support (sysctlbyname)
+answer: {hv_support}
+fix: use macOS 11 or later on Apple Silicon; check with `sysctl kern.hv_support`
+== hv-no-resources ResourceExhaustedError macos.hv_vm_create (max_address_spaces)
+macOS Hypervisor.framework has no VM address space left (kern.hv.max_address_spaces)
+tried: {hv_tried}
+answer: {hv_answer}
+fix: Stop some boxes and retry; the limit is `sysctl kern.hv.max_address_spaces`
+== hv-denied UnsupportedError macos.hv_vm_create (executable)
+Hypervisor.framework access denied: this process lacks the
+    com.apple.security.hypervisor entitlement
+tried: {hv_tried}
+answer: {hv_answer}
+fix: sign {executable} with the com.apple.security.hypervisor entitlement
+== hv-denied/helper UnsupportedError macos.hv_vm_create (engine_message)
+Hypervisor.framework access denied to the engine's helper: it lacks the
+    com.apple.security.hypervisor entitlement
+tried: {hv_tried}
+answer: {hv_answer}
+fix: sign the engine's helper with that entitlement (re-signing with `codesign --force --sign
+    -` strips it); check with `codesign -d --entitlements - HELPER`
+== hv-unsupported-code UnsupportedError macos.hv_vm_create
+Hypervisor.framework has no hypervisor for this process (HV_UNSUPPORTED), as inside a
+    VM without nested virtualization
+tried: {hv_tried}
+answer: {hv_answer}
+fix: run on a physical Apple Silicon Mac
+== hv-busy EngineError macos.hv_vm_create (engine_message)
+the engine's process already has a VM (HV_BUSY): this is not a host problem
+tried: {hv_tried}
+answer: {hv_answer}
+fix: report it to the engine: Hypervisor.framework allows one VM per process
+== hv-engine-code EngineError macos.hv_vm_create (engine_message, hv_host)
+the engine's hv_vm_create returned {hv_name} ({hv_hex})
+tried: {hv_tried}
+answer: {hv_answer}
+fix: see the engine's log for the VM it asked for; the host facts above say the host supports
+    Hypervisor.framework
+== hv-other EngineError macos.hv_vm_create (engine_message)
+the engine failed, and hv_vm_create in this process returned {hv_name} ({hv_hex})
+tried: {hv_tried}
+answer: {hv_answer}
+fix: look up {hv_name} in <Hypervisor/hv_error.h> and report it with the engine's message
+== hv-engine-error EngineError macos.hv_vm_create (engine_message, hv_host)
+Not probed here: this process {entitlement}, so a probe from it would answer
+    HV_DENIED whatever the engine's cause
+tried: look for an hv_return_t in the engine's message
+answer: none found
+fix: read the engine's own log for its hv_return_t; the host facts above say whether the host
+    supports Hypervisor.framework
+== kvm-wsl1 UnsupportedError kvm.device (kernel)
+{path} does not exist: WSL 1 has no KVM at all
+fix: convert the distribution to WSL 2: `wsl --set-version DISTRO 2` (in Windows), then enable
+    nested virtualization
+== kvm-missing-wsl UnsupportedError kvm.device (kernel)
+{path} does not exist: this WSL 2 instance has no nested virtualization
+fix: nested virtualization in WSL 2 needs Windows 11: set nestedVirtualization=true under
+    [wsl2] in %UserProfile%\\.wslconfig, then `wsl --shutdown` and start WSL again
+== kvm-not-kvm-device/bind UnsupportedError kvm.device (device, expected, mount)
+{path} is not the KVM device: {bound} is bind-mounted over it
+fix: remove the bind mount: `sudo umount {path}` (the KVM node is under it), or mount the
+    host's /dev/kvm there instead
+== kvm-not-kvm-device/container UnsupportedError kvm.device (device, expected, seen)
+{path} is not the KVM device ({context}): it is a {device}
+fix: pass the host's node in instead of what is there: `--device /dev/kvm` (a `docker -v
+    /dev/kvm:/dev/kvm` on a host without KVM leaves a directory)
+== kvm-not-kvm-device UnsupportedError kvm.device (device, expected)
+{path} is not the KVM device: it is a {device}
+fix: remove what is at {path} and recreate the node: `sudo mknod {path} c 10 232` (or let
+    udev do it)
+== kvm-not-kvm-device/unanswered UnsupportedError kvm.device (device)
+{path} does not answer as the KVM device ({errno} from {step})
+fix: check what driver owns {path} (`ls -l {path}`, `cat /proc/misc`); the KVM node is
+    character device 10:232
+== kvm-missing-container/kubernetes UnsupportedError kvm.device (seen)
+{path} does not exist in this pod: the node's device was not passed in
+fix: request the device from a device plugin (resources.limits devices.kubevirt.io/kvm: 1, or
+    a generic device plugin), or run the pod privileged with a hostPath volume for /dev/kvm
+== kvm-missing-container/flatpak UnsupportedError kvm.device (seen)
+{path} does not exist in this flatpak sandbox
+fix: `flatpak override --device=kvm APP` (or --device=all), then restart the app
+== kvm-missing-container/snap UnsupportedError kvm.device (seen)
+{path} does not exist in this snap
+fix: `sudo snap connect {snap}:kvm`
+== kvm-missing-container/firejail UnsupportedError kvm.device (seen)
+{path} does not exist in this firejail sandbox (its profile gives it a private /dev)
+fix: start it with `firejail --ignore=private-dev ...` (or `--noprofile`), or add `ignore
+    private-dev` to its profile
+== kvm-missing-container/bubblewrap UnsupportedError kvm.device (seen)
+{path} does not exist in this bubblewrap sandbox (`--dev` makes a /dev without it)
+fix: add `--dev-bind /dev/kvm /dev/kvm` to the bwrap command line
+== kvm-missing-container/systemd-nspawn UnsupportedError kvm.device (seen)
+{path} does not exist in this systemd-nspawn container
+fix: start it with `--bind=/dev/kvm` (and `--property=DeviceAllow='/dev/kvm rw'` when systemd
+    manages it)
+== kvm-missing-container/lxc UnsupportedError kvm.device (seen)
+{path} does not exist in this LXC container
+fix: `lxc config device add CONTAINER kvm unix-char path=/dev/kvm`
+== kvm-missing-container UnsupportedError kvm.device (seen)
+{path} does not exist {context}: the host's device was not passed in
+fix: start the container with `--device /dev/kvm` (docker, podman, nerdctl); in a compose
+    file, `devices: ["/dev/kvm:/dev/kvm"]`
+== kvm-missing-container/service UnsupportedError kvm.device (unit)
+{path} does not exist in this process's private /dev (systemd PrivateDevices=, or a
+    sandbox)
+fix: for a systemd service: `PrivateDevices=no`, or keep it and add `DeviceAllow=/dev/kvm rw`
+    with `BindPaths=/dev/kvm`; for a sandbox, bind the host's /dev/kvm in
+== kvm-node-missing UnsupportedError kvm.device (kvm_modules_loaded)
+{driver} is loaded but {path} does not exist
+fix: create the node: `sudo mknod {path} c 10 232 && sudo chmod 0660 {path}` (udev normally
+    does it: check that it runs)
+== kvm-module-not-loaded UnsupportedError kvm.device (kvm_modules_loaded)
+{path} does not exist: the CPU has {cpu} but no KVM module is loaded
+fix: `sudo modprobe {module}` (if it fails with 'Operation not supported', enable
+    virtualization in the firmware setup)
+== kvm-no-el2 UnsupportedError kvm.device (kernel, kvm_modules_loaded)
+{path} does not exist: the kernel was not started at EL2
+fix: KVM on arm64 needs the kernel started at EL2: {el2}
+== kvm-pvm-not-loaded UnsupportedError kvm.device (kernel, kvm_modules_loaded)
+{path} does not exist: kvm_pvm is available but not loaded
+fix: load the paravirtual KVM this kernel ships: `sudo modprobe kvm_pvm`
+== kvm-no-nested UnsupportedError kvm.device (kernel, kvm_modules_loaded)
+{path} does not exist: this machine is itself a VM whose hypervisor does not pass
+    VT-x/AMD-V through
+fix: enable nested virtualization for this VM on its host (on a cloud, an instance type that
+    offers it), then load kvm_intel or kvm_amd
+== kvm-no-virtualization UnsupportedError kvm.device (kernel, kvm_modules_loaded)
+{path} does not exist and the CPU reports no VT-x/AMD-V
+fix: enable Intel VT-x or AMD-V (SVM) in the BIOS/UEFI setup, then `sudo modprobe {module}`
+== kvm-no-driver/arm64 UnsupportedError kvm.smoke (device, kvm_modules_loaded)
+{path} exists but no KVM driver answers for it
+fix: {el2}
+== kvm-no-driver UnsupportedError kvm.smoke (device, kvm_modules_loaded)
+{path} exists but no KVM driver answers for it
+fix: load the KVM module: `sudo modprobe {module}`
+== fd-limit ResourceExhaustedError kvm.smoke (limit)
+this process hit its open-file limit (RLIMIT_NOFILE {soft_limit})
+fix: raise the limit (`ulimit -n`, LimitNOFILE= for a service) or close descriptors this
+    process leaks
+== system-file-limit ResourceExhaustedError kvm.smoke
+the system-wide open-file limit is reached (fs.file-max {file_max})
+fix: raise fs.file-max (`sysctl -w fs.file-max=...`) or stop what holds the files
+== out-of-memory ResourceExhaustedError kvm.smoke
+the kernel could not allocate memory for the VM
+fix: free memory, or raise this process's memory limit (cgroup memory.max, `ulimit -v`)
+== kvm-nodev UnsupportedError kvm.smoke (device, mount)
+{path} looks right but sits on a filesystem mounted nodev ({mount_point})
+fix: bind-mount the host's node instead (`mount --bind /dev/kvm {path}`); in a user namespace
+    every new mount is nodev, so pass the device in (`--device /dev/kvm`)
+== kvm-userns/firejail UnsupportedError kvm.smoke (device, uid_map, seen)
+{path}: permission denied: firejail's noroot user namespace drops the device's group,
+    which shows as {group}
+fix: start it with `firejail --ignore=noroot ...` (or `--noprofile`), or give the user an ACL
+    on the host node (`sudo setfacl -m u:{user}:rw /dev/kvm`)
+== kvm-userns/unmapped-group UnsupportedError kvm.smoke (device, uid_map, gid_map)
+{path}: permission denied in a user namespace{runtime_root}: the device's group is not
+    mapped here (it shows as {group})
+fix: check in this order: (1) run `id` as the host user: if it lists the device's group, the
+    runtime dropped it: keep it with `podman run --group-add keep-groups` (crun); (2) if not,
+    add the host user to that group on the host (`sudo usermod -aG GROUP USER`) or give it an
+    ACL (`sudo setfacl -m u:USER:rw {path}`)
+== kvm-userns UnsupportedError kvm.smoke (device, uid_map, gid_map)
+{path}: permission denied in a user namespace{runtime_root}: the host user it maps to
+    has no access to the node
+fix: on the host, add that user to group {group} (`sudo usermod -aG {group} USER`) or give it
+    an ACL (`sudo setfacl -m u:USER:rw {path}`)
+== kvm-acl-denies UnsupportedError kvm.smoke (device, acl)
+{path}: permission denied by its access control list ({acl_denier})
+fix: `sudo setfacl -m u:{user}:rw {path}` (or remove the entry that denies: `getfacl {path}`)
+== kvm-mode-no-group/no-kvm-group UnsupportedError kvm.smoke (device)
+{path}: permission denied, and its mode {mode} lets no group in
+fix: `sudo groupadd --system kvm` (this host has no kvm group); then write the udev rule
+    `KERNEL=="kvm", GROUP="kvm", MODE="0660"` to /etc/udev/rules.d/65-kvm.rules; then `sudo
+    udevadm control --reload && sudo udevadm trigger --name-match=kvm`; then `sudo usermod
+    -aG kvm {user}`, then {relogin}
+== kvm-mode-no-group UnsupportedError kvm.smoke (device)
+{path}: permission denied, and its mode {mode} lets no group in
+fix: write the udev rule `KERNEL=="kvm", GROUP="kvm", MODE="0660"` to
+    /etc/udev/rules.d/65-kvm.rules; then `sudo udevadm control --reload && sudo udevadm
+    trigger --name-match=kvm`; then `sudo usermod -aG kvm {user}`, then {relogin}
+== kvm-stale-session UnsupportedError kvm.smoke (device)
+{path}: permission denied: {user} is in group {group}, but this session started
+    before that and does not have it
+fix: log out and back in (or start a shell with the group: `newgrp {group}`); a running login
+    session does not pick up new groups
+== kvm-not-in-group/unnamed UnsupportedError kvm.smoke (device)
+{path}: permission denied: its group {gid} has no name in the group database, and
+    {user} does not hold it
+fix: give the gid a name and join it: `sudo groupadd --gid {gid} kvm` (or `sudo groupmod
+    --gid {gid} kvm` for an existing kvm group), then `sudo usermod -aG kvm {user}` and
+    {relogin}; or give the node a named group: `sudo chgrp kvm {path}` with a udev rule that
+    keeps it
+== kvm-not-in-group UnsupportedError kvm.smoke (device)
+{path}: permission denied: {user} is not in group {group}
+fix: `sudo usermod -aG {group} {user}`, then {relogin}
+== kvm-device-cgroup UnsupportedError kvm.smoke (device, cgroup_path, context, unit)
+{path} is refused by this process's device cgroup (EPERM on open, even as root)
+fix: {cgroup_fix}
+== kvm-seccomp-denied UnsupportedError kvm.smoke (device, sandbox, no_new_privs)
+{refused_what} {path} is refused by this process's seccomp filter
+fix: allow openat of {path} and ioctl on it in the seccomp policy (Docker and podman:
+    `--security-opt seccomp=PROFILE` with a profile that allows them)
+== kvm-landlock-denied UnsupportedError kvm.smoke (device, sandbox, no_new_privs)
+{refused_what} {path} is refused by Landlock (the device's mode lets this process in)
+fix: allow {path} read-write (LANDLOCK_ACCESS_FS_READ_FILE|WRITE_FILE) and its ioctls
+    (LANDLOCK_ACCESS_FS_IOCTL_DEV) in the sandbox's ruleset
+== kvm-selinux-denied UnsupportedError kvm.smoke (device, sandbox)
+{refused_what} {path} is refused by SELinux (the device's mode lets this process in)
+fix: allow kvm_device_t for this domain (for containers: `setsebool -P container_use_devices
+    on`); see `ausearch -m avc -ts recent`
+== kvm-apparmor-denied UnsupportedError kvm.smoke (device, sandbox)
+{refused_what} {path} is refused by AppArmor (the device's mode lets this process in)
+fix: allow `{path} rw,` in that profile; see the apparmor="DENIED" lines of `dmesg`
+== kvm-flatpak-denied UnsupportedError kvm.smoke (device, sandbox)
+{refused_what} {path} is refused by the flatpak sandbox
+fix: `flatpak override --device=kvm APP` (or --device=all), then restart the app
+== kvm-snap-denied UnsupportedError kvm.smoke (device, sandbox)
+{refused_what} {path} is refused by the snap's confinement
+fix: `sudo snap connect {snap}:kvm`
+== kvm-access-policy UnsupportedError kvm.smoke (device, sandboxes, cgroup_path, no_new_privs)
+{refused_what} {path} is refused by a policy ({errno}), and more than one could be
+    the one
+fix: check in this order: {policy_checks}
+== kvm-access-policy/unseen UnsupportedError kvm.smoke (device, seccomp_mode, no_new_privs)
+{refused_what} {path} is refused ({errno}) although the node's mode lets this process
+    in, and no policy that answers so is visible
+fix: check in this order: (1) the audit log (`dmesg`, `ausearch -m avc -ts recent`) for an LSM
+    denial; (2) the sandbox or service manager that started this process (its seccomp filter,
+    Landlock ruleset, or systemd DevicePolicy=)
+== kvm-open-failed UnsupportedError kvm.smoke (device, mount)
+{path} cannot be opened read-write ({errno})
+fix: the device must open read-write for this process: look up the answer above for what
+    refuses it on this system
+== kvm-api-version UnsupportedError kvm.smoke (kernel)
+KVM reports API version {api_version}, expected 12
+answer: version {api_version}
+fix: use a kernel whose KVM speaks API version 12 (every mainline kernel since 2.6.22)
+== kvm-busy UnsupportedError kvm.smoke
+KVM cannot create a VM: another hypervisor holds the CPU's virtualization extensions
+fix: quit the other hypervisor (VirtualBox, VMware) or unload its module, then retry
+== kvm-capability-missing/seccomp UnsupportedError engine (seccomp_mode, kernel, provider)
+{engine} would not start: KVM reports {caps_missing_names} missing, and a seccomp
+    filter may be the one answering
+tried: KVM_CHECK_EXTENSION for the capabilities {engine} refuses to start without
+answer: {caps_answer}
+fix: check in this order: (1) run `python3 -m boxlite_syscheck --engine {engine}` outside this
+    sandbox; if it passes there, allow KVM_CHECK_EXTENSION and KVM's ioctls in the seccomp
+    policy; (2) otherwise the host's KVM lacks them: update the host kernel
+== kvm-capability-missing UnsupportedError engine (kernel, provider)
+{engine} would not start: this KVM lacks {caps_missing}
+tried: KVM_CHECK_EXTENSION for the capabilities {engine} refuses to start without
+answer: {caps_answer}
+fix: update the host kernel (or the {provider} module) to one whose KVM offers
+    {caps_missing_names}; every mainline kernel since 5.10 does
+== startup-ioctl-failed UnsupportedError engine (kernel, provider)
+{engine} would not start: KVM refuses {ioctl}, which it issues at start-up
+fix: update the host kernel (or the {provider} module), and report the answer above to the KVM
+    provider
+== kvm-step-failed EngineError kvm.smoke (backend, kernel)
+KVM smoke test failed: could not {step}
+fix: this KVM refuses a basic operation every VMM needs: update the kernel, and report the
+    answer above to the KVM provider if it persists
+== smoke-timeout/arm64 UnsupportedError kvm.smoke (backend, kernel)
+KVM smoke test failed: the guest did not stop within {timeout} s
+tried: {guest_tried}
+answer: KVM_RUN was still running after {timeout} s
+fix: retry with a longer --timeout if the host is heavily loaded; if it persists: {el2}
+== smoke-timeout UnsupportedError kvm.smoke (backend, kernel)
+KVM smoke test failed: the guest did not halt within {timeout} s
+tried: {guest_tried}
+answer: KVM_RUN was still running after {timeout} s
+fix: retry with a longer --timeout if the host is heavily loaded; if it persists, guest code
+    does not run here: {nested}
+== guest-emulated-pvm UnsupportedError guest.speed (provider, stock_kernel, backend, kernel)
+guest code is emulated in software (about {ratio}x the host): this KVM is kvm_pvm,
+    which runs only PVM-enabled guest kernels at speed
+tried: run a 64-bit guest loop (dec ecx; jnz) under KVM, and the same loop on the host CPU
+answer: {speed}
+fix: run a PVM-enabled guest kernel with an engine that supports PVM, or move to a host whose
+    CPU gives KVM VT-x/AMD-V: bare metal, or a cloud VM with nested virtualization
+== guest-emulated UnsupportedError guest.speed (provider, stock_kernel, backend, kernel)
+guest code is emulated in software: about {ratio}x the same loop on the host CPU
+tried: run a 64-bit guest loop (dec ecx; jnz) under KVM, and the same loop on the host CPU
+answer: {speed}
+fix: run on a host whose KVM executes guest code in hardware: VT-x/AMD-V enabled in the
+    firmware, or nested virtualization enabled for this VM on its host
+== smoke-no-proof UnsupportedError kvm.smoke (backend, kernel)
+KVM smoke test failed: the guest stopped as expected but did not run the expected code
+tried: {guest_tried}
+answer: {exit} with {proof_seen}, expected {proof}
+fix: this KVM mis-executes guest code: update the host kernel (and the outer hypervisor, if
+    nested) and report it to its vendor
+== smoke-exit/arm64 UnsupportedError kvm.smoke (backend, kernel)
+KVM smoke test failed: {exit_summary} (expected {expected_exit})
+tried: {guest_tried}
+answer: {exit}
+fix: {path} exists but cannot run guest code: {el2}
+== smoke-exit UnsupportedError kvm.smoke (backend, kernel)
+KVM smoke test failed: {exit_summary} (expected {expected_exit})
+tried: {guest_tried}
+answer: {exit}
+fix: {path} exists but cannot run guest code: {nested}
+== guest-instruction-failed UnsupportedError guest.stock_kernel (cpuid_offered, provider, backend, kernel)
+KVM cannot run what a stock Linux kernel runs early: {instruction} stopped the guest
+tried: enter 64-bit long mode directly (as Firecracker, cloud-hypervisor and libkrun boot
+    Linux) and run {stages}
+answer: {stopped_at}
+fix: update the host kernel (and the outer hypervisor, if this host is itself a VM) and report
+    the instruction and bytes above to the KVM provider
+== msr-refused UnsupportedError guest.msrs (provider, backend, kernel)
+KVM refuses the MSR {msr_refused} that direct-boot VMMs set before Linux starts
+tried: set the MSRs a Linux boot needs (KVM_SET_MSRS)
+answer: KVM_SET_MSRS set {msrs_set} of {msrs_total} MSRs and stopped at {msr_refused}
+fix: update the host kernel (and the outer hypervisor, if nested); Firecracker and libkrun
+    cannot boot a guest without this MSR
+== msr-arch-capabilities-refused UnsupportedError engine (provider, kernel)
+QEMU with -cpu host would abort at start: CPUID offers ARCH_CAPABILITIES, but KVM
+    refuses to set MSR 0x10a
+tried: read MSR 0x10a as a feature MSR (KVM_GET_MSRS on /dev/kvm) and set it on a vCPU
+    (KVM_SET_MSRS), as QEMU does
+answer: value {arch_value}, not accepted
+fix: start QEMU with -cpu host,-arch-capabilities (or a named CPU model), or update the host
+    kernel
+== engine-error-decoded EngineError engine (engine_message)
+{engine} failed on a host that passes its check: {decoded}
+tried: check this host again for {engine}, and decode the engine's message
+answer: the host passes; the message says: {decoded}
+fix: the cause lies in what the engine asked for, not in KVM's availability: see the decoded
+    values above and the engine's configuration
+== native-missing InternalError checker
+the native smoke test is not available: {note}
+tried: load libkvmsmoke.so by absolute path
+answer: {note}
+fix: run `make` in the boxlite_syscheck directory, or set BOXLITE_SYSCHECK_KVMSMOKE to the
+    absolute path of libkvmsmoke.so
+== checker-failed InternalError checker
+{note}; this says nothing about the host
+tried: run the check
+answer: {note}
+fix: report it with the traceback (`python3 -X faulthandler -m boxlite_syscheck`)
+"""
+
+
+def _causes() -> dict[str, _Cause]:
+    """The registry: _CAUSE_TABLE parsed (once, on first use), by key."""
+    causes: dict[str, _Cause] = _cached("causes", _parse_causes)
+    return causes
+
+
+def _parse_causes() -> dict[str, _Cause]:
+    classes = {cls.__name__: cls for cls in BoxliteError.__subclasses__()}
+    causes = {}
+    for block in _CAUSE_TABLE.split("\n== ")[1:]:
+        head, summary, *lines = block.strip().split("\n")
+        key, cls, layer, *shown = head.split(maxsplit=3)
+        fields = {"summary": summary, "shown": shown[0].strip("()") if shown else ""}
+        name = "summary"
+        for line in lines:
+            if line.startswith("    "):
+                fields[name] += " " + line.strip()
+            else:
+                name, _, value = line.partition(": ")
+                fields[name] = value
+        causes[key] = _Cause(classes[cls], layer, fields)
+    return causes
+
+
+def _denied(f: Facts) -> bool:
+    """EACCES or EPERM where the node's mode lets this process in: a policy."""
+    return f.failed(errno.EACCES, errno.EPERM) and (
+        f.failed(errno.EPERM) or not f.opened() or _mode_lets_in(f.ev)
+    )
+
+
+def _missing_node(f: Facts) -> bool:
+    return f.opened(errno.ENOENT)
+
+
+def _no_access(f: Facts) -> bool:
+    """EACCES on open and the node's mode (or its ACL) keeps this process out."""
+    return f.opened(errno.EACCES) and not _mode_lets_in(f.ev)
+
+
+def _contained(f: Facts) -> bool:
+    """In a container or sandbox, or with a private /dev: the device is passed in."""
+    return f.ev.runtime is not None or bool(f.ev.private_dev)
+
+
+def _hv(f: Facts, code: int, source: str | None = None) -> bool:
+    return f.hv is not None and f.hv[0] == code and source in (None, f.hv[1])
+
+
+def _not_kvm(f: Facts) -> bool:
+    """A call failed, on a node that is not character device 10:232."""
+    return f.failed() and f.ev.node is not None and not f.ev.is_kvm_node()
+
+
+def _unanswered(f: Facts) -> bool:
+    """The node does not speak KVM's ioctls (whatever it is)."""
+    odd = (errno.ENOTTY, errno.EINVAL, errno.EBADFD)
+    return f.failed(*odd, step=STEP_API_VERSION) or f.failed(errno.ENOTTY, step=STEP_CREATE_VM)
+
+
+def _gone(f: Facts, *names: str) -> bool:
+    """No node (ENOENT), in one of these runtimes (any, when none is named)."""
+    where = f.ev.runtime in names if names else f.ev.runtime is not None
+    return _missing_node(f) and where
+
+
+def _driver_loaded(f: Facts) -> bool:
+    loaded = bool(set(_DRIVERS) & set(f.ev.kvm_modules))
+    return _missing_node(f) and (bool(f.ev.kvm_registered) or loaded)
+
+
+def _has(f: Facts, flag: str) -> bool:
+    return flag in (f.ev.cpu_flags or set())
+
+
+def _pvm_ships(f: Facts) -> bool:
+    return bool(f.ev.module_available.get("kvm_pvm"))
+
+
+def _nodev(f: Facts) -> bool:
+    return "nodev" in (f.ev.mount or {}).get("options", ())
+
+
+def _userns_denied(f: Facts) -> bool:
+    return _no_access(f) and f.ev.in_userns
+
+
+def _no_group_bits(f: Facts) -> bool:
+    """Access denied, and the node's mode gives no group read-write."""
+    return _no_access(f) and not _perm_allows(int((f.ev.node or {}).get("mode", 0)) >> 3)
+
+
+def _guest_failed(f: Facts, *kinds: str) -> bool:
+    """A guest of one of these kinds ran and did not prove itself."""
+    return f.smoke is not None and f.smoke.guest in kinds and not f.smoke.ok
+
+
+def _no_proof(f: Facts) -> bool:
+    expected = KVM_EXIT_MMIO if f.arch == "aarch64" else KVM_EXIT_HLT
+    return (
+        _guest_failed(f, "real-mode", "aarch64") and getattr(f.smoke, "exit_reason", -1) == expected
+    )
+
+
+def _timed_out(f: Facts) -> bool:
+    return f.smoke is not None and f.smoke.timed_out
+
+
+def _emulated(f: Facts) -> bool:
+    return f.smoke is not None and bool(f.smoke.emulated)
+
+
+def _msr_refused(f: Facts) -> bool:
+    return f.smoke is not None and bool(f.smoke.msrs.get("boot_msr_refused"))
+
+
+def _qemu_arch_msr(f: Facts) -> bool:
+    arch = (f.smoke.msrs.get("arch_capabilities") or {}) if f.smoke else {}
+    return f.engine == "qemu" and arch.get("accepted") is False
+
+
+def _startup_failed(f: Facts) -> bool:
+    return f.failure is not None and f.failure[0] in _STARTUP_STEPS.values()
+
+
+def _sysctl_is(f: Facts, name: str, value: int) -> bool:
+    return f.mac and f.sysctl(name) == value
+
+
+def _no_hvf(f: Facts) -> bool:
+    return f.mac and f.sysctl("kern.hv_support") != 1
+
+
+#: The rules, in order: the first whose predicate holds names the cause (a
+#: key of CAUSES).  The probes gather facts in stages (open, capabilities,
+#: start-up ioctls, guest, deep boot) and ask after each, so a rule on a
+#: later stage's facts never overrides one the gate already stopped at.
+RULES: tuple[tuple[str, Callable[[Facts], bool]], ...] = (
+    ("platform-unsupported", lambda f: f.platform not in ("linux", "darwin")),
+    # macOS: the machine, Hypervisor.framework, then what hv_vm_create said
+    ("rosetta", lambda f: f.machine != "arm64" and _sysctl_is(f, "sysctl.proc_translated", 1)),
+    ("macos-not-arm64", lambda f: f.mac and f.machine != "arm64"),
+    ("hv-support-unreadable", lambda f: f.mac and isinstance(f.sysctl("kern.hv_support"), str)),
+    ("hv-in-vm", lambda f: _no_hvf(f) and _sysctl_is(f, "kern.hv_vmm_present", 1)),
+    ("hv-unsupported", _no_hvf),
+    ("hv-no-resources", lambda f: _hv(f, HV_NO_RESOURCES)),
+    ("hv-denied", lambda f: _hv(f, HV_DENIED, "process")),
+    ("hv-denied/helper", lambda f: _hv(f, HV_DENIED, "engine")),
+    ("hv-unsupported-code", lambda f: _hv(f, HV_UNSUPPORTED)),
+    ("hv-busy", lambda f: _hv(f, HV_BUSY, "engine")),
+    ("hv-engine-code", lambda f: f.hv is not None and f.hv[1] == "engine"),
+    ("hv-other", lambda f: f.hv is not None and f.hv[0] not in (HV_SUCCESS, HV_BUSY)),
+    ("hv-engine-error", lambda f: f.mac and f.message is not None and not f.entitled),
+    # Linux: limits the process or the system hit, at any step
+    ("fd-limit", lambda f: f.failed(errno.EMFILE)),
+    ("system-file-limit", lambda f: f.failed(errno.ENFILE)),
+    ("out-of-memory", lambda f: f.failed(errno.ENOMEM)),
+    # Linux: what is at the path, and why it is missing
+    ("kvm-wsl1", lambda f: _missing_node(f) and f.ev.wsl == "1"),
+    ("kvm-missing-wsl", lambda f: _missing_node(f) and f.ev.wsl == "2"),
+    ("kvm-not-kvm-device/bind", lambda f: _not_kvm(f) and bool(f.ev.bind_mounted)),
+    ("kvm-not-kvm-device/container", lambda f: _not_kvm(f) and _contained(f)),
+    ("kvm-not-kvm-device", _not_kvm),
+    ("kvm-not-kvm-device/unanswered", _unanswered),
+    ("kvm-missing-container/kubernetes", lambda f: _gone(f, "kubernetes")),
+    ("kvm-missing-container/flatpak", lambda f: _gone(f, "flatpak")),
+    ("kvm-missing-container/snap", lambda f: _gone(f, "snap")),
+    ("kvm-missing-container/firejail", lambda f: _gone(f, "firejail")),
+    ("kvm-missing-container/bubblewrap", lambda f: _gone(f, "bubblewrap")),
+    ("kvm-missing-container/systemd-nspawn", lambda f: _gone(f, "systemd-nspawn")),
+    ("kvm-missing-container/lxc", lambda f: _gone(f, "lxc")),
+    ("kvm-missing-container", _gone),
+    ("kvm-missing-container/service", lambda f: _missing_node(f) and bool(f.ev.private_dev)),
+    ("kvm-node-missing", _driver_loaded),
+    ("kvm-module-not-loaded", lambda f: _missing_node(f) and (_has(f, "vmx") or _has(f, "svm"))),
+    ("kvm-no-el2", lambda f: _missing_node(f) and f.arch == "aarch64"),
+    ("kvm-pvm-not-loaded", lambda f: _missing_node(f) and _has(f, "hypervisor") and _pvm_ships(f)),
+    ("kvm-no-nested", lambda f: _missing_node(f) and _has(f, "hypervisor")),
+    ("kvm-no-virtualization", _missing_node),
+    ("kvm-no-driver/arm64", lambda f: f.opened(errno.ENXIO, errno.ENODEV) and f.arch == "aarch64"),
+    ("kvm-no-driver", lambda f: f.opened(errno.ENXIO, errno.ENODEV)),
+    # The node keeps this process out (EACCES on open)
+    ("kvm-nodev", lambda f: f.opened(errno.EACCES) and _nodev(f)),
+    ("kvm-userns/firejail", lambda f: _userns_denied(f) and f.ev.runtime == "firejail"),
+    ("kvm-userns/unmapped-group", lambda f: _userns_denied(f) and f.ev.unmapped("gid")),
+    ("kvm-userns", _userns_denied),
+    ("kvm-acl-denies", lambda f: f.opened(errno.EACCES) and _acl_denier(f.ev) is not None),
+    ("kvm-mode-no-group/no-kvm-group", lambda f: _no_group_bits(f) and not f.ev.kvm_group),
+    ("kvm-mode-no-group", _no_group_bits),
+    ("kvm-stale-session", lambda f: _no_access(f) and bool(f.ev.group_listed)),
+    ("kvm-not-in-group/unnamed", lambda f: _no_access(f) and f.ev.group_named is False),
+    ("kvm-not-in-group", _no_access),
+    # A policy refused what the node's mode lets in (EPERM, EACCES)
+    ("kvm-device-cgroup", lambda f: _denied(f) and _policy_candidates(f)[:1] == ["device cgroup"]),
+    ("kvm-seccomp-denied", lambda f: _denied(f) and _sole_policy(f, "seccomp")),
+    ("kvm-landlock-denied", lambda f: _denied(f) and _sole_policy(f, "Landlock")),
+    ("kvm-selinux-denied", lambda f: _denied(f) and _sole_policy(f, "SELinux")),
+    ("kvm-apparmor-denied", lambda f: _denied(f) and _sole_policy(f, "AppArmor")),
+    ("kvm-flatpak-denied", lambda f: _denied(f) and _sole_policy(f, "flatpak")),
+    ("kvm-snap-denied", lambda f: _denied(f) and _sole_policy(f, "snap")),
+    ("kvm-access-policy", lambda f: _denied(f) and bool(_policy_candidates(f))),
+    ("kvm-access-policy/unseen", _denied),
+    ("kvm-open-failed", lambda f: f.opened()),
+    # The device answers, but not as a VMM needs
+    ("kvm-api-version", lambda f: f.failed(0, step=STEP_API_VERSION)),
+    ("kvm-busy", lambda f: f.failed(errno.EBUSY, step=STEP_CREATE_VM)),
+    ("kvm-capability-missing/seccomp", lambda f: bool(f.missing) and f.ev.seccomp == "2"),
+    ("kvm-capability-missing", lambda f: bool(f.missing)),
+    ("startup-ioctl-failed", _startup_failed),
+    ("kvm-step-failed", lambda f: f.failed()),
+    # The guest ran: what it showed
+    ("smoke-timeout/arm64", lambda f: _timed_out(f) and f.arch == "aarch64"),
+    ("smoke-timeout", _timed_out),
+    ("guest-emulated-pvm", lambda f: _emulated(f) and f.ev.kvm_provider == "kvm_pvm"),
+    ("guest-emulated", _emulated),
+    ("smoke-no-proof", _no_proof),
+    ("smoke-exit/arm64", lambda f: _guest_failed(f, "aarch64")),
+    ("smoke-exit", lambda f: _guest_failed(f, "real-mode")),
+    ("guest-instruction-failed", lambda f: _guest_failed(f, "long-mode")),
+    ("msr-refused", _msr_refused),
+    ("msr-arch-capabilities-refused", _qemu_arch_msr),
+    # An engine's error on a host that passes
+    ("engine-error-decoded", lambda f: f.platform == "linux" and bool(f.decoded)),
+)
+
+
+def _diagnose(facts: Facts) -> BoxliteError | None:
+    """The one door to a cause: the first rule of RULES that holds, rendered."""
+    for key, holds in RULES:
+        if holds(facts):
+            return _render(key, facts)
     return None
 
 
-def _offered(result: SmokeResult) -> str:
-    names = [name for name, on in result.cpuid.items() if on]
-    return ", ".join(names) or "none of cx16, xsave, arch_capabilities"
+def _render(key: str, facts: Facts) -> BoxliteError:
+    """The error for a cause: summary, Tried, Answer, evidence, Fix."""
+    cause = _causes()[key]
+    try:
+        return _worded(key, cause, _Values(facts))
+    except _NoValue as missing:
+        _log("warning", "cause %s: no value for %s", key, missing)
+        return _worded(key, cause, _Values(facts, strict=False))
 
 
-def diagnose(result: SmokeResult, path: str = KVM_DEVICE,
-             engine: str | None = DEFAULT_ENGINE) -> BoxliteError | None:  # fmt: skip
-    """Map a smoke-test result to the error for its cause; None when it passed.
-
-    For the long-mode guest a result can pass its instructions and still be
-    refused: guest code that runs emulated cannot boot a real guest.
-    """
-    step, err = result.step, result.error
-    if step == STEP_DONE or (step == STEP_RUN and result.timed_out):
-        if result.guest == "long-mode":
-            return _real_guest_failure(result, engine)
-        return None if result.ok else _exit_failure(result)
-    if err in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-        return _resource_exhausted(path, step, err)
-    if step == STEP_OPEN or err in (errno.EACCES, errno.EPERM, errno.ENOTTY, errno.EINVAL):
-        access = diagnose_access(step, err, _gather_evidence(path))
-        if access is not None:
-            return access
-    if step == STEP_OPEN:
-        return _failure(
-            UnsupportedError, "kvm-open-failed", f"{path} cannot be opened",
-            tried=f"open {path} read-write", answer=errno_name(err),
-            fix="see the answer above; the device must open read-write for this user",
-        )  # fmt: skip
-    if step == STEP_API_VERSION and err == 0:
-        return _failure(
-            UnsupportedError, "kvm-api-version",
-            f"KVM reports API version {result.api_version}, expected {KVM_API_VERSION}",
-            tried=STEP_NAMES[step], answer=f"version {result.api_version}",
-            kernel=_kernel_release(),
-            fix=f"use a kernel whose KVM speaks API version {KVM_API_VERSION} "
-            "(every mainline kernel since 2.6.22)",
-        )  # fmt: skip
-    if step == STEP_CREATE_VM and err == errno.EBUSY:
-        return _failure(
-            UnsupportedError, "kvm-busy",
-            "KVM cannot create a VM: another hypervisor holds the CPU's virtualization "
-            "extensions",
-            tried=STEP_NAMES[step], answer=errno_name(err),
-            fix="quit the other hypervisor (VirtualBox, VMware) or unload its module, "
-            "then retry",
-        )  # fmt: skip
-    return _failure(
-        EngineError, "kvm-step-failed",
-        f"KVM smoke test failed: could not {STEP_NAMES[step]}",
-        tried=STEP_NAMES[step], answer=errno_name(err) if err else "no errno",
-        backend=result.backend, kernel=_kernel_release(),
-        fix="this KVM refuses a basic operation every VMM needs: update the kernel, "
-        "and report the answer above to the KVM provider if it persists",
-    )  # fmt: skip
+def _worded(key: str, cause: _Cause, values: _Values) -> BoxliteError:
+    summary = cause.summary.format_map(values)
+    tried, answer = cause.tried.format_map(values), cause.answer.format_map(values)
+    fix = cause.fix.format_map(values)
+    shown = {name: values.raw(name) for name in cause.shown}
+    shown = {name: value for name, value in shown.items() if value not in (None, "")}
+    lines = [summary, "", f"Tried: {tried}", f"Answer: {answer}"]
+    lines += [f"{_LABELS[name]}: {value}" for name, value in shown.items()]
+    lines += ["", f"Fix: {fix}"]
+    evidence = {"tried": tried, "answer": answer, **shown}
+    error = cause.cls("\n".join(lines), cause=key.split("/")[0], evidence=evidence, fix=fix)
+    error._layer = cause.layer
+    return error
 
 
-# ── Report pieces ───────────────────────────────────────────────────────────
+def _diagnose_staged(facts: Facts) -> BoxliteError | None:
+    """What the gate would say of these facts: it asks after each stage
+    (open, capabilities, start-up ioctls, guest, deep boot) and stops at the
+    first cause, so a report that gathered everything says the same."""
+    import copy
 
-PASS, WARN, FAIL, SKIP, INFO = "pass", "warn", "fail", "skip", "info"
-
-
-class Finding:
-    """One observation of the report: id, status, summary, evidence and fix."""
-
-    __slots__ = ("duration_s", "error", "evidence", "fix", "id", "status", "summary")
-
-    def __init__(
-        self,
-        id: str,
-        status: str,
-        summary: str,
-        evidence: Mapping[str, object] | None = None,
-        fix: str = "",
-        duration: float = 0.0,
-    ) -> None:
-        self.id = id
-        self.status = status
-        self.summary = summary
-        self.evidence: dict[str, object] = dict(evidence or {})
-        self.fix = fix
-        #: How long gathering this finding took, in seconds.
-        self.duration_s = duration
-        #: The error SystemCheck.run() raises for this failure, if any.
-        self.error: BoxliteError | None = None
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "id": self.id,
-            "status": self.status,
-            "summary": self.summary,
-            "evidence": self.evidence,
-            "fix": self.fix,
-            "duration_s": round(self.duration_s, 6),
-        }
-
-    def __repr__(self) -> str:
-        return f"<Finding {self.id} {self.status}: {self.summary}>"
-
-
-def _timed(findings: list[Finding], make: Callable[[], Finding]) -> None:
-    """Append make()'s finding with its duration."""
-    import time
-
-    start = time.perf_counter()
-    finding = make()
-    finding.duration_s = time.perf_counter() - start
-    findings.append(finding)
-
-
-def _from_error(id: str, error: BoxliteError) -> Finding:
-    summary = error.detail.split("\n", 1)[0]
-    finding = Finding(id, FAIL, summary, {"cause": error.cause, **error.evidence}, error.fix)
-    finding.error = error
-    return finding
-
-
-# ── Probes ──────────────────────────────────────────────────────────────────
-
-
-class HypervisorProbe:
-    """Platform-specific hypervisor checks.
-
-    ``startup_check()`` raises a BoxliteError when the host cannot run VMs;
-    ``diagnose_create_failure(error)`` never raises and returns a more
-    precise error than the one given, or that one unchanged.
-    """
-
-    name = "none"
-
-    def acquire(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
-                engine: str | None = DEFAULT_ENGINE) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
-        """Validate the host; return (open device or None, smoke result or None)."""
-        raise NotImplementedError
-
-    def startup_check(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
-                      engine: str | None = DEFAULT_ENGINE) -> None:  # fmt: skip
-        """One-time validation; raises BoxliteError when the host is unusable."""
-        fd, _ = self.acquire(timeout, backend, engine)
-        if fd is not None:
-            os.close(fd)
-
-    def diagnose_create_failure(self, error: BoxliteError) -> BoxliteError:
-        """Refine an engine's VM-creation error; the default keeps it."""
-        return error
-
-    def findings(self, timeout: float, backend: str | None, probe_hvf: bool,
-                 engine: str | None = DEFAULT_ENGINE) -> list[Finding]:  # fmt: skip
-        """Everything the report shows for this platform."""
-        raise NotImplementedError
-
-
-class UnsupportedPlatformProbe(HypervisorProbe):
-    """Any system other than Linux and macOS: BoxLite does not run there."""
-
-    name = "unsupported"
-
-    def __init__(self, system: str) -> None:
-        self.system = system
-
-    def __repr__(self) -> str:
-        return f"UnsupportedPlatformProbe({self.system!r})"
-
-    def _error(self) -> BoxliteError:
-        return UnsupportedError(
-            f"BoxLite only supports Linux and macOS (this is {self.system})",
-            cause="platform-unsupported",
-            evidence={"platform": self.system},
-            fix="run on Linux with KVM or on macOS on Apple Silicon",
-        )
-
-    def acquire(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
-                engine: str | None = DEFAULT_ENGINE) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
-        raise self._error()
-
-    def findings(self, timeout: float, backend: str | None, probe_hvf: bool,
-                 engine: str | None = DEFAULT_ENGINE) -> list[Finding]:  # fmt: skip
-        return [_from_error("platform", self._error())]
-
-
-class KvmProbe(HypervisorProbe):
-    """Linux: open /dev/kvm and run guest code in a throwaway VM."""
-
-    name = "kvm"
-
-    def __init__(self, machine: str, path: str = KVM_DEVICE) -> None:
-        self.machine = machine
-        self.path = path
-
-    def __repr__(self) -> str:
-        return f"KvmProbe({self.machine!r}, path={self.path!r})"
-
-    @property
-    def can_smoke_test(self) -> bool:
-        # The guests and structures are those of a 64-bit process; a 32-bit
-        # interpreter on a 64-bit kernel would pass KVM the wrong layouts.
-        return self.machine in _SMOKE_MACHINES and sys.maxsize > 2**32
-
-    def acquire(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
-                engine: str | None = DEFAULT_ENGINE) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
-        """Open the device and smoke-test it; the caller owns the descriptor.
-
-        With an engine the guest is the long-mode one a real kernel needs
-        (and its speed); with ``engine=None`` the trivial real-mode guest.
-        """
-        _check_engine(engine)
-        _check_timeout(timeout)
-        fd = self._open(timeout)
-        try:
-            if engine is not None and _speaks_kvm(fd):
-                # Cheap: one KVM_CHECK_EXTENSION each.  An engine that would
-                # not start is told before any guest runs.  (A device that is
-                # not KVM is left to the smoke test's diagnosis.)
-                error = _capability_error(engine, self.arch,
-                                          _capability_values(fd, _engine_caps(engine, self.arch)))  # fmt: skip
-                if error is not None:
-                    raise error
-            if not self.can_smoke_test:
-                _log("debug", "no smoke test for %s: %s opened, guest code not run",
-                     self.machine, self.path)  # fmt: skip
-                return fd, None
-            result = smoke_test(fd, timeout=timeout, backend=backend, guest=self._guest_kind(engine))
-            error = diagnose(result, self.path, engine)
-        except BaseException:
-            os.close(fd)
-            raise
+    later = ("caps", "ioctls", "smoke", "deep")
+    partial = copy.copy(facts)
+    for name in later:
+        setattr(partial, name, None)
+    for name in later:
+        error = _diagnose(partial)
         if error is not None:
-            os.close(fd)
-            raise error
-        return fd, result
-
-    def _guest_kind(self, engine: str | None) -> str:
-        """The guest that proves what ``engine`` needs on this architecture."""
-        if self.arch == "aarch64":
-            return "aarch64"
-        return "real-mode" if engine is None else "long-mode"
-
-    @property
-    def arch(self) -> str:
-        """The architecture as the engine table names it."""
-        return {"amd64": "x86_64", "arm64": "aarch64"}.get(self.machine, self.machine)
-
-    def _open(self, timeout: float = DEFAULT_TIMEOUT) -> int:
-        """Open the device as a VMM does; raise the diagnosed error."""
-        try:
-            return _open_device(self.path)
-        except OSError as err:
-            failed = SmokeResult("none", timeout)
-            failed.error = err.errno or 0
-            error = diagnose(failed, self.path)
-            assert error is not None
-            raise error from err
-
-    def findings(self, timeout: float, backend: str | None, probe_hvf: bool,
-                 engine: str | None = DEFAULT_ENGINE) -> list[Finding]:  # fmt: skip
-        _check_engine(engine)
-        _check_timeout(timeout)
-        if engine is not None and self.can_smoke_test:
-            return self._engine_findings(timeout, backend, engine)
-        found: list[Finding] = []
-        _timed(found, self._device_finding)
-        holder: list[int] = []
-        _timed(found, lambda: self._usable_finding(timeout, backend, holder))
-        smoke = found.pop()
-        if smoke.error is not None:
-            found = _blame_the_device(found, smoke.error)
-        else:
-            found.append(smoke)
-        guest: SmokeResult | None = None
-        if holder:
-            fd = holder[0]
-            try:
-                if engine is not None and self.can_smoke_test:
-                    guest = smoke_test(fd, timeout=timeout, backend=backend, guest="long-mode")
-                    found += _guest_findings(guest, diagnose(guest, self.path))
-                _timed(found, lambda: _capabilities_finding(fd))
-            finally:
-                os.close(fd)
-        else:
-            found.append(Finding("kvm.capabilities", SKIP, "not read: the device is not usable"))
-        _timed(found, lambda: self._groups_finding())
-        _timed(found, _module_finding)
-        _timed(found, lambda: _cpu_finding(bool(holder), guest))
-        _timed(found, _context_finding)
-        return found
-
-    def _engine_findings(self, timeout: float, backend: str | None, engine: str) -> list[Finding]:
-        """The report for an engine: one long-mode VM shows every layer.
-
-        The device works when its guest code ran; the real-guest layers
-        follow; then every engine's verdict from the capabilities, the
-        start-up ioctls (on a throwaway VM of their own) and the guest.
-        """
-        found: list[Finding] = []
-        _timed(found, self._device_finding)
-        try:
-            fd = self._open(timeout)
-        except BoxliteError as open_error:
-            found = _blame_the_device(found, open_error)
-            found.append(Finding("kvm.capabilities", SKIP, "not read: the device does not open"))
-            return found + self._host_findings(None)
-        try:
-            guest = smoke_test(fd, timeout=timeout, backend=backend,
-                               guest=self._guest_kind(engine))  # fmt: skip
-            caps = _capability_values(fd, _all_caps(self.arch))
-            # The start-up ioctls the table lists are x86's.
-            ioctls = _probe_startup_ioctls(fd) if self.arch == "x86_64" else {}
-        finally:
-            os.close(fd)
-        error = _capability_error(engine, self.arch, caps) or diagnose(guest, self.path, engine)
-        cause = error.cause if error is not None else ""
-        ran = guest.speed is not None or guest.step == STEP_DONE
-        if not ran:
-            found.append(_from_error("kvm.smoke", error) if error is not None else
-                         Finding("kvm.smoke", FAIL, "no guest code ran", guest.as_dict()))  # fmt: skip
-        else:
-            found.append(Finding("kvm.smoke", PASS, "the device works: guest code ran and halted "
-                                 f"({guest.backend} backend)", {"backend": guest.backend,
-                                 "bound": guest.bound, "runs": guest.runs}))  # fmt: skip
-            if guest.guest == "long-mode":
-                guest_error = error if cause in _GUEST_CAUSES or cause == "smoke-timeout" else None
-                found += _guest_findings(guest, guest_error)
-            elif error is not None and cause not in _START_CAUSES:
-                found[-1] = _from_error("kvm.smoke", error)
-        verdicts = _engine_verdicts(self.arch, caps, ioctls, guest, self.path)
-        for name, verdict in verdicts.items():
-            found.append(_engine_finding(name, verdict, name == engine,
-                                         error if name == engine and cause in _START_CAUSES else None))  # fmt: skip
-        found.append(_capability_finding(caps))
-        return found + self._host_findings(guest)
-
-    def diagnose_create_failure(self, error: BoxliteError, engine: str | None = DEFAULT_ENGINE,
-                                timeout: float = DEFAULT_TIMEOUT) -> BoxliteError:  # fmt: skip
-        """Refine the error an engine returned when it could not create or run a VM.
-
-        The host is checked again, for that engine: when the check fails now,
-        its error (the group, the emulation, a missing capability...) is the
-        precise one.  Otherwise the engine's message is decoded (capability
-        numbers and names, errno values) into an EngineError that says what
-        they mean; an error with nothing to decode is returned unchanged.
-        Never raises for a host problem.
-        """
-        try:
-            fd, _ = self.acquire(timeout, None, engine)
-        except (InternalError, InvalidArgumentError):
-            raise
-        except BoxliteError as precise:
-            return precise
-        if fd is not None:
-            os.close(fd)
-        decoded = decode_engine_message(str(error))
-        if not decoded:
             return error
-        return EngineError(
-            f"{error.detail or error}\n\nDecoded: {'; '.join(decoded)}\n\nThis host passes the "
-            f"check for {engine}, so the cause lies in what the engine asked for, not in KVM's "
-            "availability.",
-            cause="engine-error-decoded", evidence={"engine_message": str(error), "decoded": decoded},
-        )  # fmt: skip
-
-    def _host_findings(self, guest: SmokeResult | None) -> list[Finding]:
-        found: list[Finding] = []
-        _timed(found, lambda: self._groups_finding())
-        _timed(found, _module_finding)
-        _timed(found, lambda: _cpu_finding(guest is not None, guest))
-        _timed(found, _context_finding)
-        return found
-
-    def _device_finding(self) -> Finding:
-        import stat
-
-        try:
-            st = _stat(self.path)
-        except OSError as err:
-            return Finding("kvm.device", FAIL, f"{self.path} is missing",
-                           {"path": self.path, "errno": errno.errorcode.get(err.errno or 0)})  # fmt: skip
-        node = _describe_node(st)
-        is_kvm = stat.S_ISCHR(st.st_mode) and (
-            os.major(st.st_rdev), os.minor(st.st_rdev)) == (KVM_DEVICE_MAJOR, KVM_DEVICE_MINOR)  # fmt: skip
-        evidence = {"path": self.path, "node": node}
-        if is_kvm:
-            return Finding("kvm.device", PASS, f"{self.path}: {node}", evidence)
-        return Finding("kvm.device", WARN,
-                       f"{self.path} is not character device {KVM_DEVICE_MAJOR}:{KVM_DEVICE_MINOR}: {node}",
-                       evidence)  # fmt: skip
-
-    def _usable_finding(self, timeout: float, backend: str | None, holder: list[int]) -> Finding:
-        try:
-            fd, result = self.acquire(timeout, backend, engine=None)
-        except (InternalError, InvalidArgumentError):
-            raise  # the checker's own failure, or the caller's: not a host verdict
-        except BoxliteError as error:
-            return _from_error("kvm.smoke", error)
-        assert fd is not None
-        holder.append(fd)
-        if result is None:
-            return Finding("kvm.smoke", WARN,
-                           f"{self.path} opens, but guest code was not run: no smoke test for {self.machine} yet",
-                           {"machine": self.machine, "smoke_tested": False},
-                           "")  # fmt: skip
-        summary = (f"the device works: a trivial guest ran and halted (proof {result.proof:#x}, "
-                   f"{result.elapsed * 1e3:.2f} ms, {result.backend} backend)")  # fmt: skip
-        if result.bound == "none":
-            return Finding("kvm.smoke", WARN, summary + "; the run was unbounded: no timer "
-                           "and no watchdog thread could be had", result.as_dict(),
-                           "raise RLIMIT_SIGPENDING and the thread limit of this process")  # fmt: skip
-        return Finding("kvm.smoke", PASS, summary, result.as_dict())
-
-    def _groups_finding(self) -> Finding:
-        try:
-            st = _stat(self.path)
-        except OSError:
-            return Finding("kvm.groups", SKIP, f"{self.path} is missing: no group to check")
-        uid = os.geteuid()
-        gid = st.st_gid
-        group = _group_name(gid)
-        user, listed, held = _group_membership(gid)
-        evidence = {"user": user, "uid": uid, "device_group": group,
-                    "listed_in_group_db": listed, "process_has_group": held,
-                    "process_groups": sorted({os.getegid(), *os.getgroups()})}  # fmt: skip
-        import stat
-
-        if uid == 0:
-            return Finding("kvm.groups", INFO, "running as root: the device mode does not apply",
-                           evidence)  # fmt: skip
-        if stat.S_IMODE(st.st_mode) & 0o006 == 0o006:
-            return Finding("kvm.groups", INFO,
-                           f"{self.path} is open to every user (mode "
-                           f"{stat.S_IMODE(st.st_mode):04o}): no group is needed", evidence)  # fmt: skip
-        if uid == st.st_uid:
-            return Finding("kvm.groups", INFO, f"{user} owns {self.path}", evidence)
-        if held:
-            return Finding("kvm.groups", PASS, f"this process has group {group}", evidence)
-        if listed:
-            return Finding("kvm.groups", WARN,
-                           f"{user} is in group {group} but this session predates it",
-                           evidence,
-                           f"log out and back in (or `newgrp {group}`)")  # fmt: skip
-        return Finding("kvm.groups", INFO, f"{user} is not in group {group}", evidence)
+        setattr(partial, name, getattr(facts, name))
+    return _diagnose(partial)
 
 
-# ── Decoding what engines say ───────────────────────────────────────────────
-
-# The shapes engines print (../shared/research/engine-requirements.md):
-# Firecracker "Missing KVM capabilities: [0x24]", libkrun "Missing KVM
-# capabilities: SetTssAddr", cloud-hypervisor "Capability missing: Irqchip",
-# crosvm "missing required hypervisor capability ImmediateExit", QEMU "kvm
-# does not support KVM_CAP_SET_TSS_ADDR"; errnos as "Error(13)", "os error 2",
-# "code: 16", "failed: 16 Device or resource busy".
-_ERRNO_PATTERNS = (r"Error\((\d+)\)", r"os error (\d+)", r"code: (\d+)",
-                   r"failed: (\d+) [A-Z]")  # fmt: skip
-
-
-def _cap_from_rust_name(word: str) -> str | None:
-    """"SetTssAddr" -> "SET_TSS_ADDR", when that is a capability we know."""
-    import re
-
-    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", word).upper()
-    aliases = {"ARM_PSCI02": "ARM_PSCI_0_2", "SET_IDENTITY_MAP_ADDRESS": "SET_IDENTITY_MAP_ADDR"}
-    name = aliases.get(name, name)
-    return name if name in KVM_CAPS else None
-
-
-def decode_engine_message(message: str) -> list[str]:
-    """Name the capability numbers, capability names and errno values in an
-    engine's error message: ["KVM_CAP_IOEVENTFD (36) is missing", ...]."""
-    import re
-
-    found: list[str] = []
-    caps: list[str] = []
-    for listing in re.findall(r"[Mm]issing KVM capabilities:\s*\[([^\]]*)\]", message):
-        for number in re.findall(r"0x[0-9a-fA-F]+|\d+", listing):
-            value = int(number, 0)
-            caps.append(KVM_CAP_NAMES.get(value, f"unknown capability {value}"))
-    for word in re.findall(r"(?:[Mm]issing KVM capabilities:|Capability missing:|missing required "
-                           r"hypervisor capability)\s*([A-Za-z][A-Za-z0-9]*)", message):  # fmt: skip
-        name = _cap_from_rust_name(word)
-        if name:
-            caps.append(name)
-    caps += re.findall(r"KVM_CAP_([A-Z0-9_]+)", message)
-    for name in dict.fromkeys(caps):
-        label = _cap_label(name) if name in KVM_CAPS else name
-        found.append(f"{label} is missing")
-    for pattern in _ERRNO_PATTERNS:
-        for number in re.findall(pattern, message):
-            value = int(number)
-            if value in errno.errorcode:
-                text = f"errno {value} is {errno_name(value)}"
-                if text not in found:
-                    found.append(text)
-    return found
+def _layer(error: BoxliteError | None) -> str | None:
+    """The layer (a finding id, "engine" or "checker") an error fails."""
+    return None if error is None else error._layer
 
 
 # ── Engines: what each needs, probed on this host ───────────────────────────
-
-# Causes that stop a guest once the engine has started, and causes that stop
-# the engine from starting.
-_GUEST_CAUSES = frozenset({"guest-emulated", "guest-emulated-pvm", "guest-instruction-failed",
-                           "msr-refused", "msr-arch-capabilities-refused"})  # fmt: skip
-_START_CAUSES = frozenset({"kvm-capability-missing"})
-_LIMIT_CAPS = ("MAX_VCPUS", "NR_VCPUS", "NR_MEMSLOTS")
 
 
 def _speaks_kvm(fd: int) -> bool:
@@ -3968,80 +4513,31 @@ def _speaks_kvm(fd: int) -> bool:
         return False
 
 
-def _engine_caps(engine: str, arch: str) -> tuple[str, ...]:
-    required: tuple[str, ...] = ENGINE_REQUIREMENTS[engine]["required"].get(arch, ())
-    return required
-
-
 def _all_caps(arch: str) -> tuple[str, ...]:
     """Every capability some engine asks about on ``arch``, and the limits."""
-    names = {name for row in ENGINE_REQUIREMENTS.values()
-             for kind in ("required", "optional") for name in row[kind].get(arch, ())}  # fmt: skip
+    names = {
+        name
+        for row in ENGINE_REQUIREMENTS.values()
+        for kind in ("required", "optional")
+        for name in row[kind].get(arch, ())
+    }
     return tuple(sorted(names | set(_LIMIT_CAPS), key=lambda n: KVM_CAPS[n]))
 
 
-def _capability_values(fd: int, names: Sequence[str]) -> dict[str, int | str]:
-    """KVM_CHECK_EXTENSION for each name: its value, or the errno's name."""
-    values: dict[str, int | str] = {}
+def _capability_values(fd: int, names: Iterable[str]) -> dict[str, int]:
+    """KVM_CHECK_EXTENSION for each name: its value, or -errno when it failed."""
+    values: dict[str, int] = {}
     for name in names:
         try:
             values[name] = _ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAPS[name])
         except _SysError as err:
-            values[name] = errno.errorcode.get(err.errno or 0, "error")
+            values[name] = -(err.errno or errno.EIO)
     return values
-
-
-def _missing(names: Sequence[str], values: Mapping[str, int | str]) -> list[str]:
-    return [name for name in names if values.get(name) in (0, None) or isinstance(values.get(name), str)]
-
-
-def _cap_label(name: str) -> str:
-    return f"KVM_CAP_{name} ({KVM_CAPS[name]})"
-
-
-def _seccomp_mode() -> str | None:
-    """This process's seccomp mode from /proc/self/status ("0", "1", "2")."""
-    for line in (_read_text("/proc/self/status") or "").splitlines():
-        if line.startswith("Seccomp:"):
-            return line.split(":", 1)[1].strip()
-    return None
-
-
-def _capability_error(engine: str, arch: str,
-                      values: Mapping[str, int | str]) -> BoxliteError | None:  # fmt: skip
-    """UnsupportedError naming every capability ``engine`` needs and KVM lacks."""
-    missing = _missing(_engine_caps(engine, arch), values)
-    if not missing:
-        return None
-    names = ", ".join(_cap_label(name) for name in missing)
-    tried = f"KVM_CHECK_EXTENSION for the capabilities {engine} refuses to start without"
-    answer = "; ".join(f"{_cap_label(n)}: {values.get(n)}" for n in missing)
-    kernel = _kernel_release()
-    if _seccomp_mode() == "2":
-        # A filter can answer KVM_CHECK_EXTENSION itself: two causes fit.
-        return _failure(
-            UnsupportedError, "kvm-capability-missing",
-            f"{engine} would not start: KVM reports {names} missing, and this process "
-            "runs under a seccomp filter, which may be the one answering",
-            tried=tried, answer=answer, seccomp="filter (mode 2)", kernel=kernel,
-            kvm_provider=_kvm_provider(),
-            fix="check in this order: (1) run `python3 -m boxlite_syscheck --engine "
-            f"{engine}` outside this sandbox; if it passes there, allow KVM_CHECK_EXTENSION "
-            "(and KVM's ioctls) in the seccomp policy; (2) otherwise the host's KVM lacks "
-            "them: update the host kernel or the KVM module",
-        )  # fmt: skip
-    return _failure(
-        UnsupportedError, "kvm-capability-missing",
-        f"{engine} would not start: this KVM lacks {names}",
-        tried=tried, answer=answer, kernel=kernel, kvm_provider=_kvm_provider(),
-        fix=f"update the host kernel (or the {_kvm_provider()} module) to one whose KVM "
-        f"offers {', '.join(missing)}; every mainline kernel since 5.10 does",
-    )  # fmt: skip
 
 
 def _close_later(fds: Sequence[int]) -> None:
     """Close VM descriptors in a thread: tearing down a VM with an in-kernel
-    irqchip and PIT takes tens of milliseconds, which the report need not
+    irqchip and PIT takes tens of milliseconds, which the check need not
     wait for.  They are closed all the same (see _wait_for_closes).  One
     closer thread serves the process; where none can be had, close now."""
     closer = _cached("closer", _start_closer)
@@ -4085,50 +4581,51 @@ def _wait_for_closes() -> None:
         closer.join()
 
 
-def _probe_startup_ioctls(fd: int) -> dict[str, str | None]:
-    """The VM ioctls engines issue at start-up, on throwaway VMs: each None
-    when it worked, else the errno's name.  KVM_CREATE_IRQCHIP and the split
-    irqchip exclude each other, so the latter gets a VM of its own."""
+def _probe_startup_ioctls(fd: int, names: Iterable[str]) -> dict[str, int]:
+    """The VM ioctls engines issue at start-up, on throwaway VMs: each 0 when
+    it worked, its errno, or -1 when it was not tried (the PIT needs the
+    irqchip).  KVM_CREATE_IRQCHIP and the split irqchip exclude each other,
+    so the latter gets a VM of its own."""
     import ctypes
 
-    results: dict[str, str | None] = {}
+    wanted = [name for name in _STARTUP_STEPS if name in set(names)]
+    results: dict[str, int] = {}
     vms: list[int] = []
-
-    def attempt(name: str, vm: int, request: int, arg: int = 0) -> None:
-        try:
-            _ioctl(vm, request, arg)
-            results[name] = None
-        except _SysError as err:
-            results[name] = errno.errorcode.get(err.errno or 0, "error")
-
-    try:
-        for _ in range(2):
-            vms.append(_ioctl(fd, KVM_CREATE_VM, 0))
-    except _SysError as err:
-        why = f"not tried: KVM_CREATE_VM {errno.errorcode.get(err.errno or 0, 'error')}"
-        for name in ("KVM_SET_IDENTITY_MAP_ADDR", "KVM_SET_TSS_ADDR", "KVM_CREATE_IRQCHIP",
-                     "KVM_CREATE_PIT2", "KVM_ENABLE_CAP(SPLIT_IRQCHIP)"):  # fmt: skip
-            results.setdefault(name, why)
-        _close_later(vms)
-        return results
-    # The addresses QEMU and the rust-vmm engines use, below 4 GiB.
-    identity = ctypes.c_uint64(0xFFFBC000)
+    identity = ctypes.c_uint64(_IDENTITY_MAP_ADDR)
     pit = (ctypes.c_uint8 * _SIZEOF_KVM_PIT_CONFIG)()  # flags 0
     # struct kvm_enable_cap: cap (u32), flags (u32), args[4] (u64): args[0] is
     # the number of IOAPIC pins the split irqchip routes.
     split = (ctypes.c_uint8 * _SIZEOF_KVM_ENABLE_CAP).from_buffer_copy(
-        KVM_CAPS["SPLIT_IRQCHIP"].to_bytes(4, "little") + bytes(4) + (24).to_bytes(8, "little")
-        + bytes(_SIZEOF_KVM_ENABLE_CAP - 16))  # fmt: skip
-    attempt("KVM_SET_IDENTITY_MAP_ADDR", vms[0], KVM_SET_IDENTITY_MAP_ADDR,
-            ctypes.addressof(identity))  # fmt: skip
-    attempt("KVM_SET_TSS_ADDR", vms[0], KVM_SET_TSS_ADDR, 0xFFFBD000)
-    attempt("KVM_CREATE_IRQCHIP", vms[0], KVM_CREATE_IRQCHIP)
-    if results["KVM_CREATE_IRQCHIP"] is None:
-        attempt("KVM_CREATE_PIT2", vms[0], KVM_CREATE_PIT2, ctypes.addressof(pit))
-    else:  # the PIT needs the in-kernel irqchip: its failure would be a consequence
-        results["KVM_CREATE_PIT2"] = "not tried: KVM_CREATE_IRQCHIP failed"
-    attempt("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", vms[1], KVM_ENABLE_CAP, ctypes.addressof(split))
-    _close_later(vms)
+        KVM_CAPS["SPLIT_IRQCHIP"].to_bytes(4, "little")
+        + bytes(4)
+        + (24).to_bytes(8, "little")
+        + bytes(_SIZEOF_KVM_ENABLE_CAP - 16)
+    )
+    calls = {
+        "KVM_SET_IDENTITY_MAP_ADDR": (KVM_SET_IDENTITY_MAP_ADDR, ctypes.addressof(identity)),
+        "KVM_SET_TSS_ADDR": (KVM_SET_TSS_ADDR, _TSS_ADDR),
+        "KVM_CREATE_IRQCHIP": (KVM_CREATE_IRQCHIP, 0),
+        "KVM_CREATE_PIT2": (KVM_CREATE_PIT2, ctypes.addressof(pit)),
+        "KVM_ENABLE_CAP(SPLIT_IRQCHIP)": (KVM_ENABLE_CAP, ctypes.addressof(split)),
+    }
+    try:
+        for name in wanted:
+            if name == "KVM_CREATE_PIT2" and results.get("KVM_CREATE_IRQCHIP", 0) != 0:
+                results[name] = -1  # it needs the in-kernel irqchip
+                continue
+            if not vms or name == "KVM_ENABLE_CAP(SPLIT_IRQCHIP)":
+                vms.append(_ioctl(fd, KVM_CREATE_VM, 0))
+            request, arg = calls[name]
+            try:
+                _ioctl(vms[-1], request, arg)
+                results[name] = 0
+            except _SysError as err:
+                results[name] = err.errno or errno.EIO
+    except _SysError as err:  # KVM_CREATE_VM: the smoke test will say why
+        _log("debug", "start-up ioctls not tried: KVM_CREATE_VM %s", errno_name(err.errno or 0))
+        results.update({name: -1 for name in wanted if name not in results})
+    finally:
+        _close_later(vms)
     return results
 
 
@@ -4138,179 +4635,330 @@ WOULD_FAIL_GUEST = "would start but its guest would fail"
 WOULD_NOT_START = "would not start"
 
 
-def _engine_verdicts(arch: str, caps: Mapping[str, int | str],
-                     ioctls: Mapping[str, str | None], guest: SmokeResult | None,
-                     path: str = KVM_DEVICE) -> dict[str, dict[str, object]]:  # fmt: skip
-    """Every engine's verdict on this host: start-up needs, then its guest."""
-    verdicts: dict[str, dict[str, object]] = {}
-    # The guest's diagnosis is the same for every engine but QEMU (which alone
-    # sets ARCH_CAPABILITIES): made once, and once more for QEMU.
-    shared = diagnose(guest, path, DEFAULT_ENGINE) if guest is not None else None
-    for name, row in ENGINE_REQUIREMENTS.items():
-        missing = _missing(row["required"].get(arch, ()), caps)
-        absent = _missing(row["optional"].get(arch, ()), caps)
-        failed = {call: answer for call in row["ioctls"]
-                  if (answer := ioctls.get(call)) is not None and not answer.startswith("not tried")}
-        untested = [call for call in row["ioctls"]
-                    if (ioctls.get(call) or "").startswith("not tried")]  # fmt: skip
-        why: list[str] = []
-        if missing:
-            why.append("missing " + ", ".join(_cap_label(n) for n in missing))
-        why += [f"{call} fails: {answer}" for call, answer in failed.items()]
-        guest_error = (diagnose(guest, path, name) if name == "qemu" and guest is not None
-                       else shared)  # fmt: skip
-        if guest_error is not None and guest_error.cause == "msr-arch-capabilities-refused":
-            why.append(guest_error.detail.split("\n", 1)[0])  # QEMU aborts at start
-            guest_error = None
-        if why:
-            verdict, reason = WOULD_NOT_START, "; ".join(why)
-        elif guest_error is not None:
-            verdict, reason = WOULD_FAIL_GUEST, guest_error.detail.split("\n", 1)[0].split(". ")[0]
-        else:
-            verdict, reason = WOULD_RUN, ""
-        verdicts[name] = {
-            "verdict": verdict,
-            "why": reason or None,
-            "cause": guest_error.cause if guest_error is not None and not why else (
-                "kvm-capability-missing" if missing else ("startup-ioctl-failed" if failed else None)),
-            "missing_capabilities": [{"name": n, "number": KVM_CAPS[n]} for n in missing],
-            "optional_capabilities_absent": [{"name": n, "number": KVM_CAPS[n]} for n in absent],
-            "failed_ioctls": failed,
-            "untested_ioctls": untested,
-            "boot": row["boot"],
-            "devices": {purpose: _exists(node) for purpose, node in row["devices"].items()},
-            "limits": {n.lower(): caps.get(n) for n in _LIMIT_CAPS},
-        }  # fmt: skip
-    return verdicts
+def _verdict(facts: Facts, error: BoxliteError | None) -> dict[str, object]:
+    """One engine's verdict (facts for that engine, and its diagnosis)."""
+    assert facts.engine is not None
+    row = ENGINE_REQUIREMENTS[facts.engine]
+    caps, ioctls = facts.caps or {}, facts.ioctls or {}
+    missing = facts.missing
+    absent = [n for n in row["optional"].get(facts.arch, ()) if caps.get(n) == 0]
+    failed = {n: errno.errorcode.get(code, str(code)) for n, code in ioctls.items() if code > 0}
+    failed = {n: answer for n, answer in failed.items() if n in facts.engine_ioctls}
+    untested = [n for n in facts.engine_ioctls if ioctls.get(n, -1) < 0]
+    layer = _layer(error)
+    if error is None:
+        verdict, why = WOULD_RUN, ""
+    elif layer is not None and (layer.startswith("guest.") or layer.startswith("deep.")):
+        verdict, why = WOULD_FAIL_GUEST, error.summary
+    else:
+        verdict, why = WOULD_NOT_START, error.summary
+    return {
+        "verdict": verdict,
+        "why": why or None,
+        "cause": error.cause if error is not None else None,
+        "missing_capabilities": [{"name": n, "number": KVM_CAPS[n]} for n in missing],
+        "optional_capabilities_absent": [{"name": n, "number": KVM_CAPS[n]} for n in absent],
+        "failed_ioctls": failed,
+        "untested_ioctls": untested,
+        "boot": row["boot"],
+        "devices": {purpose: _exists(node) for purpose, node in row["devices"].items()},
+        "limits": {name.lower(): caps.get(name) for name in _LIMIT_CAPS},
+    }
 
 
-def _engine_finding(name: str, verdict: Mapping[str, object], selected: bool,
-                    error: BoxliteError | None) -> Finding:  # fmt: skip
-    """One engine's verdict; only the selected engine's can fail the report."""
-    text = f"{name} {verdict['verdict']}"
-    if verdict["why"]:
-        text += f": {verdict['why']}"
-    if not selected:
-        return Finding(f"engine.{name}", INFO, text, verdict)
-    status = PASS if verdict["verdict"] == WOULD_RUN else FAIL
-    finding = Finding(f"engine.{name}", status, text, verdict)
-    if error is not None:
-        finding.error, finding.fix = error, error.fix
-        finding.evidence = {"cause": error.cause, **finding.evidence}
+# ── Decoding what engines say ───────────────────────────────────────────────
+
+# The shapes engines print (../shared/research/engine-requirements.md):
+# Firecracker "Missing KVM capabilities: [0x24]", libkrun "Missing KVM
+# capabilities: SetTssAddr", cloud-hypervisor "Capability missing: Irqchip",
+# crosvm "missing required hypervisor capability ImmediateExit", QEMU "kvm
+# does not support KVM_CAP_SET_TSS_ADDR"; errnos as "Error(13)", "os error 2",
+# "code: 16", "failed: 16 Device or resource busy".
+_ERRNO_PATTERNS = (r"Error\((\d+)\)", r"os error (\d+)", r"code: (\d+)", r"failed: (\d+) [A-Z]")
+_CAP_ALIASES = {"ARM_PSCI02": "ARM_PSCI_0_2", "SET_IDENTITY_MAP_ADDRESS": "SET_IDENTITY_MAP_ADDR"}
+
+
+def _cap_from_rust_name(word: str) -> str | None:
+    """ "SetTssAddr" -> "SET_TSS_ADDR", when that is a capability we know."""
+    import re
+
+    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", word).upper()
+    name = _CAP_ALIASES.get(name, name)
+    return name if name in KVM_CAPS else None
+
+
+def decode_engine_message(message: str) -> list[str]:
+    """Name the capability numbers, capability names and errno values in an
+    engine's error message: ["KVM_CAP_IOEVENTFD (36) is missing", ...]."""
+    import re
+
+    found: list[str] = []
+    caps: list[str] = []
+    for listing in re.findall(r"[Mm]issing KVM capabilities:\s*\[([^\]]*)\]", message):
+        for number in re.findall(r"0x[0-9a-fA-F]+|\d+", listing):
+            value = int(number, 0)
+            caps.append(KVM_CAP_NAMES.get(value, f"unknown capability {value}"))
+    named = (
+        r"(?:[Mm]issing KVM capabilities:|Capability missing:|missing required hypervisor "
+        r"capability)\s*([A-Za-z][A-Za-z0-9]*)"
+    )
+    for word in re.findall(named, message):
+        name = _cap_from_rust_name(word)
+        if name:
+            caps.append(name)
+    caps += re.findall(r"KVM_CAP_([A-Z0-9_]+)", message)
+    for name in dict.fromkeys(caps):
+        label = f"KVM_CAP_{name} ({KVM_CAPS[name]})" if name in KVM_CAPS else name
+        found.append(f"{label} is missing")
+    for pattern in _ERRNO_PATTERNS:
+        for number in re.findall(pattern, message):
+            value = int(number)
+            text = f"errno {value} is {errno_name(value)}"
+            if value in errno.errorcode and text not in found:
+                found.append(text)
+    return found
+
+
+# ── Findings: what the report shows, rendered from the facts ────────────────
+
+PASS, WARN, FAIL, SKIP, INFO = "pass", "warn", "fail", "skip", "info"
+
+
+class Finding:
+    """One observation of the report: id, status, summary, evidence and fix."""
+
+    __slots__ = ("duration_s", "error", "evidence", "fix", "id", "status", "summary")
+
+    def __init__(
+        self,
+        id: str,
+        status: str,
+        summary: str,
+        evidence: Mapping[str, object] | None = None,
+        fix: str = "",
+        duration: float = 0.0,
+    ) -> None:
+        self.id = id
+        self.status = status
+        self.summary = summary
+        self.evidence: dict[str, object] = dict(evidence or {})
+        self.fix = fix
+        #: How long gathering this finding took, in seconds.
+        self.duration_s = duration
+        #: The error SystemCheck.run() raises for this failure, if any.
+        self.error: BoxliteError | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "summary": self.summary,
+            "evidence": self.evidence,
+            "fix": self.fix,
+            "duration_s": round(self.duration_s, 6),
+        }
+
+    def __repr__(self) -> str:
+        return f"<Finding {self.id} {self.status}: {self.summary}>"
+
+
+def _failing(id: str, error: BoxliteError, duration: float = 0.0) -> Finding:
+    """The finding that carries the gate's error: its summary, evidence and fix."""
+    evidence = {"cause": error.cause, **error.evidence}
+    finding = Finding(id, FAIL, error.summary, evidence, error.fix, duration)
+    finding.error = error
     return finding
 
 
-def _capability_finding(caps: Mapping[str, int | str]) -> Finding:
-    present = sum(1 for name, value in caps.items() if isinstance(value, int) and value > 0)
-    summary = (f"{present} of {len(caps)} capabilities the engines ask about are offered; "
-               f"up to {caps.get('MAX_VCPUS')} vCPUs, {caps.get('NR_MEMSLOTS')} memory slots")  # fmt: skip
-    return Finding("kvm.capabilities", INFO, summary,
-                   {name: {"number": KVM_CAPS[name], "value": value} for name, value in caps.items()})  # fmt: skip
+def _carry(finding: Finding, error: BoxliteError | None) -> Finding:
+    """Give a finding the gate's error when it is this finding's layer."""
+    if error is not None and _layer(error) == finding.id:
+        carried = _failing(finding.id, error, finding.duration_s)
+        carried.evidence = {**carried.evidence, **finding.evidence, "cause": error.cause}
+        return carried
+    return finding
 
 
-def _blame_the_device(found: list[Finding], error: BoxliteError) -> list[Finding]:
-    """One cause, one failing finding: a missing node fails ``kvm.device``
-    (with the fix) and the smoke test is skipped; any other open error
-    fails ``kvm.smoke``."""
-    if str(error.evidence.get("answer", "")).startswith("ENOENT"):
-        found = [f for f in found if f.id != "kvm.device"]
-        found.insert(0, _from_error("kvm.device", error))
-        found.append(Finding("kvm.smoke", SKIP, "not run: there is no device to open"))
+def _device_finding(facts: Facts, error: BoxliteError | None) -> Finding:
+    ev = facts.ev
+    node = _node_text(ev.node)
+    evidence = {"path": facts.path, "node": node}
+    if ev.node is None:
+        finding = Finding("kvm.device", FAIL, f"{facts.path} is missing", evidence)
+    elif ev.is_kvm_node():
+        finding = Finding("kvm.device", PASS, f"{facts.path}: {node}", evidence)
     else:
-        found.append(_from_error("kvm.smoke", error))
-    return found
+        summary = f"{facts.path} is not character device 10:232: {node}"
+        finding = Finding("kvm.device", WARN, summary, evidence)
+    return _carry(finding, error)
+
+
+def _smoke_finding(facts: Facts, error: BoxliteError | None, duration: float) -> Finding:
+    smoke, layer = facts.smoke, _layer(error)
+    if layer == "kvm.smoke":
+        assert error is not None
+        return _failing("kvm.smoke", error, duration)
+    if facts.open_errno == errno.ENOENT:
+        return Finding("kvm.smoke", SKIP, "not run: there is no device to open")
+    if smoke is None and facts.open_errno is None and layer not in ("kvm.device",):
+        summary = (
+            f"{facts.path} opens, but guest code was not run: no smoke test for {facts.machine} yet"
+        )
+        return Finding(
+            "kvm.smoke", WARN, summary, {"machine": facts.machine, "smoke_tested": False}
+        )
+    if smoke is None or not smoke.ran:
+        where = f"{smoke.step_name}: {errno_name(smoke.error)}" if smoke and smoke.error else "it"
+        return Finding(
+            "kvm.smoke", FAIL, f"no guest code ran (stopped at {where})", duration=duration
+        )
+    what = {
+        "real-mode": "a trivial guest ran and halted",
+        "long-mode": "a 64-bit guest ran",
+        "aarch64": "arm64 guest code ran and wrote its proof by MMIO",
+    }[smoke.guest]
+    summary = f"the device works: {what} ({smoke.backend} backend)"
+    evidence = smoke.as_dict() if smoke.guest != "long-mode" else {}
+    evidence.update(backend=smoke.backend, bound=smoke.bound, runs=smoke.runs)
+    if smoke.bound == "none":
+        summary += "; the run was unbounded: no timer and no watchdog thread could be had"
+        fix = "raise RLIMIT_SIGPENDING and the thread limit of this process"
+        return Finding("kvm.smoke", WARN, summary, evidence, fix, duration)
+    return Finding("kvm.smoke", PASS, summary, evidence, duration=duration)
 
 
 def _guest_findings(result: SmokeResult, error: BoxliteError | None) -> list[Finding]:
     """The real-guest layers: hardware speed, a stock kernel's instructions, MSRs.
 
-    The gate's error (one cause) rides on the finding of its layer; another
-    layer that fails as a consequence of it fails without a fix of its own.
+    The gate's error rides on the finding of its layer; another layer that
+    fails as a consequence of it fails without a fix of its own.
     """
-    cause = error.cause if error is not None else ""
-    evidence = result.as_dict()
-    if result.step != STEP_DONE and not result.timed_out and error is not None:
-        return [_from_error("guest.long_mode", error)]
     speed = result.speed
+    duration = result.elapsed
     if speed is None:
-        speed_finding = Finding("guest.speed", SKIP, "not measured: the guest stopped first",
-                                {"speed": None})  # fmt: skip
-    elif speed.emulated:
-        speed_finding = Finding("guest.speed", FAIL, "guest code is emulated in software: "
-                                + speed.describe(), speed.as_dict())  # fmt: skip
+        speed_finding = Finding("guest.speed", SKIP, "not measured: the guest stopped first")
     elif speed.emulated is None:
         speed_finding = Finding("guest.speed", SKIP, speed.describe(), speed.as_dict())
     else:
-        speed_finding = Finding("guest.speed", PASS, "guest code runs at hardware speed: "
-                                + speed.describe(), speed.as_dict())  # fmt: skip
+        status, what = (
+            (FAIL, "emulated in software") if speed.emulated else (PASS, "at hardware speed")
+        )
+        speed_finding = Finding(
+            "guest.speed", status, f"guest code runs {what}: " + speed.describe(), speed.as_dict()
+        )
+    evidence = result.as_dict()
     if result.ok:
-        ran = ["64-bit long mode"] + [name for name, key in (
-            ("lock cmpxchg16b", "cx16"), ("xsetbv, xsave64, xrstor64", "xsave"))
-            if result.cpuid.get(key)]  # fmt: skip
-        kernel_finding = Finding("guest.stock_kernel", PASS,
-                                 f"a stock kernel's early code runs: {', '.join(ran)}",
-                                 evidence)  # fmt: skip
+        ran = ["64-bit long mode", *result.stages_run()[1:-1]]
+        summary = f"a stock kernel's early code runs: {', '.join(ran)}"
+        kernel = Finding("guest.stock_kernel", PASS, summary, evidence, duration=duration)
     elif result.timed_out:
-        kernel_finding = Finding("guest.stock_kernel", FAIL,
-                                 f"the long-mode guest did not halt within {result.timeout:g} s",
-                                 evidence)  # fmt: skip
+        summary = f"the long-mode guest did not halt within {result.timeout:g} s"
+        kernel = Finding("guest.stock_kernel", FAIL, summary, evidence, duration=duration)
     else:
-        kernel_finding = Finding("guest.stock_kernel", FAIL, _stopped_at(result), evidence)
+        kernel = Finding(
+            "guest.stock_kernel", FAIL, _stopped_at(result), evidence, duration=duration
+        )
     msrs = result.msrs
     arch = msrs.get("arch_capabilities")
     if msrs.get("boot_msr_refused"):
-        msr_finding = Finding("guest.msrs", FAIL,
-                              f"KVM refuses the boot MSR {msrs['boot_msr_refused']}", msrs)
+        summary = f"KVM refuses the boot MSR {msrs['boot_msr_refused']}"
+        msr = Finding("guest.msrs", FAIL, summary, msrs)
     elif isinstance(arch, dict) and not arch.get("accepted"):
-        msr_finding = Finding(
-            "guest.msrs", WARN,
-            "ARCH_CAPABILITIES is offered in the supported CPUID but KVM refuses to set it",
-            msrs, "QEMU with -cpu host aborts here ('failed to set MSR 0x10a'): give QEMU "
-            "-cpu host,-arch-capabilities, or update the host kernel",
-        )  # fmt: skip
+        summary = "ARCH_CAPABILITIES is offered in the supported CPUID but KVM refuses to set it"
+        fix = (
+            "QEMU with -cpu host aborts here ('failed to set MSR 0x10a'): give QEMU "
+            "-cpu host,-arch-capabilities, or update the host kernel"
+        )
+        msr = Finding("guest.msrs", WARN, summary, msrs, fix)
+    elif msrs:
+        offered = "offered and accepted" if isinstance(arch, dict) else "not offered"
+        summary = f"the {len(BOOT_MSRS)} boot MSRs are accepted; ARCH_CAPABILITIES {offered}"
+        msr = Finding("guest.msrs", PASS, summary, msrs)
     else:
-        extra = ("; ARCH_CAPABILITIES offered and accepted" if isinstance(arch, dict)
-                 else "; ARCH_CAPABILITIES not offered")  # fmt: skip
-        msr_finding = Finding("guest.msrs", PASS,
-                              f"the {len(BOOT_MSRS)} boot MSRs are accepted" + extra, msrs)
-    findings = [speed_finding, kernel_finding, msr_finding]
-    owner = {"guest-emulated": speed_finding, "guest-emulated-pvm": speed_finding,
-             "msr-refused": msr_finding}.get(cause, kernel_finding)  # fmt: skip
-    if error is not None:
-        owner.status, owner.error, owner.fix = FAIL, error, error.fix
-        owner.evidence = {"cause": cause, **owner.evidence}
-    return findings
+        msr = Finding("guest.msrs", SKIP, "not set: the guest stopped first")
+    return [_carry(f, error) for f in (speed_finding, kernel, msr)]
 
 
-def _capabilities_finding(fd: int) -> Finding:
-    caps = {
-        "api_version": KVM_GET_API_VERSION,
-        "max_vcpus": KVM_CAP_MAX_VCPUS,
-        "recommended_vcpus": KVM_CAP_NR_VCPUS,
-        "memory_slots": KVM_CAP_NR_MEMSLOTS,
-        "user_memory": KVM_CAP_USER_MEMORY,
-        "immediate_exit": KVM_CAP_IMMEDIATE_EXIT,
+def _engine_findings(facts: Facts, error: BoxliteError | None) -> list[Finding]:
+    """Every engine's verdict; only the selected engine's decides the report."""
+    found = []
+    for name in ENGINES:
+        mine = name == facts.engine
+        # The selected engine's diagnosis is the gate's; each other engine's
+        # is what the gate would say for it.
+        other = facts.for_engine(name)
+        verdict = _verdict(other, error if mine else _diagnose_staged(other))
+        text = f"{name} {verdict['verdict']}" + (f": {verdict['why']}" if verdict["why"] else "")
+        if not mine:
+            found.append(Finding(f"engine.{name}", INFO, text, verdict))
+            continue
+        status = PASS if verdict["verdict"] == WOULD_RUN else FAIL
+        finding = Finding(f"engine.{name}", status, text, verdict)
+        if error is not None and _layer(error) == "engine":
+            finding.error, finding.fix = error, error.fix
+            finding.evidence = {"cause": error.cause, **verdict}
+        found.append(finding)
+    return found
+
+
+def _capabilities_finding(facts: Facts) -> Finding:
+    caps = facts.caps
+    if caps is None:
+        why = (
+            "the device does not open" if facts.open_errno is not None else "the device is not KVM"
+        )
+        return Finding("kvm.capabilities", SKIP, f"not read: {why}")
+    present = sum(1 for value in caps.values() if value > 0)
+    summary = (
+        f"{present} of {len(caps)} capabilities the engines ask about are offered; up to "
+        f"{caps.get('MAX_VCPUS')} vCPUs, {caps.get('NR_MEMSLOTS')} memory slots"
+    )
+    evidence = {
+        name: {"number": KVM_CAPS[name], "value": v if v >= 0 else errno.errorcode.get(-v)}
+        for name, v in caps.items()
     }
-    values: dict[str, object] = {}
-    for name, number in caps.items():
-        try:
-            if name == "api_version":
-                values[name] = _ioctl(fd, KVM_GET_API_VERSION)
-            else:
-                values[name] = _ioctl(fd, KVM_CHECK_EXTENSION, number)
-        except OSError as err:
-            values[name] = errno.errorcode.get(err.errno or 0, "error")
-    missing = [n for n in ("user_memory", "immediate_exit") if values.get(n) in (0,)]
-    summary = (f"API {values['api_version']}, up to {values['max_vcpus']} vCPUs, "
-               f"{values['memory_slots']} memory slots")  # fmt: skip
-    if missing:
-        return Finding("kvm.capabilities", WARN, summary + f"; missing {', '.join(missing)}",
-                       values, "VMMs need these capabilities: update the kernel")  # fmt: skip
-    return Finding("kvm.capabilities", PASS, summary, values)
+    return Finding("kvm.capabilities", INFO, summary, evidence)
 
 
-def _module_finding() -> Finding:
-    modules = _kvm_modules()
+def _groups_finding(facts: Facts) -> Finding:
+    ev, node = facts.ev, facts.ev.node
+    if node is None:
+        return Finding("kvm.groups", SKIP, f"{facts.path} is missing: no group to check")
+    group = node.get("group") or f"gid {node['gid']}"
+    held = _group_matches(ev)
+    evidence = {
+        "user": ev.user,
+        "uid": ev.euid,
+        "device_group": group,
+        "listed_in_group_db": ev.group_listed,
+        "process_has_group": held,
+        "process_groups": list(ev.groups),
+    }
+    user = ev.user or f"uid {ev.euid}"
+    if ev.euid == 0 and not ev.in_userns:
+        return Finding(
+            "kvm.groups", INFO, "running as root: the device mode does not apply", evidence
+        )
+    if _perm_allows(node["mode"]):
+        summary = (
+            f"{facts.path} is open to every user (mode {node['mode']:04o}): no group is needed"
+        )
+        return Finding("kvm.groups", INFO, summary, evidence)
+    if _owner_matches(ev):
+        return Finding("kvm.groups", INFO, f"{user} owns {facts.path}", evidence)
+    if held:
+        return Finding("kvm.groups", PASS, f"this process has group {group}", evidence)
+    if ev.group_listed:
+        summary = f"{user} is in group {group} but this session predates it"
+        return Finding(
+            "kvm.groups", WARN, summary, evidence, f"log out and back in (or `newgrp {group}`)"
+        )
+    return Finding("kvm.groups", INFO, f"{user} is not in group {group}", evidence)
+
+
+def _module_finding(facts: Facts) -> Finding:
+    ev = facts.ev
+    modules = ev.kvm_modules
     evidence: dict[str, object] = {"loaded": modules}
     for name in ("kvm_intel", "kvm_amd"):
         nested = _read_text(f"/sys/module/{name}/parameters/nested")
@@ -4320,20 +4968,19 @@ def _module_finding() -> Finding:
         if not _exists("/sys/module"):
             return Finding("kvm.module", SKIP, "/sys/module is not available", evidence)
         return Finding("kvm.module", INFO, "no KVM module is loaded", evidence)
-    arch = [m for m in modules if m != "kvm"] or modules
-    if "kvm_pvm" in arch:
-        native = _read_text("/sys/module/kvm_pvm/parameters/pvm_native")
-        if native is not None:
-            evidence["kvm_pvm.pvm_native"] = native.strip()
-        return Finding("kvm.module", INFO,
-                       "KVM module in use: kvm_pvm (paravirtual KVM without VT-x/AMD-V: "
-                       "PVM-enabled guest kernels run at speed, other guests' kernel code "
-                       "is emulated)", evidence)  # fmt: skip
-    return Finding("kvm.module", INFO, f"KVM module in use: {', '.join(arch)}", evidence)
+    if ev.kvm_provider == "kvm_pvm":
+        if ev.pvm_native is not None:
+            evidence["kvm_pvm.pvm_native"] = ev.pvm_native
+        summary = (
+            "KVM module in use: kvm_pvm (paravirtual KVM without VT-x/AMD-V: PVM-enabled guest "
+            "kernels run at speed, other guests' kernel code is emulated)"
+        )
+        return Finding("kvm.module", INFO, summary, evidence)
+    return Finding("kvm.module", INFO, f"KVM module in use: {ev.kvm_provider or 'kvm'}", evidence)
 
 
-def _cpu_finding(kvm_works: bool, guest: SmokeResult | None = None) -> Finding:
-    flags = _cpu_flags()
+def _cpu_finding(facts: Facts) -> Finding:
+    flags, guest = facts.ev.cpu_flags, facts.smoke
     if flags is None:
         return Finding("cpu.flags", SKIP, "/proc/cpuinfo lists no x86 flags")
     virt = sorted({"vmx", "svm"} & flags)
@@ -4341,51 +4988,325 @@ def _cpu_finding(kvm_works: bool, guest: SmokeResult | None = None) -> Finding:
     if virt:
         return Finding("cpu.flags", INFO, f"CPU flags: {', '.join(virt)}", evidence)
     where = "running under a hypervisor" if "hypervisor" in flags else "bare metal"
-    if kvm_works and guest is not None and guest.emulated is False and guest.ok:
-        return Finding("cpu.flags", INFO,
-                       f"no vmx/svm flag ({where}), yet guest code runs at hardware speed: "
-                       "flag-based checkers would wrongly refuse this host", evidence)  # fmt: skip
-    if kvm_works and guest is not None and guest.emulated:
-        return Finding("cpu.flags", INFO,
-                       f"no vmx/svm flag ({where}): /dev/kvm works, but stock guests' kernel "
-                       "code is emulated; flag-based checkers refuse this host for that "
-                       "missing flag, which is the right verdict for the wrong reason",
-                       evidence)  # fmt: skip
-    return Finding("cpu.flags", INFO, f"no vmx/svm flag ({where})", evidence)
+    summary = f"no vmx/svm flag ({where})"
+    if guest is not None and guest.emulated is False and guest.ok:
+        summary += ", yet guest code runs at hardware speed: flag-based checkers would wrongly refuse this host"
+    elif guest is not None and guest.emulated:
+        summary += (
+            ": /dev/kvm works, but stock guests' kernel code is emulated; flag-based checkers "
+            "refuse this host for that missing flag, which is the right verdict for the wrong reason"
+        )
+    return Finding("cpu.flags", INFO, summary, evidence)
 
 
-def _context_finding() -> Finding:
+def _context_finding(facts: Facts) -> Finding:
     """Where this process runs: container, cluster, user namespace, sandbox, LSM."""
-    ev = _gather_evidence(context_only=True)
+    ev = facts.ev
     parts = []
-    if ev.contained:
-        parts.append(f"{ev.contained} ({', '.join(ev.runtime_evidence) or 'environment'})")
+    if ev.runtime:
+        parts.append(f"{ev.runtime} ({', '.join(ev.runtime_evidence)})")
     if ev.private_dev:
         parts.append("a private /dev (tmpfs)")
     if ev.in_userns:
-        parts.append(f"a user namespace (uid_map {' '.join(str((ev.userns or {}).get('uid_map')).split())})")
+        parts.append(f"a user namespace (uid_map {(ev.userns or {}).get('uid_map') or 'empty'})")
+    if ev.systemd_unit:
+        parts.append(f"systemd unit {ev.systemd_unit}")
     if ev.wsl:
         parts.append(f"WSL {ev.wsl}")
-    sandbox = [name for name, _, _ in _policies(ev)]
-    if sandbox:
-        parts.append("sandboxed: " + ", ".join(sandbox))
+    if ev.seccomp == "2":
+        parts.append("a seccomp filter")
     evidence = {
-        "runtime": ev.runtime, "runtime_evidence": ev.runtime_evidence,
-        "kubernetes": ev.kubernetes, "flatpak": ev.flatpak, "snap": ev.snap,
-        "private_dev": ev.private_dev, "user_namespace": ev.userns, "wsl": ev.wsl,
-        "no_new_privs": ev.no_new_privs, "seccomp": ev.seccomp,
-        "landlock_abi": ev.landlock_abi, "lsm": ev.lsm, "lsm_context": ev.lsm_context,
-    }  # fmt: skip
+        "runtime": ev.runtime,
+        "runtime_evidence": ev.runtime_evidence,
+        "private_dev": ev.private_dev,
+        "user_namespace": ev.userns,
+        "cgroup": ev.cgroup,
+        "systemd_unit": ev.systemd_unit,
+        "wsl": ev.wsl,
+        "no_new_privs": ev.no_new_privs,
+        "seccomp": ev.seccomp,
+        "landlock_abi": ev.landlock_abi,
+        "lsm": ev.lsm,
+        "lsm_context": ev.lsm_context,
+    }
     if parts:
         return Finding("host.context", INFO, "running in " + "; ".join(parts), evidence)
-    return Finding("host.context", INFO, "no container, user namespace, sandbox or WSL detected",
-                   evidence)  # fmt: skip
+    summary = "no container, user namespace, sandbox or WSL detected"
+    return Finding("host.context", INFO, summary, evidence)
+
+
+# ── Probes: gather the facts for a platform ─────────────────────────────────
+
+
+class HypervisorProbe:
+    """Platform-specific hypervisor checks.
+
+    ``acquire()`` is the gate: it raises the BoxliteError for the first
+    cause it meets.  ``gather()`` collects the facts the report shows;
+    ``findings()`` renders them.  Both diagnose through _diagnose, so the
+    gate and the report name the same cause.
+    """
+
+    name = "none"
+    platform = "unknown"
+    machine = ""
+
+    def facts(self, engine: str | None, timeout: float) -> Facts:
+        return Facts(self.platform, self.machine, engine=engine, timeout=timeout)
+
+    def acquire(
+        self,
+        timeout: float = DEFAULT_TIMEOUT,
+        backend: str | None = None,
+        engine: str | None = DEFAULT_ENGINE,
+    ) -> tuple[int | None, SmokeResult | None]:
+        """Validate the host; return (open device or None, smoke result or None)."""
+        _check_engine(engine)
+        _check_timeout(timeout)
+        facts = self.facts(engine, timeout)
+        error = _diagnose(facts)
+        if error is not None:
+            raise error
+        return None, None
+
+    def startup_check(
+        self,
+        timeout: float = DEFAULT_TIMEOUT,
+        backend: str | None = None,
+        engine: str | None = DEFAULT_ENGINE,
+    ) -> None:
+        """One-time validation; raises BoxliteError when the host is unusable."""
+        fd, _ = self.acquire(timeout, backend, engine)
+        if fd is not None:
+            os.close(fd)
+
+    def gather(
+        self, engine: str | None, timeout: float, backend: str | None, probe_hvf: bool = False
+    ) -> Facts:
+        """Everything the report shows, as facts."""
+        return self.facts(engine, timeout)
+
+    def findings(self, facts: Facts, error: BoxliteError | None) -> list[Finding]:
+        """The report's findings for these facts and their diagnosis."""
+        if error is not None:
+            return [_failing(_layer(error) or "platform", error)]
+        return []
+
+    def diagnose_create_failure(
+        self,
+        error: BaseException,
+        engine: str | None = DEFAULT_ENGINE,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> BaseException:
+        """Refine an engine's VM-creation error; where nothing is known, keep it."""
+        return error
+
+
+class UnsupportedPlatformProbe(HypervisorProbe):
+    """Any system other than Linux and macOS: BoxLite does not run there."""
+
+    name = "unsupported"
+
+    def __init__(self, system: str) -> None:
+        self.platform = system
+
+    def __repr__(self) -> str:
+        return f"UnsupportedPlatformProbe({self.platform!r})"
+
+
+class KvmProbe(HypervisorProbe):
+    """Linux: open /dev/kvm and run guest code in a throwaway VM."""
+
+    name = "kvm"
+    platform = "linux"
+
+    def __init__(self, machine: str, path: str = KVM_DEVICE) -> None:
+        self.machine = machine
+        self.path = path
+
+    def __repr__(self) -> str:
+        return f"KvmProbe({self.machine!r}, path={self.path!r})"
+
+    @property
+    def arch(self) -> str:
+        """The architecture as the engine table names it."""
+        return _ARCH_NAMES.get(self.machine, self.machine)
+
+    @property
+    def can_smoke_test(self) -> bool:
+        # The guests and structures are those of a 64-bit process; a 32-bit
+        # interpreter on a 64-bit kernel would pass KVM the wrong layouts.
+        return self.machine in _SMOKE_MACHINES and sys.maxsize > 2**32
+
+    def facts(self, engine: str | None, timeout: float) -> Facts:
+        facts = Facts("linux", self.machine, engine=engine, path=self.path, timeout=timeout)
+        return facts
+
+    def _guest_kind(self, engine: str | None) -> str:
+        """The guest that proves what ``engine`` needs on this architecture."""
+        if self.arch == "aarch64":
+            return "aarch64"
+        return "real-mode" if engine is None else "long-mode"
+
+    def _open(self, facts: Facts) -> int | None:
+        """Open the device as a VMM does; the errno goes into the facts."""
+        try:
+            return _open_device(self.path)
+        except OSError as err:
+            facts.open_errno = _errno_of(err)
+            facts.open_error = err
+            return None
+
+    def _run(self, facts: Facts, fd: int, backend: str | None) -> None:
+        if self.can_smoke_test:
+            kind = self._guest_kind(facts.engine)
+            facts.smoke = smoke_test(fd, timeout=facts.timeout, backend=backend, guest=kind)
+
+    def gate(
+        self, engine: str | None, timeout: float, backend: str | None, facts: Facts | None = None
+    ) -> tuple[Facts, int | None, BoxliteError | None]:
+        """The gate, stage by stage: (facts, the open device or None, the cause).
+
+        It asks for a cause after each stage and stops at the first one; on
+        success the caller owns the descriptor.
+        """
+        _check_engine(engine)
+        _check_timeout(timeout)
+        facts = facts or self.facts(engine, timeout)
+        fd = self._open(facts)
+        if fd is None:
+            return facts, None, self._cause(facts)
+        try:
+            if engine is not None and _speaks_kvm(fd):
+                facts.speaks_kvm = True
+                facts.caps = _capability_values(fd, facts.engine_caps)
+                error = _diagnose(facts)
+                if error is None and facts.engine_ioctls:
+                    facts.ioctls = _probe_startup_ioctls(fd, facts.engine_ioctls)
+                    error = _diagnose(facts)
+                if error is not None:
+                    os.close(fd)
+                    return facts, None, error
+            self._run(facts, fd, backend)
+            error = _diagnose(facts)
+        except BaseException:
+            os.close(fd)
+            raise
+        if error is not None:
+            os.close(fd)
+            return facts, None, error
+        return facts, fd, None
+
+    def _cause(self, facts: Facts) -> BoxliteError:
+        error = _diagnose(facts)
+        assert error is not None  # every open errno has a rule
+        error.__cause__ = facts.open_error
+        return error
+
+    def acquire(
+        self,
+        timeout: float = DEFAULT_TIMEOUT,
+        backend: str | None = None,
+        engine: str | None = DEFAULT_ENGINE,
+    ) -> tuple[int | None, SmokeResult | None]:
+        """Open the device and prove what ``engine`` needs; the caller owns the
+        descriptor.  With an engine the guest is the long-mode one a real
+        kernel needs (and its speed); with ``engine=None`` the trivial one.
+        """
+        facts, fd, error = self.gate(engine, timeout, backend)
+        if error is not None:
+            raise error
+        if facts.smoke is None:
+            _log(
+                "debug",
+                "no smoke test for %s: %s opened, guest code not run",
+                self.machine,
+                self.path,
+            )
+        return fd, facts.smoke
+
+    def gather(
+        self, engine: str | None, timeout: float, backend: str | None, probe_hvf: bool = False
+    ) -> Facts:
+        """Every fact the report shows: all capabilities, every engine's
+        start-up ioctls, the guest, with the time each stage took."""
+        import time
+
+        _check_engine(engine)
+        _check_timeout(timeout)
+        facts = self.facts(engine, timeout)
+        durations = facts.durations
+        start = time.perf_counter()
+        fd = self._open(facts)
+        if fd is None:
+            return facts
+        try:
+            facts.speaks_kvm = _speaks_kvm(fd)
+            if facts.speaks_kvm:
+                facts.caps = _capability_values(fd, _all_caps(self.arch))
+                durations["kvm.capabilities"] = time.perf_counter() - start
+                if engine is not None and self.arch == "x86_64":
+                    facts.ioctls = _probe_startup_ioctls(fd, _STARTUP_STEPS)
+            start = time.perf_counter()
+            self._run(facts, fd, backend)
+            durations["kvm.smoke"] = time.perf_counter() - start
+        finally:
+            os.close(fd)
+        return facts
+
+    def findings(self, facts: Facts, error: BoxliteError | None) -> list[Finding]:
+        durations = facts.durations
+        found = [_device_finding(facts, error)]
+        found.append(_smoke_finding(facts, error, durations.get("kvm.smoke", 0.0)))
+        smoke = facts.smoke
+        if (
+            facts.engine is not None
+            and smoke is not None
+            and smoke.guest == "long-mode"
+            and smoke.ran
+        ):
+            found += _guest_findings(smoke, error)
+        if facts.engine is not None and facts.caps is not None and self.can_smoke_test:
+            found += _engine_findings(facts, error)
+        found.append(_capabilities_finding(facts))
+        found[-1].duration_s = durations.get("kvm.capabilities", 0.0)
+        found += [_groups_finding(facts), _module_finding(facts), _cpu_finding(facts)]
+        found.append(_context_finding(facts))
+        return found
+
+    def diagnose_create_failure(
+        self,
+        error: BaseException,
+        engine: str | None = DEFAULT_ENGINE,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> BaseException:
+        """Refine the error an engine returned when it could not create or run a VM.
+
+        The host is checked again, for that engine: when the check fails now,
+        its error (the group, the emulation, a missing capability...) is the
+        precise one.  Otherwise the engine's message is decoded (capability
+        numbers and names, errno values) into an EngineError that says what
+        they mean; an error with nothing to decode is returned unchanged.
+        Never raises for a host problem.
+        """
+        facts = self.facts(engine, timeout)
+        facts.message = str(error)
+        facts.decoded = decode_engine_message(facts.message)
+        facts, fd, precise = self.gate(engine, timeout, None, facts)
+        if fd is not None:
+            os.close(fd)
+        if precise is None:
+            return error
+        if precise is not error:
+            precise.__cause__ = error
+        return precise
 
 
 class HvfProbe(HypervisorProbe):
     """macOS: Apple Silicon and Hypervisor.framework."""
 
     name = "hvf"
+    platform = "darwin"
 
     def __init__(self, machine: str) -> None:
         self.machine = machine
@@ -4393,74 +5314,81 @@ class HvfProbe(HypervisorProbe):
     def __repr__(self) -> str:
         return f"HvfProbe({self.machine!r})"
 
-    def _arch_error(self) -> BoxliteError | None:
-        if self.machine == "arm64":
-            return None
-        try:
-            translated = _sysctl_int("sysctl.proc_translated")
-        except OSError:
-            translated = None
-        if translated == 1:
-            return UnsupportedError(
-                f"Unsupported architecture: {self.machine} Python running under Rosetta\n\n"
-                "This Mac is Apple Silicon, but this interpreter is an x86_64 build "
-                "translated by Rosetta, and Hypervisor.framework is not available to it.\n\n"
-                "Fix: run an arm64 Python (a universal2 or arm64 build, started natively, "
-                "e.g. `arch -arm64 python3`)",
-                cause="rosetta", evidence={"machine": self.machine, "proc_translated": 1},
-                fix="run an arm64 Python (e.g. `arch -arm64 python3`)",
-            )  # fmt: skip
-        return UnsupportedError(
-            f"Unsupported architecture: {self.machine}\n\n"
-            "BoxLite on macOS needs Apple Silicon (arm64); Intel Macs are not supported.\n\n"
-            "Fix: use a Mac with Apple Silicon",
-            cause="macos-not-arm64", evidence={"machine": self.machine},
-            fix="use a Mac with Apple Silicon",
-        )  # fmt: skip
+    def facts(self, engine: str | None, timeout: float) -> Facts:
+        facts = Facts("darwin", self.machine, engine=engine, timeout=timeout)
+        for name in MACOS_SYSCTLS:
+            try:
+                facts.sysctls[name] = _sysctl_int(name)
+            except OSError as err:
+                facts.sysctls[name] = errno_name(_errno_of(err))
+        return facts
 
-    def _support_error(self) -> BoxliteError | None:
-        tried = "read sysctl kern.hv_support (sysctlbyname)"
-        try:
-            support = _sysctl_int("kern.hv_support")
-        except OSError as err:
-            return _failure(
-                UnsupportedError, "hv-support-unreadable",
-                "Hypervisor.framework support cannot be read",
-                tried=tried, answer=errno_name(err.errno or 0),
-                fix="check by hand with `sysctl kern.hv_support`",
-            )  # fmt: skip
-        if support == 1:
-            return None
-        try:
-            in_vm = _sysctl_int("kern.hv_vmm_present") == 1
-        except OSError:
-            in_vm = False
-        answer = "kern.hv_support does not exist" if support is None else f"kern.hv_support = {support}"
-        if in_vm:
-            return _failure(
-                UnsupportedError, "hv-in-vm",
-                "Hypervisor.framework is not available: this Mac is itself a virtual "
-                "machine without nested virtualization",
-                tried=tried, answer=answer, vmm_present=1,
-                fix="run on a physical Mac (macOS VMs get no nested virtualization "
-                "before macOS 15 on M3 or later)",
-            )  # fmt: skip
-        return _failure(
-            UnsupportedError, "hv-unsupported",
-            "Hypervisor.framework is not available",
-            tried=tried, answer=answer,
-            fix="use macOS 11 or later on Apple Silicon; check with `sysctl kern.hv_support`",
-        )  # fmt: skip
+    def gather(
+        self, engine: str | None, timeout: float, backend: str | None, probe_hvf: bool = False
+    ) -> Facts:
+        facts = self.facts(engine, timeout)
+        if probe_hvf:
+            facts.probe_hvf = self._probe()
+        return facts
 
-    def acquire(self, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
-                engine: str | None = DEFAULT_ENGINE) -> tuple[int | None, SmokeResult | None]:  # fmt: skip
-        _check_engine(engine)
-        error = self._arch_error() or self._support_error()
-        if error is not None:
-            raise error
-        return None, None
+    def _probe(self) -> tuple[int, int | None] | str:
+        """hv_vm_create(NULL) here, destroyed when it worked: (code, destroy's code)."""
+        try:
+            code = _hv_vm_create()
+        except (OSError, AttributeError) as err:
+            return f"Hypervisor.framework not loadable: {err}"
+        return code, _hv_vm_destroy() if code == HV_SUCCESS else None
 
-    def diagnose_create_failure(self, error: BoxliteError) -> BoxliteError:
+    def findings(self, facts: Facts, error: BoxliteError | None) -> list[Finding]:
+        layer = _layer(error)
+        arch = Finding(
+            "macos.arch", PASS, "Apple Silicon, native arm64 Python", {"machine": self.machine}
+        )
+        support = Finding("macos.hv_support", PASS, "kern.hv_support = 1")
+        if layer == "macos.arch":
+            support = Finding("macos.hv_support", SKIP, "not read: the architecture is refused")
+        found = [_carry(arch, error), _carry(support, error)]
+        for name, key in (
+            ("kern.hv_vmm_present", "macos.vmm_present"),
+            ("kern.hv.max_address_spaces", "macos.max_address_spaces"),
+        ):
+            value = facts.sysctl(name)
+            if isinstance(value, str):
+                found.append(Finding(key, SKIP, f"{name} unreadable: {value}"))
+            elif value is None:
+                found.append(Finding(key, SKIP, f"{name} does not exist on this macOS"))
+            else:
+                found.append(Finding(key, INFO, f"{name} = {value}", {name: value}))
+        probed = facts.probe_hvf
+        if isinstance(probed, str):
+            found.append(Finding("macos.hv_vm_create", SKIP, probed))
+        elif probed is not None:
+            code, destroyed = probed
+            name = HV_RETURN_NAMES.get(code, f"{code:#x}")
+            evidence: dict[str, object] = {"hv_return": name}
+            if code == HV_SUCCESS:
+                evidence["hv_vm_destroy"] = HV_RETURN_NAMES.get(destroyed or 0, f"{destroyed:#x}")
+                found.append(
+                    Finding("macos.hv_vm_create", PASS, "hv_vm_create succeeded", evidence)
+                )
+            elif code == HV_DENIED:
+                summary = (
+                    f"this process ({sys.executable}) is not entitled to Hypervisor.framework "
+                    "(HV_DENIED); a signed VMM would be"
+                )
+                found.append(Finding("macos.hv_vm_create", INFO, summary, evidence))
+            else:
+                found.append(
+                    Finding("macos.hv_vm_create", FAIL, f"hv_vm_create returned {name}", evidence)
+                )
+        return found
+
+    def diagnose_create_failure(
+        self,
+        error: BaseException,
+        engine: str | None = DEFAULT_ENGINE,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> BaseException:
         """Refine an engine's VM-creation error.
 
         An engine runs Hypervisor.framework in its own signed helper, so a
@@ -4469,161 +5397,47 @@ class HvfProbe(HypervisorProbe):
         engine's own hv_return_t is decoded from its message and host facts
         are reported, without claiming the engine's cause.
         """
-        entitled = _hv_entitlement()
-        if entitled:
-            return self._probe_in_process(error)
-        return self._decode_engine_code(error, entitled)
-
-    def _decode_engine_code(self, error: BoxliteError, entitled: bool | None) -> BoxliteError:
-        import re
-
-        message = str(error)
-        code = None
-        for text in re.findall(r"0x[fF][aA][eE]94[0-9a-fA-F]{3}|-8537\d{4}", message):
-            value = int(text, 0) & 0xFFFFFFFF
-            if value in HV_RETURN_NAMES:
-                code = value
-                break
-        facts = self._host_facts()
-        why = ("this process is not entitled to Hypervisor.framework" if entitled is False
-               else "this process's entitlements cannot be read")  # fmt: skip
-        evidence: dict[str, object] = {"engine_message": message, "entitled": entitled, **facts}
-        if code is None:
-            return EngineError(
-                f"{error.detail or message}\n\nNot probed here: {why}, so a probe from it "
-                f"would answer HV_DENIED whatever the engine's cause.\nHost: "
-                + ", ".join(f"{k} = {v}" for k, v in facts.items()),
-                cause="hv-engine-error", evidence=evidence)  # fmt: skip
-        name = HV_RETURN_NAMES[code]
-        evidence["hv_return"] = name
-        if code == HV_BUSY:
-            return EngineError(
-                f"{error.detail or message}\n\nThe engine's hv_vm_create returned HV_BUSY "
-                f"({code:#x}): a VM already exists in that process (one per process). This is "
-                "not a host problem: the engine created its VM twice.",
-                cause="hv-busy", evidence=evidence)  # fmt: skip
-        if code == HV_NO_RESOURCES:
-            return ResourceExhaustedError(
-                f"macOS Hypervisor.framework has no VM address space left: the engine's "
-                f"hv_vm_create returned HV_NO_RESOURCES ({code:#x}); limit "
-                f"kern.hv.max_address_spaces = {facts.get('kern.hv.max_address_spaces')}. Stop "
-                "some boxes and retry",
-                cause="hv-no-resources", evidence=evidence, fix="stop some boxes and retry")  # fmt: skip
-        if code == HV_DENIED:
-            return UnsupportedError(
-                f"Hypervisor.framework access denied to the engine: its hv_vm_create returned "
-                f"HV_DENIED ({code:#x}). The engine's helper lacks the {HV_ENTITLEMENT} "
-                "entitlement (re-signing with `codesign --force --sign -` strips it); check "
-                "with `codesign -d --entitlements - HELPER`",
-                cause="hv-denied", evidence=evidence,
-                fix=f"sign the engine's helper with the {HV_ENTITLEMENT} entitlement")  # fmt: skip
-        return EngineError(
-            f"{error.detail or message}\n\nThe engine's hv_vm_create returned {name} "
-            f"({code:#x}).\nHost: " + ", ".join(f"{k} = {v}" for k, v in facts.items()),
-            cause="hv-engine-code", evidence=evidence)  # fmt: skip
-
-    def _host_facts(self) -> dict[str, object]:
-        facts: dict[str, object] = {}
-        for key in ("kern.hv_support", "kern.hv_vmm_present", "kern.hv.max_address_spaces",
-                    "sysctl.proc_translated"):  # fmt: skip
-            try:
-                facts[key] = _sysctl_int(key)
-            except OSError as err:
-                facts[key] = errno_name(err.errno or 0)
-        return facts
-
-    def _probe_in_process(self, error: BoxliteError) -> BoxliteError:
-        """Reproduce hv_vm_create() here to learn the code the engine discarded."""
-        try:
-            code = _hv_vm_create()
-        except (OSError, AttributeError) as err:
-            _log("debug", "HVF diagnostic unavailable: %s", err)
-            return error
-        name = HV_RETURN_NAMES.get(code, "unknown")
-        if code == HV_SUCCESS:
-            destroyed = _hv_vm_destroy()
-            if destroyed != HV_SUCCESS:
-                _log("error", "HVF diagnostic: hv_vm_destroy returned %#x", destroyed)
-            _log("debug", "HVF diagnostic: hv_vm_create succeeded; the failure is elsewhere")
-            return error
-        if code == HV_BUSY:
-            _log("debug", "HVF diagnostic: HV_BUSY, a VM exists; it failed after creation")
-            return error
-        _log("error", "HVF diagnostic: hv_vm_create returned %s (%#x)", name, code)
-        if code == HV_NO_RESOURCES:
-            return ResourceExhaustedError(
-                "macOS Hypervisor.framework has no VM address space left "
-                "(kern.hv.max_address_spaces reached): hv_vm_create returned "
-                f"HV_NO_RESOURCES ({code:#x}). Stop some boxes and retry; see "
-                "`sysctl kern.hv.max_address_spaces`",
-                cause="hv-no-resources", evidence={"hv_return": name},
-                fix="stop some boxes and retry",
-            )  # fmt: skip
-        if code == HV_DENIED:
-            return UnsupportedError(
-                f"Hypervisor.framework access denied: hv_vm_create returned HV_DENIED "
-                f"({code:#x}). The process {sys.executable} lacks the "
-                "com.apple.security.hypervisor entitlement; sign it with that entitlement",
-                cause="hv-denied", evidence={"hv_return": name, "executable": sys.executable},
-                fix="sign the executable with the com.apple.security.hypervisor entitlement",
-            )  # fmt: skip
-        if code == HV_UNSUPPORTED:
-            return UnsupportedError(
-                f"Hypervisor.framework has no hypervisor for this process: hv_vm_create "
-                f"returned HV_UNSUPPORTED ({code:#x}), e.g. inside a VM without nested "
-                "virtualization",
-                cause="hv-unsupported-code", evidence={"hv_return": name},
-                fix="run on a physical Apple Silicon Mac",
-            )  # fmt: skip
-        return EngineError(
-            f"{error}. The HVF diagnostic hv_vm_create returned {name} ({code:#x})",
-            cause="hv-other", evidence={"hv_return": f"{code:#x}"},
-        )
-
-    def findings(self, timeout: float, backend: str | None, probe_hvf: bool,
-                 engine: str | None = DEFAULT_ENGINE) -> list[Finding]:  # fmt: skip
-        found: list[Finding] = []
-        arch = self._arch_error()
-        if arch is not None:
-            found.append(_from_error("macos.arch", arch))
-        else:
-            found.append(Finding("macos.arch", PASS, "Apple Silicon, native arm64 Python",
-                                 {"machine": self.machine}))  # fmt: skip
-        support = self._support_error()
-        found.append(_from_error("macos.hv_support", support) if support else
-                     Finding("macos.hv_support", PASS, "kern.hv_support = 1"))  # fmt: skip
-        for name, key in (("kern.hv_vmm_present", "macos.vmm_present"),
-                          ("kern.hv.max_address_spaces", "macos.max_address_spaces")):  # fmt: skip
-            try:
-                value = _sysctl_int(name)
-            except OSError as err:
-                found.append(Finding(key, SKIP, f"{name} unreadable: {errno_name(err.errno or 0)}"))
-                continue
-            if value is None:
-                found.append(Finding(key, SKIP, f"{name} does not exist on this macOS"))
+        facts = self.facts(engine, timeout)
+        facts.message = str(error)
+        facts.entitled = _hv_entitlement()
+        if facts.entitled:
+            probed = self._probe()
+            if isinstance(probed, str):
+                _log("debug", "HVF diagnostic unavailable: %s", probed)
+                return error
+            code = probed[0]
+            if code not in (HV_SUCCESS, HV_BUSY):
+                _log(
+                    "error",
+                    "HVF diagnostic: hv_vm_create returned %s (%#x)",
+                    HV_RETURN_NAMES.get(code, "?"),
+                    code,
+                )
             else:
-                found.append(Finding(key, INFO, f"{name} = {value}", {name: value}))
-        if probe_hvf:
-            _timed(found, self._hvf_finding)
-        return found
+                _log(
+                    "debug",
+                    "HVF diagnostic: hv_vm_create answered %#x; the failure is elsewhere",
+                    code,
+                )
+            facts.hv = (code, "process")
+        else:
+            facts.hv = _hv_code_in(facts.message)
+        precise = _diagnose(facts)
+        if precise is None:
+            return error
+        precise.__cause__ = error
+        return precise
 
-    def _hvf_finding(self) -> Finding:
-        try:
-            code = _hv_vm_create()
-        except (OSError, AttributeError) as err:
-            return Finding("macos.hv_vm_create", SKIP, f"Hypervisor.framework not loadable: {err}")
-        name = HV_RETURN_NAMES.get(code, f"{code:#x}")
-        evidence = {"hv_return": name}
-        if code == HV_SUCCESS:
-            destroyed = _hv_vm_destroy()
-            evidence["hv_vm_destroy"] = HV_RETURN_NAMES.get(destroyed, f"{destroyed:#x}")
-            return Finding("macos.hv_vm_create", PASS, "hv_vm_create succeeded", evidence)
-        if code == HV_DENIED:
-            return Finding("macos.hv_vm_create", INFO,
-                           f"this process ({sys.executable}) is not entitled to "
-                           "Hypervisor.framework (HV_DENIED); a signed VMM would be",
-                           evidence)  # fmt: skip
-        return Finding("macos.hv_vm_create", FAIL, f"hv_vm_create returned {name}", evidence)
+
+def _hv_code_in(message: str) -> tuple[int, str] | None:
+    """An hv_return_t written in an engine's message (hex, or signed decimal)."""
+    import re
+
+    for text in re.findall(r"0x[fF][aA][eE]94[0-9a-fA-F]{3}|-8537\d{4}", message):
+        value = int(text, 0) & 0xFFFFFFFF
+        if value in HV_RETURN_NAMES:
+            return value, "engine"
+    return None
 
 
 # ── Platform dispatch ───────────────────────────────────────────────────────
@@ -4631,8 +5445,8 @@ class HvfProbe(HypervisorProbe):
 
 def _check_engine(engine: str | None) -> None:
     if engine is not None and engine not in ENGINES:
-        raise InvalidArgumentError(
-            f"engine must be one of {', '.join(ENGINES)} or None, got {engine!r}")
+        choices = ", ".join(ENGINES)
+        raise InvalidArgumentError(f"engine must be one of {choices} or None, got {engine!r}")
 
 
 def _select_probe(system: str, machine: str) -> HypervisorProbe:
@@ -4654,6 +5468,36 @@ def hypervisor_probe() -> HypervisorProbe:
 
 # ── Public API ──────────────────────────────────────────────────────────────
 
+# Exceptions that are the checker's own failure, never a verdict about the
+# host: the library raises InternalError for them, the CLI exits 3.  An
+# OSError without an errno is a caller's (a signal handler's) and passes.
+_CHECKER_FAULTS = (
+    MemoryError,
+    RecursionError,
+    AssertionError,
+    AttributeError,
+    TypeError,
+    ValueError,
+    LookupError,
+    ArithmeticError,
+    ImportError,
+    _SysError,
+)
+
+
+def _as_checker_fault(err: BaseException) -> BaseException:
+    """InternalError for the checker's own failure; anything else as it came."""
+    if isinstance(err, BoxliteError):
+        return err
+    ours = isinstance(err, _CHECKER_FAULTS) or (isinstance(err, OSError) and err.errno is not None)
+    if not ours:
+        return err
+    facts = Facts()
+    facts.note = f"{type(err).__name__}: {err}"
+    internal = _render("checker-failed", facts)
+    internal.__cause__ = err
+    return internal
+
 
 class SystemCheck:
     """Proof that the host passed its checks.
@@ -4668,17 +5512,27 @@ class SystemCheck:
         self.probe = probe
 
     @classmethod
-    def run(cls, *, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None,
-            engine: str | None = DEFAULT_ENGINE) -> SystemCheck:  # fmt: skip
+    def run(
+        cls,
+        *,
+        timeout: float = DEFAULT_TIMEOUT,
+        backend: str | None = None,
+        engine: str | None = DEFAULT_ENGINE,
+    ) -> SystemCheck:
         """Verify the host; raise a BoxliteError with the cause and fix if it fails.
 
         ``engine`` ("libkrun", BoxLite's engine, by default) asks whether a
-        real guest of that engine can run: a 64-bit guest runs a stock
-        kernel's early instructions at hardware speed, with the MSRs a
-        direct-boot VMM sets.  ``engine=None`` is the bare device check:
-        /dev/kvm opens, speaks API 12, creates a VM and runs a trivial guest.
+        real guest of that engine can run: its capabilities and start-up
+        ioctls, then a 64-bit guest that runs a stock kernel's early
+        instructions at hardware speed, with the MSRs a direct-boot VMM sets.
+        ``engine=None`` is the bare device check: /dev/kvm opens, speaks API
+        12, creates a VM and runs a trivial guest.  The checker's own failure
+        raises InternalError, never a verdict.
         """
-        fd, smoke = _PROBE.acquire(timeout, backend, engine)
+        try:
+            fd, smoke = _PROBE.acquire(timeout, backend, engine)
+        except Exception as err:
+            raise _as_checker_fault(err) from None
         return cls(fd, smoke, _PROBE)
 
     @property
@@ -4713,20 +5567,42 @@ class SystemCheck:
 
     def describe(self) -> str:
         """One line on what was proven."""
-        if self.smoke is not None and self.smoke.speed is not None:
-            return (f"usable: a 64-bit guest ran a stock kernel's early instructions at "
-                    f"hardware speed ({self.smoke.speed.describe()}; {self.smoke.backend} "
-                    f"backend, {self.smoke.elapsed * 1e3:.2f} ms)")  # fmt: skip
-        if self.smoke is not None and self.smoke.guest == "aarch64":
-            return (f"usable: KVM ran arm64 guest code and it wrote its proof value by MMIO "
-                    f"({self.smoke.backend} backend, {self.smoke.elapsed * 1e3:.2f} ms)")
-        if self.smoke is not None:
-            return (f"usable: KVM ran guest code and it halted ({self.smoke.backend} backend, "
-                    f"{self.smoke.elapsed * 1e3:.2f} ms)")  # fmt: skip
-        if isinstance(self.probe, KvmProbe):
-            return (f"usable, not smoke-tested: {self.probe.path} opens read-write, but no "
-                    f"guest code was run (no smoke test for {self.probe.machine} yet)")  # fmt: skip
-        return "usable: Hypervisor.framework is available"
+        smoke = self.smoke
+        if smoke is None:
+            if isinstance(self.probe, KvmProbe):
+                return (
+                    f"usable, not smoke-tested: {self.probe.path} opens read-write, but no guest "
+                    f"code was run (no smoke test for {self.probe.machine} yet)"
+                )
+            return "usable: Hypervisor.framework is available"
+        took = f"{smoke.backend} backend, {smoke.elapsed * 1e3:.2f} ms"
+        if smoke.speed is not None:
+            return (
+                "usable: a 64-bit guest ran a stock kernel's early instructions at hardware "
+                f"speed ({smoke.speed.describe()}; {took})"
+            )
+        if smoke.guest == "aarch64":
+            return f"usable: KVM ran arm64 guest code and it wrote its proof value by MMIO ({took})"
+        return f"usable: KVM ran guest code and it halted ({took})"
+
+
+def diagnose_create_failure(
+    error: BaseException,
+    *,
+    engine: str | None = DEFAULT_ENGINE,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> BaseException:
+    """The precise cause of an engine's failure to create or start a VM.
+
+    Give it what the engine raised (BoxLite's SDK errors, a RuntimeError,
+    even pyo3's PanicException).  A host cause comes back as one of our
+    errors with the engine's chained as ``__cause__``; otherwise the
+    original comes back unchanged.  Never raises for a host problem.
+    """
+    try:
+        return _PROBE.diagnose_create_failure(error, engine, timeout)
+    except Exception as err:
+        raise _as_checker_fault(err) from None
 
 
 USABLE, USABLE_WITH_WARNINGS, NOT_USABLE = "usable", "usable-with-warnings", "not-usable"
@@ -4736,8 +5612,9 @@ SCHEMA_VERSION = 2
 class Report:
     """The result of ``check()``: verdict, the error, findings and host facts."""
 
-    def __init__(self, findings: list[Finding], error: BoxliteError | None,
-                 host: dict[str, object]) -> None:  # fmt: skip
+    def __init__(
+        self, findings: list[Finding], error: BoxliteError | None, host: dict[str, object]
+    ) -> None:
         self.findings = findings
         self.error = error
         self.host = host
@@ -4755,10 +5632,10 @@ class Report:
         return f"<Report {self.verdict}{cause}, {len(self.findings)} findings>"
 
     @property
-    def engines(self) -> dict[str, object]:
+    def engines(self) -> dict[str, dict[str, object]]:
         """Each engine's verdict, by name (empty when none were checked)."""
-        return {f.id.split(".", 1)[1]: f.evidence for f in self.findings
-                if f.id.startswith("engine.")}  # fmt: skip
+        prefix = "engine."
+        return {f.id[len(prefix) :]: f.evidence for f in self.findings if f.id.startswith(prefix)}
 
     def as_dict(self) -> dict[str, object]:
         error = None
@@ -4767,9 +5644,15 @@ class Report:
             message = str(err)
             if err.fix and message.endswith("Fix: " + err.fix):  # said once, in "fix"
                 message = message[: -len("Fix: " + err.fix)].rstrip()
-            error = {"type": type(err).__name__, "code": err.code, "cause": err.cause,
-                     "summary": err.summary, "message": message,
-                     "evidence": err.evidence, "fix": err.fix}  # fmt: skip
+            error = {
+                "type": type(err).__name__,
+                "code": err.code,
+                "cause": err.cause,
+                "summary": err.summary,
+                "message": message,
+                "evidence": err.evidence,
+                "fix": err.fix,
+            }
         return {
             "schema_version": SCHEMA_VERSION,
             "checker_version": __version__,
@@ -4781,10 +5664,11 @@ class Report:
         }
 
 
-def _host_facts(probe: HypervisorProbe, findings: Sequence[Finding] = ()) -> dict[str, object]:
+def _host_facts(probe: HypervisorProbe, facts: Facts) -> dict[str, object]:
     uname = os.uname()
-    native, note = native_backend() if isinstance(probe, KvmProbe) else (False, "")
-    ran = next((f.evidence.get("backend") for f in findings if f.id == "kvm.smoke"), None)
+    linux = isinstance(probe, KvmProbe)
+    native, note = native_backend() if linux else (False, "")
+    ran = facts.smoke.backend if facts.smoke is not None else None
     return {
         "host": uname.nodename,
         "system": uname.sysname,
@@ -4793,15 +5677,18 @@ def _host_facts(probe: HypervisorProbe, findings: Sequence[Finding] = ()) -> dic
         "python": sys.version.split()[0],
         "probe": probe.name,
         # The backend that ran, else the one that would run.
-        "smoke_backend": ran or (("native" if native else "python")
-                                 if isinstance(probe, KvmProbe) else None),
+        "smoke_backend": ran or (("native" if native else "python") if linux else None),
         "native_library": note or None,
-        "kvm_provider": _kvm_provider() if isinstance(probe, KvmProbe) else None,
+        "kvm_provider": facts.ev.kvm_provider if linux else None,
+        "engine": facts.engine,
     }
 
 
 def check(
-    *, timeout: float = DEFAULT_TIMEOUT, backend: str | None = None, probe_hvf: bool = False,
+    *,
+    timeout: float = DEFAULT_TIMEOUT,
+    backend: str | None = None,
+    probe_hvf: bool = False,
     engine: str | None = DEFAULT_ENGINE,
 ) -> Report:
     """Run every probe and return a Report; never raises for a host problem.
@@ -4809,22 +5696,21 @@ def check(
     The layers are reported apart: the device works (``kvm.smoke``), guest
     code runs at hardware speed (``guest.speed``), a stock kernel's early
     instructions run (``guest.stock_kernel``), the boot MSRs are accepted
-    (``guest.msrs``).  The verdict follows ``engine`` as SystemCheck.run()
-    does; with ``engine=None`` only the device layer is checked.
+    (``guest.msrs``), and each engine's verdict.  The verdict and its cause
+    are those SystemCheck.run() gives for ``engine``: the same facts, the
+    same rules.  The checker's own failure raises InternalError.
     """
     _check_timeout(timeout)
-    probe = _PROBE
-    findings = probe.findings(timeout, backend, probe_hvf, engine)
-    error = next((f.error for f in findings if f.error is not None), None)
-    host = _host_facts(probe, findings)
-    host["engine"] = engine
-    return Report(findings, error, host)
+    _check_engine(engine)
+    try:
+        facts = _PROBE.gather(engine, timeout, backend, probe_hvf)
+        error = _diagnose_staged(facts)
+        return Report(_PROBE.findings(facts, error), error, _host_facts(_PROBE, facts))
+    except Exception as err:
+        raise _as_checker_fault(err) from None
 
 
-# ── Command line ────────────────────────────────────────────────────────────
-
-EXIT_USABLE, EXIT_NOT_USABLE, EXIT_USAGE, EXIT_CHECKER_FAILED = 0, 1, 2, 3
-EXIT_BROKEN_PIPE = 128 + 13  # what a tool killed by SIGPIPE reports
+# ── Renderers ───────────────────────────────────────────────────────────────
 
 _COLOURS = {PASS: "32", WARN: "33", FAIL: "31", SKIP: "2", INFO: "36"}
 
@@ -4833,7 +5719,7 @@ def _paint(text: str, status: str, colour: bool) -> str:
     return f"\x1b[{_COLOURS[status]}m{text}\x1b[0m" if colour else text
 
 
-def _render(report: Report, *, quiet: bool, colour: bool, prog: str = "boxlite_syscheck") -> str:
+def _text(report: Report, *, quiet: bool, colour: bool, prog: str = "boxlite_syscheck") -> str:
     """The human-readable report.
 
     ``quiet`` keeps the failures and the warnings (a fix is never shown
@@ -4857,8 +5743,9 @@ def _render(report: Report, *, quiet: bool, colour: bool, prog: str = "boxlite_s
     # The failure that carries the error is explained in full below; a fix
     # is said once.
     said = report.error.fix if report.error is not None else None
-    fixes = [f for f in shown
-             if f.fix and f.status in (FAIL, WARN) and f.error is None and f.fix != said]  # fmt: skip
+    fixes = [
+        f for f in shown if f.fix and f.status in (FAIL, WARN) and f.error is None and f.fix != said
+    ]
     if fixes:
         lines += ["", "How to fix:"]
         lines += [f"  {f.id}: {f.fix}" for f in fixes]
@@ -4869,7 +5756,7 @@ def _render(report: Report, *, quiet: bool, colour: bool, prog: str = "boxlite_s
     return "\n".join(lines)
 
 
-def _label_value(text: object) -> str:
+def _prometheus_label(text: object) -> str:
     """A Prometheus label value, escaped (text exposition format 0.0.4)."""
     return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
@@ -4879,21 +5766,24 @@ def _prometheus(report: Report, duration_s: float) -> str:
     engine = report.host.get("engine") or "none"
     error = report.error
     lines = [
-        "# HELP boxlite_syscheck_usable Whether this host can run the selected engine's "
-        "real guests (1) or not (0).",
+        "# HELP boxlite_syscheck_usable Whether this host can run the selected engine's real "
+        "guests (1) or not (0).",
         "# TYPE boxlite_syscheck_usable gauge",
-        f'boxlite_syscheck_usable{{engine="{_label_value(engine)}"}} '
+        f'boxlite_syscheck_usable{{engine="{_prometheus_label(engine)}"}} '
         f"{0 if report.verdict == NOT_USABLE else 1}",
     ]
     if report.engines:
-        lines += ["# HELP boxlite_syscheck_engine_would_run Whether each engine would start "
-                  "and run a stock guest here (1) or not (0).",
-                  "# TYPE boxlite_syscheck_engine_would_run gauge"]
+        lines += [
+            "# HELP boxlite_syscheck_engine_would_run Whether each engine would start and run "
+            "a stock guest here (1) or not (0).",
+            "# TYPE boxlite_syscheck_engine_would_run gauge",
+        ]
         for name, verdict in report.engines.items():
-            assert isinstance(verdict, dict)
-            lines.append(f'boxlite_syscheck_engine_would_run{{engine="{_label_value(name)}",'
-                         f'verdict="{_label_value(verdict["verdict"])}"}} '
-                         f'{1 if verdict["verdict"] == WOULD_RUN else 0}')  # fmt: skip
+            runs = 1 if verdict["verdict"] == WOULD_RUN else 0
+            label = _prometheus_label(verdict["verdict"])
+            lines.append(
+                f'boxlite_syscheck_engine_would_run{{engine="{name}",verdict="{label}"}} {runs}'
+            )
     lines += [
         "# HELP boxlite_syscheck_check_duration_seconds How long the check took.",
         "# TYPE boxlite_syscheck_check_duration_seconds gauge",
@@ -4901,26 +5791,22 @@ def _prometheus(report: Report, duration_s: float) -> str:
         "# HELP boxlite_syscheck_info The verdict and its cause, as labels.",
         "# TYPE boxlite_syscheck_info gauge",
         f'boxlite_syscheck_info{{version="{__version__}",verdict="{report.verdict}",'
-        f'cause="{_label_value(error.cause if error else "")}",'
-        f'kernel="{_label_value(report.host.get("kernel", ""))}",'
-        f'kvm_provider="{_label_value(report.host.get("kvm_provider", ""))}"}} 1',
+        f'cause="{_prometheus_label(error.cause if error else "")}",'
+        f'kernel="{_prometheus_label(report.host.get("kernel", ""))}",'
+        f'kvm_provider="{_prometheus_label(report.host.get("kvm_provider", ""))}"}} 1',
     ]
     return "\n".join(lines)
 
 
-def _nfd_value(text: object) -> str:
+def _k8s_label_value(text: object) -> str:
     """A Kubernetes label value: [A-Za-z0-9][-A-Za-z0-9_.]*[A-Za-z0-9], at most 63."""
     import re
 
-    value = re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-_.")[:63].strip("-_.")
-    return value
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-_.")[:63].strip("-_.")
 
 
 def _nfd(report: Report) -> str:
-    """A Node Feature Discovery local feature file (features.d): one label a line.
-
-    Names without a prefix get NFD's feature.node.kubernetes.io/ namespace.
-    """
+    """A Node Feature Discovery local feature file (features.d): one label a line."""
     usable = report.verdict != NOT_USABLE
     labels = {
         "boxlite-kvm-usable": "true" if usable else "false",
@@ -4929,9 +5815,14 @@ def _nfd(report: Report) -> str:
         "boxlite-kvm-provider": report.host.get("kvm_provider") or "none",
     }
     for name, verdict in report.engines.items():
-        assert isinstance(verdict, dict)
         labels[f"boxlite-kvm-{name}"] = "true" if verdict["verdict"] == WOULD_RUN else "false"
-    return "\n".join(f"{key}={_nfd_value(value)}" for key, value in labels.items())
+    return "\n".join(f"{key}={_k8s_label_value(value)}" for key, value in labels.items())
+
+
+# ── Command line ────────────────────────────────────────────────────────────
+
+EXIT_USABLE, EXIT_NOT_USABLE, EXIT_USAGE, EXIT_CHECKER_FAILED = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 128 + 13  # what a tool killed by SIGPIPE reports
 
 
 def _prog() -> str:
@@ -4942,41 +5833,61 @@ def _prog() -> str:
 
 def _colour_wanted() -> bool:
     """Colour only on a terminal, never with a non-empty NO_COLOR or TERM=dumb."""
-    return (sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-            and os.environ.get("TERM") != "dumb")  # fmt: skip
+    terminal = sys.stdout.isatty()
+    return terminal and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def _parser(prog: str) -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Check that this host can run hardware-accelerated VMs, by running real "
+        "guest code under KVM (Linux) or asking Hypervisor.framework (macOS).",
+        epilog="Exit codes: 0 usable, 1 not usable, 2 usage error, 3 the checker failed, 141 "
+        "standard output closed.",
+    )
+    add = parser.add_argument
+    add(
+        "--format",
+        choices=("text", "json", "prometheus", "nfd"),
+        default="text",
+        help="text (default), json, prometheus (node_exporter textfile) or nfd (Node Feature "
+        "Discovery features.d)",
+    )
+    add("--json", action="store_const", const="json", dest="format", help="--format json")
+    add("--quiet", "-q", action="store_true", help="text: print only failures and warnings")
+    add("--strict", action="store_true", help="count warnings as failure")
+    add(
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"bound on running the guest (default {DEFAULT_TIMEOUT:g})",
+    )
+    add(
+        "--backend",
+        choices=("native", "python"),
+        help="force a smoke-test backend (default: native if built)",
+    )
+    add(
+        "--engine",
+        choices=(*ENGINES, "none"),
+        default=DEFAULT_ENGINE,
+        help="whose real guest must run (default: libkrun, BoxLite's engine); 'none' checks "
+        "only that the device works",
+    )
+    add("--probe-hvf", action="store_true", help="macOS: also call hv_vm_create()")
+    add("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check from the command line; return the exit code."""
-    import argparse
     import time
 
     prog = _prog()
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Check that this host can run hardware-accelerated VMs, by running "
-        "real guest code under KVM (Linux) or asking Hypervisor.framework (macOS).",
-        epilog="Exit codes: 0 usable, 1 not usable, 2 usage error, 3 the checker failed, "
-        "141 standard output closed.",
-    )
-    parser.add_argument("--format", choices=("text", "json", "prometheus", "nfd"),
-                        default="text", help="text (default), json, prometheus "
-                        "(node_exporter textfile) or nfd (Node Feature Discovery features.d)")  # fmt: skip
-    parser.add_argument("--json", action="store_const", const="json", dest="format",
-                        help="the same as --format json")  # fmt: skip
-    parser.add_argument("--quiet", "-q", action="store_true",
-                        help="text: print only failures and warnings")  # fmt: skip
-    parser.add_argument("--strict", action="store_true", help="count warnings as failure")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                        help=f"bound on running the guest (default {DEFAULT_TIMEOUT:g})")  # fmt: skip
-    parser.add_argument("--backend", choices=("native", "python"),
-                        help="force a smoke-test backend (default: native if built)")  # fmt: skip
-    parser.add_argument("--engine", choices=(*ENGINES, "none"), default=DEFAULT_ENGINE,
-                        help="whose real guest must run (default: libkrun, BoxLite's "
-                        "engine); 'none' checks only that the device works")  # fmt: skip
-    parser.add_argument("--probe-hvf", action="store_true",
-                        help="macOS: also call hv_vm_create() and hv_vm_destroy()")  # fmt: skip
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser = _parser(prog)
     try:
         args = parser.parse_args(argv)
     except SystemExit as stop:  # argparse exits on --help, --version and errors
@@ -4996,16 +5907,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         engine = None if args.engine == "none" else args.engine
-        report = check(timeout=args.timeout, backend=args.backend, probe_hvf=args.probe_hvf,
-                       engine=engine)  # fmt: skip
-    except InternalError as err:
-        print(f"{prog}: the checker failed: {err}", file=sys.stderr)
-        if err.fix:
-            print(f"{prog}: fix: {err.fix}", file=sys.stderr)
-        return EXIT_CHECKER_FAILED
-    except Exception as err:  # a bug here must not look like a host verdict
-        print(f"{prog}: the checker failed: {type(err).__name__}: {err}",
-              file=sys.stderr)  # fmt: skip
+        report = check(
+            timeout=args.timeout, backend=args.backend, probe_hvf=args.probe_hvf, engine=engine
+        )
+    except Exception as err:  # the checker's own failure is never a verdict
+        if isinstance(err, InternalError):
+            print(f"{prog}: the checker failed: {err.summary}; fix: {err.fix}", file=sys.stderr)
+        else:
+            print(f"{prog}: the checker failed: {type(err).__name__}: {err}", file=sys.stderr)
         return EXIT_CHECKER_FAILED
     duration_s = time.perf_counter() - started
     verdict = report.verdict
@@ -5020,7 +5929,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.format == "nfd":
             print(_nfd(report))
         else:
-            text = _render(report, quiet=args.quiet, colour=_colour_wanted(), prog=prog)
+            text = _text(report, quiet=args.quiet, colour=_colour_wanted(), prog=prog)
             if text:
                 print(text)
         sys.stdout.flush()

@@ -13,8 +13,8 @@
  *   - every ioctl result is checked; the first failure stops the array and
  *     its step and errno are kept (unless the op is marked soft: then the
  *     negative errno is stored and the array goes on);
- *   - EINTR is retried (a bounded number of times) for every ioctl but
- *     KVM_RUN, which is bounded in time: the calling thread blocks a
+ *   - EINTR is retried, with every signal blocked and for 200 ms at most,
+ *     for every ioctl but KVM_RUN, which is bounded in time: the calling thread blocks a
  *     real-time signal, and KVM_SET_SIGNAL_MASK unblocks it only while the
  *     vCPU runs, so KVM_RUN returns EINTR when it arrives.  It is raised at
  *     the run's deadline by a one-shot POSIX timer aimed at this thread
@@ -58,7 +58,7 @@
 /* Bump when a structure below or a signature changes.  (Overridable only so
  * that the tests can build a library of another version.) */
 #ifndef KVMSMOKE_ABI_VERSION
-#define KVMSMOKE_ABI_VERSION 3
+#define KVMSMOKE_ABI_VERSION 4
 #endif
 
 enum { OP_IOCTL = 1, OP_COPY = 2, OP_MAP_RUN = 3, OP_RUN = 4 };
@@ -67,7 +67,7 @@ enum { OPF_SOFT = 1 };
 #define KVMSMOKE_FDS 4
 #define KVMSMOKE_VALUES 16
 #define KVMSMOKE_RUN_HEAD 288   /* kvm_run up to the end of its exit union */
-#define KVMSMOKE_EINTR_RETRIES 1000
+#define KVMSMOKE_EINTR_RETRY_NS 200000000ull  /* 200 ms, as _EINTR_RETRY_NS */
 #define KVMSMOKE_STASH 8        /* foreign signals of our number set aside */
 
 struct kvmsmoke_op {
@@ -132,21 +132,36 @@ static int fail(struct kvmsmoke_result *out, int step, int err)
     return -1;
 }
 
-static long xioctl(int fd, unsigned long req, unsigned long arg)
-{
-    long ret;
-    int tries = 0;
-    do {
-        ret = ioctl(fd, req, arg);
-    } while (ret < 0 && errno == EINTR && ++tries < KVMSMOKE_EINTR_RETRIES);
-    return ret;
-}
-
 static uint64_t now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ioctl(2), for every request but KVM_RUN.  A call a signal interrupted is
+ * retried with every signal blocked, so a caller's fast interval timer
+ * cannot starve it (its signals wait and arrive when the mask is restored),
+ * for KVMSMOKE_EINTR_RETRY_NS at most: a policy that answers EINTR forever
+ * must not hang the check.  errno is that of the last attempt. */
+static long xioctl(int fd, unsigned long req, unsigned long arg)
+{
+    long ret = ioctl(fd, req, arg);
+    if (ret >= 0 || errno != EINTR)
+        return ret;
+    sigset_t all, saved;
+    sigfillset(&all);
+    if (pthread_sigmask(SIG_BLOCK, &all, &saved) != 0)
+        return ret;
+    uint64_t deadline = now_ns() + KVMSMOKE_EINTR_RETRY_NS;
+    int err;
+    do {
+        ret = ioctl(fd, req, arg);
+        err = errno;
+    } while (ret < 0 && err == EINTR && now_ns() < deadline);
+    pthread_sigmask(SIG_SETMASK, &saved, NULL);
+    errno = err;
+    return ret;
 }
 
 #define WATCHDOG_SIGNAL SIGSTKFLT

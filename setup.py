@@ -21,8 +21,7 @@ from setuptools.dist import Distribution
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CC = os.environ.get("CC", "cc")
-CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-fPIC", "-shared",
-          "-Wl,-z,now", "-Wl,-z,relro"]
+CFLAGS = ["-O2", "-std=gnu11", "-Wall", "-Wextra", "-fPIC", "-shared", "-Wl,-z,now", "-Wl,-z,relro"]
 
 
 def native_buildable() -> bool:
@@ -36,22 +35,28 @@ class BuildPackage(build_py):
         super().run()
         target = os.path.join(self.build_lib, "boxlite_syscheck")
         os.makedirs(target, exist_ok=True)
-        shutil.copyfile(os.path.join(HERE, "boxlite_syscheck.py"),
-                        os.path.join(target, "__init__.py"))
+        shutil.copyfile(
+            os.path.join(HERE, "boxlite_syscheck.py"), os.path.join(target, "__init__.py")
+        )
         with open(os.path.join(target, "__main__.py"), "w") as main:
-            main.write("import sys\n\nfrom boxlite_syscheck import main\n\n"
-                       "sys.exit(main())\n")
+            main.write("import sys\n\nfrom boxlite_syscheck import main\n\nsys.exit(main())\n")
         open(os.path.join(target, "py.typed"), "w").close()
         if not native_buildable():
-            print("boxlite_syscheck: no C compiler (or not Linux): building a pure-Python "
-                  "wheel; the installed check will use its Python backend", file=sys.stderr)
+            print(
+                "boxlite_syscheck: no C compiler (or not Linux): building a pure-Python "
+                "wheel; the installed check will use its Python backend",
+                file=sys.stderr,
+            )
             return
         library = os.path.join(target, "libkvmsmoke.so")
         command = [CC, *CFLAGS, "-o", library, os.path.join(HERE, "kvm_smoke.c")]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            print(f"boxlite_syscheck: building libkvmsmoke.so failed, so the installed check "
-                  f"will use its Python backend:\n{done.stderr}", file=sys.stderr)
+            print(
+                f"boxlite_syscheck: building libkvmsmoke.so failed, so the installed check "
+                f"will use its Python backend:\n{done.stderr}",
+                file=sys.stderr,
+            )
 
 
 class PlatformWhenNative(Distribution):

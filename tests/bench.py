@@ -57,8 +57,7 @@ def floor(n: int) -> list[float]:
         raise SystemExit("bench: needs a C compiler for the floor")
     with tempfile.TemporaryDirectory() as tmp:
         exe = os.path.join(tmp, "floor")
-        subprocess.run([cc, "-O2", "-o", exe, str(ROOT / "tests" / "bench_floor.c")],
-                       check=True)
+        subprocess.run([cc, "-O2", "-o", exe, str(ROOT / "tests" / "bench_floor.c")], check=True)
         done = subprocess.run([exe, str(n)], capture_output=True, text=True, check=True)
     return [float(line) for line in done.stdout.split()]
 
@@ -70,16 +69,24 @@ def import_time(python: str, n: int) -> tuple[list[float], list[str]]:
     samples = []
     code = "import boxlite_syscheck"
     for _ in range(n):
-        done = subprocess.run([python, "-S", "-X", "importtime", "-c", code], cwd=ROOT,
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [python, "-S", "-X", "importtime", "-c", code],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         for line in done.stderr.splitlines():
             parts = [p.strip() for p in line.split("|")]
             if len(parts) == 3 and parts[2] == "boxlite_syscheck":
                 samples.append(float(parts[1]) * 1000)  # cumulative µs -> ns
-    probe = ("import sys; before = set(sys.modules); import boxlite_syscheck; "
-             "print(' '.join(sorted(set(sys.modules) - before - {'boxlite_syscheck'})))")
-    done = subprocess.run([python, "-S", "-c", probe], cwd=ROOT, capture_output=True,
-                          text=True, check=True)
+    probe = (
+        "import sys; before = set(sys.modules); import boxlite_syscheck; "
+        "print(' '.join(sorted(set(sys.modules) - before - {'boxlite_syscheck'})))"
+    )
+    done = subprocess.run(
+        [python, "-S", "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     return samples, done.stdout.split()
 
 
@@ -96,13 +103,19 @@ def bench(n: int) -> None:
     floor_median = summary(floor_samples)[0]
     row(rows, "floor: C bare device check (raw ioctls)", floor_samples, None, f"n={n}")
     for backend in ("native", "python"):
+
         def bare(kind: str = backend) -> None:
             b.SystemCheck.run(backend=kind, engine=None).close()
 
         bare()  # warm: library loaded, imports done
         target = "1.10x" if backend == "native" else "1.25x"
-        row(rows, f"SystemCheck.run(engine=None) {backend}", timed(bare, n), floor_median,
-            f"target {target}")
+        row(
+            rows,
+            f"SystemCheck.run(engine=None) {backend}",
+            timed(bare, n),
+            floor_median,
+            f"target {target}",
+        )
 
     def gate() -> None:
         try:
@@ -114,24 +127,46 @@ def bench(n: int) -> None:
     samples = timed(gate, max(20, n // 20))
     verdict = "passes" if _gate_passes() else "refuses (target < 20 ms on an emulating host)"
     ms, share = gate_ratio(max(20, n // 20))
-    row(rows, "SystemCheck.run() default gate", samples, None,
-        f"{verdict}; {share:.2f}x its native work (target 1.15x)")
+    row(
+        rows,
+        "SystemCheck.run() default gate",
+        samples,
+        None,
+        f"{verdict}; {share:.2f}x its native work (target 1.15x)",
+    )
     b.check()
     row(rows, "check() full report", timed(b.check, max(50, n // 10)), floor_median)
     imports, modules = import_time(python, 30)
-    row(rows, "import (python -S, fresh)", imports, None,
-        f"target < 5 ms; imports: {', '.join(modules) or 'nothing new'}")
+    row(
+        rows,
+        "import (python -S, fresh)",
+        imports,
+        None,
+        f"target < 5 ms; imports: {', '.join(modules) or 'nothing new'}",
+    )
     bare, _ = wall([python, "-c", "pass"], 30)
     cli, done = wall([python, "-m", "boxlite_syscheck", "-q"], 30, cwd=ROOT)
     bare_median = summary(bare)[0]
     rows.append(("python -c pass", *(f"{v:.3f}" for v in summary(bare)), "", "baseline"))
     verdict = "usable" if done.returncode == 0 else f"exit {done.returncode}"
     med, lo, hi = summary(cli)
-    rows.append(("python -m boxlite_syscheck -q", f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}",
-                 f"{med / bare_median:.2f}x", f"vs bare start, target 1.15x; {verdict}"))
-    for name, argv in (("kvm-ok", ["kvm-ok"]),
-                       ("virt-host-validate qemu", ["virt-host-validate", "qemu"])):
-        exe = shutil.which(argv[0]) or (f"/usr/sbin/{argv[0]}" if os.path.exists(f"/usr/sbin/{argv[0]}") else None)
+    rows.append(
+        (
+            "python -m boxlite_syscheck -q",
+            f"{med:.3f}",
+            f"{lo:.3f}",
+            f"{hi:.3f}",
+            f"{med / bare_median:.2f}x",
+            f"vs bare start, target 1.15x; {verdict}",
+        )
+    )
+    for name, argv in (
+        ("kvm-ok", ["kvm-ok"]),
+        ("virt-host-validate qemu", ["virt-host-validate", "qemu"]),
+    ):
+        exe = shutil.which(argv[0]) or (
+            f"/usr/sbin/{argv[0]}" if os.path.exists(f"/usr/sbin/{argv[0]}") else None
+        )
         if exe is None:
             rows.append((name, "-", "-", "-", "", "not installed"))
             continue
@@ -140,20 +175,32 @@ def bench(n: int) -> None:
         verdict = f"exit {done.returncode}: {said[-1].strip()[:60] if said else ''}"
         if name.startswith("virt"):
             kvm = [line for line in said if "hardware virtualization" in line]
-            verdict = f"exit {done.returncode}: {kvm[0].split(' : ', 1)[-1].strip()[:60] if kvm else ''}"
+            verdict = (
+                f"exit {done.returncode}: {kvm[0].split(' : ', 1)[-1].strip()[:60] if kvm else ''}"
+            )
         med, lo, hi = summary(samples)
         rows.append((name, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", verdict))
     nested = ROOT / "build" / "nested" / "svm.log"
     if nested.exists():
         for line in nested.read_text(errors="replace").splitlines():
             if "CASE bench" in line:
-                rows.append(("nested SVM host (last make test-x86-nested)", "-", "-", "-", "",
-                             line.split("INFO", 1)[-1].strip()))
+                rows.append(
+                    (
+                        "nested SVM host (last make test-x86-nested)",
+                        "-",
+                        "-",
+                        "-",
+                        "",
+                        line.split("INFO", 1)[-1].strip(),
+                    )
+                )
     else:
         rows.append(("nested SVM host", "-", "-", "-", "", "run `make test-x86-nested` first"))
     header = ("what", "median ms", "min ms", "max ms", "ratio", "note")
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(5)]
-    print(f"host {os.uname().nodename}, kernel {os.uname().release}, Python {sys.version.split()[0]}")
+    print(
+        f"host {os.uname().nodename}, kernel {os.uname().release}, Python {sys.version.split()[0]}"
+    )
     for r in [header, *rows]:
         print("  ".join(str(c).ljust(w) for c, w in zip(r[:5], widths)) + "  " + r[5])
 
@@ -190,8 +237,10 @@ def stress(count: int, threads: int) -> int:
                 failures.append(f"{backend}: {err.cause}")
         took = time.monotonic() - start
         after = (fds(), rss_kib())
-        print(f"{backend}: {count} consecutive checks in {took:.2f} s; descriptors "
-              f"{before[0]} -> {after[0]}, RSS {before[1]} -> {after[1]} KiB")
+        print(
+            f"{backend}: {count} consecutive checks in {took:.2f} s; descriptors "
+            f"{before[0]} -> {after[0]}, RSS {before[1]} -> {after[1]} KiB"
+        )
 
         def worker(kind: str = backend) -> None:
             for _ in range(count // threads):
@@ -207,8 +256,10 @@ def stress(count: int, threads: int) -> int:
         for t in pool:
             t.join()
         took = time.monotonic() - start
-        print(f"{backend}: {threads} threads x {count // threads} checks at once in "
-              f"{took:.2f} s; descriptors {after[0]} -> {fds()}, RSS {after[1]} -> {rss_kib()} KiB")
+        print(
+            f"{backend}: {threads} threads x {count // threads} checks at once in "
+            f"{took:.2f} s; descriptors {after[0]} -> {fds()}, RSS {after[1]} -> {rss_kib()} KiB"
+        )
     print(f"failures: {len(failures)}" + (f" ({failures[:5]})" if failures else ""))
     return 1 if failures else 0
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,23 +87,50 @@ def kvm_fd():
     os.close(fd)
 
 
-# Runs inside the fault environment: prints one JSON line per backend.
-PROBE_SCRIPT = r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import boxlite_syscheck as b
+# The end of every script that checks an environment: the gate with both
+# backends, then check() and the CLI's JSON, whose causes must be the gate's
+# (one door to the diagnosis).  Prints one JSON line; ENGINE is set first.
+CHECK_EVERY_DOOR = r"""
+import contextlib, io, json
 out = {}
-engine = None if sys.argv[2] == "none" else sys.argv[2]
 for backend in ("native", "python"):
     try:
-        with b.SystemCheck.run(backend=backend, engine=engine) as host:
-            out[backend] = {"ok": True, "outcome": list(host.smoke.outcome()),
-                            "backend": host.smoke.backend}
+        with b.SystemCheck.run(backend=backend, engine=ENGINE) as host:
+            out[backend] = {"ok": True, "cause": None, "backend": host.smoke.backend,
+                            "outcome": list(map(str, b._outcome(host.smoke)))}
     except b.BoxliteError as err:
         out[backend] = {"ok": False, "type": type(err).__name__, "cause": err.cause,
                         "message": str(err), "fix": err.fix}
+report = b.check(engine=ENGINE)
+out["report"] = report.error.cause if report.error else None
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    code = b.main(["--json", "--engine", ENGINE or "none"])
+cli = json.loads(printed.getvalue())
+out["cli"] = {"exit": code, "cause": (cli["error"] or {}).get("cause")}
+b._wait_for_closes()
 print(json.dumps(out))
 """
+
+# Runs inside the fault environment.
+PROBE_SCRIPT = (
+    r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+ENGINE = None if sys.argv[2] == "none" else sys.argv[2]
+"""
+    + CHECK_EVERY_DOOR
+)
+
+
+def every_door_agrees(out: dict[str, Any]) -> None:
+    """The gate (both backends), check() and the CLI name one cause."""
+    gate = out["native"]["cause"]
+    assert out["python"]["cause"] == gate, out
+    assert out["report"] == gate, out
+    assert out["cli"]["cause"] == gate, out
+    assert out["cli"]["exit"] == (0 if gate is None else 1), out
 
 
 class FaultEnv:
@@ -148,9 +176,16 @@ class FaultEnv:
             f"mount --bind {self.dir}/group /etc/group",
         ]
 
-    def run(self, code: str, *args: str, user: bool = False, groups: str | None = None,
-            python: str = SYSTEM_PYTHON, userns: bool = False,
-            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        code: str,
+        *args: str,
+        user: bool = False,
+        groups: str | None = None,
+        python: str = SYSTEM_PYTHON,
+        userns: bool = False,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess[str]:
         """Run Python code inside the namespace, as root or as the test user.
 
         ``userns`` runs it as root of a new user namespace (``unshare -U -r``),
@@ -168,11 +203,22 @@ class FaultEnv:
         script = " && ".join(self.setup + ['exec "$@"']) if self.setup else 'exec "$@"'
         return subprocess.run(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *command],
-            capture_output=True, text=True, timeout=60, cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
         )
 
-    def node_at(self, where: str, *, major: int = 10, minor: int = 232, mode: int = 0o666,
-                uid: int = 0, gid: int = KVM_GID) -> None:
+    def node_at(
+        self,
+        where: str,
+        *,
+        major: int = 10,
+        minor: int = 232,
+        mode: int = 0o666,
+        uid: int = 0,
+        gid: int = KVM_GID,
+    ) -> None:
         """Make a character device at a path of the namespace (e.g. on a nodev tmpfs)."""
         self.setup.append(f"mknod -m {mode:o} {where} c {major} {minor}")
         self.setup.append(f"chown {uid}:{gid} {where}")
@@ -185,7 +231,8 @@ class FaultEnv:
         """
         done = self.run(PROBE_SCRIPT, engine, **kwargs)  # type: ignore[arg-type]
         assert done.returncode == 0, done.stderr
-        result: dict[str, dict[str, object]] = json.loads(done.stdout.strip().splitlines()[-1])
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        every_door_agrees(result)
         return result
 
 
@@ -226,18 +273,35 @@ def _install_seccomp(request, errno_value, arg=-1):
 """
 
 
-def run_script(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_script(
+    code: str, *args: str, timeout: float = 60, python: str = sys.executable
+) -> subprocess.CompletedProcess[str]:
     """Run Python code in a fresh interpreter with the module importable."""
-    return subprocess.run([sys.executable, "-c", code, str(ROOT), *args],
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [python, "-c", code, str(ROOT), *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture
+def run_json():
+    """Run a script in a fresh interpreter; it must exit 0, and its last line
+    is JSON, which is returned."""
+
+    def run(code: str, *args: str, **kwargs: Any) -> Any:
+        done = run_script(code, *args, **kwargs)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    return run
 
 
 def process_state() -> dict[str, object]:
     """What the check must leave as it found it."""
     import signal as sig
 
-    handlers = {s: sig.getsignal(s) for s in sig.valid_signals()
-                if s not in (sig.SIGKILL, sig.SIGSTOP)}
+    handlers = {
+        s: sig.getsignal(s) for s in sig.valid_signals() if s not in (sig.SIGKILL, sig.SIGSTOP)
+    }
     return {
         "mask": sig.pthread_sigmask(sig.SIG_BLOCK, []),
         "pending": sig.sigpending(),
@@ -245,3 +309,79 @@ def process_state() -> dict[str, object]:
         "timers": Path("/proc/self/timers").read_text(),
         "fds": sorted(os.listdir("/proc/self/fd")),
     }
+
+
+# "jmp $" (EB FE): a real-mode guest that never halts, for the bound's tests.
+SPIN = b"\xeb\xfe"
+
+
+def spin(fd: int, backend: str | None = None, timeout: float = 0.3) -> Any:
+    """Run a guest that never stops, bounded by ``timeout``."""
+    return boxlite_syscheck._run_program(
+        fd, boxlite_syscheck._real_mode_guest(SPIN), timeout, backend
+    )
+
+
+# A KVM node as Evidence records it: root:kvm 0660, the group the fault
+# environments give their node.
+KVM_NODE = {
+    "kind": "character device",
+    "major": 10,
+    "minor": 232,
+    "uid": 0,
+    "gid": KVM_GID,
+    "mode": 0o660,
+    "owner": "root",
+    "group": "kvm",
+}
+
+
+def evidence(**fields: Any) -> Any:
+    """A user's view of a good Intel host, as Evidence (nothing read from
+    this machine); each test changes what it is about."""
+    base = dict(
+        euid=1000,
+        groups=(1000,),
+        user="alice",
+        node=dict(KVM_NODE),
+        arch="x86_64",
+        cpu_flags={"vmx"},
+        vendor="GenuineIntel",
+        kvm_modules=["kvm"],
+        kernel="6.1.0-amd64",
+        userns={"identity": True},
+        group_named=True,
+        group_listed=False,
+        kvm_group=True,
+        bind_mounted=False,
+        mount={
+            "point": "/dev",
+            "fstype": "devtmpfs",
+            "options": ["rw"],
+            "root": "/",
+            "source": "udev",
+        },
+    )
+    base.update(fields)
+    return boxlite_syscheck.Evidence(gather=False, **base)
+
+
+def diagnose(result: Any, *, engine: str | None = "libkrun", provider: str = "kvm_amd") -> Any:
+    """The cause the rules name for a guest's result on a host whose KVM
+    comes from ``provider`` (evidence given, nothing read from this host)."""
+    b = boxlite_syscheck
+    machine = "aarch64" if result.guest == "aarch64" else "x86_64"
+    ev = b.Evidence(
+        gather=False,
+        kvm_provider=provider,
+        kvm_modules=[provider, "kvm"],
+        kernel="6.1.0",
+        node=dict(KVM_NODE),
+        euid=0,
+        groups=(0,),
+    )
+    facts = b.Facts(
+        "linux", machine, engine=engine if result.guest == "long-mode" else None, evidence=ev
+    )
+    facts.smoke = result
+    return b._diagnose(facts)

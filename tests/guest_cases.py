@@ -36,9 +36,10 @@ LONG_MODE = platform.machine() == "x86_64"  # aarch64 runs the arm64 guest
 def with_svm() -> None:
     fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     os.close(fd)
-    case("kvm-device", True, f"/dev/kvm opens; modules: {', '.join(b._kvm_modules())}")
+    case("kvm-device", True, f"/dev/kvm opens; modules: {', '.join(b.Evidence().kvm_modules)}")
     results = {}
     for backend in ("native", "python"):
+
         def gate(kind: str = backend) -> None:
             with b.SystemCheck.run(backend=kind) as host:
                 smoke = host.smoke
@@ -48,20 +49,31 @@ def with_svm() -> None:
 
         guarded(f"gate-{backend}", gate)
     if len(results) == 2:
-        same = results["native"].outcome() == results["python"].outcome()
-        case("backends-agree", same, "identical outcomes" if same else
-             f"{results['native'].outcome()} != {results['python'].outcome()}")
+        same = b._outcome(results["native"]) == b._outcome(results["python"])
+        case(
+            "backends-agree",
+            same,
+            "identical outcomes"
+            if same
+            else f"{b._outcome(results['native'])} != {b._outcome(results['python'])}",
+        )
     else:
         case("backends-agree", False, "a gate failed")
 
     def report() -> None:
         rep = b.check()
         layers = {f.id: f.status for f in rep.findings}
-        want = (("kvm.smoke", "guest.speed", "guest.stock_kernel", "guest.msrs") if LONG_MODE
-                else ("kvm.smoke", "engine.libkrun"))
+        want = (
+            ("kvm.smoke", "guest.speed", "guest.stock_kernel", "guest.msrs")
+            if LONG_MODE
+            else ("kvm.smoke", "engine.libkrun")
+        )
         ok = rep.verdict != b.NOT_USABLE and all(layers.get(k) == "pass" for k in want)
-        case("report", ok, f"verdict {rep.verdict}; " + ", ".join(
-            f"{k} {layers.get(k)}" for k in want))
+        case(
+            "report",
+            ok,
+            f"verdict {rep.verdict}; " + ", ".join(f"{k} {layers.get(k)}" for k in want),
+        )
         speed = next((f for f in rep.findings if f.id == "guest.speed"), None)
         if speed is not None:
             print("REPORT-SPEED " + json.dumps(speed.evidence), flush=True)
@@ -88,8 +100,12 @@ def with_svm() -> None:
     guarded("bare-device", bare)
 
     def cli() -> None:
-        done = subprocess.run([sys.executable, os.path.join(HERE, "boxlite_syscheck.py"),
-                               "--json"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run(
+            [sys.executable, os.path.join(HERE, "boxlite_syscheck.py"), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         report = json.loads(done.stdout)
         ok = done.returncode == 0 and report["error"] is None
         case("cli-json", ok, f"exit {done.returncode}, verdict {report['verdict']}")
@@ -103,14 +119,22 @@ def with_svm() -> None:
 
 def arm64_bound() -> None:
     """A guest that never stops ("b ." at its entry) ends at the bound, both backends."""
-    spin = b._Guest("aarch64-spin", (0x14000000).to_bytes(4, "little"), 0x1000, 0x10000, {}, {},
-                    base=0x10000, arch="aarch64")
+    spin = b._Guest(
+        "aarch64-spin",
+        (0x14000000).to_bytes(4, "little"),
+        0x1000,
+        0x10000,
+        {},
+        {},
+        base=0x10000,
+        arch="aarch64",
+    )
     fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
     try:
         seen = []
         for backend in ("native", "python"):
             start = time.monotonic()
-            result = b.smoke_test(fd, backend=backend, timeout=0.5, _program=spin)
+            result = b._run_program(fd, spin, 0.5, backend)
             seen.append((backend, result.timed_out, round(time.monotonic() - start, 2)))
         ok = all(timed_out and 0.5 <= took < 2.0 for _, timed_out, took in seen)
         case("bound", ok, f"(backend, timed out, seconds): {seen}")
@@ -139,6 +163,7 @@ class NativeShare:
                     return call(*args)
                 finally:
                     share.ns += time.perf_counter_ns() - start
+
             return wrapper
 
         native.execute, native.release = timed(execute), timed(release)
@@ -176,11 +201,14 @@ def gate_ratio(runs: int, engine: str | None = b.DEFAULT_ENGINE) -> tuple[float,
 def bench() -> None:
     """The gate against the native work it does (both under the same emulator)."""
     ms, ratio = gate_ratio(20)
-    print(f"CASE bench INFO gate {ms:.2f} ms, {ratio:.2f}x its native work "
-          "(target 1.15x)", flush=True)
+    print(
+        f"CASE bench INFO gate {ms:.2f} ms, {ratio:.2f}x its native work (target 1.15x)", flush=True
+    )
     ms, ratio = gate_ratio(50, engine=None)
-    print(f"CASE bench-bare INFO bare device check {ms:.2f} ms, {ratio:.2f}x its native "
-          "work", flush=True)
+    print(
+        f"CASE bench-bare INFO bare device check {ms:.2f} ms, {ratio:.2f}x its native work",
+        flush=True,
+    )
     gate_ns = check_ns = 0
     for _ in range(10):
         start = time.perf_counter_ns()
@@ -190,16 +218,20 @@ def bench() -> None:
         b.check()
         check_ns += time.perf_counter_ns() - start
         b._wait_for_closes()
-    print(f"CASE bench-report INFO check() with every engine {check_ns / 1e7:.2f} ms, "
-          f"{check_ns / gate_ns:.2f}x the gate (target 1.6x)", flush=True)
+    print(
+        f"CASE bench-report INFO check() with every engine {check_ns / 1e7:.2f} ms, "
+        f"{check_ns / gate_ns:.2f}x the gate (target 1.6x)",
+        flush=True,
+    )
 
 
 def without_svm() -> None:
     try:
         b.SystemCheck.run()
     except b.UnsupportedError as err:
-        ok = err.cause in (("kvm-no-nested", "kvm-no-virtualization") if LONG_MODE
-                           else ("kvm-no-el2",))
+        ok = err.cause in (
+            ("kvm-no-nested", "kvm-no-virtualization") if LONG_MODE else ("kvm-no-el2",)
+        )
         case("no-kvm-diagnosed", ok, f"{err.cause}: {str(err).splitlines()[0]}")
         return
     case("no-kvm-diagnosed", False, "the gate passed on a CPU without SVM")

@@ -66,8 +66,9 @@ def test_constants_match_the_installed_kernel_headers(tmp_path):
         pytest.skip("no C compiler")
     source = tmp_path / "abi.c"
     source.write_text(HEADER_PROGRAM)
-    built = subprocess.run([cc, "-o", str(tmp_path / "abi"), str(source)],
-                           capture_output=True, text=True)
+    built = subprocess.run(
+        [cc, "-o", str(tmp_path / "abi"), str(source)], capture_output=True, text=True
+    )
     if built.returncode != 0 and "linux/kvm.h" in built.stderr:
         pytest.skip("no <linux/kvm.h>")
     assert built.returncode == 0, built.stderr
@@ -81,13 +82,15 @@ def test_constants_match_the_installed_kernel_headers(tmp_path):
     assert values["KVM_EXIT_FAIL_ENTRY"] == b.KVM_EXIT_FAIL_ENTRY
     assert values["KVM_EXIT_INTERNAL_ERROR"] == b.KVM_EXIT_INTERNAL_ERROR
     assert values["KVM_EXIT_SHUTDOWN"] == b.KVM_EXIT_SHUTDOWN
-    assert values["KVM_CAP_IMMEDIATE_EXIT"] == b.KVM_CAP_IMMEDIATE_EXIT
-    assert values["KVM_CAP_MAX_VCPUS"] == b.KVM_CAP_MAX_VCPUS
-    assert values["KVM_CAP_NR_MEMSLOTS"] == b.KVM_CAP_NR_MEMSLOTS
+    assert values["KVM_CAP_IMMEDIATE_EXIT"] == b.KVM_CAPS["IMMEDIATE_EXIT"]
+    assert values["KVM_CAP_MAX_VCPUS"] == b.KVM_CAPS["MAX_VCPUS"]
+    assert values["KVM_CAP_NR_MEMSLOTS"] == b.KVM_CAPS["NR_MEMSLOTS"]
     assert values["offsetof(struct kvm_run, exit_reason)"] == b._RUN_EXIT_REASON
     assert values["offsetof(struct kvm_run, fail_entry.cpu)"] == b._RUN_FAIL_ENTRY_CPU
-    assert (values["offsetof(struct kvm_run, fail_entry.hardware_entry_failure_reason)"]
-            == b._RUN_FAIL_ENTRY_REASON)
+    assert (
+        values["offsetof(struct kvm_run, fail_entry.hardware_entry_failure_reason)"]
+        == b._RUN_FAIL_ENTRY_REASON
+    )
     assert values["offsetof(struct kvm_run, internal.suberror)"] == b._RUN_INTERNAL_SUBERROR
     assert values["sizeof(struct kvm_run)"] == b._SIZEOF_KVM_RUN_MIN
 
@@ -106,5 +109,18 @@ def test_hvf_codes_follow_hv_error_h():
     assert b.HV_DENIED - (1 << 32) == -85377017
 
 
-def test_guest_code_is_mov_eax_then_hlt():
-    assert b._GUEST_HALT == bytes([0x66, 0xB8, 0x7E, 0x11, 0xC5, 0xB0, 0xF4])
+def test_the_trivial_guest_decodes_to_mov_eax_proof_then_hlt(tmp_path):
+    """BoxLite's real-mode guest, read back by the disassembler in 16-bit mode."""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.fail("objdump (binutils) is needed: it comes with the C compiler")
+    raw = tmp_path / "guest.bin"
+    raw.write_bytes(b._real_mode_guest().image)
+    out = subprocess.run(
+        [objdump, "-D", "-b", "binary", "-m", "i8086", str(raw)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    decoded = [line.split("\t")[-1].strip() for line in out.splitlines() if "\t" in line]
+    assert decoded == [f"mov    $0x{b.PROOF_VALUE:x},%eax", "hlt"]

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, needs_kvm, on_pvm_host
+from conftest import KVM_NODE, ROOT, needs_kvm, on_pvm_host
 
 import boxlite_syscheck as b
 
@@ -24,7 +24,14 @@ def check_shape(report):
     assert report["verdict"] in {"usable", "usable-with-warnings", "not-usable"}
     assert set(report["host"]) >= {"host", "system", "kernel", "machine", "python", "probe"}
     assert report["error"] is None or set(report["error"]) == {
-        "type", "code", "cause", "summary", "message", "evidence", "fix"}
+        "type",
+        "code",
+        "cause",
+        "summary",
+        "message",
+        "evidence",
+        "fix",
+    }
     if report["error"] is not None:
         assert report["error"]["fix"] not in report["error"]["message"]  # said once
     for finding in report["findings"]:
@@ -51,7 +58,10 @@ def test_real_report_on_this_pvm_host_is_not_usable_with_one_cause():
     assert found["guest.stock_kernel"].error is None and not found["guest.stock_kernel"].fix
     assert "lock cmpxchg16b" in found["guest.stock_kernel"].summary
     assert "kvm_pvm" in found["kvm.module"].summary
-    if found["cpu.flags"].evidence.get("vmx") is False and found["cpu.flags"].evidence.get("svm") is False:
+    if (
+        found["cpu.flags"].evidence.get("vmx") is False
+        and found["cpu.flags"].evidence.get("svm") is False
+    ):
         assert "right verdict for the wrong reason" in found["cpu.flags"].summary
 
 
@@ -106,7 +116,7 @@ def test_not_usable_exits_1_and_shows_the_fix(mocker, capsys):
     assert b.main([]) == 1
     out = capsys.readouterr().out
     assert "FAIL  kvm.smoke" in out
-    assert "Fix: more than one policy could refuse it; check in this order" in out
+    assert "Fix: check in this order: (1) the audit log" in out
     assert "EPERM (Operation not permitted)" in out
     assert out.rstrip().endswith("Verdict: not-usable")
 
@@ -129,16 +139,30 @@ def test_colour_only_on_a_terminal_without_no_color(mocker, capsys, monkeypatch)
     assert "\x1b[" not in capsys.readouterr().out
 
 
+def reporting(mocker, *findings, error=None):
+    """main() renders this report (a value, as check() would return it)."""
+    host = {
+        "host": "h",
+        "system": "Linux",
+        "kernel": "6.1",
+        "machine": "x86_64",
+        "python": "3.11",
+        "probe": "kvm",
+        "engine": "libkrun",
+        "kvm_provider": "kvm_amd",
+    }
+    mocker.patch.object(b, "check", return_value=b.Report(list(findings), error, host))
+
+
 def test_strict_turns_warnings_into_failure(mocker):
-    warn = b.Finding("x.warn", "warn", "a warning", fix="do it")
-    mocker.patch.object(b.KvmProbe, "findings", return_value=[warn])
-    mocker.patch.object(b, "_PROBE", b.KvmProbe("x86_64"))
+    reporting(mocker, b.Finding("x.warn", "warn", "a warning", fix="do it"))
     assert b.main(["--quiet"]) == 0
     assert b.main(["--quiet", "--strict"]) == 1
 
 
-@pytest.mark.parametrize("argv", [["--bogus"], ["--timeout", "0"], ["--timeout", "x"],
-                                  ["--backend", "rust"]])
+@pytest.mark.parametrize(
+    "argv", [["--bogus"], ["--timeout", "0"], ["--timeout", "x"], ["--backend", "rust"]]
+)
 def test_usage_errors_exit_2(argv, capsys):
     assert b.main(argv) == 2
     assert capsys.readouterr().err
@@ -161,7 +185,9 @@ def test_linux_findings_through_seams(mocker):
     mocker.patch.object(b, "_open_device", side_effect=OSError(errno.ENOENT, "gone"))
     mocker.patch.object(b, "_exists", return_value=False)
     mocker.patch.object(b, "_read_text", return_value=None)
-    found = {f.id: f for f in probe.findings(1.0, None, False)}
+    facts = probe.gather("libkrun", 1.0, None)
+    error = b._diagnose_staged(facts)
+    found = {f.id: f for f in probe.findings(facts, error)}
     # One cause, one failing finding, and it carries the fix.
     assert found["kvm.device"].status == "fail" and found["kvm.device"].fix
     assert found["kvm.smoke"].status == "skip"
@@ -172,21 +198,35 @@ def test_linux_findings_through_seams(mocker):
     assert found["host.context"].status == "info"
 
 
-def test_stale_group_is_a_warning_in_the_report(mocker):
-    st = os.stat_result((0o020660, 0, 0, 1, 0, 4242, 0, 0, 0, 0), {"st_rdev": os.makedev(10, 232)})
-    mocker.patch.object(b, "_stat", return_value=st)
-    mocker.patch.object(b.os, "geteuid", return_value=1000)
-    mocker.patch.object(b, "_group_name", return_value="kvm")
-    mocker.patch.object(b, "_group_membership", return_value=("alice", True, False))
-    finding = b.KvmProbe("x86_64")._groups_finding()
-    assert finding.status == "warn"
-    assert "newgrp kvm" in finding.fix
+def groups_finding(**fields):
+    base = dict(
+        euid=1000,
+        groups=(1000,),
+        user="alice",
+        node=dict(KVM_NODE),
+        group_listed=False,
+        userns={"identity": True},
+    )
+    ev = b.Evidence(gather=False, **{**base, **fields})
+    return b._groups_finding(b.Facts(evidence=ev))
+
+
+def test_stale_group_is_a_warning_in_the_report():
+    finding = groups_finding(group_listed=True)
+    assert finding.status == "warn" and "newgrp kvm" in finding.fix
+    assert groups_finding(groups=(1000, 4242)).status == "pass"
+    assert groups_finding().status == "info" and "not in group kvm" in groups_finding().summary
 
 
 @on_pvm_host
 def test_python_dash_m_tells_the_truth_here():
-    done = subprocess.run([sys.executable, "-m", "boxlite_syscheck", "--json"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "boxlite_syscheck", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 1, done.stdout + done.stderr
     report = json.loads(done.stdout)
     check_shape(report)
@@ -196,14 +236,12 @@ def test_python_dash_m_tells_the_truth_here():
 # ── The rough edges a new user hit (issue 13) ───────────────────────────────
 
 
-def with_findings(mocker, *findings, error=None):
-    mocker.patch.object(b, "_PROBE", b.KvmProbe("x86_64"))
-    mocker.patch.object(b.KvmProbe, "findings", return_value=list(findings))
-
-
 def test_quiet_keeps_a_warning_with_its_fix_and_strict_says_why(mocker, capsys):
-    with_findings(mocker, b.Finding("x.ok", "pass", "fine"),
-                  b.Finding("x.warn", "warn", "a warning", fix="do it"))
+    reporting(
+        mocker,
+        b.Finding("x.ok", "pass", "fine"),
+        b.Finding("x.warn", "warn", "a warning", fix="do it"),
+    )
     assert b.main(["-q"]) == 0
     out = capsys.readouterr().out
     assert "WARN  x.warn  a warning" in out and "x.warn: do it" in out and "PASS" not in out
@@ -211,8 +249,10 @@ def test_quiet_keeps_a_warning_with_its_fix_and_strict_says_why(mocker, capsys):
     assert "--strict: warnings count as not usable" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("env, expected", [({"NO_COLOR": ""}, True), ({"NO_COLOR": "1"}, False),
-                                           ({"TERM": "dumb"}, False), ({}, True)])
+@pytest.mark.parametrize(
+    "env, expected",
+    [({"NO_COLOR": ""}, True), ({"NO_COLOR": "1"}, False), ({"TERM": "dumb"}, False), ({}, True)],
+)
 def test_colour_rules(mocker, monkeypatch, env, expected):
     mocker.patch.object(sys.stdout, "isatty", return_value=True)
     monkeypatch.delenv("NO_COLOR", raising=False)
@@ -234,17 +274,22 @@ def test_json_with_quiet_is_a_usage_error(capsys):
 
 
 def test_probe_hvf_on_linux_says_it_is_ignored(mocker, capsys):
-    with_findings(mocker, b.Finding("x.ok", "pass", "fine"))
+    reporting(mocker, b.Finding("x.ok", "pass", "fine"))
     assert b.main(["--probe-hvf"]) == 0
     assert "--probe-hvf applies to macOS only" in capsys.readouterr().err
 
 
 def test_a_fix_is_said_once(mocker, capsys):
-    error = b.UnsupportedError("no group\n\nFix: add the group", cause="kvm-not-in-group",
-                               fix="add the group")
-    failing = b.Finding("kvm.smoke", "fail", "no group", fix="add the group")
-    failing.error = error
-    with_findings(mocker, failing, b.Finding("kvm.groups", "warn", "no group", fix="add the group"))
+    error = b.UnsupportedError(
+        "no group\n\nFix: add the group", cause="kvm-not-in-group", fix="add the group"
+    )
+    failing = b._failing("kvm.smoke", error)
+    reporting(
+        mocker,
+        failing,
+        b.Finding("kvm.groups", "warn", "no group", fix="add the group"),
+        error=error,
+    )
     b.main([])
     assert capsys.readouterr().out.count("add the group") == 1
 
@@ -258,37 +303,41 @@ def test_objects_print_as_what_they_are():
 
 
 def test_json_error_has_evidence_and_says_the_fix_once():
-    error = b._failure(b.UnsupportedError, "kvm-busy", "busy", tried="create", answer="EBUSY",
-                       fix="quit the other hypervisor")
-    finding = b._from_error("kvm.smoke", error)
-    data = b.Report([finding], error, {}).as_dict()["error"]
-    assert data["code"] == "unsupported" and data["summary"] == "busy"
-    assert data["evidence"]["answer"] == "EBUSY"
-    assert "quit the other hypervisor" not in data["message"] and data["fix"]
+    facts = b.Facts(evidence=b.Evidence(gather=False))
+    facts.smoke = b.SmokeResult("native")
+    facts.smoke.step, facts.smoke.error = b.STEP_CREATE_VM, errno.EBUSY
+    error = b._diagnose(facts)
+    data = b.Report([b._failing("kvm.smoke", error)], error, {}).as_dict()["error"]
+    assert data["code"] == "unsupported" and data["cause"] == "kvm-busy"
+    assert data["summary"].startswith("KVM cannot create a VM")
+    assert data["evidence"]["answer"] == "EBUSY (Device or resource busy)"
+    assert "quit the other hypervisor" not in data["message"] and "quit the other" in data["fix"]
 
 
 def test_sdk_codes_match_boxlite_010():
     # boxlite 0.10 (PyPI), boxlite/errors.py
-    expected = {"UnsupportedError": "unsupported", "EngineError": "engine_unavailable",
-                "ResourceExhaustedError": "resource_exhausted", "InternalError": "internal",
-                "InvalidArgumentError": "invalid_argument", "ImageError": "image_pull_failed",
-                "NetworkError": "network_unavailable", "ConfigError": "config_error"}
+    expected = {
+        "UnsupportedError": "unsupported",
+        "EngineError": "engine_unavailable",
+        "ResourceExhaustedError": "resource_exhausted",
+        "InternalError": "internal",
+        "InvalidArgumentError": "invalid_argument",
+        "ImageError": "image_pull_failed",
+        "NetworkError": "network_unavailable",
+        "ConfigError": "config_error",
+    }
     for name, code in expected.items():
         assert getattr(b, name).code == code
     assert b.PortalError.code is None and isinstance(b.UnsupportedError("x"), RuntimeError)
 
 
-def test_a_user_without_a_name_is_said_by_uid(mocker):
-    mocker.patch.object(b, "_user_name", side_effect=str)
-    assert b._who(65533) == "uid 65533"
+def test_a_user_without_a_name_is_said_by_uid():
+    assert b._who(b.Evidence(gather=False, euid=65533)) == "uid 65533"
+    assert b._who(b.Evidence(gather=False, euid=1000, user="alice")) == "alice (uid 1000)"
 
 
-def test_an_open_mode_needs_no_group(mocker):
-    st = os.stat_result((0o020666, 0, 0, 1, 0, 4242, 0, 0, 0, 0), {"st_rdev": os.makedev(10, 232)})
-    mocker.patch.object(b, "_stat", return_value=st)
-    mocker.patch.object(b.os, "geteuid", return_value=1000)
-    mocker.patch.object(b, "_group_membership", return_value=("alice", True, False))
-    finding = b.KvmProbe("x86_64")._groups_finding()
+def test_an_open_mode_needs_no_group():
+    finding = groups_finding(node={**KVM_NODE, "mode": 0o666})
     assert finding.status == "info" and "every user" in finding.summary
 
 
@@ -300,6 +349,12 @@ def test_every_python_block_in_the_readme_runs(tmp_path):
     for number, block in enumerate(blocks):
         script = tmp_path / f"block{number}.py"
         script.write_text(block)
-        done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        done = subprocess.run(
+            [sys.executable, str(script)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert done.returncode == 0, f"README python block {number}:\n{block}\n{done.stderr}"

@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, SECCOMP_INSTALL, needs_kvm, needs_root, process_state, run_script
+from conftest import ROOT, SECCOMP_INSTALL, needs_kvm, needs_root, process_state, run_script, spin
 
 import boxlite_syscheck as b
 
@@ -66,7 +66,7 @@ def test_spinning_guest_times_out_with_our_own_signal_pending_foreign(kvm_fd, ba
         reference = sent_and_taken(signo)
         signal.pthread_kill(threading.get_ident(), signo)
         started = time.monotonic()
-        result = b.smoke_test(kvm_fd, backend=backend, timeout=0.3, _guest=b._GUEST_SPIN)
+        result = spin(kvm_fd, backend, 0.3)
         took = time.monotonic() - started
         assert result.timed_out and 0.3 <= took < 0.6, (result, took)
         info = signal.sigtimedwait({signo}, 0)  # still theirs, as it was
@@ -92,7 +92,7 @@ resource.setrlimit(resource.RLIMIT_SIGPENDING, (0, 0))
 fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
 signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGSTKFLT})
 signal.pthread_kill(threading.get_ident(), signal.SIGSTKFLT)
-spin = b.smoke_test(fd, backend=sys.argv[2], timeout=0.3, _guest=b._GUEST_SPIN)
+spin = b._run_program(fd, b._real_mode_guest(b"\xeb\xfe"), 0.3, sys.argv[2])
 print(spin.timed_out, spin.bound == "watchdog thread",
       signal.sigtimedwait({signal.SIGSTKFLT}, 0) is not None)
 """
@@ -112,7 +112,7 @@ def test_a_handler_that_raises_propagates_unchanged(kvm_fd, backend):
         signal.setitimer(signal.ITIMER_REAL, 0.05)
         started = time.monotonic()
         with pytest.raises(Mine, match="the caller's own timeout"):
-            b.smoke_test(kvm_fd, backend=backend, timeout=2.0, _guest=b._GUEST_SPIN)
+            spin(kvm_fd, backend, 2.0)
         assert time.monotonic() - started < 0.5
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -130,7 +130,7 @@ mask = signal.pthread_sigmask(signal.SIG_BLOCK, [])
 print("ready", flush=True)
 started = time.monotonic()
 try:
-    b.smoke_test(fd, backend=sys.argv[2], timeout=10.0, _guest=b._GUEST_SPIN)
+    b._run_program(fd, b._real_mode_guest(b"\xeb\xfe"), 10.0, sys.argv[2])
     print("no interrupt")
 except KeyboardInterrupt:
     took = time.monotonic() - started
@@ -141,8 +141,9 @@ except KeyboardInterrupt:
 
 @needs_kvm
 def test_ctrl_c_during_a_spinning_guest_reaches_the_caller_at_once(backend):
-    child = subprocess.Popen([sys.executable, "-c", SIGINT_SCRIPT, str(ROOT), backend],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", SIGINT_SCRIPT, str(ROOT), backend], stdout=subprocess.PIPE, text=True
+    )
     assert child.stdout.readline().strip() == "ready"
     time.sleep(0.3)
     child.send_signal(signal.SIGINT)
@@ -165,7 +166,7 @@ out = {}
 for backend in ("native", "python"):
     ok = b.smoke_test(fd, backend=backend)
     started = time.monotonic()
-    spin = b.smoke_test(fd, backend=backend, timeout=0.3, _guest=b._GUEST_SPIN)
+    spin = b._run_program(fd, b._real_mode_guest(b"\xeb\xfe"), 0.3, backend)
     out[backend] = {"ok": ok.ok, "bound": ok.bound, "spin_timed_out": spin.timed_out,
                     "spin_bound": spin.bound, "took": time.monotonic() - started,
                     "timers": open("/proc/self/timers").read()}
@@ -174,10 +175,8 @@ print(json.dumps(out))
 
 
 @needs_kvm
-def test_rlimit_sigpending_zero_falls_back_to_a_watchdog():
-    done = run_script(SIGPENDING_SCRIPT)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+def test_rlimit_sigpending_zero_falls_back_to_a_watchdog(run_json):
+    out = run_json(SIGPENDING_SCRIPT)
     for backend in ("native", "python"):
         got = out[backend]
         assert got["ok"] and got["bound"] == "watchdog thread", got
@@ -202,7 +201,7 @@ for free in range(1, 7):
     for backend in ("native", "python"):
         try:
             with b.SystemCheck.run(backend=backend, engine=None) as host:
-                row[backend] = ["ok", list(map(str, host.smoke.outcome()))]
+                row[backend] = ["ok", list(map(str, b._outcome(host.smoke)))]
         except b.BoxliteError as err:
             row[backend] = [err.cause, str(err).splitlines()[0]]
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
@@ -212,10 +211,8 @@ print(json.dumps(out))
 
 
 @needs_kvm
-def test_both_backends_agree_at_every_descriptor_limit():
-    done = run_script(DESCRIPTOR_SCRIPT)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+def test_both_backends_agree_at_every_descriptor_limit(run_json):
+    out = run_json(DESCRIPTOR_SCRIPT)
     for free, row in out.items():
         assert row["native"] == row["python"], (free, row)
     assert out["1"]["native"][0] == "fd-limit"  # /dev/kvm fits, the VM does not
@@ -253,7 +250,9 @@ def test_first_use_from_many_threads_in_many_fresh_processes():
 
 # ── Policies that answer EINTR ──────────────────────────────────────────────
 
-EINTR_SCRIPT = SECCOMP_INSTALL + r"""
+EINTR_SCRIPT = (
+    SECCOMP_INSTALL
+    + r"""
 import json, os, sys, time
 sys.path.insert(0, sys.argv[1])
 import boxlite_syscheck as b
@@ -269,14 +268,13 @@ for backend in ("native", "python"):
                     "timed_out": r.timed_out, "took": time.monotonic() - started}
 print(json.dumps(out))
 """
+)
 
 
 @needs_root
 @pytest.mark.parametrize("request_name", ["KVM_CREATE_VM", "KVM_RUN"])
-def test_an_ioctl_that_always_answers_eintr_cannot_hang_the_check(request_name):
-    done = run_script(EINTR_SCRIPT, str(getattr(b, request_name)))
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
+def test_an_ioctl_that_always_answers_eintr_cannot_hang_the_check(request_name, run_json):
+    out = run_json(EINTR_SCRIPT, str(getattr(b, request_name)))
     for backend in ("native", "python"):
         got = out[backend]
         assert got["took"] < 1.0, got
@@ -290,10 +288,15 @@ def test_an_ioctl_that_always_answers_eintr_cannot_hang_the_check(request_name):
 # ── The interpreter's ABI, not the kernel's ─────────────────────────────────
 
 
-@pytest.mark.parametrize("multiarch, wide, abi", [
-    ("x86_64-linux-gnu", True, "x86_64"), ("i386-linux-gnu", False, "i386"),
-    ("aarch64-linux-gnu", True, "aarch64"), ("arm-linux-gnueabihf", False, "arm"),
-])
+@pytest.mark.parametrize(
+    "multiarch, wide, abi",
+    [
+        ("x86_64-linux-gnu", True, "x86_64"),
+        ("i386-linux-gnu", False, "i386"),
+        ("aarch64-linux-gnu", True, "aarch64"),
+        ("arm-linux-gnueabihf", False, "arm"),
+    ],
+)
 def test_syscall_numbers_follow_the_interpreter(mocker, multiarch, wide, abi):
     mocker.patch.object(sys.implementation, "_multiarch", multiarch, create=True)
     mocker.patch.object(sys, "maxsize", 2**63 - 1 if wide else 2**31 - 1)
@@ -342,19 +345,30 @@ def test_header_and_json_name_the_backend_that_ran(capsys):
 @needs_kvm
 def test_cli_full_disk_says_one_line_and_exits_3():
     with open("/dev/full", "w") as full:
-        done = subprocess.run([sys.executable, "-m", "boxlite_syscheck", "--engine", "none"],
-                              cwd=ROOT, stdout=full, stderr=subprocess.PIPE, text=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "boxlite_syscheck", "--engine", "none"],
+            cwd=ROOT,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     assert done.returncode == 3
     assert done.stderr.strip().splitlines() == [
-        "boxlite_syscheck: cannot write the report: ENOSPC (No space left on device)"]
+        "boxlite_syscheck: cannot write the report: ENOSPC (No space left on device)"
+    ]
 
 
 @needs_kvm
 def test_cli_closed_pipe_exits_quietly():
     read, write = os.pipe()
     os.close(read)  # nobody will read
-    done = subprocess.run([sys.executable, "-m", "boxlite_syscheck", "--engine", "none"],
-                          cwd=ROOT, stdout=write, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "boxlite_syscheck", "--engine", "none"],
+        cwd=ROOT,
+        stdout=write,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     os.close(write)
     assert done.returncode == b.EXIT_BROKEN_PIPE
     assert done.stderr == ""
@@ -366,9 +380,9 @@ def test_with_no_timer_and_no_thread_the_run_is_unbounded_and_said(kvm_fd, mocke
     mocker.patch.object(b, "_Watchdog", side_effect=RuntimeError("can't start new thread"))
     result = b.smoke_test(kvm_fd, backend="python")
     assert result.ok and result.bound == "none"  # the guest's result still counts
-    mocker.patch.object(b, "_open_device", return_value=os.dup(kvm_fd))
-    finding = b.KvmProbe("x86_64")._usable_finding(1.0, "python", holder := [])
-    os.close(holder[0])
+    facts = b.Facts(engine=None, evidence=b.Evidence(gather=False))
+    facts.smoke = result
+    finding = b._smoke_finding(facts, None, result.elapsed)
     assert finding.status == "warn" and "unbounded" in finding.summary
 
 

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 import subprocess
 
 import pytest
-from conftest import SECCOMP_INSTALL, needs_kvm, needs_root, on_pvm_host, run_script
+from conftest import (
+    CHECK_EVERY_DOOR,
+    SECCOMP_INSTALL,
+    diagnose,
+    every_door_agrees,
+    needs_kvm,
+    needs_root,
+    on_pvm_host,
+)
 
 import boxlite_syscheck as b
+from boxlite_syscheck import _layer
 
 # ── The table ───────────────────────────────────────────────────────────────
 
@@ -21,9 +31,13 @@ def test_every_capability_in_the_table_has_a_number():
                 assert arch in ("x86_64", "aarch64"), (engine, arch)
                 for name in names:
                     assert name in b.KVM_CAPS, (engine, name)
-        assert set(row["ioctls"]) <= {"KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR",
-                                      "KVM_CREATE_IRQCHIP", "KVM_CREATE_PIT2",
-                                      "KVM_ENABLE_CAP(SPLIT_IRQCHIP)"}
+        assert set(row["ioctls"]) <= {
+            "KVM_SET_TSS_ADDR",
+            "KVM_SET_IDENTITY_MAP_ADDR",
+            "KVM_CREATE_IRQCHIP",
+            "KVM_CREATE_PIT2",
+            "KVM_ENABLE_CAP(SPLIT_IRQCHIP)",
+        }
 
 
 def test_the_capability_numbers_are_the_kernels(tmp_path):
@@ -31,16 +45,32 @@ def test_the_capability_numbers_are_the_kernels(tmp_path):
     if cc is None:
         pytest.fail("a C compiler is needed to read <linux/kvm.h>")
     # Capabilities newer than the installed headers are skipped there.
-    lines = "".join(f'\n#ifdef KVM_CAP_{n}\nprintf("{n} %d\\n", KVM_CAP_{n});\n#endif\n'
-                    for n in b.KVM_CAPS)
-    ioctls = "".join(f'printf("{n} %lu\\n", (unsigned long){n});' for n in
-                     ("KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_CREATE_IRQCHIP",
-                      "KVM_CREATE_PIT2", "KVM_ENABLE_CAP", "KVM_GET_SUPPORTED_CPUID",
-                      "KVM_SET_CPUID2", "KVM_GET_MSR_INDEX_LIST", "KVM_GET_MSR_FEATURE_INDEX_LIST",
-                      "KVM_GET_MSRS", "KVM_SET_MSRS"))
+    lines = "".join(
+        f'\n#ifdef KVM_CAP_{n}\nprintf("{n} %d\\n", KVM_CAP_{n});\n#endif\n' for n in b.KVM_CAPS
+    )
+    ioctls = "".join(
+        f'printf("{n} %lu\\n", (unsigned long){n});'
+        for n in (
+            "KVM_SET_TSS_ADDR",
+            "KVM_SET_IDENTITY_MAP_ADDR",
+            "KVM_CREATE_IRQCHIP",
+            "KVM_CREATE_PIT2",
+            "KVM_ENABLE_CAP",
+            "KVM_GET_SUPPORTED_CPUID",
+            "KVM_SET_CPUID2",
+            "KVM_GET_MSR_INDEX_LIST",
+            "KVM_GET_MSR_FEATURE_INDEX_LIST",
+            "KVM_GET_MSRS",
+            "KVM_SET_MSRS",
+        )
+    )
     source = tmp_path / "caps.c"
-    source.write_text("#include <stdio.h>\n#include <linux/kvm.h>\nint main(void){"
-                      + lines + ioctls + "return 0;}\n")
+    source.write_text(
+        "#include <stdio.h>\n#include <linux/kvm.h>\nint main(void){"
+        + lines
+        + ioctls
+        + "return 0;}\n"
+    )
     subprocess.run([cc, "-o", str(tmp_path / "caps"), str(source)], check=True)
     out = subprocess.run([str(tmp_path / "caps")], capture_output=True, text=True, check=True)
     values = {k: int(v) for k, v in (line.split() for line in out.stdout.splitlines())}
@@ -48,34 +78,57 @@ def test_the_capability_numbers_are_the_kernels(tmp_path):
     assert len(checked) >= len(b.KVM_CAPS) - 2, sorted(set(b.KVM_CAPS) - set(values))
     for name in checked:
         assert values[name] == b.KVM_CAPS[name], name
-    for name in ("KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_CREATE_IRQCHIP",
-                 "KVM_CREATE_PIT2", "KVM_ENABLE_CAP", "KVM_GET_SUPPORTED_CPUID", "KVM_SET_CPUID2",
-                 "KVM_GET_MSR_INDEX_LIST", "KVM_GET_MSR_FEATURE_INDEX_LIST", "KVM_GET_MSRS",
-                 "KVM_SET_MSRS"):
+    for name in (
+        "KVM_SET_TSS_ADDR",
+        "KVM_SET_IDENTITY_MAP_ADDR",
+        "KVM_CREATE_IRQCHIP",
+        "KVM_CREATE_PIT2",
+        "KVM_ENABLE_CAP",
+        "KVM_GET_SUPPORTED_CPUID",
+        "KVM_SET_CPUID2",
+        "KVM_GET_MSR_INDEX_LIST",
+        "KVM_GET_MSR_FEATURE_INDEX_LIST",
+        "KVM_GET_MSRS",
+        "KVM_SET_MSRS",
+    ):
         assert values[name] == getattr(b, name), name
 
 
 # ── The decoder, on the messages users see (engine-requirements.md) ─────────
 
 
-@pytest.mark.parametrize("message, expected", [
-    ("Missing KVM capabilities: [0x24]", ["KVM_CAP_IOEVENTFD (36) is missing"]),
-    ("Missing KVM capabilities: [0x4, 0x21]",
-     ["KVM_CAP_SET_TSS_ADDR (4) is missing", "KVM_CAP_PIT2 (33) is missing"]),
-    ("Missing KVM capabilities: SetTssAddr", ["KVM_CAP_SET_TSS_ADDR (4) is missing"]),
-    ("Error creating the Kvm object: Error(13)", ["errno 13 is EACCES (Permission denied)"]),
-    ("thread 'main' panicked: Capability missing: Irqchip", ["KVM_CAP_IRQCHIP (0) is missing"]),
-    ("VmCreate(No such file or directory (os error 2))",
-     ["errno 2 is ENOENT (No such file or directory)"]),
-    ("VmBoot(KvmNew(Error(13)))", ["errno 13 is EACCES (Permission denied)"]),
-    ("ioctl(KVM_CREATE_VM) failed: 16 Device or resource busy",
-     ["errno 16 is EBUSY (Device or resource busy)"]),
-    ("kvm does not support KVM_CAP_SET_TSS_ADDR", ["KVM_CAP_SET_TSS_ADDR (4) is missing"]),
-    ("missing required hypervisor capability ImmediateExit",
-     ["KVM_CAP_IMMEDIATE_EXIT (136) is missing"]),
-    ("VmFd(Os { code: 16, kind: ResourceBusy })", ["errno 16 is EBUSY (Device or resource busy)"]),
-    ("the guest exited", []),
-])
+@pytest.mark.parametrize(
+    "message, expected",
+    [
+        ("Missing KVM capabilities: [0x24]", ["KVM_CAP_IOEVENTFD (36) is missing"]),
+        (
+            "Missing KVM capabilities: [0x4, 0x21]",
+            ["KVM_CAP_SET_TSS_ADDR (4) is missing", "KVM_CAP_PIT2 (33) is missing"],
+        ),
+        ("Missing KVM capabilities: SetTssAddr", ["KVM_CAP_SET_TSS_ADDR (4) is missing"]),
+        ("Error creating the Kvm object: Error(13)", ["errno 13 is EACCES (Permission denied)"]),
+        ("thread 'main' panicked: Capability missing: Irqchip", ["KVM_CAP_IRQCHIP (0) is missing"]),
+        (
+            "VmCreate(No such file or directory (os error 2))",
+            ["errno 2 is ENOENT (No such file or directory)"],
+        ),
+        ("VmBoot(KvmNew(Error(13)))", ["errno 13 is EACCES (Permission denied)"]),
+        (
+            "ioctl(KVM_CREATE_VM) failed: 16 Device or resource busy",
+            ["errno 16 is EBUSY (Device or resource busy)"],
+        ),
+        ("kvm does not support KVM_CAP_SET_TSS_ADDR", ["KVM_CAP_SET_TSS_ADDR (4) is missing"]),
+        (
+            "missing required hypervisor capability ImmediateExit",
+            ["KVM_CAP_IMMEDIATE_EXIT (136) is missing"],
+        ),
+        (
+            "VmFd(Os { code: 16, kind: ResourceBusy })",
+            ["errno 16 is EBUSY (Device or resource busy)"],
+        ),
+        ("the guest exited", []),
+    ],
+)
 def test_decoder(message, expected):
     assert b.decode_engine_message(message) == expected
 
@@ -107,76 +160,93 @@ def test_the_cli_follows_the_engine(engine, capsys):
     b._wait_for_closes()
 
 
-MISSING_SCRIPT = SECCOMP_INSTALL + r"""
-import json, os, sys
+FILTERED_SCRIPT = (
+    SECCOMP_INSTALL
+    + r"""
+import sys
 sys.path.insert(0, sys.argv[1])
 import boxlite_syscheck as b
-b._PROBE.acquire(engine=None)[0]  # load everything before the filter
-cap = int(sys.argv[2])
-_install_seccomp(b.KVM_CHECK_EXTENSION, 0, cap)  # "0": not supported
-report = b.check()
-out = {"engines": {n: [v["verdict"], [c["number"] for c in v["missing_capabilities"]]]
-                   for n, v in report.engines.items()}}
-for backend in ("native", "python"):
-    try:
-        b.SystemCheck.run(backend=backend).close()
-        out[backend] = "passed"
-    except b.BoxliteError as err:
-        out[backend] = [err.cause, str(err)]
+ENGINE = "libkrun"
+b.check()  # load everything before the filter
 b._wait_for_closes()
-print(json.dumps(out))
+_install_seccomp(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
+report = b.check()
+engines = {n: [v["verdict"], [c["number"] for c in v["missing_capabilities"]], v["failed_ioctls"]]
+           for n, v in report.engines.items()}
 """
+    + CHECK_EVERY_DOOR.replace(
+        "print(json.dumps(out))", "out['engines'] = engines\nprint(json.dumps(out))"
+    )
+)
 
 
 @needs_root
-def test_a_capability_made_missing_stops_exactly_the_engines_that_need_it():
-    done = run_script(MISSING_SCRIPT, str(b.KVM_CAPS["SET_TSS_ADDR"]))
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout.splitlines()[-1])
+def test_a_capability_made_missing_stops_exactly_the_engines_that_need_it(run_json):
+    # KVM_CHECK_EXTENSION(SET_TSS_ADDR) answers 0, "not supported".
+    out = run_json(
+        FILTERED_SCRIPT, str(b.KVM_CHECK_EXTENSION), "0", str(b.KVM_CAPS["SET_TSS_ADDR"])
+    )
+    every_door_agrees(out)
     for name, row in b.ENGINE_REQUIREMENTS.items():
-        verdict, numbers = out["engines"][name]
+        verdict, numbers, _ = out["engines"][name]
         if "SET_TSS_ADDR" in row["required"]["x86_64"]:
             assert verdict == b.WOULD_NOT_START and numbers == [4], (name, verdict)
         else:
             assert verdict != b.WOULD_NOT_START and numbers == [], (name, verdict)
     for backend in ("native", "python"):
-        cause, message = out[backend]
-        assert cause == "kvm-capability-missing"
-        assert "KVM_CAP_SET_TSS_ADDR (4)" in message
-        assert "seccomp filter" in message  # two causes fit: said, with the checks in order
-
-
-IOCTL_SCRIPT = SECCOMP_INSTALL + r"""
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import boxlite_syscheck as b
-b._PROBE.acquire(engine=None)
-_install_seccomp(int(sys.argv[2]), 1)  # EPERM
-report = b.check()
-b._wait_for_closes()
-print(json.dumps({n: [v["verdict"], v["failed_ioctls"]] for n, v in report.engines.items()}))
-"""
+        assert out[backend]["cause"] == "kvm-capability-missing"
+        assert "KVM_CAP_SET_TSS_ADDR (4)" in out[backend]["message"]
+        # Two causes fit (a filter can answer it): both said, checks in order.
+        assert "seccomp filter" in out[backend]["message"]
+        assert "check in this order" in out[backend]["fix"]
 
 
 @needs_root
-def test_a_failing_startup_ioctl_stops_the_engines_that_issue_it():
-    done = run_script(IOCTL_SCRIPT, str(b.KVM_CREATE_IRQCHIP))
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout.splitlines()[-1])
+def test_a_failing_startup_ioctl_stops_the_engines_that_issue_it(run_json):
+    out = run_json(FILTERED_SCRIPT, str(b.KVM_CREATE_IRQCHIP), str(errno.EPERM), "-1")
+    every_door_agrees(out)
     for name, row in b.ENGINE_REQUIREMENTS.items():
-        verdict, failed = out[name]
+        verdict, _, failed = out["engines"][name]
         if "KVM_CREATE_IRQCHIP" in row["ioctls"]:
             assert verdict == b.WOULD_NOT_START and failed == {"KVM_CREATE_IRQCHIP": "EPERM"}
         else:
             assert failed == {}, name
+    # The gate issues the engine's start-up ioctls too, so it says the same:
+    # EPERM from a seccomp filter, on an ioctl.
+    assert out["native"]["cause"] == "kvm-seccomp-denied"
+    assert "an ioctl on /dev/kvm" in out["python"]["message"]
+    assert "create the in-kernel irqchip (KVM_CREATE_IRQCHIP)" in out["python"]["message"]
 
 
-def test_capability_error_without_seccomp_says_update_the_kernel(mocker):
-    mocker.patch.object(b, "_seccomp_mode", return_value="0")
-    values = dict.fromkeys(b._engine_caps("crosvm", "x86_64"), 0)
-    error = b._capability_error("crosvm", "x86_64", values)
-    assert error.cause == "kvm-capability-missing"
+def capability_facts(engine, values, **evidence):
+    ev = b.Evidence(gather=False, kernel="6.1.0", kvm_provider="kvm_amd", **evidence)
+    facts = b.Facts("linux", "x86_64", engine=engine, evidence=ev)
+    facts.caps = values
+    return facts
+
+
+def test_a_missing_capability_without_seccomp_says_update_the_kernel():
+    facts = capability_facts("crosvm", {"IMMEDIATE_EXIT": 0}, seccomp="0")
+    error = b._diagnose(facts)
+    assert error.cause == "kvm-capability-missing" and _layer(error) == "engine"
     assert "KVM_CAP_IMMEDIATE_EXIT (136)" in str(error) and "update the host kernel" in error.fix
+    under_seccomp = b._diagnose(capability_facts("crosvm", {"IMMEDIATE_EXIT": 0}, seccomp="2"))
+    assert (
+        under_seccomp.cause == "kvm-capability-missing"
+        and "check in this order" in under_seccomp.fix
+    )
+
+
+def test_a_capability_the_engine_does_not_need_is_not_its_cause():
+    facts = capability_facts(
+        "libkrun",
+        {
+            "IMMEDIATE_EXIT": 0,
+            **dict.fromkeys(b.ENGINE_REQUIREMENTS["libkrun"]["required"]["x86_64"], 1),
+        },
+        seccomp="0",
+    )
+    assert b._diagnose(facts) is None
 
 
 def test_qemu_alone_refuses_an_arch_capabilities_that_kvm_will_not_set():
@@ -184,18 +254,31 @@ def test_qemu_alone_refuses_an_arch_capabilities_that_kvm_will_not_set():
     result.step, result.exit_reason, result.proof, result.stage = b.STEP_DONE, 5, b.PROOF_VALUE, 7
     result.cpuid = {"cx16": False, "xsave": False, "arch_capabilities": True}
     result.speed = b.Speed(1.0, 1.0, 1024)
-    result.msrs = {"boot_msrs_set": 10, "boot_msr_refused": None,
-                   "arch_capabilities": {"accepted": False, "value": "0x69"}}
-    verdicts = b._engine_verdicts("x86_64", dict.fromkeys(b.KVM_CAPS, 1), {}, result)
-    assert verdicts["qemu"]["verdict"] == b.WOULD_NOT_START
-    assert "-cpu host" in verdicts["qemu"]["why"]
-    assert verdicts["firecracker"]["verdict"] == b.WOULD_RUN
-    assert b.diagnose(result, engine="libkrun") is None
+    result.msrs = {
+        "boot_msrs_set": 10,
+        "boot_msr_refused": None,
+        "arch_capabilities": {"accepted": False, "value": "0x69"},
+    }
+    facts = capability_facts("libkrun", dict.fromkeys(b.KVM_CAPS, 1), seccomp="0")
+    facts.smoke = result
+    verdicts = {f.id: f.evidence for f in b._engine_findings(facts, b._diagnose_staged(facts))}
+    assert verdicts["engine.qemu"]["verdict"] == b.WOULD_NOT_START
+    assert "-cpu host" in verdicts["engine.qemu"]["why"]
+    assert verdicts["engine.firecracker"]["verdict"] == b.WOULD_RUN
+    assert diagnose(result, engine="libkrun") is None
+    assert diagnose(result, engine="qemu").cause == "msr-arch-capabilities-refused"
 
 
 @needs_kvm
 def test_startup_ioctls_all_work_here(kvm_fd):
-    assert b._probe_startup_ioctls(kvm_fd) == dict.fromkeys(
-        ["KVM_SET_IDENTITY_MAP_ADDR", "KVM_SET_TSS_ADDR", "KVM_CREATE_IRQCHIP",
-         "KVM_CREATE_PIT2", "KVM_ENABLE_CAP(SPLIT_IRQCHIP)"])
+    assert b._probe_startup_ioctls(kvm_fd, b._STARTUP_STEPS) == dict.fromkeys(
+        [
+            "KVM_SET_IDENTITY_MAP_ADDR",
+            "KVM_SET_TSS_ADDR",
+            "KVM_CREATE_IRQCHIP",
+            "KVM_CREATE_PIT2",
+            "KVM_ENABLE_CAP(SPLIT_IRQCHIP)",
+        ],
+        0,
+    )
     b._wait_for_closes()

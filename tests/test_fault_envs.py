@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from conftest import KVM_GID, PVM_HOST
 
 EMFILE_SCRIPT = r"""
@@ -102,15 +103,20 @@ def test_no_dev_kvm(fault_env):
     both(result, "cause", "kvm-missing-container")
     assert "ENOENT (No such file or directory)" in result["native"]["message"]
     assert "mknod" not in result["native"]["fix"]
-    assert "private /dev" in result["native"]["fix"]
+    assert "private /dev" in result["native"]["message"]
+    assert "PrivateDevices=no" in result["python"]["fix"]
 
 
-def test_dev_null_over_dev_kvm_is_not_a_kvm_device(fault_env):
+@pytest.mark.parametrize("engine", ["none", "libkrun"])
+def test_dev_null_over_dev_kvm_is_not_a_kvm_device(fault_env, engine):
     fault_env.setup.append("mount --bind /dev/null /dev/kvm")
-    result = fault_env.probe()
+    result = fault_env.probe(engine)  # every door: the gate, check() and the CLI agree
     both(result, "cause", "kvm-not-kvm-device")
     assert "ENOTTY" in result["native"]["message"]
     assert "character device 1:3" in result["python"]["message"]
+    # A bind mount is undone with umount, not by removing the node under it.
+    assert "sudo umount /dev/kvm" in result["native"]["fix"]
+    assert "mknod" not in result["native"]["fix"]
 
 
 def test_descriptor_limit_is_resource_exhaustion(fault_env):
@@ -128,7 +134,9 @@ def test_cli_in_a_fault_environment_exits_1_with_the_fix(fault_env):
     fault_env.kvm_node(mode=0o660)
     done = fault_env.run(
         "import sys; sys.path.insert(0, sys.argv[1]); import boxlite_syscheck as b;"
-        " sys.exit(b.main(['--json', '--engine', 'none']))", user=True)
+        " sys.exit(b.main(['--json', '--engine', 'none']))",
+        user=True,
+    )
     assert done.returncode == 1, done.stderr
     report = json.loads(done.stdout)
     assert report["verdict"] == "not-usable"

@@ -37,7 +37,9 @@ def test_prometheus_output_parses_with_prometheus_clients_own_parser():
     families = {f.name: f for f in text_string_to_metric_families(text + "\n")}
     usable = families["boxlite_syscheck_usable"].samples
     assert [(s.labels, s.value) for s in usable] == [({"engine": "libkrun"}, 0.0)]
-    runs = {s.labels["engine"]: s.value for s in families["boxlite_syscheck_engine_would_run"].samples}
+    runs = {
+        s.labels["engine"]: s.value for s in families["boxlite_syscheck_engine_would_run"].samples
+    }
     assert runs == {"libkrun": 0.0, "qemu": 1.0, "crosvm": 0.0}
     assert families["boxlite_syscheck_check_duration_seconds"].samples[0].value == 0.0123
     info = families["boxlite_syscheck_info"].samples[0].labels
@@ -67,7 +69,8 @@ def test_nfd_feature_file_has_valid_label_names_and_values(error, engines):
 
 
 def test_nfd_values_are_made_valid():
-    assert b._nfd_value("would start but its guest would fail") == (
-        "would-start-but-its-guest-would-fail")
-    assert VALUE.match(b._nfd_value("x" * 100 + "!"))
-    assert b._nfd_value("6.18.44-fc-v595") == "6.18.44-fc-v595"
+    assert b._k8s_label_value("would start but its guest would fail") == (
+        "would-start-but-its-guest-would-fail"
+    )
+    assert VALUE.match(b._k8s_label_value("x" * 100 + "!"))
+    assert b._k8s_label_value("6.18.44-fc-v595") == "6.18.44-fc-v595"

@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import ROOT, needs_kvm
+from conftest import ROOT, diagnose, needs_kvm, spin
 
 import boxlite_syscheck as b
 
@@ -21,8 +21,11 @@ def open_fds():
 
 
 def signal_state():
-    handlers = {s: signal.getsignal(s) for s in signal.valid_signals()
-                if s not in (signal.SIGKILL, signal.SIGSTOP)}
+    handlers = {
+        s: signal.getsignal(s)
+        for s in signal.valid_signals()
+        if s not in (signal.SIGKILL, signal.SIGSTOP)
+    }
     return handlers, signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
 
@@ -42,15 +45,15 @@ def test_guest_runs_and_halts(kvm_fd, backend):
 def test_both_backends_agree(kvm_fd):
     native = b.smoke_test(kvm_fd, backend="native")
     python = b.smoke_test(kvm_fd, backend="python")
-    assert native.outcome() == python.outcome()
+    assert b._outcome(native) == b._outcome(python)
 
 
 @needs_kvm
 def test_guest_without_the_proof_value_fails(kvm_fd, backend):
-    result = b.smoke_test(kvm_fd, backend=backend, _guest=b"\xf4")  # hlt alone
+    result = b._run_program(kvm_fd, b._real_mode_guest(b"\xf4"), 2.0, backend)  # hlt alone
     assert result.exit_reason == b.KVM_EXIT_HLT and result.proof != b.PROOF_VALUE
     assert not result.ok
-    assert b.diagnose(result).cause == "smoke-no-proof"
+    assert diagnose(result).cause == "smoke-no-proof"
 
 
 @needs_kvm
@@ -73,24 +76,24 @@ def test_spinning_guest_times_out_and_restores_state(kvm_fd, backend, where):
     threads, fds = threading.active_count(), open_fds()
     out = {}
 
-    def spin():
+    def spinning():
         started = time.monotonic()
-        out["result"] = b.smoke_test(kvm_fd, backend=backend, timeout=0.3, _guest=b._GUEST_SPIN)
+        out["result"] = spin(kvm_fd, backend, 0.3)
         out["took"] = time.monotonic() - started
         out["mask"] = signal.pthread_sigmask(signal.SIG_BLOCK, [])
 
     if where == "main thread":
-        spin()
+        spinning()
         assert out["mask"] == mask
     else:
-        worker = threading.Thread(target=spin)
+        worker = threading.Thread(target=spinning)
         worker.start()
         worker.join(5)
         assert not worker.is_alive()
     result = out["result"]
     assert result.timed_out and result.step == b.STEP_RUN and result.exit_reason == -1
     assert 0.3 <= out["took"] <= 0.4
-    assert b.diagnose(result).cause == "smoke-timeout"
+    assert diagnose(result).cause == "smoke-timeout"
     assert signal_state() == (handlers, mask)
     assert threading.active_count() == threads
     assert open_fds() == fds

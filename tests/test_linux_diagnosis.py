@@ -1,4 +1,4 @@
-"""Linux: every cause through the module's seams (no real fault needed)."""
+"""Linux: evidence in, one cause out; and the seams the evidence is read through."""
 
 from __future__ import annotations
 
@@ -6,179 +6,302 @@ import errno
 import os
 
 import pytest
+from conftest import KVM_NODE, evidence
 
 import boxlite_syscheck as b
 
 
-def open_fails(mocker, number):
-    return mocker.patch.object(b, "_open_device", side_effect=OSError(number, os.strerror(number)))
+def facts(ev, *, open_errno=None, step=None, err=0, engine=None, machine="x86_64", **smoke):
+    f = b.Facts("linux", machine, engine=engine, evidence=ev)
+    f.open_errno = open_errno
+    if step is not None or smoke:
+        f.smoke = b.SmokeResult("native", timeout=2.0)
+        f.smoke.step, f.smoke.error, f.smoke.api_version = (
+            (b.STEP_DONE if step is None else step),
+            err,
+            12,
+        )
+        for key, value in smoke.items():
+            setattr(f.smoke, key, value)
+    return f
 
 
-def facts(mocker, *, exists=(), texts=None, release="6.1.0-amd64"):
-    """Patch the host-fact seams: which marker paths exist, file contents."""
-    texts = texts or {}
-    mocker.patch.object(b, "_exists", side_effect=lambda p: p in exists)
-    mocker.patch.object(b, "_read_text", side_effect=lambda p: texts.get(p))
-    mocker.patch.object(b, "_kernel_release", return_value=release)
-
-
-def acquire_error(probe=None):
-    probe = probe or b.KvmProbe("x86_64")
-    with pytest.raises(b.BoxliteError) as caught:
-        probe.acquire()
-    return caught.value
-
-
-INTEL = {"/proc/cpuinfo": "vendor_id\t: GenuineIntel\nflags\t\t: fpu vmx sse\n"}
-AMD = {"/proc/cpuinfo": "vendor_id\t: AuthenticAMD\nflags\t\t: fpu svm sse\n"}
-GUEST = {"/proc/cpuinfo": "vendor_id\t: AuthenticAMD\nflags\t\t: fpu hypervisor sse\n"}
-BARE = {"/proc/cpuinfo": "vendor_id\t: GenuineIntel\nflags\t\t: fpu sse\n"}
+def cause_of(f):
+    error = b._diagnose(f)
+    return None if error is None else error.cause
 
 
 class TestMissingDevice:
-    def test_module_not_loaded_on_intel(self, mocker):
-        open_fails(mocker, errno.ENOENT)
-        facts(mocker, texts=INTEL)
-        err = acquire_error()
-        assert isinstance(err, b.UnsupportedError)
-        assert err.cause == "kvm-module-not-loaded"
-        assert "modprobe kvm_intel" in err.fix
-        assert "ENOENT (No such file or directory)" in str(err)
+    @pytest.mark.parametrize(
+        ("flags", "vendor", "module"),
+        [({"vmx"}, "GenuineIntel", "kvm_intel"), ({"svm"}, "AuthenticAMD", "kvm_amd")],
+    )
+    def test_module_not_loaded(self, flags, vendor, module):
+        error = b._diagnose(
+            facts(evidence(node=None, cpu_flags=flags, vendor=vendor), open_errno=errno.ENOENT)
+        )
+        assert isinstance(error, b.UnsupportedError)
+        assert error.cause == "kvm-module-not-loaded"
+        assert f"modprobe {module}" in error.fix
+        assert "ENOENT (No such file or directory)" in str(error)
 
-    def test_module_not_loaded_on_amd(self, mocker):
-        open_fails(mocker, errno.ENOENT)
-        facts(mocker, texts=AMD)
-        assert "modprobe kvm_amd" in acquire_error().fix
+    def test_vm_without_nested_virtualization(self):
+        ev = evidence(node=None, cpu_flags={"hypervisor"}, vendor="AuthenticAMD")
+        error = b._diagnose(facts(ev, open_errno=errno.ENOENT))
+        assert error.cause == "kvm-no-nested" and "nested virtualization" in error.fix
 
-    def test_vm_without_nested_virtualization(self, mocker):
-        open_fails(mocker, errno.ENOENT)
-        facts(mocker, texts=GUEST)
-        err = acquire_error()
-        assert err.cause == "kvm-no-nested"
-        assert "nested virtualization" in err.fix
+    def test_no_virtualization_in_cpu(self):
+        error = b._diagnose(facts(evidence(node=None, cpu_flags={"sse"}), open_errno=errno.ENOENT))
+        assert error.cause == "kvm-no-virtualization" and "BIOS/UEFI" in error.fix
 
-    def test_no_virtualization_in_cpu(self, mocker):
-        open_fails(mocker, errno.ENOENT)
-        facts(mocker, texts=BARE)
-        err = acquire_error()
-        assert err.cause == "kvm-no-virtualization"
-        assert "BIOS/UEFI" in err.fix
+    def test_module_loaded_but_no_node(self):
+        ev = evidence(node=None, kvm_modules=["kvm_intel", "kvm"])
+        error = b._diagnose(facts(ev, open_errno=errno.ENOENT))
+        assert error.cause == "kvm-node-missing"
+        assert "mknod /dev/kvm c 10 232" in error.fix and "kvm_intel is loaded" in error.summary
 
-    def test_module_loaded_but_no_node(self, mocker):
-        open_fails(mocker, errno.ENOENT)
-        facts(mocker, exists={"/sys/module/kvm", "/sys/module/kvm_intel"}, texts=INTEL)
-        err = acquire_error()
-        assert err.cause == "kvm-node-missing"
-        assert "mknod /dev/kvm c 10 232" in err.fix
+    def test_wsl2(self):
+        error = b._diagnose(facts(evidence(node=None, wsl="2"), open_errno=errno.ENOENT))
+        assert error.cause == "kvm-missing-wsl"
+        assert "Windows 11" in error.fix and "nestedVirtualization=true" in error.fix
+        assert "wsl --shutdown" in error.fix
 
-    @pytest.mark.parametrize("how", ["interop", "release"])
-    def test_wsl2(self, mocker, how):
-        open_fails(mocker, errno.ENOENT)
-        if how == "interop":
-            facts(mocker, exists={b._WSL_INTEROP}, texts=INTEL)
-        else:
-            facts(mocker, texts=INTEL, release="5.15.153.1-microsoft-standard-WSL2")
-        err = acquire_error()
-        assert err.cause == "kvm-missing-wsl"
-        assert "Windows 11" in err.fix
-        assert "nestedVirtualization=true" in err.fix
-        assert "wsl --shutdown" in err.fix
-
-    @pytest.mark.parametrize(("marker", "texts", "name"), [
-        ("/run/.containerenv", {}, "podman"),
-        (None, {"/proc/1/cgroup": "0::/kubepods/burstable/pod1\n"}, "kubernetes"),
-        ("/.dockerenv", {"/proc/self/mountinfo": "1 0 0:1 / / rw - overlay overlay rw\n"}, "docker"),
-    ])
-    def test_container(self, mocker, marker, texts, name):
-        open_fails(mocker, errno.ENOENT)
-        facts(mocker, exists={marker} if marker else set(), texts={**INTEL, **texts})
-        err = acquire_error()
-        assert err.cause == "kvm-missing-container"
-        assert err.evidence["context"] == name
-        assert "mknod" not in err.fix  # pass the device in, never create one inside
-        assert ("devices.kubevirt.io/kvm" if name == "kubernetes" else "--device /dev/kvm") in err.fix
-
-    def test_dockerenv_on_a_plain_root_is_no_container(self, mocker):
-        open_fails(mocker, errno.ENOENT)
-        facts(mocker, exists={"/.dockerenv"},
-              texts={**INTEL, "/proc/self/mountinfo": "27 1 254:0 / / rw - ext4 /dev/vda rw\n"})
-        assert acquire_error().cause == "kvm-module-not-loaded"
+    @pytest.mark.parametrize(
+        ("runtime", "fix"),
+        [
+            ("podman", "--device /dev/kvm"),
+            ("docker", "--device /dev/kvm"),
+            ("kubernetes", "devices.kubevirt.io/kvm"),
+            ("firejail", "--ignore=private-dev"),
+            ("bubblewrap", "--dev-bind /dev/kvm /dev/kvm"),
+            ("lxc", "lxc config device add"),
+            ("systemd-nspawn", "--bind=/dev/kvm"),
+            ("flatpak", "flatpak override --device=kvm"),
+        ],
+    )
+    def test_each_runtime_gets_its_own_way_to_pass_the_device_in(self, runtime, fix):
+        error = b._diagnose(facts(evidence(node=None, runtime=runtime), open_errno=errno.ENOENT))
+        assert error.cause == "kvm-missing-container"
+        assert fix in error.fix and "mknod" not in error.fix  # never create one inside
+        if runtime in ("firejail", "bubblewrap", "flatpak"):
+            assert "--device /dev/kvm" not in error.fix  # Docker's advice is not theirs
 
 
 class TestAccessDenied:
-    @pytest.fixture
-    def device(self, mocker):
-        def make(mode, gid=4242, members=(), held=False, user_gid=1000):
-            st = os.stat_result((0o020000 | mode, 0, 0, 1, 0, gid, 0, 0, 0, 0),
-                                {"st_rdev": os.makedev(10, 232)})
-            mocker.patch.object(b, "_stat", return_value=st)
-            mocker.patch.object(b, "_group_name", return_value="kvm")
-            mocker.patch.object(b, "_user_name", return_value="alice")
-            listed = "alice" in members or user_gid == gid
-            mocker.patch.object(b, "_group_membership", return_value=("alice", listed, held))
-            # The process is alice (uid 1000), holding the device's group only when `held`.
-            mocker.patch.object(b.os, "geteuid", return_value=1000)
-            mocker.patch.object(b.os, "getegid", return_value=user_gid)
-            mocker.patch.object(b.os, "getgroups", return_value=[gid] if held else [user_gid])
-            open_fails(mocker, errno.EACCES)
-        return make
+    def test_not_in_group(self):
+        error = b._diagnose(facts(evidence(), open_errno=errno.EACCES))
+        assert error.cause == "kvm-not-in-group"
+        assert "usermod -aG kvm alice" in error.fix and "does not pick up new groups" in error.fix
 
-    def test_not_in_group(self, device):
-        device(0o660)
-        err = acquire_error()
-        assert err.cause == "kvm-not-in-group"
-        assert "usermod -aG kvm alice" in err.fix
-        assert "does not pick up new groups" in err.fix
+    def test_stale_session(self):
+        error = b._diagnose(facts(evidence(group_listed=True), open_errno=errno.EACCES))
+        assert error.cause == "kvm-stale-session"
+        assert "log out and back in" in error.fix and "usermod" not in error.fix
 
-    def test_stale_session(self, device):
-        device(0o660, members=("alice",))
-        err = acquire_error()
-        assert err.cause == "kvm-stale-session"
-        assert "log out and back in" in err.fix
-        assert "usermod" not in err.fix
+    def test_mode_without_group_access(self):
+        ev = evidence(node={**KVM_NODE, "mode": 0o600})
+        error = b._diagnose(facts(ev, open_errno=errno.EACCES))
+        assert error.cause == "kvm-mode-no-group" and "0600" in str(error)
+        assert "/etc/udev/rules.d/65-kvm.rules" in error.fix
+        assert "udevadm control --reload" in error.fix
+        assert "udevadm trigger --name-match=kvm" in error.fix
+        assert "usermod -aG kvm" in error.fix and "groupadd" not in error.fix
 
-    def test_mode_without_group_access(self, device, mocker):
-        device(0o600)
-        mocker.patch("grp.getgrnam", return_value=object())  # a kvm group exists
-        err = acquire_error()
-        assert err.cause == "kvm-mode-no-group"
-        assert "0600" in str(err)
-        assert "/etc/udev/rules.d/65-kvm.rules" in err.fix
-        assert "udevadm control --reload" in err.fix and "udevadm trigger --name-match=kvm" in err.fix
-        assert "usermod -aG kvm" in err.fix and "groupadd" not in err.fix
+    def test_mode_without_group_access_on_a_host_without_a_kvm_group(self):
+        ev = evidence(node={**KVM_NODE, "mode": 0o600}, kvm_group=False)
+        assert b._diagnose(facts(ev, open_errno=errno.EACCES)).fix.startswith(
+            "`sudo groupadd --system kvm`"
+        )
 
-    def test_mode_without_group_access_on_a_host_without_a_kvm_group(self, device, mocker):
-        device(0o600)
-        mocker.patch("grp.getgrnam", side_effect=KeyError("kvm"))
-        fix = acquire_error().fix
-        assert fix.startswith("`sudo groupadd --system kvm`")
+    def test_a_group_without_a_name_is_created_not_usermodded(self):
+        ev = evidence(
+            user="nobody",
+            euid=65534,
+            groups=(65534,),
+            node={**KVM_NODE, "group": None},
+            group_named=False,
+        )
+        error = b._diagnose(facts(ev, open_errno=errno.EACCES))
+        assert error.cause == "kvm-not-in-group"
+        assert "usermod -aG 4242" not in error.fix
+        assert "groupadd --gid 4242 kvm" in error.fix and "usermod -aG kvm nobody" in error.fix
+        assert "group gid 4242 (no name)" in str(error)
 
-    def test_denied_despite_group(self, device):
-        device(0o660, held=True)
-        assert acquire_error().cause == "kvm-access-policy"
+    def test_denied_despite_group_is_a_policy(self):
+        ev = evidence(groups=(1000, 4242))
+        assert cause_of(facts(ev, open_errno=errno.EACCES)) == "kvm-access-policy"
 
-
-@pytest.mark.parametrize(("number", "cause", "cls"), [
-    (errno.EPERM, "kvm-access-policy", b.UnsupportedError),
-    (errno.ENXIO, "kvm-no-driver", b.UnsupportedError),
-    (errno.ENODEV, "kvm-no-driver", b.UnsupportedError),
-    (errno.EMFILE, "fd-limit", b.ResourceExhaustedError),
-    (errno.ENFILE, "system-file-limit", b.ResourceExhaustedError),
-    (errno.ENOMEM, "out-of-memory", b.ResourceExhaustedError),
-    (errno.EROFS, "kvm-open-failed", b.UnsupportedError),
-])
-def test_other_open_errors(mocker, number, cause, cls):
-    open_fails(mocker, number)
-    facts(mocker, texts=INTEL)
-    err = acquire_error()
-    assert type(err) is cls
-    assert err.cause == cause
-    assert errno.errorcode[number] in str(err)
-    assert os.strerror(number) in str(err)
-    assert err.__cause__ is not None and err.__cause__.errno == number
+    def test_an_unmapped_owner_is_nobody(self):
+        # unshare -U as a user, nothing mapped: the node shows as owned by the
+        # overflow id, which is also what this process shows as.
+        node = {
+            **KVM_NODE,
+            "uid": 65534,
+            "gid": 65534,
+            "mode": 0o600,
+            "owner": "nobody",
+            "group": "nogroup",
+        }
+        ev = evidence(
+            euid=65534,
+            groups=(65534,),
+            user="nobody",
+            node=node,
+            userns={"identity": False, "uid_map": "", "gid_map": ""},
+        )
+        error = b._diagnose(facts(ev, open_errno=errno.EACCES))
+        assert error.cause == "kvm-userns"
+        assert "mode lets this process in" not in str(error)
 
 
-def result(**fields):
+@pytest.mark.parametrize(
+    ("number", "cause", "cls"),
+    [
+        (errno.EPERM, "kvm-access-policy", b.UnsupportedError),
+        (errno.ENXIO, "kvm-no-driver", b.UnsupportedError),
+        (errno.ENODEV, "kvm-no-driver", b.UnsupportedError),
+        (errno.EMFILE, "fd-limit", b.ResourceExhaustedError),
+        (errno.ENFILE, "system-file-limit", b.ResourceExhaustedError),
+        (errno.ENOMEM, "out-of-memory", b.ResourceExhaustedError),
+        (errno.EROFS, "kvm-open-failed", b.UnsupportedError),
+    ],
+)
+def test_other_open_errors(number, cause, cls):
+    ev = evidence(euid=0, groups=(0,), rlimit_nofile=(1024, 4096), file_max="9223372036854775807")
+    error = b._diagnose(facts(ev, open_errno=number))
+    assert type(error) is cls and error.cause == cause
+    assert errno.errorcode[number] in str(error) and os.strerror(number) in str(error)
+
+
+def test_the_gate_chains_the_os_error(mocker):
+    mocker.patch.object(b, "_open_device", side_effect=OSError(errno.EROFS, "read-only"))
+    with pytest.raises(b.UnsupportedError) as caught:
+        b.KvmProbe("x86_64").acquire(engine=None)
+    assert caught.value.__cause__.errno == errno.EROFS
+
+
+def test_a_callers_exception_during_open_is_the_callers(mocker):
+    """A signal handler of the caller's that raises while open() waits: its
+    exception (an OSError without an errno) is not the device's answer."""
+    mine = TimeoutError("the caller's deadline")
+    mocker.patch.object(b, "_open_device", side_effect=mine)
+    with pytest.raises(TimeoutError) as caught:
+        b.SystemCheck.run(engine=None)
+    assert caught.value is mine
+
+
+@pytest.mark.parametrize(
+    ("fields", "cause", "cls", "words"),
+    [
+        (
+            dict(exit_reason=b.KVM_EXIT_HLT, proof=0),
+            "smoke-no-proof",
+            b.UnsupportedError,
+            ["did not run the expected code", "0xb0c5117e", "EAX 0x0"],
+        ),
+        (
+            dict(
+                exit_reason=b.KVM_EXIT_FAIL_ENTRY,
+                hardware_entry_failure_reason=0x80000021,
+                fail_entry_cpu=3,
+            ),
+            "smoke-exit",
+            b.UnsupportedError,
+            ["KVM_EXIT_FAIL_ENTRY (9)", "0x80000021", "CPU 3", "KVM_EXIT_HLT (5)"],
+        ),
+        (
+            dict(exit_reason=b.KVM_EXIT_INTERNAL_ERROR, internal_suberror=1),
+            "smoke-exit",
+            b.UnsupportedError,
+            ["KVM_EXIT_INTERNAL_ERROR (17)", "EMULATION (1)"],
+        ),
+        (
+            dict(exit_reason=b.KVM_EXIT_SHUTDOWN),
+            "smoke-exit",
+            b.UnsupportedError,
+            ["KVM_EXIT_SHUTDOWN (8)", "triple-fault"],
+        ),
+        (dict(exit_reason=2), "smoke-exit", b.UnsupportedError, ["KVM_EXIT_IO (2)"]),
+        (
+            dict(step=b.STEP_RUN, timed_out=True),
+            "smoke-timeout",
+            b.UnsupportedError,
+            ["did not halt within 2 s"],
+        ),
+        (
+            dict(step=b.STEP_API_VERSION, api_version=11),
+            "kvm-api-version",
+            b.UnsupportedError,
+            ["API version 11, expected 12"],
+        ),
+        (
+            dict(step=b.STEP_API_VERSION, api_version=-1, error=errno.ENOTTY),
+            "kvm-not-kvm-device",
+            b.UnsupportedError,
+            ["ENOTTY"],
+        ),
+        (
+            dict(step=b.STEP_API_VERSION, api_version=-1, error=errno.EBADFD),
+            "kvm-not-kvm-device",
+            b.UnsupportedError,
+            ["EBADFD"],
+        ),
+        (
+            dict(step=b.STEP_CREATE_VM, error=errno.EBUSY),
+            "kvm-busy",
+            b.UnsupportedError,
+            ["another hypervisor", "EBUSY"],
+        ),
+        (
+            dict(step=b.STEP_CREATE_VM, error=errno.EMFILE),
+            "fd-limit",
+            b.ResourceExhaustedError,
+            ["RLIMIT_NOFILE", "EMFILE"],
+        ),
+        (
+            dict(step=b.STEP_GUEST_MEMORY, error=errno.ENOMEM),
+            "out-of-memory",
+            b.ResourceExhaustedError,
+            ["ENOMEM"],
+        ),
+        (
+            dict(step=b.STEP_CREATE_VCPU, error=errno.EPERM),
+            "kvm-access-policy",
+            b.UnsupportedError,
+            ["EPERM", "an ioctl on /dev/kvm is refused", "no policy that answers so is visible"],
+        ),
+        (
+            dict(step=b.STEP_SET_SREGS, error=errno.EINVAL),
+            "kvm-step-failed",
+            b.EngineError,
+            ["KVM_SET_SREGS", "EINVAL (Invalid argument)"],
+        ),
+    ],
+)
+def test_smoke_outcomes(fields, cause, cls, words):
+    ev = evidence(euid=0, groups=(0,), rlimit_nofile=(64, 4096))
+    step = fields.pop("step", b.STEP_DONE)
+    error = b._diagnose(facts(ev, step=step, err=fields.pop("error", 0), **fields))
+    assert type(error) is cls and error.cause == cause
+    for word in words:
+        assert word in str(error), word
+    assert error.fix
+
+
+def test_any_node_that_is_not_kvm_is_not_a_kvm_device_whatever_the_errno():
+    tun = {**KVM_NODE, "minor": 200}  # /dev/net/tun answers EBADFD, not ENOTTY
+    for err in (errno.EBADFD, errno.ENOTTY, errno.EINVAL, errno.EIO):
+        error = b._diagnose(facts(evidence(node=tun), step=b.STEP_API_VERSION, err=err))
+        assert error.cause == "kvm-not-kvm-device", err
+        assert "character device 10:200" in str(error) and "update the kernel" not in error.fix
+
+
+def test_passing_result_has_no_diagnosis():
+    f = facts(evidence(), exit_reason=b.KVM_EXIT_HLT, proof=b.PROOF_VALUE)
+    assert b._diagnose(f) is None
+
+
+def _smoke_result(**fields):
     r = b.SmokeResult("native", timeout=2.0)
     r.step, r.api_version = b.STEP_DONE, 12
     for key, value in fields.items():
@@ -186,61 +309,14 @@ def result(**fields):
     return r
 
 
-OK = dict(exit_reason=b.KVM_EXIT_HLT, proof=b.PROOF_VALUE)
-
-
-@pytest.mark.parametrize(("fields", "cause", "cls", "words"), [
-    (dict(exit_reason=b.KVM_EXIT_HLT, proof=0), "smoke-no-proof", b.UnsupportedError,
-     ["did not run the expected code", "0xb0c5117e"]),
-    (dict(exit_reason=b.KVM_EXIT_FAIL_ENTRY, hardware_entry_failure_reason=0x80000021,
-          fail_entry_cpu=3), "smoke-exit", b.UnsupportedError,
-     ["KVM_EXIT_FAIL_ENTRY (9)", "0x80000021", "CPU 3", "KVM_EXIT_HLT (5)"]),
-    (dict(exit_reason=b.KVM_EXIT_INTERNAL_ERROR, internal_suberror=1), "smoke-exit",
-     b.UnsupportedError, ["KVM_EXIT_INTERNAL_ERROR (17)", "EMULATION (1)"]),
-    (dict(exit_reason=b.KVM_EXIT_SHUTDOWN), "smoke-exit", b.UnsupportedError,
-     ["KVM_EXIT_SHUTDOWN (8)", "triple-fault"]),
-    (dict(exit_reason=2), "smoke-exit", b.UnsupportedError, ["KVM_EXIT_IO (2)"]),
-    (dict(step=b.STEP_RUN, timed_out=True), "smoke-timeout", b.UnsupportedError,
-     ["did not halt within 2 s"]),
-    (dict(step=b.STEP_API_VERSION, api_version=11), "kvm-api-version", b.UnsupportedError,
-     ["API version 11, expected 12"]),
-    (dict(step=b.STEP_API_VERSION, api_version=-1, error=errno.ENOTTY), "kvm-not-kvm-device",
-     b.UnsupportedError, ["ENOTTY"]),
-    (dict(step=b.STEP_API_VERSION, api_version=-1, error=errno.EINVAL), "kvm-not-kvm-device",
-     b.UnsupportedError, ["EINVAL"]),
-    (dict(step=b.STEP_CREATE_VM, error=errno.ENOTTY), "kvm-not-kvm-device",
-     b.UnsupportedError, ["ENOTTY"]),
-    (dict(step=b.STEP_CREATE_VM, error=errno.EBUSY), "kvm-busy", b.UnsupportedError,
-     ["another hypervisor", "EBUSY"]),
-    (dict(step=b.STEP_CREATE_VM, error=errno.EMFILE), "fd-limit", b.ResourceExhaustedError,
-     ["RLIMIT_NOFILE", "EMFILE"]),
-    (dict(step=b.STEP_GUEST_MEMORY, error=errno.ENOMEM), "out-of-memory",
-     b.ResourceExhaustedError, ["ENOMEM"]),
-    (dict(step=b.STEP_CREATE_VCPU, error=errno.EPERM), "kvm-access-policy", b.UnsupportedError,
-     ["EPERM", "refused by a policy, although the device's mode lets this process in"]),
-    (dict(step=b.STEP_SET_SREGS, error=errno.EINVAL), "kvm-step-failed", b.EngineError,
-     ["KVM_SET_SREGS", "EINVAL (Invalid argument)"]),
-])
-def test_smoke_outcomes(mocker, fields, cause, cls, words):
-    mocker.patch.object(b, "_stat", side_effect=OSError(errno.ENOENT, "gone"))
-    err = b.diagnose(result(**fields))
-    assert type(err) is cls
-    assert err.cause == cause
-    for word in words:
-        assert word in str(err)
-    assert err.fix
-
-
-def test_passing_result_has_no_diagnosis():
-    assert b.diagnose(result(**OK)) is None
-
-
 def test_smoke_failure_closes_the_descriptor(mocker):
     fd = os.open("/dev/null", os.O_RDONLY)
     mocker.patch.object(b, "_open_device", return_value=fd)
-    mocker.patch.object(b, "smoke_test", return_value=result(exit_reason=b.KVM_EXIT_SHUTDOWN))
+    mocker.patch.object(
+        b, "smoke_test", return_value=_smoke_result(exit_reason=b.KVM_EXIT_SHUTDOWN)
+    )
     with pytest.raises(b.UnsupportedError):
-        b.KvmProbe("x86_64").acquire()
+        b.KvmProbe("x86_64").acquire(engine=None)
     with pytest.raises(OSError) as closed:
         os.fstat(fd)
     assert closed.value.errno == errno.EBADF
@@ -250,9 +326,10 @@ def test_system_check_holds_and_releases_the_descriptor(mocker):
     fd = os.open("/dev/null", os.O_RDONLY)
     mocker.patch.object(b, "_open_device", return_value=fd)
     mocker.patch.object(b, "_speaks_kvm", return_value=False)  # no capability check
-    mocker.patch.object(b, "smoke_test", return_value=result(**OK))
+    ok = _smoke_result(exit_reason=b.KVM_EXIT_HLT, proof=b.PROOF_VALUE)
+    mocker.patch.object(b, "smoke_test", return_value=ok)
     mocker.patch.object(b, "_PROBE", b.KvmProbe("x86_64"))
-    with b.SystemCheck.run() as host:
+    with b.SystemCheck.run(engine=None) as host:
         assert host.fileno() == fd
         assert host.smoke_tested
     with pytest.raises(ValueError):
@@ -265,7 +342,9 @@ def test_architecture_without_smoke_test_passes_on_open_but_says_so(mocker):
     fd = os.open("/dev/null", os.O_RDONLY)
     mocker.patch.object(b, "_open_device", return_value=fd)
     mocker.patch.object(b, "_speaks_kvm", return_value=True)
-    mocker.patch.object(b, "_capability_values", side_effect=lambda fd, names: dict.fromkeys(names, 1))
+    mocker.patch.object(
+        b, "_capability_values", side_effect=lambda fd, names: dict.fromkeys(names, 1)
+    )
     smoke = mocker.patch.object(b, "smoke_test")
     mocker.patch.object(b, "_PROBE", b.KvmProbe("riscv64"))
     host = b.SystemCheck.run()
@@ -278,19 +357,53 @@ def test_architecture_without_smoke_test_passes_on_open_but_says_so(mocker):
         host.close()
 
 
+# ── The gathering, through its seams ────────────────────────────────────────
+
+
+def test_gathering_reads_the_cpu_and_the_modules_through_the_seams(mocker):
+    texts = {"/proc/cpuinfo": "vendor_id\t: AuthenticAMD\nflags\t\t: fpu svm sse\n"}
+    mocker.patch.object(b, "_read_text", side_effect=lambda path, limit=0: texts.get(path))
+    mocker.patch.object(b, "_exists", side_effect=lambda path: path == "/sys/module/kvm")
+    ev = b.Evidence()
+    assert ev.cpu_flags == {"fpu", "svm", "sse"} and ev.vendor == "AuthenticAMD"
+    assert ev.kvm_modules == ["kvm"] and ev.kvm_provider is None
+
+
+@pytest.mark.parametrize(
+    ("marker", "texts", "name"),
+    [
+        ("/run/.containerenv", {}, "podman"),
+        (None, {"/proc/1/cgroup": "0::/kubepods/burstable/pod1\n"}, "kubernetes"),
+        (
+            "/.dockerenv",
+            {"/proc/self/mountinfo": "1 0 0:1 / / rw - overlay overlay rw\n"},
+            "docker",
+        ),
+    ],
+)
+def test_runtimes_are_recognised_by_their_markers(mocker, monkeypatch, marker, texts, name):
+    monkeypatch.delenv("container", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    mocker.patch.object(b, "_exists", side_effect=lambda p: p == marker)
+    mocker.patch.object(b, "_read_text", side_effect=lambda path, limit=0: texts.get(path))
+    ev = b.Evidence()
+    assert ev.runtime == name and ev.runtime_evidence
+
+
+def test_dockerenv_on_a_plain_root_is_no_container(mocker, monkeypatch):
+    monkeypatch.delenv("container", raising=False)
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    root = {"/proc/self/mountinfo": "27 1 254:0 / / rw - ext4 /dev/vda rw\n"}
+    mocker.patch.object(b, "_exists", side_effect=lambda p: p == "/.dockerenv")
+    mocker.patch.object(b, "_read_text", side_effect=lambda path, limit=0: root.get(path))
+    assert b.Evidence().runtime is None
+
+
 def test_diagnose_create_failure_returns_the_hosts_precise_error(mocker):
-    precise = b.UnsupportedError("not in group kvm", cause="kvm-not-in-group")
-    mocker.patch.object(b.KvmProbe, "acquire", side_effect=precise)
+    mocker.patch.object(b, "_open_device", side_effect=OSError(errno.EACCES, "denied"))
+    mocker.patch.object(
+        b.KvmProbe, "facts", lambda self, engine, timeout: facts(evidence(), engine=engine)
+    )
     engine_said = b.EngineError("Error creating the Kvm object: Error(13)")
-    assert b.KvmProbe("x86_64").diagnose_create_failure(engine_said) is precise
-
-
-def test_diagnose_create_failure_decodes_when_the_host_passes(mocker):
-    mocker.patch.object(b.KvmProbe, "acquire", return_value=(os.open("/dev/null", os.O_RDONLY), None))
-    said = b.EngineError("Missing KVM capabilities: [0x24]")
-    refined = b.KvmProbe("x86_64").diagnose_create_failure(said, engine="firecracker")
-    assert isinstance(refined, b.EngineError) and refined.cause == "engine-error-decoded"
-    assert "KVM_CAP_IOEVENTFD (36) is missing" in str(refined)
-    plain = b.EngineError("krun_start_enter failed")
-    mocker.patch.object(b.KvmProbe, "acquire", return_value=(None, None))
-    assert b.KvmProbe("x86_64").diagnose_create_failure(plain) is plain
+    precise = b.KvmProbe("x86_64").diagnose_create_failure(engine_said)
+    assert precise.cause == "kvm-not-in-group" and precise.__cause__ is engine_said

@@ -71,16 +71,26 @@ def test_hv_support_unreadable(mocker):
     assert "EPERM" in str(err)
 
 
+GOOD_MAC = dict(
+    kern__hv_support=1,
+    kern__hv_vmm_present=0,
+    kern__hv__max_address_spaces=256,
+    sysctl__proc_translated=0,
+)
+
+
 class TestDiagnoseCreateFailure:
     @pytest.fixture
     def hvf(self, mocker):
         # This process is entitled: the probe in-process proves something.
+        sysctls(mocker, **GOOD_MAC)
         mocker.patch.object(b, "_hv_entitlement", return_value=True)
 
         def make(code):
             create = mocker.patch.object(b, "_hv_vm_create", return_value=code)
             destroy = mocker.patch.object(b, "_hv_vm_destroy", return_value=b.HV_SUCCESS)
             return create, destroy
+
         return make
 
     original = b.EngineError("krun_start_enter failed")
@@ -126,6 +136,7 @@ class TestDiagnoseCreateFailure:
         assert "krun_start_enter failed" in str(err) and "0xfae94001" in str(err)
 
     def test_framework_not_loadable_keeps_the_error(self, mocker):
+        sysctls(mocker, **GOOD_MAC)
         mocker.patch.object(b, "_hv_entitlement", return_value=True)
         mocker.patch.object(b, "_hv_vm_create", side_effect=OSError(errno.ENOENT, "no framework"))
         assert b.HvfProbe("arm64").diagnose_create_failure(self.original) is self.original
@@ -144,11 +155,19 @@ def test_signed_codes_are_normalised(mocker):
     assert b._hv_vm_create() == b.HV_NO_RESOURCES
 
 
+def mac_report(mocker, machine="arm64", probe_hvf=False):
+    mocker.patch.object(b, "_PROBE", b.HvfProbe(machine))
+    return b.check(probe_hvf=probe_hvf)
+
+
 class TestReport:
     def test_findings_on_a_good_mac(self, mocker):
-        sysctls(mocker, kern__hv_support=1, kern__hv_vmm_present=0,
-                kern__hv__max_address_spaces=None)
-        found = {f.id: f for f in b.HvfProbe("arm64").findings(1.0, None, False)}
+        sysctls(
+            mocker, kern__hv_support=1, kern__hv_vmm_present=0, kern__hv__max_address_spaces=None
+        )
+        report = mac_report(mocker)
+        assert report.verdict == "usable" and report.error is None
+        found = {f.id: f for f in report.findings}
         assert found["macos.arch"].status == "pass"
         assert found["macos.hv_support"].status == "pass"
         assert found["macos.vmm_present"].status == "info"
@@ -156,18 +175,18 @@ class TestReport:
         assert "macos.hv_vm_create" not in found
 
     def test_probe_hvf_denied_is_info(self, mocker):
-        sysctls(mocker, kern__hv_support=1, kern__hv_vmm_present=0,
-                kern__hv__max_address_spaces=256)
+        sysctls(
+            mocker, kern__hv_support=1, kern__hv_vmm_present=0, kern__hv__max_address_spaces=256
+        )
         mocker.patch.object(b, "_hv_vm_create", return_value=b.HV_DENIED)
-        found = {f.id: f for f in b.HvfProbe("arm64").findings(1.0, None, True)}
+        found = {f.id: f for f in mac_report(mocker, probe_hvf=True).findings}
         assert found["macos.hv_vm_create"].status == "info"
         assert "not entitled" in found["macos.hv_vm_create"].summary
         assert found["macos.max_address_spaces"].evidence == {"kern.hv.max_address_spaces": 256}
 
     def test_rosetta_report_fails_with_fix(self, mocker):
         sysctls(mocker, sysctl__proc_translated=1, kern__hv_support=1)
-        mocker.patch.object(b, "_PROBE", b.HvfProbe("x86_64"))
-        report = b.check()
+        report = mac_report(mocker, "x86_64")
         assert report.verdict == "not-usable"
         assert report.error is not None and report.error.cause == "rosetta"
 
@@ -180,8 +199,12 @@ class TestUnentitledProcess:
     def unentitled(self, mocker):
         mocker.patch.object(b, "_hv_entitlement", return_value=False)
         self.create = mocker.patch.object(b, "_hv_vm_create")
-        values = {"kern.hv_support": 1, "kern.hv_vmm_present": 0,
-                  "kern.hv.max_address_spaces": 256, "sysctl.proc_translated": 0}
+        values = {
+            "kern.hv_support": 1,
+            "kern.hv_vmm_present": 0,
+            "kern.hv.max_address_spaces": 256,
+            "sysctl.proc_translated": 0,
+        }
         mocker.patch.object(b, "_sysctl_int", side_effect=values.get)
 
     def refine(self, message):

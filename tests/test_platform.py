@@ -12,14 +12,17 @@ from conftest import ROOT
 import boxlite_syscheck as b
 
 
-@pytest.mark.parametrize(("system", "machine", "cls"), [
-    ("linux", "x86_64", b.KvmProbe),
-    ("linux", "aarch64", b.KvmProbe),
-    ("darwin", "arm64", b.HvfProbe),
-    ("darwin", "x86_64", b.HvfProbe),
-    ("win32", "AMD64", b.UnsupportedPlatformProbe),
-    ("freebsd14", "amd64", b.UnsupportedPlatformProbe),
-])
+@pytest.mark.parametrize(
+    ("system", "machine", "cls"),
+    [
+        ("linux", "x86_64", b.KvmProbe),
+        ("linux", "aarch64", b.KvmProbe),
+        ("darwin", "arm64", b.HvfProbe),
+        ("darwin", "x86_64", b.HvfProbe),
+        ("win32", "AMD64", b.UnsupportedPlatformProbe),
+        ("freebsd14", "amd64", b.UnsupportedPlatformProbe),
+    ],
+)
 def test_select_probe(system, machine, cls):
     probe = b._select_probe(system, machine)
     assert type(probe) is cls
@@ -57,9 +60,11 @@ def test_import_touches_nothing():
         " 'fcntl', 'mmap', 'signal', 'argparse', 'json', 'typing') if m in before_mods),"
         " 'fds': len(after - before)}))\n"
     ).replace("before_mods", "mods")
-    code = code.replace("import boxlite_syscheck\n",
-                        "import boxlite_syscheck\nmods = set(sys.modules)\n")
-    done = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT,
-                          capture_output=True, text=True, check=True)
+    code = code.replace(
+        "import boxlite_syscheck\n", "import boxlite_syscheck\nmods = set(sys.modules)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     seen = json.loads(done.stdout)
     assert seen == {"heavy": [], "fds": 0}

@@ -40,22 +40,58 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = "/usr/bin/python3.11"
 TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "cpio": "cpio", "busybox": "busybox-static"}
 # Modules, in load order (kvm_amd needs ccp for SEV; irqbypass for posted IRQs).
-MODULES = ["virt/lib/irqbypass.ko", "drivers/crypto/ccp/ccp.ko", "arch/x86/kvm/kvm.ko",
-           "arch/x86/kvm/kvm-amd.ko"]
+MODULES = [
+    "virt/lib/irqbypass.ko",
+    "drivers/crypto/ccp/ccp.ko",
+    "arch/x86/kvm/kvm.ko",
+    "arch/x86/kvm/kvm-amd.ko",
+]
 # What each boot must report, in order.
 BOOTS = {
     "svm": {
         "cpu": "EPYC",
-        "cases": ["kvm-device", "gate-native", "gate-python", "backends-agree", "report",
-                  "engines", "bare-device", "cli-json", "bench"],
+        "cases": [
+            "kvm-device",
+            "gate-native",
+            "gate-python",
+            "backends-agree",
+            "report",
+            "engines",
+            "bare-device",
+            "cli-json",
+            "bench",
+        ],
     },
     "no-svm": {"cpu": "qemu64,-svm", "cases": ["no-kvm-diagnosed"]},
 }
-STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3",
-               "pydoc_data", "distutils", "unittest", "sqlite3", "venv", "__pycache__",
-               "config-3.11-x86_64-linux-gnu", "email", "xmlrpc", "asyncio",
-               "multiprocessing", "curses", "dbm", "wsgiref", "html", "http", "urllib",
-               "xml", "site-packages", "dist-packages"}  # fmt: skip
+STDLIB_SKIP = {
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "lib2to3",
+    "pydoc_data",
+    "distutils",
+    "unittest",
+    "sqlite3",
+    "venv",
+    "__pycache__",
+    "config-3.11-x86_64-linux-gnu",
+    "email",
+    "xmlrpc",
+    "asyncio",
+    "multiprocessing",
+    "curses",
+    "dbm",
+    "wsgiref",
+    "html",
+    "http",
+    "urllib",
+    "xml",
+    "site-packages",
+    "dist-packages",
+}
 
 
 def say(text: str) -> None:
@@ -79,8 +115,12 @@ def kernel_tree(build: Path) -> tuple[Path, Path]:
     debs = sorted(build.glob("linux-image-*-amd64_*.deb"))
     if not debs:
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        depends = subprocess.run(["apt-cache", "depends", "linux-image-amd64"], check=True,
-                                 capture_output=True, text=True).stdout
+        depends = subprocess.run(
+            ["apt-cache", "depends", "linux-image-amd64"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         name = re.search(r"Depends: (linux-image-\S+-amd64)", depends)
         if not name:
             sys.exit("vmhost: cannot find the current Debian kernel package")
@@ -147,9 +187,20 @@ def install_app(root: Path, library: Path, init_script: str) -> None:
     # Bytecode made here with the same Python version: it does not depend on
     # the CPU, and the guest then runs it cached, as users do, instead of
     # compiling under the emulator.
-    subprocess.run([PYTHON, "-m", "compileall", "-q", "-j0", "--invalidation-mode",
-                    "unchecked-hash", str(root / "usr/lib/python3.11"), str(app)],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "compileall",
+            "-q",
+            "-j0",
+            "--invalidation-mode",
+            "unchecked-hash",
+            str(root / "usr/lib/python3.11"),
+            str(app),
+        ],
+        check=True,
+    )
     init = root / "init"
     init.write_text(init_script)
     init.chmod(0o755)
@@ -164,7 +215,9 @@ mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 """
-INIT = INIT_HEAD + """for m in /modules/irqbypass.ko /modules/ccp.ko /modules/kvm.ko /modules/kvm-amd.ko; do
+INIT = (
+    INIT_HEAD
+    + """for m in /modules/irqbypass.ko /modules/ccp.ko /modules/kvm.ko /modules/kvm-amd.ko; do
     insmod $m 2>/dev/null || echo "vmhost-guest: insmod $m failed"
 done
 echo "vmhost-guest: booted, cpu flags: $(grep -o -w -E 'svm|npt|hypervisor' /proc/cpuinfo | sort -u | tr '\\n' ' ')"
@@ -172,13 +225,20 @@ echo "vmhost-guest: booted, cpu flags: $(grep -o -w -E 'svm|npt|hypervisor' /pro
 echo "vmhost-guest: done"
 poweroff -f
 """
+)
 
 
 def pack(root: Path, out: Path) -> None:
-    files = subprocess.run(["find", "."], cwd=root, capture_output=True, text=True,
-                           check=True).stdout  # fmt: skip
-    cpio = subprocess.run(["cpio", "-o", "-H", "newc", "--quiet"], cwd=root, input=files.encode(),
-                          capture_output=True, check=True).stdout  # fmt: skip
+    files = subprocess.run(
+        ["find", "."], cwd=root, capture_output=True, text=True, check=True
+    ).stdout
+    cpio = subprocess.run(
+        ["cpio", "-o", "-H", "newc", "--quiet"],
+        cwd=root,
+        input=files.encode(),
+        capture_output=True,
+        check=True,
+    ).stdout
     import gzip
 
     out.write_bytes(gzip.compress(cpio, compresslevel=1))
@@ -186,28 +246,66 @@ def pack(root: Path, out: Path) -> None:
 
 def boot(vmlinuz: Path, initrd: Path, cpu: str, log: Path, limit: float) -> str:
     command = [
-        "qemu-system-x86_64", "-accel", "tcg", "-cpu", cpu, "-m", "1024", "-smp", "1",
-        "-kernel", str(vmlinuz), "-initrd", str(initrd), "-no-reboot", "-nographic",
-        "-append", "console=ttyS0 panic=-1 quiet loglevel=3",
-    ]  # fmt: skip
+        "qemu-system-x86_64",
+        "-accel",
+        "tcg",
+        "-cpu",
+        cpu,
+        "-m",
+        "1024",
+        "-smp",
+        "1",
+        "-kernel",
+        str(vmlinuz),
+        "-initrd",
+        str(initrd),
+        "-no-reboot",
+        "-nographic",
+        "-append",
+        "console=ttyS0 panic=-1 quiet loglevel=3",
+    ]
     return run_qemu(command, cpu, log, limit)
 
 
-ARM_PACKAGES = ["python3.11-minimal", "libpython3.11-minimal", "libpython3.11-stdlib",
-                "libffi8", "libc6", "zlib1g", "libexpat1", "busybox-static"]  # fmt: skip
-ARM_TOOLS = {"qemu-system-aarch64": "qemu-system-arm", "cpio": "cpio",
-             "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu"}  # fmt: skip
+ARM_PACKAGES = [
+    "python3.11-minimal",
+    "libpython3.11-minimal",
+    "libpython3.11-stdlib",
+    "libffi8",
+    "libc6",
+    "zlib1g",
+    "libexpat1",
+    "busybox-static",
+]
+ARM_TOOLS = {
+    "qemu-system-aarch64": "qemu-system-arm",
+    "cpio": "cpio",
+    "aarch64-linux-gnu-gcc": "gcc-aarch64-linux-gnu",
+}
 ARM_BOOTS = {
-    "el2": {"machine": "virt,virtualization=on",
-            "cases": ["kvm-device", "gate-native", "gate-python", "backends-agree", "report",
-                      "bare-device", "cli-json", "bound"]},
+    "el2": {
+        "machine": "virt,virtualization=on",
+        "cases": [
+            "kvm-device",
+            "gate-native",
+            "gate-python",
+            "backends-agree",
+            "report",
+            "bare-device",
+            "cli-json",
+            "bound",
+        ],
+    },
     "no-el2": {"machine": "virt", "cases": ["no-kvm-diagnosed"]},
-}  # fmt: skip
-ARM_INIT = INIT_HEAD + """echo "vmhost-guest: booted, $(dmesg | grep -o -E 'kvm \\[1\\]: [^,]*(initialized|available)[^,]*' | head -1)"
+}
+ARM_INIT = (
+    INIT_HEAD
+    + """echo "vmhost-guest: booted, $(dmesg | grep -o -E 'kvm \\[1\\]: [^,]*(initialized|available)[^,]*' | head -1)"
 /usr/bin/python3.11 /syscheck/guest_cases.py
 echo "vmhost-guest: done"
 poweroff -f
 """
+)
 
 
 def arm_pieces(build: Path) -> tuple[Path, Path]:
@@ -217,24 +315,38 @@ def arm_pieces(build: Path) -> tuple[Path, Path]:
         if os.geteuid() != 0:
             sys.exit("vmhost: needs qemu-system-arm, gcc-aarch64-linux-gnu, cpio (as root)")
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *missing, "libc6-dev-arm64-cross"],
-                       check=True)  # fmt: skip
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", *missing, "libc6-dev-arm64-cross"], check=True
+        )
     debs = {p: sorted(build.glob(f"{p}_*_arm64.deb")) for p in ARM_PACKAGES}
     kernels = sorted(build.glob("linux-image-*-arm64_*_arm64.deb"))
     if not kernels or not all(debs.values()):
-        arches = subprocess.run(["dpkg", "--print-foreign-architectures"], capture_output=True,
-                                text=True).stdout.split()  # fmt: skip
+        arches = subprocess.run(
+            ["dpkg", "--print-foreign-architectures"], capture_output=True, text=True
+        ).stdout.split()
         if "arm64" not in arches:
             subprocess.run(["dpkg", "--add-architecture", "arm64"], check=True)
         subprocess.run(["apt-get", "update", "-qq"], check=True)
-        depends = subprocess.run(["apt-cache", "depends", "linux-image-arm64:arm64"],
-                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
+        depends = subprocess.run(
+            ["apt-cache", "depends", "linux-image-arm64:arm64"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         name = re.search(r"(linux-image-\S+-arm64)", depends)
         if not name:
             sys.exit("vmhost: cannot find Debian's arm64 kernel package")
         say("downloading the arm64 kernel and Python (about 70 MB, once)")
-        subprocess.run(["apt-get", "download", f"{name.group(1)}:arm64",
-                        *(f"{p}:arm64" for p in ARM_PACKAGES)], cwd=build, check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "apt-get",
+                "download",
+                f"{name.group(1)}:arm64",
+                *(f"{p}:arm64" for p in ARM_PACKAGES),
+            ],
+            cwd=build,
+            check=True,
+        )
         kernels = sorted(build.glob("linux-image-*-arm64_*_arm64.deb"))
     tree = build / "kernel"
     if not any(tree.glob("boot/vmlinuz-*")):
@@ -245,33 +357,69 @@ def arm_pieces(build: Path) -> tuple[Path, Path]:
     for deb in sorted(build.glob("*_arm64.deb")):
         if not deb.name.startswith("linux-image"):
             subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-    for junk in ("usr/share", "usr/lib/python3.11/test", "usr/lib/python3.11/idlelib",
-                 "usr/lib/python3.11/tkinter", "usr/lib/python3.11/ensurepip",
-                 "usr/lib/python3.11/lib2to3", "usr/lib/python3.11/pydoc_data"):  # fmt: skip
+    for junk in (
+        "usr/share",
+        "usr/lib/python3.11/test",
+        "usr/lib/python3.11/idlelib",
+        "usr/lib/python3.11/tkinter",
+        "usr/lib/python3.11/ensurepip",
+        "usr/lib/python3.11/lib2to3",
+        "usr/lib/python3.11/pydoc_data",
+    ):
         shutil.rmtree(root / junk, ignore_errors=True)
     (root / "bin").mkdir(exist_ok=True)
     library = build / "libkvmsmoke.so"
-    subprocess.run(["aarch64-linux-gnu-gcc", "-O2", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
-                    "-fPIC", "-shared", "-Wl,-z,now", "-Wl,-z,relro", "-o", str(library),
-                    str(ROOT / "kvm_smoke.c")], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            "aarch64-linux-gnu-gcc",
+            "-O2",
+            "-std=gnu11",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-fPIC",
+            "-shared",
+            "-Wl,-z,now",
+            "-Wl,-z,relro",
+            "-o",
+            str(library),
+            str(ROOT / "kvm_smoke.c"),
+        ],
+        check=True,
+    )
     install_app(root, library, ARM_INIT)
     return sorted(tree.glob("boot/vmlinuz-*"))[-1], root
 
 
 def boot_arm(vmlinuz: Path, initrd: Path, machine: str, log: Path, limit: float) -> str:
     command = [
-        "qemu-system-aarch64", "-M", machine, "-cpu", "max,pauth-impdef=on", "-smp", "1",
-        "-m", "1024", "-kernel", str(vmlinuz), "-initrd", str(initrd), "-no-reboot",
-        "-nographic", "-append", "console=ttyAMA0 panic=-1 quiet loglevel=3",
-    ]  # fmt: skip
+        "qemu-system-aarch64",
+        "-M",
+        machine,
+        "-cpu",
+        "max,pauth-impdef=on",
+        "-smp",
+        "1",
+        "-m",
+        "1024",
+        "-kernel",
+        str(vmlinuz),
+        "-initrd",
+        str(initrd),
+        "-no-reboot",
+        "-nographic",
+        "-append",
+        "console=ttyAMA0 panic=-1 quiet loglevel=3",
+    ]
     return run_qemu(command, machine, log, limit)
 
 
 def run_qemu(command: list[str], what: str, log: Path, limit: float) -> str:
     started = time.monotonic()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=limit,
-                              errors="replace")  # fmt: skip
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=limit, errors="replace"
+        )
         output = done.stdout + done.stderr
     except subprocess.TimeoutExpired as expired:
         raw = expired.stdout or b""
@@ -307,8 +455,9 @@ def main() -> int:
     parser.add_argument("--build-dir")
     parser.add_argument("--timeout", type=float, default=600.0)
     args = parser.parse_args()
-    build = Path(args.build_dir or ROOT / "build" / ("nested" if args.target == "x86-nested"
-                                                      else "aarch64"))  # fmt: skip
+    build = Path(
+        args.build_dir or ROOT / "build" / ("nested" if args.target == "x86-nested" else "aarch64")
+    )
     build.mkdir(parents=True, exist_ok=True)
     if args.target == "aarch64":
         vmlinuz, root = arm_pieces(build)
@@ -317,8 +466,7 @@ def main() -> int:
         say(f"initramfs {initrd.stat().st_size / 1e6:.1f} MB, kernel {vmlinuz.name}")
         failures = 0
         for name, spec in ARM_BOOTS.items():
-            output = boot_arm(vmlinuz, initrd, spec["machine"], build / f"{name}.log",
-                              args.timeout)  # fmt: skip
+            output = boot_arm(vmlinuz, initrd, spec["machine"], build / f"{name}.log", args.timeout)
             failures += collect(output, name, spec["cases"])
         print(f"{'PASS' if not failures else 'FAIL'}: aarch64, {failures} failed", flush=True)
         return 1 if failures else 0

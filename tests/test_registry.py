@@ -1,0 +1,175 @@
+"""The cause registry and the rule table: every cause renders, every rule
+names a cause, and the README's tables say what the data says."""
+
+from __future__ import annotations
+
+import errno
+import re
+
+import pytest
+from conftest import KVM_NODE, ROOT
+
+import boxlite_syscheck as b
+
+
+def sample() -> b.Facts:
+    """Facts with every value some cause's text may ask for."""
+    ev = b.Evidence(
+        gather=False,
+        euid=1000,
+        groups=(1000,),
+        user="alice",
+        node=dict(KVM_NODE),
+        acl=[
+            {"tag": "user_obj", "perm": 6, "id": None},
+            {"tag": "user", "perm": 0, "id": 1000},
+            {"tag": "mask", "perm": 6, "id": None},
+        ],
+        mount={
+            "point": "/dev",
+            "fstype": "tmpfs",
+            "options": ["rw", "nodev"],
+            "root": "/",
+            "source": "none",
+        },
+        bind_mounted=False,
+        group_listed=True,
+        group_named=True,
+        kvm_group=True,
+        userns={"identity": False, "uid_map": "0 1000 1", "gid_map": "0 1000 1"},
+        runtime="docker",
+        runtime_evidence=["a docker cgroup"],
+        private_dev=True,
+        cgroup={"devices": "/docker/1", "devices_list": ["c 1:3 rwm"], "unified": "/"},
+        systemd_unit="box.service",
+        wsl="2",
+        snap="firefox",
+        no_new_privs=True,
+        seccomp="2",
+        landlock_abi=7,
+        lsm=["landlock"],
+        lsm_context="unconfined",
+        arch="x86_64",
+        cpu_flags={"vmx"},
+        vendor="GenuineIntel",
+        kernel="6.1.0-amd64",
+        kvm_modules=["kvm_intel", "kvm"],
+        kvm_registered=True,
+        kvm_provider="kvm_intel",
+        module_available={"kvm_pvm": False},
+        rlimit_nofile=(1024, 4096),
+        file_max="1000000",
+    )
+    facts = b.Facts("linux", "x86_64", engine="libkrun", evidence=ev)
+    facts.open_errno = errno.EACCES
+    facts.caps = {"IRQCHIP": 0, "SET_TSS_ADDR": 1}
+    facts.ioctls = {"KVM_CREATE_IRQCHIP": errno.EINVAL}
+    smoke = facts.smoke = b.SmokeResult("native", guest="long-mode")
+    smoke.step, smoke.exit_reason, smoke.api_version = b.STEP_DONE, b.KVM_EXIT_INTERNAL_ERROR, 11
+    smoke.internal_suberror, smoke.instruction, smoke.rip = 1, "lock cmpxchg16b", 0x4032
+    smoke.insn_bytes = bytes.fromhex("f0480fc70f")
+    smoke.cpuid = {"cx16": True, "xsave": True, "arch_capabilities": True}
+    smoke.speed = b.Speed(1500.0, 0.5, 1024)
+    smoke.msrs = {
+        "boot_msrs_set": 3,
+        "boot_msr_refused": "STAR",
+        "arch_capabilities": {"value": "0x69", "accepted": False},
+    }
+    facts.sysctls = {
+        "kern.hv_support": 0,
+        "kern.hv_vmm_present": 1,
+        "kern.hv.max_address_spaces": 256,
+        "sysctl.proc_translated": 1,
+    }
+    facts.hv, facts.entitled = (b.HV_DENIED, "engine"), False
+    facts.message = "krun_start_enter failed: Error(13)"
+    facts.decoded = ["errno 13 is EACCES (Permission denied)"]
+    facts.note = "libkvmsmoke.so does not exist"
+    return facts
+
+
+@pytest.mark.parametrize("key", sorted(b._causes()))
+def test_every_cause_renders_from_facts(key):
+    error = b._render(key, sample())  # the strict render: every value is there
+    text = error.detail
+    assert error.cause == key.split("/")[0]
+    assert isinstance(error, b.BoxliteError) and type(error) is not b.BoxliteError
+    assert len(error.summary) <= 160, (len(error.summary), error.summary)
+    assert not re.search(r"\bNone\b", text), text
+    assert not re.search(r"\{[a-z_]+\}", text), text  # no value left unfilled
+    assert "{'" not in text and "['" not in text and "object at 0x" not in text, text
+    lines = text.split("\n")
+    assert [line for line in lines if line.startswith("Fix:")] == [f"Fix: {error.fix}"]
+    assert "Fix:" not in error.fix and error.fix.strip()
+    assert lines[2].startswith("Tried: ") and lines[3].startswith("Answer: "), text
+    assert error.evidence["tried"] and error.evidence["answer"]
+
+
+def test_every_rule_names_a_cause_and_every_cause_has_a_rule():
+    keys = [key for key, _ in b.RULES]
+    assert len(keys) == len(set(keys))
+    assert set(keys) <= set(b._causes())
+    unruled = set(b._causes()) - set(keys)
+    assert unruled == {"native-missing", "checker-failed"}  # the checker's own failures
+
+
+def test_a_cause_a_value_is_missing_for_still_renders_without_none(mocker):
+    facts = b.Facts(evidence=b.Evidence(gather=False))
+    facts.open_errno = errno.ENOENT
+    error = b._render("kvm-node-missing", facts)
+    assert "None" not in str(error) and error.fix
+
+
+def test_the_layers_are_findings_or_the_engine_or_the_checker():
+    layers = {cause.layer for cause in b._causes().values()}
+    assert layers == {
+        "platform",
+        "macos.arch",
+        "macos.hv_support",
+        "macos.hv_vm_create",
+        "kvm.device",
+        "kvm.smoke",
+        "engine",
+        "guest.speed",
+        "guest.stock_kernel",
+        "guest.msrs",
+        "checker",
+    }
+
+
+# ── The README says what the data says ──────────────────────────────────────
+
+
+def readme_table(heading: str) -> list[list[str]]:
+    """The rows of the first table after a heading, as lists of cells."""
+    text = (ROOT / "README.md").read_text()
+    after = text.split(heading, 1)[1]
+    rows = []
+    for line in after.split("\n"):
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows:
+            break
+    return rows[2:]  # the header and its rule
+
+
+def test_the_readme_cause_table_lists_the_registry():
+    rows = readme_table("### Causes")
+    listed = [re.fullmatch(r"`([a-z0-9-]+)`", row[0]).group(1) for row in rows]
+    assert len(listed) == len(set(listed))
+    causes = {key.split("/")[0]: cause for key, cause in b._causes().items()}
+    assert set(listed) == set(causes)
+    for row in rows:
+        cause = causes[row[0].strip("`")]
+        assert row[1] == cause.cls.__name__, row
+        assert row[2] == f"`{cause.layer}`", row
+
+
+def test_the_readme_engine_table_is_engine_requirements():
+    rows = readme_table("### What each engine needs")
+    assert [row[0] for row in rows] == list(b.ENGINES)
+    for name, x86, arm, ioctls, *_ in rows:
+        row = b.ENGINE_REQUIREMENTS[name]
+        assert x86.split(", ") == list(row["required"]["x86_64"]), name
+        assert arm.split(", ") == list(row["required"]["aarch64"]), name
+        assert ioctls.split(", ") == list(row["ioctls"]), name
