@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import _thread
 import errno
+import io
 import os
 import sys
 
@@ -734,9 +735,13 @@ def _errno_of(err: OSError) -> int:
 # ── OS seams: every operating-system access goes through these ─────────────
 
 
-def _open_device(path: str) -> int:
-    """Open a device read-write and close-on-exec; raise OSError."""
-    return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+def _open_device(path: str) -> io.FileIO:
+    """Open a device read-write and close-on-exec; raise OSError.
+
+    The file object owns the descriptor from the moment the C call returns:
+    an exception a caller's signal handler raises right after cannot leak it.
+    """
+    return io.FileIO(path, "r+")
 
 
 def _stat(path: str) -> os.stat_result:
@@ -1525,9 +1530,18 @@ class _NativeBackend:
             start = out.op_index
 
     def release(self, state: Any) -> None:
-        import ctypes
+        self.releaser(state)()
 
-        self.lib.kvmsmoke_release(ctypes.byref(state))
+    def releaser(self, state: Any) -> Callable[[], None]:
+        """A call that releases the state, made of C only: a caller's signal
+        handler cannot interrupt it half-way (see _run_program)."""
+        import ctypes
+        import functools
+
+        release: Callable[[], None] = functools.partial(
+            self.lib.kvmsmoke_release, ctypes.byref(state)
+        )
+        return release
 
 
 class _PythonBackend:
@@ -1550,7 +1564,10 @@ class _PythonBackend:
 
         if op.kind == _OP_IOCTL:
             try:
-                ret = _ioctl(state.fds[op.fd], op.request, op.arg)
+                if op.fd_out >= 0:  # a descriptor: owned by the state at once
+                    ret = self._owned(op, state)
+                else:
+                    ret = _ioctl(state.fds[op.fd], op.request, op.arg)
             except _SysError as err:
                 if op.flags & _OPF_SOFT:
                     if op.value_out >= 0:
@@ -1559,8 +1576,6 @@ class _PythonBackend:
                 raise _StepFailed(op.step, err.errno or 0) from err
             if op.value_out >= 0:
                 out.values[op.value_out] = ret
-            if op.fd_out >= 0:
-                state.fds[op.fd_out] = ret  # KVM sets O_CLOEXEC on its descriptors
             if op.check == _CHECK_EQ and ret != op.check_value:
                 raise _StepFailed(op.step, 0)
             if op.check == _CHECK_GE and ret < op.check_value:
@@ -1568,12 +1583,8 @@ class _PythonBackend:
         elif op.kind == _OP_COPY:
             ctypes.memmove(op.arg, op.src, op.len)
         elif op.kind == _OP_MAP_RUN:
-            size = out.values[op.src]
-            prot, flags = _PROT_READ | _PROT_WRITE, _MAP_SHARED
-            addr = _sys_libc().mmap(None, size, prot, flags, state.fds[op.fd], 0)
-            if addr in (None, ctypes.c_void_p(-1).value):
+            if self._owned(op, state, size=int(out.values[op.src])) < 0:
                 raise _StepFailed(op.step, ctypes.get_errno())
-            state.run_addr, state.run_size = addr, size
         elif op.kind == _OP_RUN:
             if not state.run_addr:
                 raise _StepFailed(op.step, errno.EFAULT)
@@ -1592,14 +1603,60 @@ class _PythonBackend:
         else:
             raise _StepFailed(op.step, errno.EINVAL)
 
+    def _owned(self, op: Any, state: Any, size: int = 0) -> int:
+        """Make a descriptor (an ioctl with fd_out) or the run area's mapping
+        and store it in the state, with every signal blocked in between: a
+        handler of the caller's that raised between the kernel's answer and
+        the store would leak it.  The caller's mask is kept in C memory with
+        a sentinel (SIGKILL, which no mask holds), so it is restored exactly
+        when it was changed, wherever an exception comes."""
+        import ctypes
+        import time
+
+        libc, abi = _sys_libc(), _abi()
+        block, saved = _all_signals(), abi.SigSet()
+        saved.bits[0] = 1 << 8  # SIGKILL's bit: "not changed yet"
+        try:
+            libc.pthread_sigmask(0, ctypes.byref(block), ctypes.byref(saved))  # SIG_BLOCK
+            if op.kind == _OP_MAP_RUN:
+                prot, flags = _PROT_READ | _PROT_WRITE, _MAP_SHARED
+                addr = libc.mmap(None, size, prot, flags, state.fds[op.fd], 0)
+                if addr in (None, ctypes.c_void_p(-1).value):
+                    return -1
+                state.run_addr, state.run_size = addr, size
+                return 0
+            deadline = 0
+            while True:  # EINTR: a policy's, the signals being blocked (see _ioctl)
+                ret = int(libc.ioctl(state.fds[op.fd], op.request, op.arg))
+                if ret >= 0:
+                    state.fds[op.fd_out] = ret  # KVM sets O_CLOEXEC on its descriptors
+                    return ret
+                err = ctypes.get_errno()
+                deadline = deadline or time.monotonic_ns() + _EINTR_RETRY_NS
+                if err != errno.EINTR or time.monotonic_ns() >= deadline:
+                    raise _SysError(err, os.strerror(err))
+        finally:
+            if not saved.bits[0] & 1 << 8:
+                libc.pthread_sigmask(2, ctypes.byref(saved), None)  # SIG_SETMASK
+
     def release(self, state: Any) -> None:
-        if state.run_addr:
-            _sys_libc().munmap(state.run_addr, state.run_size)
-            state.run_addr = state.run_size = 0
+        """Unmap and close what the state holds; each entry is cleared before
+        its call, so a release a caller's exception cut short can be run
+        again and never closes a descriptor twice."""
+        addr, size = state.run_addr, state.run_size
+        state.run_addr = state.run_size = 0
+        if addr:
+            _sys_libc().munmap(addr, size)
         for slot in range(_FD_SLOTS - 1, 0, -1):
-            if state.fds[slot] >= 0:
-                os.close(state.fds[slot])
-                state.fds[slot] = -1
+            fd = state.fds[slot]
+            state.fds[slot] = -1
+            if fd >= 0:
+                os.close(fd)
+
+    def releaser(self, state: Any) -> Callable[[], None]:
+        import functools
+
+        return functools.partial(self.release, state)
 
 
 class _StepFailed(Exception):
@@ -1642,10 +1699,25 @@ def _sys_libc() -> ctypes.CDLL:
         libc.sigaddset.restype = c_int
         libc.sigtimedwait.argtypes = [c_void_p, c_void_p, c_void_p]
         libc.sigtimedwait.restype = c_int
+        libc.pthread_sigmask.argtypes = [c_int, c_void_p, c_void_p]
+        libc.pthread_sigmask.restype = c_int
         return libc
 
     libc: ctypes.CDLL = _cached("libc", load)
     return libc
+
+
+def _all_signals() -> Any:
+    """A sigset with every signal (the kernel ignores SIGKILL and SIGSTOP)."""
+
+    def make() -> Any:
+        import ctypes
+
+        every = _abi().SigSet()
+        ctypes.memset(ctypes.addressof(every), 0xFF, ctypes.sizeof(every))
+        return every
+
+    return _cached("all-signals", make)
 
 
 def _ioctl(fd: int, request: int, arg: int = 0, *, retry: bool = True) -> int:
@@ -2322,6 +2394,7 @@ class _Session:
         self.signo = _timer_signal()
         self.state = abi.State()
         self.state.fds[:] = [fd, -1, -1, -1]
+        self.release = backend.releaser(self.state)
         self.out = abi.Outcome()
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         self.mem = _as_step(STEP_GUEST_MEMORY, mmap.mmap, -1, guest.mem_size, flags)
@@ -2381,7 +2454,7 @@ class _Session:
         return True
 
     def close(self) -> None:
-        self.backend.release(self.state)
+        self.release()
         self.mem.close()
 
     def run_plan(self, plan: _Plan, rip: int, value: int, **regs: int) -> None:
@@ -2685,10 +2758,22 @@ def _run_program(fd: int, program: _Guest, timeout: float, backend: str | None) 
     except _StepFailed as failed:
         result.step, result.error = failed.step, failed.error
         return result
+    late: BaseException | None = None
     try:
         _run_guest(session)
     finally:
-        session.close()
+        # A caller's signal handler may raise anywhere, cleanup included: a
+        # release it cut short is run again (it is safe to), and what it
+        # raised goes on after.  Inline, as a call would be one more place.
+        while True:
+            try:
+                session.release()
+                break
+            except BaseException as err:
+                late = err
+        session.mem.close()
+        if late is not None:
+            raise late
     result.elapsed = time.perf_counter() - start
     return result
 
@@ -2912,7 +2997,7 @@ def _ev_group_listed(ev: Evidence) -> bool | None:
     import pwd
 
     node = ev.node
-    if node is None or ev.euid is None:
+    if node is None or ev.euid is None or ev.unmapped("gid"):
         return None
     try:
         entry = pwd.getpwuid(ev.euid)
@@ -2992,6 +3077,7 @@ _RUNTIME_MARKERS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool]], ...] 
     ("containerd", "a containerd cgroup", lambda m: "containerd" in m["cgroups"]),
     ("containerd", "container=oci", lambda m: m["container"] == "oci"),
     ("container", "a private cgroup namespace (0::/) on an overlay root", lambda m: m["cgns"]),
+    ("container", "a private /dev in a device cgroup of its own", lambda m: m["oci"]),
 )
 
 
@@ -3012,6 +3098,8 @@ def _ev_runtime(ev: Evidence) -> str | None:
         "dockerenv": _exists("/.dockerenv"),
         "overlay": overlay,
         "cgns": overlay and pid1.strip() == "0::/",
+        # runc or crun with a config of someone's: no marker but these.
+        "oci": bool(ev.private_dev) and (ev.cgroup or {}).get("devices") not in (None, "/"),
     }
     seen = [(name, shown) for name, shown, holds in _RUNTIME_MARKERS if holds(markers)]
     ev.__dict__["runtime_evidence"] = [shown for _, shown in seen]
@@ -3051,13 +3139,10 @@ def _ev_cgroup(ev: Evidence) -> dict[str, Any] | None:
 
 
 def _ev_systemd_unit(ev: Evidence) -> str | None:
-    """The systemd service or scope this process runs in, from its cgroup."""
-    cgroup = ev.cgroup or {}
-    for path in (
-        cgroup.get("unified"),
-        (_cgroups(_read_text("/proc/self/cgroup"))).get("name=systemd"),
-    ):
-        leaf = (path or "").rstrip("/").rsplit("/", 1)[-1]
+    """The systemd service or scope this process runs in, from its cgroups."""
+    paths = _cgroups(_read_text("/proc/self/cgroup"))
+    for key in ("", "name=systemd", "devices"):
+        leaf = (paths.get(key) or "").rstrip("/").rsplit("/", 1)[-1]
         if leaf.endswith((".service", ".scope")) and not leaf.startswith("session-"):
             return leaf
     return None
@@ -3534,12 +3619,7 @@ _CGROUP_FIXES = {
     "/dev/kvm`; runc, crun or containerd: the node in linux.devices and `c 10:232 rwm` in "
     "linux.resources.devices; a systemd unit `DeviceAllow=/dev/kvm rw`",
 }
-_CGROUP_OWNERS = {
-    "docker": "docker",
-    "podman": "docker",
-    "containerd": "oci",
-    "container": "docker",
-}
+_CGROUP_OWNERS = {"docker": "docker", "podman": "docker", "containerd": "oci"}
 _CGROUP_OWNERS.update(kubernetes="kubernetes", lxc="unknown")
 _CGROUP_OWNERS["systemd-nspawn"] = "systemd-nspawn"
 
@@ -3551,11 +3631,16 @@ def _cgroup_owner(ev: Evidence) -> str:
     return "systemd" if ev.systemd_unit else "unknown"
 
 
-def _cgroup_shown(ev: Evidence) -> str:
-    cgroup = ev.cgroup or {}
-    if _device_cgroup(ev) == "shown":
-        allowed = ", ".join(cgroup.get("devices_list") or []) or "nothing"
-        return f"its devices.list allows {allowed}, not c 10:232 rw"
+def _cgroup_shown(ev: Evidence) -> str | None:
+    """What the device cgroup's policy shows, in words."""
+    cgroup, how = ev.cgroup or {}, _device_cgroup(ev)
+    listing = cgroup.get("devices_list")
+    if how == "shown":
+        return f"devices.list allows {', '.join(listing or []) or 'nothing'}, not c 10:232 rw"
+    if how is None:
+        return None
+    if listing is not None:
+        return "devices.list is `a *:* rwm`: it allows all but deny rules it does not list"
     if cgroup.get("devices") not in (None, "/"):
         return "its devices.list cannot be read"
     return "a cgroup v2 device policy is a BPF program, which cannot be read"
@@ -3788,6 +3873,7 @@ _LABELS = {
     "engine_message": "Engine said",
     "decoded": "Decoded",
     "unit": "systemd unit",
+    "cgroup_shown": "Its policy",
 }
 
 
@@ -3977,8 +4063,9 @@ fix: start it with `--bind=/dev/kvm` (and `--property=DeviceAllow='/dev/kvm rw'`
 fix: `lxc config device add CONTAINER kvm unix-char path=/dev/kvm`
 == kvm-missing-container UnsupportedError kvm.device (seen)
 {path} does not exist {context}: the host's device was not passed in
-fix: start the container with `--device /dev/kvm` (docker, podman, nerdctl); in a compose
-    file, `devices: ["/dev/kvm:/dev/kvm"]`
+fix: pass the device in: `--device /dev/kvm` (docker, podman, nerdctl; in a compose file
+    `devices: ["/dev/kvm:/dev/kvm"]`); with runc, crun or containerd, list it in the config's
+    linux.devices and allow `c 10:232 rwm` in linux.resources.devices
 == kvm-missing-container/service UnsupportedError kvm.device (unit)
 {path} does not exist in this process's private /dev (systemd PrivateDevices=, or a
     sandbox)
@@ -4029,8 +4116,8 @@ fix: bind-mount the host's node instead (`mount --bind /dev/kvm {path}`); in a u
 == kvm-userns/firejail UnsupportedError kvm.smoke (device, uid_map, seen)
 {path}: permission denied: firejail's noroot user namespace drops the device's group,
     which shows as {group}
-fix: start it with `firejail --ignore=noroot ...` (or `--noprofile`), or give the user an ACL
-    on the host node (`sudo setfacl -m u:{user}:rw /dev/kvm`)
+fix: start it without noroot (drop `--noroot`, or `--ignore=noroot` where its profile sets
+    it), or give the user an ACL on the host node (`sudo setfacl -m u:{user}:rw /dev/kvm`)
 == kvm-userns/unmapped-group UnsupportedError kvm.smoke (device, uid_map, gid_map)
 {path}: permission denied in a user namespace{runtime_root}: the device's group is not
     mapped here (it shows as {group})
@@ -4072,7 +4159,7 @@ fix: give the gid a name and join it: `sudo groupadd --gid {gid} kvm` (or `sudo 
 == kvm-not-in-group UnsupportedError kvm.smoke (device)
 {path}: permission denied: {user} is not in group {group}
 fix: `sudo usermod -aG {group} {user}`, then {relogin}
-== kvm-device-cgroup UnsupportedError kvm.smoke (device, cgroup_path, context, unit)
+== kvm-device-cgroup UnsupportedError kvm.smoke (device, cgroup_path, cgroup_shown, context, unit)
 {path} is refused by this process's device cgroup (EPERM on open, even as root)
 fix: {cgroup_fix}
 == kvm-seccomp-denied UnsupportedError kvm.smoke (device, sandbox, no_new_privs)
@@ -4535,97 +4622,122 @@ def _capability_values(fd: int, names: Iterable[str]) -> dict[str, int]:
     return values
 
 
-def _close_later(fds: Sequence[int]) -> None:
-    """Close VM descriptors in a thread: tearing down a VM with an in-kernel
-    irqchip and PIT takes tens of milliseconds, which the check need not
-    wait for.  They are closed all the same (see _wait_for_closes).  One
-    closer thread serves the process; where none can be had, close now."""
-    closer = _cached("closer", _start_closer)
-    if closer is None:
-        for fd in fds:
-            os.close(fd)
+def _release_later(release: Callable[[], None]) -> None:
+    """Release a throwaway VM's descriptors in a thread: tearing down a VM
+    with an in-kernel irqchip and PIT takes tens of milliseconds, which the
+    check need not wait for.  They are released all the same (see
+    _wait_for_closes).  One thread serves the process; where none can be
+    had, release now."""
+    releaser = _cached("releaser", _start_releaser)
+    if releaser is None:
+        release()
         return
-    closer.put(list(fds))
+    releaser.put(release)
 
 
-def _start_closer() -> Any:
-    """The closer thread's queue, or None when no thread can be started."""
+def _start_releaser() -> Any:
+    """The releasing thread's queue, or None when no thread can be started."""
     import queue
     import threading
 
-    jobs: queue.Queue[list[int]] = queue.Queue()
+    jobs: queue.Queue[Callable[[], None]] = queue.Queue()
 
     def work() -> None:
         while True:
-            fds = jobs.get()
+            release = jobs.get()
             try:
-                for fd in fds:
-                    os.close(fd)
+                release()
             finally:
                 jobs.task_done()
 
-    thread = threading.Thread(target=work, name="boxlite-syscheck-close", daemon=True)
+    thread = threading.Thread(target=work, name="boxlite-syscheck-release", daemon=True)
     try:
         thread.start()
     except RuntimeError:
         return None
-    # A forked child has no closer thread: it makes its own on first use.
-    os.register_at_fork(after_in_child=lambda: _CACHE.pop("closer", None))
+    # A forked child has no such thread: it makes its own on first use.
+    os.register_at_fork(after_in_child=lambda: _CACHE.pop("releaser", None))
     return jobs
 
 
 def _wait_for_closes() -> None:
-    """Wait until every descriptor handed to _close_later is closed."""
-    closer = _CACHE.get("closer")
-    if closer is not None:
-        closer.join()
+    """Wait until every VM handed to _release_later is released."""
+    releaser = _CACHE.get("releaser")
+    if releaser is not None:
+        releaser.join()
 
 
-def _probe_startup_ioctls(fd: int, names: Iterable[str]) -> dict[str, int]:
-    """The VM ioctls engines issue at start-up, on throwaway VMs: each 0 when
-    it worked, its errno, or -1 when it was not tried (the PIT needs the
-    irqchip).  KVM_CREATE_IRQCHIP and the split irqchip exclude each other,
-    so the latter gets a VM of its own."""
+# The start-up ioctls' arguments: the addresses QEMU and the rust-vmm
+# engines use (below 4 GiB), a PIT with flags 0, and struct kvm_enable_cap
+# for the split irqchip (cap, flags, args[0] = the IOAPIC pins it routes).
+_V_STARTUP = 8  # first value slot of the start-up ioctls' answers
+
+
+def _startup_args() -> dict[str, tuple[int, int, Any]]:
     import ctypes
 
-    wanted = [name for name in _STARTUP_STEPS if name in set(names)]
-    results: dict[str, int] = {}
-    vms: list[int] = []
     identity = ctypes.c_uint64(_IDENTITY_MAP_ADDR)
-    pit = (ctypes.c_uint8 * _SIZEOF_KVM_PIT_CONFIG)()  # flags 0
-    # struct kvm_enable_cap: cap (u32), flags (u32), args[4] (u64): args[0] is
-    # the number of IOAPIC pins the split irqchip routes.
+    pit = (ctypes.c_uint8 * _SIZEOF_KVM_PIT_CONFIG)()
     split = (ctypes.c_uint8 * _SIZEOF_KVM_ENABLE_CAP).from_buffer_copy(
         KVM_CAPS["SPLIT_IRQCHIP"].to_bytes(4, "little")
         + bytes(4)
         + (24).to_bytes(8, "little")
         + bytes(_SIZEOF_KVM_ENABLE_CAP - 16)
     )
-    calls = {
-        "KVM_SET_IDENTITY_MAP_ADDR": (KVM_SET_IDENTITY_MAP_ADDR, ctypes.addressof(identity)),
-        "KVM_SET_TSS_ADDR": (KVM_SET_TSS_ADDR, _TSS_ADDR),
-        "KVM_CREATE_IRQCHIP": (KVM_CREATE_IRQCHIP, 0),
-        "KVM_CREATE_PIT2": (KVM_CREATE_PIT2, ctypes.addressof(pit)),
-        "KVM_ENABLE_CAP(SPLIT_IRQCHIP)": (KVM_ENABLE_CAP, ctypes.addressof(split)),
+    return {  # name: (request, argument, what the argument points into)
+        "KVM_SET_IDENTITY_MAP_ADDR": (
+            KVM_SET_IDENTITY_MAP_ADDR,
+            ctypes.addressof(identity),
+            identity,
+        ),
+        "KVM_SET_TSS_ADDR": (KVM_SET_TSS_ADDR, _TSS_ADDR, None),
+        "KVM_CREATE_IRQCHIP": (KVM_CREATE_IRQCHIP, 0, None),
+        "KVM_CREATE_PIT2": (KVM_CREATE_PIT2, ctypes.addressof(pit), pit),
+        "KVM_ENABLE_CAP(SPLIT_IRQCHIP)": (KVM_ENABLE_CAP, ctypes.addressof(split), split),
     }
+
+
+def _probe_startup_ioctls(
+    fd: int, names: Iterable[str], backend: str | None = None
+) -> dict[str, int]:
+    """The VM ioctls engines issue at start-up, on throwaway VMs: each 0 when
+    it worked, its errno, or -1 when it was not tried (no VM, or the PIT
+    without the irqchip it needs).  KVM_CREATE_IRQCHIP and the split irqchip
+    exclude each other, so the latter gets a VM of its own.  An operation
+    array, so either backend keeps the VMs' descriptors in its state from
+    the moment the kernel returns them; they are released in the background."""
+    wanted = [name for name in _STARTUP_STEPS if name in set(names)]
+    if not wanted:
+        return {}
+    abi, runner, args = _abi(), _backend_for(backend), _cached("startup-args", _startup_args)
+    state, out = abi.State(), abi.Outcome()
+    state.fds[:] = [fd, -1, -1, -1]
+    release = runner.releaser(state)
+    plan = _Plan()
+    for index, name in enumerate(wanted):
+        slot = _VCPU if name == "KVM_ENABLE_CAP(SPLIT_IRQCHIP)" else _VM
+        if index == 0 or slot == _VCPU:
+            plan.ioctl(STEP_CREATE_VM, _KVM, KVM_CREATE_VM, 0, fd_out=slot)
+        request, arg, _ = args[name]
+        plan.ioctl(_STARTUP_STEPS[name], slot, request, arg, value=_V_STARTUP + index, soft=True)
+    ops, count = plan.build()
+    late: BaseException | None = None
     try:
-        for name in wanted:
-            if name == "KVM_CREATE_PIT2" and results.get("KVM_CREATE_IRQCHIP", 0) != 0:
-                results[name] = -1  # it needs the in-kernel irqchip
-                continue
-            if not vms or name == "KVM_ENABLE_CAP(SPLIT_IRQCHIP)":
-                vms.append(_ioctl(fd, KVM_CREATE_VM, 0))
-            request, arg = calls[name]
-            try:
-                _ioctl(vms[-1], request, arg)
-                results[name] = 0
-            except _SysError as err:
-                results[name] = err.errno or errno.EIO
-    except _SysError as err:  # KVM_CREATE_VM: the smoke test will say why
-        _log("debug", "start-up ioctls not tried: KVM_CREATE_VM %s", errno_name(err.errno or 0))
-        results.update({name: -1 for name in wanted if name not in results})
+        runner.execute(ops, count, state, out)
     finally:
-        _close_later(vms)
+        while True:  # as in _run_program: a caller's exception cannot leak the VMs
+            try:
+                _release_later(release)
+                break
+            except BaseException as err:
+                late = err
+        if late is not None:
+            raise late
+    if out.step >= 0:  # no VM: the smoke test will say why
+        return dict.fromkeys(wanted, -1)
+    results = {name: max(0, -int(out.values[_V_STARTUP + i])) for i, name in enumerate(wanted)}
+    if results.get("KVM_CREATE_IRQCHIP", 0) and "KVM_CREATE_PIT2" in results:
+        results["KVM_CREATE_PIT2"] = -1  # it needs the in-kernel irqchip
     return results
 
 
@@ -4935,6 +5047,12 @@ def _groups_finding(facts: Facts) -> Finding:
         "process_groups": list(ev.groups),
     }
     user = ev.user or f"uid {ev.euid}"
+    if ev.unmapped("gid"):
+        summary = (
+            f"the device's group is not mapped into this user namespace (it shows as {group}); "
+            "whether this process holds it cannot be seen from here"
+        )
+        return Finding("kvm.groups", INFO, summary, evidence)
     if ev.euid == 0 and not ev.in_userns:
         return Finding(
             "kvm.groups", INFO, "running as root: the device mode does not apply", evidence
@@ -5011,6 +5129,8 @@ def _context_finding(facts: Facts) -> Finding:
         parts.append(f"a user namespace (uid_map {(ev.userns or {}).get('uid_map') or 'empty'})")
     if ev.systemd_unit:
         parts.append(f"systemd unit {ev.systemd_unit}")
+    if _device_cgroup(ev):
+        parts.append(f"device cgroup {_cgroup_path(ev)}")
     if ev.wsl:
         parts.append(f"WSL {ev.wsl}")
     if ev.seccomp == "2":
@@ -5038,6 +5158,20 @@ def _context_finding(facts: Facts) -> Finding:
 # ── Probes: gather the facts for a platform ─────────────────────────────────
 
 
+class _closing_on_error:  # noqa: N801 - used as a statement, like contextlib.closing
+    """Close a device when the block raises (a caller's exception included)."""
+
+    def __init__(self, device: io.FileIO) -> None:
+        self.device = device
+
+    def __enter__(self) -> io.FileIO:
+        return self.device
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        if kind is not None:
+            self.device.close()
+
+
 class HypervisorProbe:
     """Platform-specific hypervisor checks.
 
@@ -5059,8 +5193,8 @@ class HypervisorProbe:
         timeout: float = DEFAULT_TIMEOUT,
         backend: str | None = None,
         engine: str | None = DEFAULT_ENGINE,
-    ) -> tuple[int | None, SmokeResult | None]:
-        """Validate the host; return (open device or None, smoke result or None)."""
+    ) -> tuple[io.FileIO | None, SmokeResult | None]:
+        """Validate the host; return (the open device or None, smoke result or None)."""
         _check_engine(engine)
         _check_timeout(timeout)
         facts = self.facts(engine, timeout)
@@ -5076,9 +5210,9 @@ class HypervisorProbe:
         engine: str | None = DEFAULT_ENGINE,
     ) -> None:
         """One-time validation; raises BoxliteError when the host is unusable."""
-        fd, _ = self.acquire(timeout, backend, engine)
-        if fd is not None:
-            os.close(fd)
+        device, _ = self.acquire(timeout, backend, engine)
+        if device is not None:
+            device.close()
 
     def gather(
         self, engine: str | None, timeout: float, backend: str | None, probe_hvf: bool = False
@@ -5148,7 +5282,7 @@ class KvmProbe(HypervisorProbe):
             return "aarch64"
         return "real-mode" if engine is None else "long-mode"
 
-    def _open(self, facts: Facts) -> int | None:
+    def _open(self, facts: Facts) -> io.FileIO | None:
         """Open the device as a VMM does; the errno goes into the facts."""
         try:
             return _open_device(self.path)
@@ -5164,38 +5298,35 @@ class KvmProbe(HypervisorProbe):
 
     def gate(
         self, engine: str | None, timeout: float, backend: str | None, facts: Facts | None = None
-    ) -> tuple[Facts, int | None, BoxliteError | None]:
+    ) -> tuple[Facts, io.FileIO | None, BoxliteError | None]:
         """The gate, stage by stage: (facts, the open device or None, the cause).
 
         It asks for a cause after each stage and stops at the first one; on
-        success the caller owns the descriptor.
+        success the caller owns the device.
         """
         _check_engine(engine)
         _check_timeout(timeout)
         facts = facts or self.facts(engine, timeout)
-        fd = self._open(facts)
-        if fd is None:
+        device = self._open(facts)
+        if device is None:
             return facts, None, self._cause(facts)
-        try:
+        with _closing_on_error(device):
+            fd = device.fileno()
+            error = None
             if engine is not None and _speaks_kvm(fd):
                 facts.speaks_kvm = True
                 facts.caps = _capability_values(fd, facts.engine_caps)
                 error = _diagnose(facts)
                 if error is None and facts.engine_ioctls:
-                    facts.ioctls = _probe_startup_ioctls(fd, facts.engine_ioctls)
+                    facts.ioctls = _probe_startup_ioctls(fd, facts.engine_ioctls, backend)
                     error = _diagnose(facts)
-                if error is not None:
-                    os.close(fd)
-                    return facts, None, error
-            self._run(facts, fd, backend)
-            error = _diagnose(facts)
-        except BaseException:
-            os.close(fd)
-            raise
-        if error is not None:
-            os.close(fd)
-            return facts, None, error
-        return facts, fd, None
+            if error is None:
+                self._run(facts, fd, backend)
+                error = _diagnose(facts)
+            if error is not None:
+                device.close()
+                return facts, None, error
+        return facts, device, None
 
     def _cause(self, facts: Facts) -> BoxliteError:
         error = _diagnose(facts)
@@ -5208,12 +5339,12 @@ class KvmProbe(HypervisorProbe):
         timeout: float = DEFAULT_TIMEOUT,
         backend: str | None = None,
         engine: str | None = DEFAULT_ENGINE,
-    ) -> tuple[int | None, SmokeResult | None]:
+    ) -> tuple[io.FileIO | None, SmokeResult | None]:
         """Open the device and prove what ``engine`` needs; the caller owns the
-        descriptor.  With an engine the guest is the long-mode one a real
+        open device (a file object: its ``fileno()`` is the descriptor).  With an engine the guest is the long-mode one a real
         kernel needs (and its speed); with ``engine=None`` the trivial one.
         """
-        facts, fd, error = self.gate(engine, timeout, backend)
+        facts, device, error = self.gate(engine, timeout, backend)
         if error is not None:
             raise error
         if facts.smoke is None:
@@ -5223,7 +5354,7 @@ class KvmProbe(HypervisorProbe):
                 self.machine,
                 self.path,
             )
-        return fd, facts.smoke
+        return device, facts.smoke
 
     def gather(
         self, engine: str | None, timeout: float, backend: str | None, probe_hvf: bool = False
@@ -5237,21 +5368,20 @@ class KvmProbe(HypervisorProbe):
         facts = self.facts(engine, timeout)
         durations = facts.durations
         start = time.perf_counter()
-        fd = self._open(facts)
-        if fd is None:
+        device = self._open(facts)
+        if device is None:
             return facts
-        try:
+        with device:
+            fd = device.fileno()
             facts.speaks_kvm = _speaks_kvm(fd)
             if facts.speaks_kvm:
                 facts.caps = _capability_values(fd, _all_caps(self.arch))
                 durations["kvm.capabilities"] = time.perf_counter() - start
                 if engine is not None and self.arch == "x86_64":
-                    facts.ioctls = _probe_startup_ioctls(fd, _STARTUP_STEPS)
+                    facts.ioctls = _probe_startup_ioctls(fd, _STARTUP_STEPS, backend)
             start = time.perf_counter()
             self._run(facts, fd, backend)
             durations["kvm.smoke"] = time.perf_counter() - start
-        finally:
-            os.close(fd)
         return facts
 
     def findings(self, facts: Facts, error: BoxliteError | None) -> list[Finding]:
@@ -5292,9 +5422,9 @@ class KvmProbe(HypervisorProbe):
         facts = self.facts(engine, timeout)
         facts.message = str(error)
         facts.decoded = decode_engine_message(facts.message)
-        facts, fd, precise = self.gate(engine, timeout, None, facts)
-        if fd is not None:
-            os.close(fd)
+        facts, device, precise = self.gate(engine, timeout, None, facts)
+        if device is not None:
+            device.close()
         if precise is None:
             return error
         if precise is not error:
@@ -5506,8 +5636,10 @@ class SystemCheck:
     close-on-exec) until ``close()`` or the end of a ``with`` block.
     """
 
-    def __init__(self, fd: int | None, smoke: SmokeResult | None, probe: HypervisorProbe) -> None:
-        self._fd = fd
+    def __init__(
+        self, device: io.FileIO | None, smoke: SmokeResult | None, probe: HypervisorProbe
+    ) -> None:
+        self._device = device
         self.smoke = smoke
         self.probe = probe
 
@@ -5530,10 +5662,10 @@ class SystemCheck:
         raises InternalError, never a verdict.
         """
         try:
-            fd, smoke = _PROBE.acquire(timeout, backend, engine)
+            device, smoke = _PROBE.acquire(timeout, backend, engine)
         except Exception as err:
             raise _as_checker_fault(err) from None
-        return cls(fd, smoke, _PROBE)
+        return cls(device, smoke, _PROBE)
 
     @property
     def smoke_tested(self) -> bool:
@@ -5542,27 +5674,24 @@ class SystemCheck:
 
     def fileno(self) -> int:
         """The open /dev/kvm descriptor; raises ValueError when there is none."""
-        if self._fd is None:
+        if self._device is None or self._device.closed:
             raise ValueError("no KVM descriptor (closed, or not Linux)")
-        return self._fd
+        return self._device.fileno()
 
     def close(self) -> None:
         """Release the descriptor; safe to call more than once."""
-        fd, self._fd = self._fd, None
-        if fd is not None:
-            os.close(fd)
+        if self._device is not None:
+            self._device.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._fd is None else f"fd {self._fd}"
+        device = self._device
+        state = "closed" if device is None or device.closed else f"fd {device.fileno()}"
         return f"<SystemCheck {self.describe()}; {state}>"
 
     def __enter__(self) -> SystemCheck:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
         self.close()
 
     def describe(self) -> str:
@@ -5884,9 +6013,21 @@ def _parser(prog: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check from the command line; return the exit code."""
+    prog = _prog()
+    try:
+        return _main(prog, argv)
+    except Exception as err:  # the checker's own failure is never a verdict
+        if isinstance(err, InternalError):
+            what = f"{err.summary}; fix: {err.fix}"
+        else:
+            what = f"{type(err).__name__}: {err}; this says nothing about the host"
+        print(f"{prog}: the checker failed: {what}", file=sys.stderr)
+        return EXIT_CHECKER_FAILED
+
+
+def _main(prog: str, argv: Sequence[str] | None) -> int:
     import time
 
-    prog = _prog()
     parser = _parser(prog)
     try:
         args = parser.parse_args(argv)
@@ -5905,17 +6046,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.probe_hvf and not isinstance(_PROBE, HvfProbe):
         print(f"{prog}: note: --probe-hvf applies to macOS only; ignored here", file=sys.stderr)
     started = time.perf_counter()
-    try:
-        engine = None if args.engine == "none" else args.engine
-        report = check(
-            timeout=args.timeout, backend=args.backend, probe_hvf=args.probe_hvf, engine=engine
-        )
-    except Exception as err:  # the checker's own failure is never a verdict
-        if isinstance(err, InternalError):
-            print(f"{prog}: the checker failed: {err.summary}; fix: {err.fix}", file=sys.stderr)
-        else:
-            print(f"{prog}: the checker failed: {type(err).__name__}: {err}", file=sys.stderr)
-        return EXIT_CHECKER_FAILED
+    engine = None if args.engine == "none" else args.engine
+    report = check(
+        timeout=args.timeout, backend=args.backend, probe_hvf=args.probe_hvf, engine=engine
+    )
     duration_s = time.perf_counter() - started
     verdict = report.verdict
     failed = verdict == NOT_USABLE or (args.strict and verdict == USABLE_WITH_WARNINGS)

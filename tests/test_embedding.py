@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -388,3 +389,135 @@ def test_with_no_timer_and_no_thread_the_run_is_unbounded_and_said(kvm_fd, mocke
 
 def test_the_watchdog_signal_is_sigstkflt():
     assert b._watchdog_signal() == signal.SIGSTKFLT  # named in the signal module from 3.11
+
+
+# ── A caller's exception is never the device's answer ───────────────────────
+
+
+class Caller(TimeoutError):
+    """What a caller's signal handler raises: an OSError without an errno."""
+
+
+@pytest.mark.parametrize("seam", ["_open_device", "_stat", "_read_text", "_exists"])
+def test_a_callers_exception_in_any_read_is_the_callers(mocker, seam):
+    """The node is missing, so the diagnosis reads the node, /proc and /sys:
+    the caller's exception, raised in any of those calls, comes back as it was."""
+    mine = Caller("the caller's deadline")
+    probe = b.KvmProbe("x86_64", path="/dev/kvm-absent")
+    mocker.patch.object(b, seam, side_effect=mine)
+    with pytest.raises(Caller) as caught:
+        probe.acquire(engine=None)
+    assert caught.value is mine
+
+
+def test_a_callers_exception_while_reading_the_acl_is_the_callers(mocker):
+    mine = Caller("the caller's deadline")
+    mocker.patch.object(b, "_open_device", side_effect=PermissionError(13, "denied"))
+    mocker.patch.object(b, "_getxattr", side_effect=mine)
+    with pytest.raises(Caller) as caught:
+        b.KvmProbe("x86_64").acquire(engine=None)
+    assert caught.value is mine
+
+
+@needs_kvm
+@pytest.mark.parametrize(
+    ("backend", "call"),
+    # The native backend's ioctls run in C: the stress test below covers them.
+    [("native", "mmap"), ("python", "mmap"), ("python", "ioctl")],
+)
+def test_a_callers_exception_in_mmap_or_an_ioctl_is_the_callers(kvm_fd, backend, mocker, call):
+    mine = Caller("the caller's deadline")
+    before = sorted(os.listdir("/proc/self/fd"))
+    if call == "mmap":
+        mocker.patch("mmap.mmap", side_effect=mine)
+    else:
+        mocker.patch.object(b, "_ioctl", side_effect=mine)
+    with pytest.raises(Caller) as caught:
+        b.smoke_test(kvm_fd, backend=backend)
+    assert caught.value is mine
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+STRESS_SCRIPT = r"""
+import collections, json, os, random, signal, sys
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+
+
+class Mine(TimeoutError):
+    pass
+
+
+def handler(signo, frame):
+    raise Mine("the caller's deadline")
+
+
+backend, count = sys.argv[2], int(sys.argv[3])
+probes = {"device": b.KvmProbe("x86_64"), "missing": b.KvmProbe("x86_64", path="/dev/kvm-absent")}
+b.SystemCheck.run(engine=None, backend=backend).close()  # warm
+signal.signal(signal.SIGALRM, handler)
+before = sorted(os.listdir("/proc/self/fd"))
+seen, wrong = collections.Counter(), []
+for i in range(count):
+    name = "device" if i % 2 else "missing"
+    try:
+        try:  # a one-shot timer somewhere inside the check
+            signal.setitimer(signal.ITIMER_REAL, random.uniform(1e-6, 2e-3 if i % 2 else 1e-3))
+            device, smoke = probes[name].acquire(engine=None, backend=backend)
+            device.close()
+            seen[name + " passed"] += 1
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    except Mine:
+        seen[name + " the caller's"] += 1
+    except b.BoxliteError as err:
+        seen[f"{name} {err.cause}"] += 1
+        if name == "device" or not err.cause.startswith(("kvm-no-", "kvm-node", "kvm-module")):
+            wrong.append(f"{name}: {type(err).__name__} {err.cause}: {err.summary}")
+    except BaseException as err:
+        wrong.append(f"{name}: {type(err).__name__}: {err}")
+signal.signal(signal.SIGALRM, signal.SIG_DFL)
+after = sorted(os.listdir("/proc/self/fd"))
+print(json.dumps({"seen": seen, "wrong": wrong, "fds": [len(before), len(after)]}))
+"""
+
+
+@needs_kvm
+def test_a_callers_exception_at_any_moment_is_the_callers_and_leaks_nothing(backend, run_json):
+    """A timer of the caller's fires anywhere in the check (open, the
+    evidence reads, the ioctls, mmap, the guest run, the release): its
+    exception reaches the caller unchanged, no verdict is made of it, and
+    no descriptor or mapping is left behind."""
+    out = run_json(STRESS_SCRIPT, backend, "3000", timeout=240)
+    assert out["wrong"] == [], out
+    assert out["fds"][0] == out["fds"][1], out
+    caught = sum(n for what, n in out["seen"].items() if what.endswith("the caller's"))
+    assert caught > 1000, out  # the timer really landed inside the check
+
+
+@needs_kvm
+@pytest.mark.parametrize(("mib", "code"), [(16, 3), (24, 0)])
+def test_the_checkers_own_memory_error_exits_3(tmp_path, mib, code):
+    """Under a small address-space limit the checker itself fails: exit 3,
+    one line on stderr, never "not usable".  With its bytecode cached (as
+    `make` leaves it), 24 MiB is enough to check the device."""
+    for name in ("boxlite_syscheck.py", "libkvmsmoke.so"):
+        shutil.copy(ROOT / name, tmp_path)
+    subprocess.run(
+        [sys.executable, "-m", "py_compile", str(tmp_path / "boxlite_syscheck.py")], check=True
+    )
+    command = [
+        "prlimit",
+        f"--as={mib << 20}",
+        "/usr/bin/python3",
+        "-m",
+        "boxlite_syscheck",
+        "--engine",
+        "none",
+        "-q",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stdout + done.stderr
+    if code == 3:
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert "the checker failed" in done.stderr and "says nothing about the host" in done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import io
 import os
 
 import pytest
@@ -310,8 +311,9 @@ def _smoke_result(**fields):
 
 
 def test_smoke_failure_closes_the_descriptor(mocker):
-    fd = os.open("/dev/null", os.O_RDONLY)
-    mocker.patch.object(b, "_open_device", return_value=fd)
+    device = io.FileIO("/dev/null", "r")
+    fd = device.fileno()
+    mocker.patch.object(b, "_open_device", return_value=device)
     mocker.patch.object(
         b, "smoke_test", return_value=_smoke_result(exit_reason=b.KVM_EXIT_SHUTDOWN)
     )
@@ -323,8 +325,9 @@ def test_smoke_failure_closes_the_descriptor(mocker):
 
 
 def test_system_check_holds_and_releases_the_descriptor(mocker):
-    fd = os.open("/dev/null", os.O_RDONLY)
-    mocker.patch.object(b, "_open_device", return_value=fd)
+    device = io.FileIO("/dev/null", "r")
+    fd = device.fileno()
+    mocker.patch.object(b, "_open_device", return_value=device)
     mocker.patch.object(b, "_speaks_kvm", return_value=False)  # no capability check
     ok = _smoke_result(exit_reason=b.KVM_EXIT_HLT, proof=b.PROOF_VALUE)
     mocker.patch.object(b, "smoke_test", return_value=ok)
@@ -339,8 +342,8 @@ def test_system_check_holds_and_releases_the_descriptor(mocker):
 
 
 def test_architecture_without_smoke_test_passes_on_open_but_says_so(mocker):
-    fd = os.open("/dev/null", os.O_RDONLY)
-    mocker.patch.object(b, "_open_device", return_value=fd)
+    device = io.FileIO("/dev/null", "r")
+    mocker.patch.object(b, "_open_device", return_value=device)
     mocker.patch.object(b, "_speaks_kvm", return_value=True)
     mocker.patch.object(
         b, "_capability_values", side_effect=lambda fd, names: dict.fromkeys(names, 1)
