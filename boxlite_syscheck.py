@@ -3309,6 +3309,8 @@ class Facts:
         self.entitled: bool | None = None
         #: The engine's error message, for diagnose_create_failure.
         self.message: str | None = None
+        #: Whether every stage of the gate ran (the last question asked).
+        self.complete = False
         self.decoded: list[str] = []
         #: The deep boot's result, when one ran.
         self.deep: Any = None
@@ -4529,7 +4531,7 @@ RULES: tuple[tuple[str, Callable[[Facts], bool]], ...] = (
     ("msr-refused", _msr_refused),
     ("msr-arch-capabilities-refused", _qemu_arch_msr),
     # An engine's error on a host that passes
-    ("engine-error-decoded", lambda f: f.platform == "linux" and bool(f.decoded)),
+    ("engine-error-decoded", lambda f: f.complete and f.platform == "linux" and bool(f.decoded)),
 )
 
 
@@ -4799,9 +4801,65 @@ def _cap_from_rust_name(word: str) -> str | None:
     return name if name in KVM_CAPS else None
 
 
+# What BoxLite and libkrun write when a VM dies, and what each means.
+_ENGINE_LINES = (
+    (r"KVM_EXIT_([A-Z_]+)", "the engine's vCPU stopped with KVM_EXIT_{0}"),
+    (
+        r"kvm-pvm: ([A-Z_]+) in batch emul: rip=(0x[0-9a-f]+)",
+        "kvm_pvm's instruction emulator failed ({0}) at guest RIP {1}",
+    ),
+    (r"KVM is not available on this host", "BoxLite's own check found no usable /dev/kvm"),
+    (r"KVM is available but access is denied", "BoxLite's own check was refused /dev/kvm"),
+)
+# BoxLite's display prefixes, and the SDK code of each (0.9 raised them all
+# as RuntimeError; a PanicException carries one inside its text).
+_SDK_PREFIXES = {cls.prefix: cls.code for cls in BoxliteError.__subclasses__() if cls.code}
+# Codes of failures that are not the host's: the original comes back.
+_NOT_HOST_CODES = frozenset(
+    "storage_error image_pull_failed config_error network_unavailable database_error "
+    "metadata_error not_found already_exists invalid_state invalid_argument execution_failed "
+    "stopped session_reaped upstream_unavailable".split()
+)
+# Words that tie an error's text to KVM, the VM or the hypervisor.
+_HOST_WORDS = (
+    r"\bkvm\b|/dev/kvm|KVM_|hypervisor|\bHV_[A-Z]+|hv_vm_create|virtuali[sz]ation|VM failed to "
+    r"start|VmCreate|VmBoot|KvmNew|krun_start_enter|Capability missing|vcpu"
+)
+
+
+def _sdk_code(error: BaseException) -> str | None:
+    """The SDK's code for an error: its own ``code``, or the code of the
+    BoxLite display prefix its text starts a line with (0.9, panics)."""
+    import re
+
+    code = getattr(error, "code", None)
+    if isinstance(code, str):
+        return code
+    for line in str(error).splitlines():
+        for prefix, known in _SDK_PREFIXES.items():
+            if re.match(re.escape(prefix), line.strip()):
+                return known
+    return None
+
+
+def _host_fault(error: BaseException) -> bool:
+    """Whether an engine's error is about the host (KVM, the device, the VM
+    start, the hypervisor) rather than images, storage, configuration,
+    networking, the database or the guest agent."""
+    import re
+
+    if isinstance(error, BoxliteError) and error.cause:  # ours: its cause says
+        return _layer(error) not in (None, "checker")
+    code = _sdk_code(error)
+    if code in _NOT_HOST_CODES or type(error).__name__ == "TimeoutError":
+        return False
+    return code == "engine_unavailable" or bool(re.search(_HOST_WORDS, str(error), re.I))
+
+
 def decode_engine_message(message: str) -> list[str]:
-    """Name the capability numbers, capability names and errno values in an
-    engine's error message: ["KVM_CAP_IOEVENTFD (36) is missing", ...]."""
+    """Name the capability numbers, capability names, errno values and exits
+    in an engine's error message or log: ["KVM_CAP_IOEVENTFD (36) is
+    missing", "errno 13 is EACCES (Permission denied)", ...]."""
     import re
 
     found: list[str] = []
@@ -4827,6 +4885,11 @@ def decode_engine_message(message: str) -> list[str]:
             value = int(number)
             text = f"errno {value} is {errno_name(value)}"
             if value in errno.errorcode and text not in found:
+                found.append(text)
+    for pattern, meaning in _ENGINE_LINES:
+        for match in re.finditer(pattern, message):
+            text = meaning.format(*match.groups())
+            if text not in found:
                 found.append(text)
     return found
 
@@ -5231,9 +5294,31 @@ class HypervisorProbe:
         error: BaseException,
         engine: str | None = DEFAULT_ENGINE,
         timeout: float = DEFAULT_TIMEOUT,
+        log: str = "",
     ) -> BaseException:
-        """Refine an engine's VM-creation error; where nothing is known, keep it."""
-        return error
+        """The precise cause of an engine's failure to create or start a VM.
+
+        The error is read first: one that is not the host's (an image, the
+        storage, the configuration, the network, the guest agent) comes back
+        unchanged.  For a host fault the host is checked again for that
+        engine, with the engine's message (and ``log``, its log lines)
+        decoded: a cause found comes back with the engine's error as
+        ``__cause__``; otherwise the original comes back.
+        """
+        if not _host_fault(error):
+            return error
+        _check_engine(engine)
+        facts = self.facts(engine, timeout)
+        facts.message = "\n".join(part for part in (str(error), log) if part)
+        facts.decoded = decode_engine_message(facts.message)
+        precise = self._refine(facts, error)
+        if precise is None:
+            return error
+        precise.__cause__ = error
+        return precise
+
+    def _refine(self, facts: Facts, error: BaseException) -> BoxliteError | None:
+        return _diagnose(facts)
 
 
 class UnsupportedPlatformProbe(HypervisorProbe):
@@ -5322,6 +5407,7 @@ class KvmProbe(HypervisorProbe):
                     error = _diagnose(facts)
             if error is None:
                 self._run(facts, fd, backend)
+                facts.complete = True
                 error = _diagnose(facts)
             if error is not None:
                 device.close()
@@ -5404,31 +5490,12 @@ class KvmProbe(HypervisorProbe):
         found.append(_context_finding(facts))
         return found
 
-    def diagnose_create_failure(
-        self,
-        error: BaseException,
-        engine: str | None = DEFAULT_ENGINE,
-        timeout: float = DEFAULT_TIMEOUT,
-    ) -> BaseException:
-        """Refine the error an engine returned when it could not create or run a VM.
-
-        The host is checked again, for that engine: when the check fails now,
-        its error (the group, the emulation, a missing capability...) is the
-        precise one.  Otherwise the engine's message is decoded (capability
-        numbers and names, errno values) into an EngineError that says what
-        they mean; an error with nothing to decode is returned unchanged.
-        Never raises for a host problem.
-        """
-        facts = self.facts(engine, timeout)
-        facts.message = str(error)
-        facts.decoded = decode_engine_message(facts.message)
-        facts, device, precise = self.gate(engine, timeout, None, facts)
+    def _refine(self, facts: Facts, error: BaseException) -> BoxliteError | None:
+        """The gate again for the facts' engine; on a host that passes, the
+        engine's message decoded (engine-error-decoded), or nothing."""
+        facts, device, precise = self.gate(facts.engine, facts.timeout, None, facts)
         if device is not None:
             device.close()
-        if precise is None:
-            return error
-        if precise is not error:
-            precise.__cause__ = error
         return precise
 
 
@@ -5513,50 +5580,30 @@ class HvfProbe(HypervisorProbe):
                 )
         return found
 
-    def diagnose_create_failure(
-        self,
-        error: BaseException,
-        engine: str | None = DEFAULT_ENGINE,
-        timeout: float = DEFAULT_TIMEOUT,
-    ) -> BaseException:
-        """Refine an engine's VM-creation error.
-
-        An engine runs Hypervisor.framework in its own signed helper, so a
+    def _refine(self, facts: Facts, error: BaseException) -> BoxliteError | None:
+        """An engine runs Hypervisor.framework in its own signed helper, so a
         probe from this process proves something only when this process is
         entitled too: then hv_vm_create() is reproduced here.  Otherwise the
         engine's own hv_return_t is decoded from its message and host facts
-        are reported, without claiming the engine's cause.
-        """
-        facts = self.facts(engine, timeout)
-        facts.message = str(error)
+        are reported, without claiming the engine's cause."""
         facts.entitled = _hv_entitlement()
-        if facts.entitled:
-            probed = self._probe()
-            if isinstance(probed, str):
-                _log("debug", "HVF diagnostic unavailable: %s", probed)
-                return error
-            code = probed[0]
-            if code not in (HV_SUCCESS, HV_BUSY):
-                _log(
-                    "error",
-                    "HVF diagnostic: hv_vm_create returned %s (%#x)",
-                    HV_RETURN_NAMES.get(code, "?"),
-                    code,
-                )
-            else:
-                _log(
-                    "debug",
-                    "HVF diagnostic: hv_vm_create answered %#x; the failure is elsewhere",
-                    code,
-                )
-            facts.hv = (code, "process")
+        if not facts.entitled:
+            facts.hv = _hv_code_in(facts.message or "")
+            return _diagnose(facts)
+        probed = self._probe()
+        if isinstance(probed, str):
+            _log("debug", "HVF diagnostic unavailable: %s", probed)
+            return None
+        code = probed[0]
+        name = HV_RETURN_NAMES.get(code, "an unlisted code")
+        if code in (HV_SUCCESS, HV_BUSY):
+            _log(
+                "debug", "HVF diagnostic: hv_vm_create answered %s; the failure is elsewhere", name
+            )
         else:
-            facts.hv = _hv_code_in(facts.message)
-        precise = _diagnose(facts)
-        if precise is None:
-            return error
-        precise.__cause__ = error
-        return precise
+            _log("error", "HVF diagnostic: hv_vm_create returned %s (%#x)", name, code)
+        facts.hv = (code, "process")
+        return _diagnose(facts)
 
 
 def _hv_code_in(message: str) -> tuple[int, str] | None:
@@ -5720,16 +5767,22 @@ def diagnose_create_failure(
     *,
     engine: str | None = DEFAULT_ENGINE,
     timeout: float = DEFAULT_TIMEOUT,
+    log: str = "",
 ) -> BaseException:
     """The precise cause of an engine's failure to create or start a VM.
 
-    Give it what the engine raised (BoxLite's SDK errors, a RuntimeError,
-    even pyo3's PanicException).  A host cause comes back as one of our
-    errors with the engine's chained as ``__cause__``; otherwise the
-    original comes back unchanged.  Never raises for a host problem.
+    Give it what the engine raised: BoxLite's SDK errors, 0.9's RuntimeError,
+    even pyo3's PanicException (a BaseException), or one of ours; ``log``
+    may add the engine's log lines (the shim's stderr, boxlite.log).  An
+    error that is not the host's comes back unchanged, as BoxLite's own
+    contract says.  For a host fault the host is checked again for
+    ``engine``: the precise cause comes back as one of our errors (whose
+    ``code`` is the SDK's code for its class) with the engine's error as
+    ``__cause__``; when the host passes and the message decodes to nothing,
+    the original comes back.  Never raises for a host problem.
     """
     try:
-        return _PROBE.diagnose_create_failure(error, engine, timeout)
+        return _PROBE.diagnose_create_failure(error, engine, timeout, log)
     except Exception as err:
         raise _as_checker_fault(err) from None
 

@@ -45,8 +45,12 @@ def test_unsupported_platform(mocker):
     report = b.check()
     assert report.verdict == "not-usable"
     assert report.findings[0].status == "fail"
+    # An engine's failure there is the platform's: said so, the engine's error chained.
     original = b.EngineError("x")
-    assert probe.diagnose_create_failure(original) is original
+    precise = probe.diagnose_create_failure(original)
+    assert precise.cause == "platform-unsupported" and precise.__cause__ is original
+    storage = b.StorageError("no space")
+    assert probe.diagnose_create_failure(storage) is storage  # not the host's
 
 
 def test_import_touches_nothing():
