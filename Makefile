@@ -27,7 +27,7 @@ libkvmsmoke.so: kvm_smoke.c
 $(VENV)/.ready: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet "pytest>=7" "pytest-mock>=3.10" "prometheus_client>=0.17" build
+	$(VENV)/bin/pip install --quiet "pytest>=7" "pytest-mock>=3.10" "prometheus_client>=0.17" "jsonschema>=4.18" build
 	touch $@
 
 test: all $(VENV)/.ready

@@ -3266,6 +3266,9 @@ _GATHER: dict[str, Callable[[Evidence], Any]] = {
 # ── Facts: what the probes answered, with the evidence ──────────────────────
 
 
+_NOT_PINNED = object()
+
+
 class Facts:
     """Everything the diagnosis reads, as one value.
 
@@ -3320,11 +3323,16 @@ class Facts:
         self.durations: dict[str, float] = {}
         #: macOS: what hv_vm_create answered when the report asked for it.
         self.probe_hvf: tuple[int, int | None] | str | None = None
+        self._pinned: object = _NOT_PINNED
+
+    def copy(self) -> Facts:
+        """A shallow copy: the stages' values are shared, never changed."""
+        other = Facts.__new__(Facts)
+        other.__dict__.update(self.__dict__)
+        return other
 
     def for_engine(self, engine: str | None) -> Facts:
-        import copy
-
-        other = copy.copy(self)
+        other = self.copy()
         other.engine = engine
         return other
 
@@ -3353,6 +3361,17 @@ class Facts:
         """(step, errno) of the first OS call that failed, in the order the
         gate makes them: open, the engine's capabilities, its start-up
         ioctls, the guest's steps.  None when none failed."""
+        pinned = self._pinned
+        return self._first_failure() if pinned is _NOT_PINNED else pinned  # type: ignore[return-value]
+
+    def pin(self) -> None:
+        """Keep ``failure`` as it is now while the rules read it (see _diagnose)."""
+        self._pinned = self._first_failure()
+
+    def unpin(self) -> None:
+        self._pinned = _NOT_PINNED
+
+    def _first_failure(self) -> tuple[int, int] | None:
         if self.open_errno is not None:
             return STEP_OPEN, self.open_errno
         caps = self.caps or {}
@@ -4537,10 +4556,14 @@ RULES: tuple[tuple[str, Callable[[Facts], bool]], ...] = (
 
 def _diagnose(facts: Facts) -> BoxliteError | None:
     """The one door to a cause: the first rule of RULES that holds, rendered."""
-    for key, holds in RULES:
-        if holds(facts):
-            return _render(key, facts)
-    return None
+    facts.pin()  # the rules read the first failure many times: find it once
+    try:
+        for key, holds in RULES:
+            if holds(facts):
+                return _render(key, facts)
+        return None
+    finally:
+        facts.unpin()
 
 
 def _render(key: str, facts: Facts) -> BoxliteError:
@@ -4571,19 +4594,25 @@ def _worded(key: str, cause: _Cause, values: _Values) -> BoxliteError:
 def _diagnose_staged(facts: Facts) -> BoxliteError | None:
     """What the gate would say of these facts: it asks after each stage
     (open, capabilities, start-up ioctls, guest, deep boot) and stops at the
-    first cause, so a report that gathered everything says the same."""
-    import copy
-
-    later = ("caps", "ioctls", "smoke", "deep")
-    partial = copy.copy(facts)
-    for name in later:
+    first cause, so a report that gathered everything says the same.  A
+    stage without facts changes nothing, so it is not asked about again."""
+    stages = ("caps", "ioctls", "smoke", "deep")
+    partial = facts.copy()
+    for name in stages:
         setattr(partial, name, None)
-    for name in later:
-        error = _diagnose(partial)
+    partial.complete = False  # the last question: asked once every stage has answered
+    error = _diagnose(partial)
+    for name in stages:
         if error is not None:
             return error
-        setattr(partial, name, getattr(facts, name))
-    return _diagnose(partial)
+        value = getattr(facts, name)
+        if value is not None:
+            setattr(partial, name, value)
+            error = _diagnose(partial)
+    if error is None and facts.complete:
+        partial.complete = True
+        error = _diagnose(partial)
+    return error
 
 
 def _layer(error: BoxliteError | None) -> str | None:
@@ -4624,17 +4653,89 @@ def _capability_values(fd: int, names: Iterable[str]) -> dict[str, int]:
     return values
 
 
-def _release_later(release: Callable[[], None]) -> None:
-    """Release a throwaway VM's descriptors in a thread: tearing down a VM
-    with an in-kernel irqchip and PIT takes tens of milliseconds, which the
-    check need not wait for.  They are released all the same (see
-    _wait_for_closes).  One thread serves the process; where none can be
-    had, release now."""
+def _release_later(release: Callable[[], None], fds: Sequence[int] = ()) -> None:
+    """Release a throwaway VM's descriptors (``fds``) in the background:
+    tearing down a VM with an in-kernel irqchip and PIT takes tens of
+    milliseconds, which the check need not wait for.  In a program, one
+    thread releases them (see _wait_for_closes); the command line keeps them
+    for a helper process at exit (see _hand_off_at_exit).  Where neither can
+    be had, they are released now."""
+    held = _CACHE.get("held-for-exit")
+    if held is not None:
+        held.append((release, tuple(fds)))
+        return
     releaser = _cached("releaser", _start_releaser)
     if releaser is None:
         release()
         return
     releaser.put(release)
+
+
+def _hold_for_exit() -> None:
+    """From now on, keep throwaway VMs for _hand_off_at_exit (the CLI)."""
+    _CACHE.setdefault("held-for-exit", [])
+
+
+def _hand_off_at_exit() -> None:
+    """Release the VMs kept by _hold_for_exit, without waiting for their
+    teardown: a helper process (forked twice, so nothing waits for it)
+    takes its own copies of their descriptors, this process drops its
+    references, and then the helper's exit is the last release and bears the
+    teardown after this process is gone.  Without a helper (fork refused, or
+    threads running) they are released here, paying the teardown."""
+    held = _CACHE.pop("held-for-exit", None) or []
+    if not held:
+        return
+    fds = sorted({fd for _, owned in held for fd in owned if fd >= 0})
+    done = _spawn_holder(fds) if fds else None
+    for release, _ in held:
+        release()
+    if done is not None:
+        os.close(done)  # the helper reads end-of-file: its references are the last
+
+
+def _spawn_holder(fds: Sequence[int]) -> int | None:
+    """A detached process holding ``fds`` until the returned pipe end closes."""
+    threading = sys.modules.get("threading")
+    if threading is not None and threading.active_count() > 1:
+        return None  # forking a threaded process is not safe
+    try:
+        wait_end, done = os.pipe2(os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(wait_end)
+        os.close(done)
+        return None
+    if pid == 0:  # the intermediate child: fork the holder and go
+        try:
+            if os.fork() == 0:
+                keep = {wait_end, *fds}
+                for fd in _open_fds():  # standard streams first: no reader waits for us
+                    if fd not in keep:
+                        try:
+                            os.close(fd)
+                        except OSError:
+                            pass  # the listing's own descriptor, already gone
+                os.read(wait_end, 1)
+        finally:
+            os._exit(0)
+    os.close(wait_end)
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass
+    return done
+
+
+def _open_fds() -> list[int]:
+    """This process's open descriptors."""
+    try:
+        return [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        return list(range(3))
 
 
 def _start_releaser() -> Any:
@@ -4729,7 +4830,7 @@ def _probe_startup_ioctls(
     finally:
         while True:  # as in _run_program: a caller's exception cannot leak the VMs
             try:
-                _release_later(release)
+                _release_later(release, [int(fd) for fd in state.fds[1:]])
                 break
             except BaseException as err:
                 late = err
@@ -4747,6 +4848,12 @@ def _probe_startup_ioctls(
 WOULD_RUN = "would run"
 WOULD_FAIL_GUEST = "would start but its guest would fail"
 WOULD_NOT_START = "would not start"
+#: Each verdict as an identifier (the JSON's "state", the metrics' label).
+ENGINE_STATES = {
+    WOULD_RUN: "would-run",
+    WOULD_FAIL_GUEST: "would-fail-guest",
+    WOULD_NOT_START: "would-not-start",
+}
 
 
 def _verdict(facts: Facts, error: BoxliteError | None) -> dict[str, object]:
@@ -4768,6 +4875,7 @@ def _verdict(facts: Facts, error: BoxliteError | None) -> dict[str, object]:
         verdict, why = WOULD_NOT_START, error.summary
     return {
         "verdict": verdict,
+        "state": ENGINE_STATES[verdict],
         "why": why or None,
         "cause": error.cause if error is not None else None,
         "missing_capabilities": [{"name": n, "number": KVM_CAPS[n]} for n in missing],
@@ -5402,13 +5510,16 @@ class KvmProbe(HypervisorProbe):
                 facts.speaks_kvm = True
                 facts.caps = _capability_values(fd, facts.engine_caps)
                 error = _diagnose(facts)
-                if error is None and facts.engine_ioctls:
-                    facts.ioctls = _probe_startup_ioctls(fd, facts.engine_ioctls, backend)
-                    error = _diagnose(facts)
             if error is None:
+                # The guest runs before the start-up ioctls: their VMs (with
+                # an irqchip) take the longest to tear down, so they go last
+                # and nothing waits behind their release.  The order of the
+                # causes is kept by asking stage by stage.
                 self._run(facts, fd, backend)
+                if facts.engine_ioctls:
+                    facts.ioctls = _probe_startup_ioctls(fd, facts.engine_ioctls, backend)
                 facts.complete = True
-                error = _diagnose(facts)
+                error = _diagnose_staged(facts)
             if error is not None:
                 device.close()
                 return facts, None, error
@@ -5463,11 +5574,11 @@ class KvmProbe(HypervisorProbe):
             if facts.speaks_kvm:
                 facts.caps = _capability_values(fd, _all_caps(self.arch))
                 durations["kvm.capabilities"] = time.perf_counter() - start
-                if engine is not None and self.arch == "x86_64":
-                    facts.ioctls = _probe_startup_ioctls(fd, _STARTUP_STEPS, backend)
             start = time.perf_counter()
             self._run(facts, fd, backend)
             durations["kvm.smoke"] = time.perf_counter() - start
+            if facts.speaks_kvm and engine is not None and self.arch == "x86_64":
+                facts.ioctls = _probe_startup_ioctls(fd, _STARTUP_STEPS, backend)
         return facts
 
     def findings(self, facts: Facts, error: BoxliteError | None) -> list[Finding]:
@@ -5788,18 +5899,33 @@ def diagnose_create_failure(
 
 
 USABLE, USABLE_WITH_WARNINGS, NOT_USABLE = "usable", "usable-with-warnings", "not-usable"
-SCHEMA_VERSION = 2
+VERDICTS = (USABLE, USABLE_WITH_WARNINGS, NOT_USABLE)
+#: The JSON document's version: a field added keeps it; a field removed,
+#: renamed or given another meaning or type bumps it (see the README).
+SCHEMA_VERSION = 3
 
 
 class Report:
-    """The result of ``check()``: verdict, the error, findings and host facts."""
+    """The result of ``check()``: verdict, the error, findings and host facts.
+
+    ``started`` is the Unix time the check began, ``duration_s`` how long
+    it took.
+    """
 
     def __init__(
-        self, findings: list[Finding], error: BoxliteError | None, host: dict[str, object]
+        self,
+        findings: list[Finding],
+        error: BoxliteError | None,
+        host: dict[str, object],
+        *,
+        started: float = 0.0,
+        duration_s: float = 0.0,
     ) -> None:
         self.findings = findings
         self.error = error
         self.host = host
+        self.started = started
+        self.duration_s = duration_s
 
     @property
     def verdict(self) -> str:
@@ -5820,50 +5946,93 @@ class Report:
         return {f.id[len(prefix) :]: f.evidence for f in self.findings if f.id.startswith(prefix)}
 
     def as_dict(self) -> dict[str, object]:
-        error = None
-        if self.error is not None:
-            err = self.error
-            message = str(err)
-            if err.fix and message.endswith("Fix: " + err.fix):  # said once, in "fix"
-                message = message[: -len("Fix: " + err.fix)].rstrip()
-            error = {
-                "type": type(err).__name__,
-                "code": err.code,
-                "cause": err.cause,
-                "summary": err.summary,
-                "message": message,
-                "evidence": err.evidence,
-                "fix": err.fix,
-            }
+        """The JSON document (see boxlite_syscheck.schema.json)."""
         return {
-            "schema_version": SCHEMA_VERSION,
-            "checker_version": __version__,
+            **_document_head(True, self.started, self.duration_s),
             "verdict": self.verdict,
             "host": self.host,
-            "error": error,
+            "error": _error_dict(self.error),
             "engines": self.engines,
             "findings": [f.as_dict() for f in self.findings],
         }
 
 
-def _host_facts(probe: HypervisorProbe, facts: Facts) -> dict[str, object]:
+def _rfc3339(when: float) -> str:
+    """A Unix time as RFC 3339 in UTC, to the second: 2026-12-02T10:00:00Z."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+def _document_head(success: bool, started: float, duration_s: float) -> dict[str, object]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "checker_version": __version__,
+        "check_success": success,
+        "timestamp": _rfc3339(started),
+        "duration_seconds": round(duration_s, 6),
+    }
+
+
+def _error_dict(err: BoxliteError | None) -> dict[str, object] | None:
+    if err is None:
+        return None
+    message = str(err)
+    if err.fix and message.endswith("Fix: " + err.fix):  # said once, in "fix"
+        message = message[: -len("Fix: " + err.fix)].rstrip()
+    return {
+        "type": type(err).__name__,
+        "code": err.code,
+        "cause": err.cause,
+        "summary": err.summary,
+        "message": message,
+        "evidence": err.evidence,
+        "fix": err.fix,
+    }
+
+
+def _failure_document(
+    error: BoxliteError, engine: str | None, started: float, duration_s: float
+) -> dict[str, object]:
+    """The JSON document when the checker itself failed: no verdict, the
+    checker's error, and the host facts that need no probe."""
+    return {
+        **_document_head(False, started, duration_s),
+        "verdict": None,
+        "host": _basic_host(engine),
+        "error": _error_dict(error),
+        "engines": {},
+        "findings": [],
+    }
+
+
+def _basic_host(engine: str | None) -> dict[str, object]:
+    """The host facts that need no probe (the checker may have failed)."""
     uname = os.uname()
-    linux = isinstance(probe, KvmProbe)
-    native, note = native_backend() if linux else (False, "")
-    ran = facts.smoke.backend if facts.smoke is not None else None
     return {
         "host": uname.nodename,
         "system": uname.sysname,
         "kernel": uname.release,
         "machine": uname.machine,
         "python": sys.version.split()[0],
-        "probe": probe.name,
-        # The backend that ran, else the one that would run.
-        "smoke_backend": ran or (("native" if native else "python") if linux else None),
-        "native_library": note or None,
-        "kvm_provider": facts.ev.kvm_provider if linux else None,
-        "engine": facts.engine,
+        "probe": _PROBE.name,
+        "smoke_backend": None,
+        "native_library": None,
+        "kvm_provider": None,
+        "engine": engine or "none",
     }
+
+
+def _host_facts(probe: HypervisorProbe, facts: Facts) -> dict[str, object]:
+    linux = isinstance(probe, KvmProbe)
+    native, note = native_backend() if linux else (False, "")
+    ran = facts.smoke.backend if facts.smoke is not None else None
+    host = _basic_host(facts.engine)
+    # The backend that ran, else the one that would run.
+    host["smoke_backend"] = ran or (("native" if native else "python") if linux else None)
+    host["native_library"] = note or None
+    host["kvm_provider"] = facts.ev.kvm_provider if linux else None
+    return host
 
 
 def check(
@@ -5882,12 +6051,18 @@ def check(
     are those SystemCheck.run() gives for ``engine``: the same facts, the
     same rules.  The checker's own failure raises InternalError.
     """
+    import time
+
     _check_timeout(timeout)
     _check_engine(engine)
+    started, clock = time.time(), time.perf_counter()
     try:
         facts = _PROBE.gather(engine, timeout, backend, probe_hvf)
         error = _diagnose_staged(facts)
-        return Report(_PROBE.findings(facts, error), error, _host_facts(_PROBE, facts))
+        findings = _PROBE.findings(facts, error)
+        host = _host_facts(_PROBE, facts)
+        took = time.perf_counter() - clock
+        return Report(findings, error, host, started=started, duration_s=took)
     except Exception as err:
         raise _as_checker_fault(err) from None
 
@@ -5938,45 +6113,153 @@ def _text(report: Report, *, quiet: bool, colour: bool, prog: str = "boxlite_sys
     return "\n".join(lines)
 
 
+class _Outcome:
+    """One run for the fleet formats: the report, or the checker's failure
+    (then no verdict is known), the engines' verdicts, and how it ran."""
+
+    def __init__(
+        self,
+        report: Report | None,
+        failure: BoxliteError | None,
+        *,
+        engines: dict[str, dict[str, object]] | None = None,
+        engine: str | None = DEFAULT_ENGINE,
+        strict: bool = False,
+        started: float = 0.0,
+        duration_s: float = 0.0,
+    ) -> None:
+        self.report = report
+        self.failure = failure
+        self.engines = engines if engines is not None else (report.engines if report else {})
+        self.engine = engine or "none"
+        self.strict = strict
+        self.started = started
+        self.duration_s = duration_s
+
+    @property
+    def usable(self) -> bool | None:
+        """The gate's answer (``--strict`` counts a warning against it), or
+        None when the checker failed."""
+        if self.report is None:
+            return None
+        verdict = self.report.verdict
+        return verdict == USABLE or (verdict == USABLE_WITH_WARNINGS and not self.strict)
+
+    @property
+    def cause(self) -> str:
+        error = self.failure if self.report is None else self.report.error
+        return error.cause if error is not None else "none"
+
+    def static_facts(self) -> dict[str, str]:
+        """What does not change between runs: the checker, the kernel, the KVM provider."""
+        if self.report is not None:
+            kernel, provider = self.report.host.get("kernel"), self.report.host.get("kvm_provider")
+        else:  # the checker failed: read what can still be read, or say so
+            kernel = os.uname().release
+            try:
+                provider = Evidence(KVM_DEVICE).kvm_provider if _PROBE.platform == "linux" else None
+            except Exception:
+                provider = "unknown"
+        return {
+            "version": __version__,
+            "kernel": str(kernel),
+            "kvm_provider": str(provider or "none"),
+        }
+
+
 def _prometheus_label(text: object) -> str:
     """A Prometheus label value, escaped (text exposition format 0.0.4)."""
     return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def _prometheus(report: Report, duration_s: float) -> str:
-    """The node_exporter textfile-collector format."""
-    engine = report.host.get("engine") or "none"
-    error = report.error
-    lines = [
-        "# HELP boxlite_syscheck_usable Whether this host can run the selected engine's real "
-        "guests (1) or not (0).",
-        "# TYPE boxlite_syscheck_usable gauge",
-        f'boxlite_syscheck_usable{{engine="{_prometheus_label(engine)}"}} '
-        f"{0 if report.verdict == NOT_USABLE else 1}",
-    ]
-    if report.engines:
-        lines += [
-            "# HELP boxlite_syscheck_engine_would_run Whether each engine would start and run "
-            "a stock guest here (1) or not (0).",
-            "# TYPE boxlite_syscheck_engine_would_run gauge",
-        ]
-        for name, verdict in report.engines.items():
-            runs = 1 if verdict["verdict"] == WOULD_RUN else 0
-            label = _prometheus_label(verdict["verdict"])
+def _cause_ids() -> list[str]:
+    """Every cause the registry can name, and "none": the cause metric's states."""
+    return ["none", *sorted({key.split("/")[0] for key in _causes()})]
+
+
+def _prometheus(run: _Outcome) -> str:
+    """The node_exporter textfile-collector format (text exposition 0.0.4).
+
+    Always: whether the check ran, when, how long, and static facts; with a
+    verdict, the gate's answer, the verdict and the cause as state sets
+    (every state present, the one that holds 1), and each engine's.
+    """
+    lines: list[str] = []
+
+    def family(name: str, about: str, samples: Iterable[tuple[dict[str, str], str]]) -> None:
+        lines.append(f"# HELP boxlite_syscheck_{name} {about}")
+        lines.append(f"# TYPE boxlite_syscheck_{name} gauge")
+        for labels, value in samples:
+            text = ",".join(f'{k}="{_prometheus_label(v)}"' for k, v in labels.items())
             lines.append(
-                f'boxlite_syscheck_engine_would_run{{engine="{name}",verdict="{label}"}} {runs}'
+                f"boxlite_syscheck_{name}{{{text}}} {value}"
+                if text
+                else f"boxlite_syscheck_{name} {value}"
             )
-    lines += [
-        "# HELP boxlite_syscheck_check_duration_seconds How long the check took.",
-        "# TYPE boxlite_syscheck_check_duration_seconds gauge",
-        f"boxlite_syscheck_check_duration_seconds {duration_s:.6f}",
-        "# HELP boxlite_syscheck_info The verdict and its cause, as labels.",
-        "# TYPE boxlite_syscheck_info gauge",
-        f'boxlite_syscheck_info{{version="{__version__}",verdict="{report.verdict}",'
-        f'cause="{_prometheus_label(error.cause if error else "")}",'
-        f'kernel="{_prometheus_label(report.host.get("kernel", ""))}",'
-        f'kvm_provider="{_prometheus_label(report.host.get("kvm_provider", ""))}"}} 1',
-    ]
+
+    def states(label: str, names: Iterable[str], holds: str) -> list[tuple[dict[str, str], str]]:
+        return [({label: name}, "1" if name == holds else "0") for name in names]
+
+    report = run.report
+    family(
+        "check_success",
+        "Whether the check ran to a verdict (1) or the checker itself failed (0), which says nothing about the host.",
+        [({}, "1" if report is not None else "0")],
+    )
+    family(
+        "last_run_timestamp_seconds",
+        "When the check ran, in seconds since the Unix epoch.",
+        [({}, f"{run.started:.3f}")],
+    )
+    family(
+        "check_duration_seconds",
+        "How long the check took, in seconds.",
+        [({}, f"{run.duration_s:.6f}")],
+    )
+    family(
+        "info",
+        "The checker and the host it ran on: facts that do not change between runs.",
+        [(run.static_facts(), "1")],
+    )
+    family(
+        "cause",
+        "The cause of the verdict, one series per cause the checker knows; the one that holds is 1: none when the host passed, the checker's own cause (checker-failed, native-missing) when it failed.",
+        states("cause", _cause_ids(), run.cause),
+    )
+    if report is not None:
+        family(
+            "usable",
+            "Whether this host can run the engine's real guests (1) or not (0); with --strict a warning counts as not usable.",
+            [({"engine": run.engine}, "1" if run.usable else "0")],
+        )
+        family(
+            "strict",
+            "Whether warnings counted as not usable (--strict) in boxlite_syscheck_usable.",
+            [({}, "1" if run.strict else "0")],
+        )
+        family(
+            "verdict",
+            "The verdict, one series per state; the one that holds is 1.",
+            states("verdict", VERDICTS, report.verdict),
+        )
+    if run.engines:
+        family(
+            "engine_would_run",
+            "Whether each engine would start and run a stock guest here (1) or not (0).",
+            [
+                ({"engine": name}, "1" if row["verdict"] == WOULD_RUN else "0")
+                for name, row in run.engines.items()
+            ],
+        )
+        family(
+            "engine_verdict",
+            "Each engine's verdict, one series per state; the one that holds is 1.",
+            [
+                ({"engine": name, "verdict": state}, "1" if row["state"] == state else "0")
+                for name, row in run.engines.items()
+                for state in ENGINE_STATES.values()
+            ],
+        )
     return "\n".join(lines)
 
 
@@ -5987,18 +6270,68 @@ def _k8s_label_value(text: object) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", str(text)).strip("-_.")[:63].strip("-_.")
 
 
-def _nfd(report: Report) -> str:
-    """A Node Feature Discovery local feature file (features.d): one label a line."""
-    usable = report.verdict != NOT_USABLE
-    labels = {
-        "boxlite-kvm-usable": "true" if usable else "false",
-        "boxlite-kvm-engine": report.host.get("engine") or "none",
-        "boxlite-kvm-cause": report.error.cause if report.error is not None else "none",
-        "boxlite-kvm-provider": report.host.get("kvm_provider") or "none",
-    }
-    for name, verdict in report.engines.items():
-        labels[f"boxlite-kvm-{name}"] = "true" if verdict["verdict"] == WOULD_RUN else "false"
-    return "\n".join(f"{key}={_k8s_label_value(value)}" for key, value in labels.items())
+NFD_PREFIX = "feature.node.kubernetes.io/"
+DEFAULT_NFD_EXPIRY = 3600.0
+
+
+def _nfd(run: _Outcome, expiry_s: float = DEFAULT_NFD_EXPIRY) -> str:
+    """A Node Feature Discovery local feature file (features.d): fully
+    qualified labels, one a line, after an expiry directive so a file the
+    check stopped rewriting retires."""
+    labels = {"boxlite-kvm-checked": "true" if run.report is not None else "false"}
+    if run.report is not None:
+        labels["boxlite-kvm-usable"] = "true" if run.usable else "false"
+        labels["boxlite-kvm-verdict"] = run.report.verdict
+    labels["boxlite-kvm-engine"] = run.engine
+    labels["boxlite-kvm-cause"] = run.cause
+    labels["boxlite-kvm-provider"] = run.static_facts()["kvm_provider"]
+    for name, row in run.engines.items():
+        labels[f"boxlite-kvm-{name}"] = "true" if row["verdict"] == WOULD_RUN else "false"
+    lines = [f"# +expiry-time={_rfc3339(run.started + expiry_s)}"]
+    lines += [f"{NFD_PREFIX}{key}={_k8s_label_value(value)}" for key, value in labels.items()]
+    return "\n".join(lines)
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a reader sees the old file or
+    the new one, never a part: a dot-file in the same directory (which NFD
+    and node_exporter's textfile collector skip), fsync, rename, fsync the
+    directory.  When writing fails the old file is untouched, the temporary
+    removed, and the OSError raised."""
+    import contextlib
+
+    directory, name = os.path.split(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+    for attempt in range(100):
+        temporary = os.path.join(directory, f".{name}.{os.getpid()}-{attempt}.tmp")
+        try:
+            fd = os.open(temporary, flags, 0o644)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(errno.EEXIST, "no free temporary name", temporary)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    folder = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(folder)
+    except OSError as err:
+        if err.errno != errno.EINVAL:  # a file system that cannot sync a directory
+            raise
+    finally:
+        os.close(folder)
 
 
 # ── Command line ────────────────────────────────────────────────────────────
@@ -6019,106 +6352,339 @@ def _colour_wanted() -> bool:
     return terminal and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
 
 
-def _parser(prog: str) -> Any:
-    import argparse
+class _Option:
+    """One command-line option: its names, where its value goes, and help."""
 
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Check that this host can run hardware-accelerated VMs, by running real "
-        "guest code under KVM (Linux) or asking Hypervisor.framework (macOS).",
-        epilog="Exit codes: 0 usable, 1 not usable, 2 usage error, 3 the checker failed, 141 "
-        "standard output closed.",
-    )
-    add = parser.add_argument
-    add(
+    __slots__ = ("choices", "const", "dest", "help", "kind", "metavar", "names")
+
+    def __init__(
+        self,
+        names: str,
+        help: str,
+        *,
+        dest: str = "",
+        kind: str = "flag",
+        choices: tuple[str, ...] = (),
+        const: object = True,
+        metavar: str = "",
+    ) -> None:
+        self.names = names.split()
+        self.dest = dest or self.names[-1].lstrip("-").replace("-", "_")
+        self.kind = kind  # flag, const, value (a string or a choice), number, help, version
+        self.choices, self.const, self.metavar, self.help = choices, const, metavar, help
+
+    @property
+    def usage(self) -> str:
+        name = self.names[0] if self.names[0].startswith("--") else self.names[-1]
+        if self.kind in ("value", "number"):
+            return f"{name} {self.shown}"
+        return name
+
+    @property
+    def shown(self) -> str:
+        return "{" + ",".join(self.choices) + "}" if self.choices else self.metavar
+
+
+FORMATS = ("text", "json", "prometheus", "nfd")
+
+#: The command line, as data: parsing, --help and the usage line come from it.
+_OPTIONS = (
+    _Option("-h --help", "show this help and exit", kind="help"),
+    _Option(
         "--format",
-        choices=("text", "json", "prometheus", "nfd"),
-        default="text",
-        help="text (default), json, prometheus (node_exporter textfile) or nfd (Node Feature "
+        "text (default), json, prometheus (node_exporter textfile) or nfd (Node Feature "
         "Discovery features.d)",
-    )
-    add("--json", action="store_const", const="json", dest="format", help="--format json")
-    add("--quiet", "-q", action="store_true", help="text: print only failures and warnings")
-    add("--strict", action="store_true", help="count warnings as failure")
-    add(
-        "--timeout",
-        type=float,
-        default=DEFAULT_TIMEOUT,
+        kind="value",
+        choices=FORMATS,
+    ),
+    _Option("--json", "--format json", dest="format", kind="const", const="json"),
+    _Option("-q --quiet", "text: print only failures and warnings"),
+    _Option("--strict", "count warnings as failure"),
+    _Option(
+        "-o --output",
+        "write the report to FILE atomically (a dot-file beside it, fsync, rename); the last "
+        "good FILE stays when writing fails",
+        kind="value",
+        metavar="FILE",
+    ),
+    _Option(
+        "--gate",
+        "prometheus, nfd: exit 1 when not usable and 3 when the checker failed, as text and "
+        "json do",
+    ),
+    _Option(
+        "--expiry",
+        f"nfd: the labels expire this long after the run (default {DEFAULT_NFD_EXPIRY:g})",
+        kind="number",
         metavar="SECONDS",
-        help=f"bound on running the guest (default {DEFAULT_TIMEOUT:g})",
-    )
-    add(
+    ),
+    _Option(
+        "--timeout",
+        f"bound on running the guest (default {DEFAULT_TIMEOUT:g})",
+        kind="number",
+        metavar="SECONDS",
+    ),
+    _Option(
         "--backend",
+        "force a smoke-test backend (default: native if built)",
+        kind="value",
         choices=("native", "python"),
-        help="force a smoke-test backend (default: native if built)",
-    )
-    add(
+    ),
+    _Option(
         "--engine",
+        "whose real guest must run (default: libkrun, BoxLite's engine); 'none' checks only "
+        "that the device works",
+        kind="value",
         choices=(*ENGINES, "none"),
-        default=DEFAULT_ENGINE,
-        help="whose real guest must run (default: libkrun, BoxLite's engine); 'none' checks "
-        "only that the device works",
-    )
-    add("--probe-hvf", action="store_true", help="macOS: also call hv_vm_create()")
-    add("--version", action="version", version=f"%(prog)s {__version__}")
-    return parser
+    ),
+    _Option("--probe-hvf", "macOS: also call hv_vm_create()"),
+    _Option("--version", "print the version and exit", kind="version"),
+)
+_DEFAULTS: dict[str, object] = {
+    "format": "text",
+    "output": None,
+    "expiry": None,
+    "timeout": DEFAULT_TIMEOUT,
+    "backend": None,
+    "engine": DEFAULT_ENGINE,
+}
+_DESCRIPTION = (
+    "Check that this host can run hardware-accelerated VMs, by running real guest code under "
+    "KVM (Linux) or asking Hypervisor.framework (macOS)."
+)
+_EPILOG = (
+    "Exit codes, text and json: 0 usable, 1 not usable, 2 usage error, 3 the checker failed, "
+    "141 standard output closed.  prometheus and nfd: 0 whenever the whole report was written "
+    "(the verdict, or the checker's failure, is in the data), 2 usage error, 3 nothing could be "
+    "written; --gate gives them the exit codes of text and json."
+)
+
+
+class _Usage(Exception):
+    """A usage error (exit 2), or --help/--version (exit 0) with what to print."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Args:
+    """The parsed command line: one attribute per option."""
+
+    def __init__(self, values: dict[str, object]) -> None:
+        self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:  # for the type checker: every option is set
+        raise AttributeError(name)
+
+
+def _parse_args(argv: Sequence[str], prog: str) -> _Args:
+    """The options, parsed; a _Usage for errors, --help and --version.
+
+    Hand-written rather than argparse, whose import and set-up cost more
+    than the rest of a check: exact option names, ``--name value`` or
+    ``--name=value``, no positional arguments.
+    """
+    values: dict[str, object] = {o.dest: False for o in _OPTIONS if o.kind in ("flag", "const")}
+    values.update(_DEFAULTS)
+    names = {name: option for option in _OPTIONS for name in option.names}
+    words = list(argv)
+    while words:
+        word = words.pop(0)
+        name, equals, inline = word.partition("=") if word.startswith("--") else (word, "", "")
+        option = names.get(name)
+        if option is None:
+            raise _Usage(f"unrecognized argument: {word}")
+        if option.kind not in ("value", "number"):
+            if equals:
+                raise _Usage(f"argument {name}: takes no value (got {inline!r})")
+            if option.kind == "help":
+                raise _Usage(_help(prog), EXIT_USABLE)
+            if option.kind == "version":
+                raise _Usage(f"{prog} {__version__}", EXIT_USABLE)
+            values[option.dest] = option.const
+            continue
+        if not equals:
+            if not words:
+                raise _Usage(f"argument {name}: expected one argument ({option.shown})")
+            inline = words.pop(0)
+        if option.choices and inline not in option.choices:
+            raise _Usage(
+                f"argument {name}: invalid choice {inline!r} (choose from {', '.join(option.choices)})"
+            )
+        if option.kind == "number":
+            try:
+                values[option.dest] = float(inline)
+            except ValueError:
+                raise _Usage(f"argument {name}: not a number: {inline!r}") from None
+        else:
+            values[option.dest] = inline
+    return _Args(values)
+
+
+def _usage_line(prog: str) -> str:
+    import textwrap
+
+    usage = f"usage: {prog} " + " ".join(f"[{option.usage}]" for option in _OPTIONS)
+    return textwrap.fill(usage, 79, subsequent_indent=" " * 8, break_on_hyphens=False)
+
+
+def _help(prog: str) -> str:
+    import textwrap
+
+    lines = [_usage_line(prog), ""]
+    lines += [textwrap.fill(_DESCRIPTION, 79), "", "options:"]
+    for option in _OPTIONS:
+        head = ", ".join(
+            f"{name} {option.shown}" if option.kind in ("value", "number") else name
+            for name in option.names
+        )
+        body = textwrap.wrap(option.help, 79 - 24)
+        if len(head) <= 20:
+            lines.append(f"  {head:<20}  {body[0]}")
+        else:
+            lines += [f"  {head}", " " * 24 + body[0]]
+        lines += [" " * 24 + more for more in body[1:]]
+    lines += ["", textwrap.fill(_EPILOG, 79)]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check from the command line; return the exit code."""
     prog = _prog()
+    _hold_for_exit()  # the probe VMs' teardown is not the user's wait
     try:
         return _main(prog, argv)
     except Exception as err:  # the checker's own failure is never a verdict
-        if isinstance(err, InternalError):
-            what = f"{err.summary}; fix: {err.fix}"
-        else:
-            what = f"{type(err).__name__}: {err}; this says nothing about the host"
-        print(f"{prog}: the checker failed: {what}", file=sys.stderr)
+        print(f"{prog}: the checker failed: {_failure_text(err)}", file=sys.stderr)
         return EXIT_CHECKER_FAILED
+    finally:
+        _hand_off_at_exit()
+
+
+def _failure_text(err: BaseException) -> str:
+    if isinstance(err, InternalError):
+        return f"{err.summary}; fix: {err.fix}"
+    return f"{type(err).__name__}: {err}; this says nothing about the host"
+
+
+def _usage_error(args: Any) -> str | None:
+    """What is wrong with the arguments argparse accepted, or None."""
+    if args.quiet and args.format != "text":
+        return "--quiet applies to the text report only"
+    if args.expiry is not None and args.format != "nfd":
+        return "--expiry applies to --format nfd only"
+    if args.expiry is not None and not (0 < args.expiry <= 366 * 86400):
+        return "--expiry: give a number of seconds, more than 0 and at most a year"
+    if args.gate and args.format not in ("prometheus", "nfd"):
+        return "--gate applies to --format prometheus and nfd (text and json always gate)"
+    if args.output is not None and args.output != "-" and os.path.isdir(args.output):
+        return f"--output: {args.output} is a directory; name the file to write"
+    try:
+        _check_timeout(args.timeout)
+    except InvalidArgumentError as err:
+        return f"--timeout: {err.detail}"
+    return None
 
 
 def _main(prog: str, argv: Sequence[str] | None) -> int:
     import time
 
-    parser = _parser(prog)
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as stop:  # argparse exits on --help, --version and errors
-        return EXIT_USAGE if stop.code not in (0, None) else EXIT_USABLE
-    if args.quiet and args.format != "text":
-        parser.print_usage(sys.stderr)
-        print(f"{prog}: error: --quiet applies to the text report only", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        _check_timeout(args.timeout)
-    except InvalidArgumentError as err:
-        parser.print_usage(sys.stderr)
-        print(f"{prog}: error: --timeout: {err.detail}", file=sys.stderr)
-        return EXIT_USAGE
+        args = _parse_args(sys.argv[1:] if argv is None else argv, prog)
+        wrong = _usage_error(args)
+        if wrong is not None:
+            raise _Usage(wrong)
+    except _Usage as usage:
+        if usage.code == EXIT_USABLE:  # --help, --version
+            print(usage)
+        else:
+            print(f"{_usage_line(prog)}\n{prog}: error: {usage}", file=sys.stderr)
+        return usage.code
     if args.probe_hvf and not isinstance(_PROBE, HvfProbe):
         print(f"{prog}: note: --probe-hvf applies to macOS only; ignored here", file=sys.stderr)
-    started = time.perf_counter()
+    fleet = args.format in ("prometheus", "nfd")
     engine = None if args.engine == "none" else args.engine
-    report = check(
-        timeout=args.timeout, backend=args.backend, probe_hvf=args.probe_hvf, engine=engine
-    )
-    duration_s = time.perf_counter() - started
-    verdict = report.verdict
-    failed = verdict == NOT_USABLE or (args.strict and verdict == USABLE_WITH_WARNINGS)
+    started, clock = time.time(), time.perf_counter()
+    report, failure, engines = None, None, None
     try:
-        if args.format == "json":
-            import json
+        report = check(
+            timeout=args.timeout, backend=args.backend, probe_hvf=args.probe_hvf, engine=engine
+        )
+        if fleet and engine is None and isinstance(_PROBE, KvmProbe):
+            # The fleet labels say which engines would run, whatever --engine chose.
+            engines = check(timeout=args.timeout, backend=args.backend).engines
+    except InternalError as err:
+        failure = err
+        print(f"{prog}: the checker failed: {_failure_text(err)}", file=sys.stderr)
+    duration_s = time.perf_counter() - clock
+    if report is not None:
+        started = report.started
+    run = _Outcome(
+        report,
+        failure,
+        engines=engines,
+        engine=engine,
+        strict=args.strict,
+        started=started,
+        duration_s=duration_s,
+    )
+    text = _rendered(run, args, prog)
+    if text is not None:
+        written = _emit(text, args.output, prog)
+        if written is not None:
+            return written
+    if failure is not None:
+        return EXIT_USABLE if fleet and not args.gate else EXIT_CHECKER_FAILED
+    assert report is not None
+    if args.strict and report.verdict == USABLE_WITH_WARNINGS:
+        print(f"{prog}: --strict: warnings count as not usable", file=sys.stderr)
+    if fleet and not args.gate:
+        return EXIT_USABLE
+    return EXIT_USABLE if run.usable else EXIT_NOT_USABLE
 
-            print(json.dumps(report.as_dict(), indent=2, default=str))
-        elif args.format == "prometheus":
-            print(_prometheus(report, duration_s))
-        elif args.format == "nfd":
-            print(_nfd(report))
+
+def _rendered(run: _Outcome, args: Any, prog: str) -> str | None:
+    """The report in the chosen format; None when there is nothing to say
+    (the checker failed and the text report has no data to carry it)."""
+    if args.format == "prometheus":
+        return _prometheus(run) + "\n"
+    if args.format == "nfd":
+        return _nfd(run, DEFAULT_NFD_EXPIRY if args.expiry is None else args.expiry) + "\n"
+    if args.format == "json":
+        import json
+
+        if run.report is not None:
+            document = run.report.as_dict()
         else:
-            text = _text(report, quiet=args.quiet, colour=_colour_wanted(), prog=prog)
-            if text:
-                print(text)
+            assert run.failure is not None
+            document = _failure_document(run.failure, run.engine, run.started, run.duration_s)
+        document["duration_seconds"] = round(run.duration_s, 6)
+        return json.dumps(document, indent=2, default=str) + "\n"
+    if run.report is None:
+        return None
+    colour = _colour_wanted() and args.output in (None, "-")
+    text = _text(run.report, quiet=args.quiet, colour=colour, prog=prog)
+    return text + "\n" if text else ""
+
+
+def _emit(text: str, output: str | None, prog: str) -> int | None:
+    """Write the report to standard output or, atomically, to ``output``;
+    None when it was written, else the exit code."""
+    if output is not None and output != "-":
+        try:
+            _write_atomically(output, text.encode())
+        except OSError as err:
+            name = errno_name(err.errno or 0)
+            print(
+                f"{prog}: cannot write the report to {output}: {name} ({err.strerror}); the "
+                "file there, if any, is as it was",
+                file=sys.stderr,
+            )
+            return EXIT_CHECKER_FAILED
+        return None
+    try:
+        sys.stdout.write(text)
         sys.stdout.flush()
     except BrokenPipeError:
         # The reader went away (`| head`): quiet, as other tools are.  Point
@@ -6129,9 +6695,7 @@ def _main(prog: str, argv: Sequence[str] | None) -> int:
         print(f"{prog}: cannot write the report: {errno_name(err.errno or 0)}", file=sys.stderr)
         _silence_stdout()
         return EXIT_CHECKER_FAILED
-    if failed and verdict == USABLE_WITH_WARNINGS:
-        print(f"{prog}: --strict: warnings count as not usable", file=sys.stderr)
-    return EXIT_NOT_USABLE if failed else EXIT_USABLE
+    return None
 
 
 def _silence_stdout() -> None:
@@ -6143,5 +6707,22 @@ def _silence_stdout() -> None:
         pass
 
 
+def console() -> None:
+    """The command (``boxlite-syscheck``, ``python -m boxlite_syscheck``):
+    main(), then exit at once.  Everything the check holds is the kernel's
+    to release, and the interpreter's own shutdown (freeing every module,
+    object by object) would add milliseconds the user waits for, so the
+    streams are flushed and the process ends with os._exit."""
+    code = main()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BrokenPipeError:
+            code = code or EXIT_BROKEN_PIPE
+        except (OSError, ValueError):
+            code = code or EXIT_CHECKER_FAILED
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

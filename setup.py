@@ -3,7 +3,8 @@
 ``boxlite_syscheck.py`` stays the single source: vendored as it is, or
 installed as the package ``boxlite_syscheck/`` made from it here, with
 ``py.typed`` (so type checkers use its annotations), ``__main__.py`` (so
-``python -m boxlite_syscheck`` works) and ``libkvmsmoke.so`` built next to it
+``python -m boxlite_syscheck`` works), ``boxlite_syscheck.schema.json`` (the
+JSON report's schema) and ``libkvmsmoke.so`` built next to it
 when a C compiler is present.  Without one the wheel is pure Python and the
 build says so; the module then runs its Python backend.
 """
@@ -39,8 +40,10 @@ class BuildPackage(build_py):
             os.path.join(HERE, "boxlite_syscheck.py"), os.path.join(target, "__init__.py")
         )
         with open(os.path.join(target, "__main__.py"), "w") as main:
-            main.write("import sys\n\nfrom boxlite_syscheck import main\n\nsys.exit(main())\n")
+            main.write("from boxlite_syscheck import console\n\nconsole()\n")
         open(os.path.join(target, "py.typed"), "w").close()
+        schema = "boxlite_syscheck.schema.json"
+        shutil.copyfile(os.path.join(HERE, schema), os.path.join(target, schema))
         if not native_buildable():
             print(
                 "boxlite_syscheck: no C compiler (or not Linux): building a pure-Python "

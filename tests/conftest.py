@@ -24,6 +24,22 @@ TEST_GID = 4241
 KVM_GID = 4242  # the device group in the fault environments
 
 
+def _schema_validator() -> Any:
+    import jsonschema
+
+    schema = json.loads((ROOT / "boxlite_syscheck.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    return jsonschema.Draft202012Validator(schema, format_checker=checker)
+
+
+def valid_document(document: Any) -> Any:
+    """The JSON report, after checking it against the shipped schema."""
+    errors = sorted(_schema_validator().iter_errors(document), key=lambda e: list(e.path))
+    assert not errors, [f"{list(e.path)}: {e.message[:300]}" for e in errors]
+    return document
+
+
 @pytest.fixture(autouse=True)
 def _fresh_caches():
     boxlite_syscheck._reset_caches()
@@ -70,6 +86,24 @@ on_pvm_host = pytest.mark.skipif(not PVM_HOST, reason="needs a kvm_pvm host (gue
 needs_root = pytest.mark.skipif(ROOT_REASON is not None, reason=ROOT_REASON or "")
 
 
+def _tool_reason(*tools: str) -> str | None:
+    if KVM_REASON is not None:
+        return f"needs KVM: {KVM_REASON}"
+    if os.geteuid() != 0:
+        return "needs root to build the real environments"
+    missing = [tool for tool in tools if shutil.which(tool) is None]
+    if missing:
+        return f"needs {', '.join(missing)} (the Debian packages .ci/run installs)"
+    return None
+
+
+def needs(*tools: str) -> pytest.MarkDecorator:
+    """Skip, with the reason, where a tool cannot run here; under CI, which
+    installs them, never: a missing tool fails the test."""
+    reason = None if os.environ.get("CI") else _tool_reason(*tools)
+    return pytest.mark.skipif(reason is not None, reason=reason or "")
+
+
 @pytest.fixture(params=["native", "python"])
 def backend(request):
     """Each smoke-test backend in turn; the native one must be built."""
@@ -107,7 +141,7 @@ printed = io.StringIO()
 with contextlib.redirect_stdout(printed):
     code = b.main(["--json", "--engine", ENGINE or "none"])
 cli = json.loads(printed.getvalue())
-out["cli"] = {"exit": code, "cause": (cli["error"] or {}).get("cause")}
+out["cli"] = {"exit": code, "cause": (cli["error"] or {}).get("cause"), "document": cli}
 b._wait_for_closes()
 print(json.dumps(out))
 """
@@ -131,6 +165,7 @@ def every_door_agrees(out: dict[str, Any]) -> None:
     assert out["report"] == gate, out
     assert out["cli"]["cause"] == gate, out
     assert out["cli"]["exit"] == (0 if gate is None else 1), out
+    valid_document(out["cli"]["document"])
 
 
 class FaultEnv:

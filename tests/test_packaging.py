@@ -46,6 +46,7 @@ def test_the_sdist_carries_what_builds_and_tests_it(built):
         "tests/conftest.py",
         "tests/test_kvm_real.py",
         "tests/bench_floor.c",
+        "boxlite_syscheck.schema.json",
     } <= names
 
 
@@ -57,7 +58,11 @@ def test_the_wheel_is_a_typed_package_with_the_native_library(built):
         "boxlite_syscheck/__main__.py",
         "boxlite_syscheck/py.typed",
         "boxlite_syscheck/libkvmsmoke.so",
+        "boxlite_syscheck/boxlite_syscheck.schema.json",
     } <= names
+    assert (ROOT / "boxlite_syscheck.schema.json").read_bytes() == zipfile.ZipFile(wheel).read(
+        "boxlite_syscheck/boxlite_syscheck.schema.json"
+    )
     assert any(n.endswith("licenses/LICENSE") for n in names)
     metadata = (
         zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("METADATA"))).decode()

@@ -23,13 +23,13 @@ from typing import Any
 import pytest
 from conftest import (
     CHECK_EVERY_DOOR,
-    KVM_REASON,
     ROOT,
     SECCOMP_INSTALL,
     SYSTEM_PYTHON,
     TEST_GID,
     TEST_UID,
     every_door_agrees,
+    needs,
 )
 
 # What a VMM's own open and first ioctls get here, then every door.
@@ -63,24 +63,6 @@ VMM = vmm()
 
 CGROUP_V1 = Path("/sys/fs/cgroup/devices")
 UNIFIED = Path("/sys/fs/cgroup/unified")
-
-
-def _tool_reason(*tools: str) -> str | None:
-    if KVM_REASON is not None:
-        return f"needs KVM: {KVM_REASON}"
-    if os.geteuid() != 0:
-        return "needs root to build the runtimes' environments"
-    missing = [tool for tool in tools if shutil.which(tool) is None]
-    if missing:
-        return f"needs {', '.join(missing)} (the Debian packages .ci/run installs)"
-    return None
-
-
-def needs(*tools: str) -> pytest.MarkDecorator:
-    """Skip, with the reason, where a tool cannot run here; under CI, which
-    installs them, never: a missing tool fails the test."""
-    reason = None if os.environ.get("CI") else _tool_reason(*tools)
-    return pytest.mark.skipif(reason is not None, reason=reason or "")
 
 
 def agrees_with_the_vmm(out: dict[str, Any], cause: str | None) -> None:

@@ -191,6 +191,20 @@ def test_a_host_that_passes_and_a_message_with_nothing_to_decode_keeps_the_error
     assert "KVM_EXIT_SHUTDOWN" in str(logged) and logged.code == "engine_unavailable"
 
 
+def test_a_host_cause_comes_before_the_decoded_message():
+    # The decoding is the gate's last question: a guest that failed names
+    # the cause, whatever the engine's message decodes to.
+    facts = b.Facts(evidence=b.Evidence(gather=False, kvm_provider="kvm_pvm"))
+    facts.smoke = b.SmokeResult("native", guest="long-mode")
+    facts.smoke.step = b.STEP_DONE
+    facts.smoke.speed = b.Speed(1400.0, 0.3, 1024)  # about 4,700x the host
+    facts.decoded = ["KVM_EXIT_INTERNAL_ERROR"]
+    facts.complete = True
+    assert b._diagnose_staged(facts).cause == "guest-emulated-pvm"
+    facts.smoke = None
+    assert b._diagnose_staged(facts).cause == "engine-error-decoded"
+
+
 # ── The real SDK ────────────────────────────────────────────────────────────
 
 SDK_SCRIPT = r"""
