@@ -161,6 +161,12 @@ KVM_SET_MSRS = _ioc(_IOC_WRITE, _KVMIO, 0x89, _SIZEOF_KVM_MSRS)
 KVM_SET_SIGNAL_MASK = _ioc(_IOC_WRITE, _KVMIO, 0x8B, _SIZEOF_KVM_SIGNAL_MASK)
 KVM_SET_CPUID2 = _ioc(_IOC_WRITE, _KVMIO, 0x90, _SIZEOF_KVM_CPUID2)
 KVM_ENABLE_CAP = _ioc(_IOC_WRITE, _KVMIO, 0xA3, _SIZEOF_KVM_ENABLE_CAP)
+# The deep boot's: struct kvm_translation (24 bytes), kvm_fpu (416), kvm_lapic_state (1024).
+KVM_TRANSLATE = _ioc(_RW, _KVMIO, 0x85, 24)
+KVM_GET_MP_STATE = _ioc(_IOC_READ, _KVMIO, 0x98, 4)
+KVM_SET_FPU = _ioc(_IOC_WRITE, _KVMIO, 0x8D, 416)
+KVM_GET_LAPIC = _ioc(_IOC_READ, _KVMIO, 0x8E, 1024)
+KVM_SET_LAPIC = _ioc(_IOC_WRITE, _KVMIO, 0x8F, 1024)
 # arm64 (arch/arm64/include/uapi/asm/kvm.h): struct kvm_vcpu_init is 32 bytes,
 # struct kvm_one_reg 16.
 KVM_GET_ONE_REG = _ioc(_IOC_WRITE, _KVMIO, 0xAB, 16)
@@ -213,11 +219,14 @@ _RUN_HEAD = 288  # the bytes of kvm_run both backends copy out after a run
 # KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES: the failure carries them.
 _EMULATION_FLAG_INSTRUCTION_BYTES = 1
 
+KVM_EXIT_IO = 2
 KVM_EXIT_HLT = 5
 KVM_EXIT_MMIO = 6
 KVM_EXIT_SHUTDOWN = 8
 KVM_EXIT_FAIL_ENTRY = 9
+KVM_EXIT_INTR = 10
 KVM_EXIT_INTERNAL_ERROR = 17
+KVM_EXIT_SYSTEM_EVENT = 24
 
 #: KVM_EXIT_* names by number, from include/uapi/linux/kvm.h.
 EXIT_REASONS = dict(
@@ -264,6 +273,10 @@ STEP_NAMES = (
     "create the in-kernel irqchip (KVM_CREATE_IRQCHIP)",
     "create the in-kernel PIT (KVM_CREATE_PIT2)",
     "enable the split irqchip (KVM_ENABLE_CAP(SPLIT_IRQCHIP))",
+    "set the FPU state a Linux boot starts with (KVM_SET_FPU)",
+    "read the local APIC (KVM_GET_LAPIC)",
+    "wire the local APIC's LINT0 and LINT1 (KVM_SET_LAPIC)",
+    "translate the guest's RIP to a physical address (KVM_TRANSLATE)",
     "done",
 )
 STEP_OPEN, STEP_API_VERSION, STEP_CREATE_VM, STEP_GUEST_MEMORY, STEP_MEMORY_REGION = range(0, 5)
@@ -272,7 +285,8 @@ STEP_SET_REGS, STEP_RUN_AREA_SIZE, STEP_MAP_RUN_AREA, STEP_SET_MSRS, STEP_ARM_TI
 STEP_RUN, STEP_GET_REGS, STEP_ARM_TARGET, STEP_ARM_VCPU_INIT, STEP_SET_ONE_REG = range(15, 20)
 STEP_GET_ONE_REG, STEP_CHECK_EXTENSION, STEP_SET_IDENTITY_MAP_ADDR = range(20, 23)
 STEP_SET_TSS_ADDR, STEP_CREATE_IRQCHIP, STEP_CREATE_PIT2, STEP_SPLIT_IRQCHIP = range(23, 27)
-STEP_DONE = 27
+STEP_SET_FPU, STEP_GET_LAPIC, STEP_SET_LAPIC, STEP_TRANSLATE = range(27, 31)
+STEP_DONE = 31
 assert STEP_DONE == len(STEP_NAMES) - 1
 
 #: The guest puts this in EAX before HLT; reading it back proves it ran.
@@ -532,6 +546,17 @@ _WSL_INTEROP = "/proc/sys/fs/binfmt_misc/WSLInterop"
 _OVERFLOW_ID = 65534  # what an unmapped uid or gid shows as inside a user namespace
 _LANDLOCK_CREATE_RULESET = 444  # the same number on every architecture
 _LANDLOCK_CREATE_RULESET_VERSION = 1
+
+#: How a deep boot (the engine's own kernel) ended.
+BOOTED = "booted"
+BOOT_STOPPED = "stopped"
+BOOT_TIMED_OUT = "timed-out"
+BOOT_PANICKED = "panicked"
+BOOT_RESET = "reset"
+BOOT_CALL_FAILED = "call-failed"
+BOOT_NOT_RUN = "not-run"
+BOOT_OUTCOMES = (BOOTED, BOOT_STOPPED, BOOT_TIMED_OUT, BOOT_PANICKED, BOOT_RESET, BOOT_CALL_FAILED)
+_MIB = 1 << 20
 
 
 # ── Errors ──────────────────────────────────────────────────────────────────
@@ -2712,15 +2737,15 @@ def _run_guest(session: _Session) -> None:
     result.step = STEP_DONE
 
 
-def _check_timeout(timeout: object) -> None:
-    """Refuse a bound that is not a finite number of seconds in (0, MAX_TIMEOUT]."""
+def _check_timeout(timeout: object, name: str = "timeout", most: float = MAX_TIMEOUT) -> None:
+    """Refuse a bound that is not a finite number of seconds in (0, most]."""
     import math
 
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise InvalidArgumentError(f"timeout must be a number of seconds, got {timeout!r}")
-    if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+        raise InvalidArgumentError(f"{name} must be a number of seconds, got {timeout!r}")
+    if not (math.isfinite(timeout) and 0 < timeout <= most):
         raise InvalidArgumentError(
-            f"timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds, got {timeout!r}"
+            f"{name} must be more than 0 and at most {most:g} seconds, got {timeout!r}"
         )
 
 
@@ -2758,13 +2783,20 @@ def _run_program(fd: int, program: _Guest, timeout: float, backend: str | None) 
     except _StepFailed as failed:
         result.step, result.error = failed.step, failed.error
         return result
+    _in_session(session, _run_guest)
+    result.elapsed = time.perf_counter() - start
+    return result
+
+
+def _in_session(session: _Session, work: Callable[[_Session], None]) -> None:
+    """Run ``work(session)``, then release the session on every path."""
     late: BaseException | None = None
     try:
-        _run_guest(session)
+        work(session)
     finally:
         # A caller's signal handler may raise anywhere, cleanup included: a
         # release it cut short is run again (it is safe to), and what it
-        # raised goes on after.  Inline, as a call would be one more place.
+        # raised goes on after.
         while True:
             try:
                 session.release()
@@ -2774,8 +2806,6 @@ def _run_program(fd: int, program: _Guest, timeout: float, backend: str | None) 
         session.mem.close()
         if late is not None:
             raise late
-    result.elapsed = time.perf_counter() - start
-    return result
 
 
 # ── Evidence: what the host shows, read once ────────────────────────────────
@@ -3315,8 +3345,12 @@ class Facts:
         #: Whether every stage of the gate ran (the last question asked).
         self.complete = False
         self.decoded: list[str] = []
-        #: The deep boot's result, when one ran.
-        self.deep: Any = None
+        #: The deep boot: asked for, the kernel to boot (None: BoxLite's
+        #: newest), its bound, and its result (a BootResult) once it ran.
+        self.deep_wanted = False
+        self.kernel: str | None = None
+        self.deep_timeout = DEEP_TIMEOUT
+        self.deep: BootResult | None = None
         #: The checker's own failure ("native-missing", "checker-failed").
         self.note: str | None = None
         #: How long each stage of the report took, by finding id.
@@ -3864,6 +3898,44 @@ _SMOKE_VALUES: dict[str, Callable[[SmokeResult], Any]] = {
 }
 
 
+def _deep_fix(r: BootResult) -> str:
+    if r.exit_reason == KVM_EXIT_INTERNAL_ERROR:
+        return (
+            "KVM could not run an instruction of the kernel (it fell back to its emulator): move "
+            "to a host whose CPU gives KVM VT-x/AMD-V (bare metal, or a cloud VM with nested "
+            "virtualization), or on kvm_pvm run a PVM-enabled guest kernel"
+        )
+    return (
+        "the kernel needs something this KVM does not give it: compare its CPUID and MSRs "
+        "(the guest.* findings) with a host where it boots, and update the host kernel"
+    )
+
+
+_DEEP_VALUES: dict[str, Callable[[BootResult], Any]] = {
+    "boot_kernel": lambda r: r.kernel,
+    "kernel_file": lambda r: r.kernel_path,
+    "deep_tried": lambda r: (
+        f"boot {r.kernel} from {r.kernel_path} in a throwaway VM "
+        f"({r.mem_size // _MIB} MiB, in-kernel irqchip and PIT, cmdline {BOOT_CMDLINE!r}), "
+        f"answering its port IO, for at most {r.timeout:g} s"
+    ),
+    "deep_step": lambda r: STEP_NAMES[r.step] if r.step != STEP_DONE else None,
+    "deep_errno": lambda r: errno_name(r.error) if r.error else "no errno",
+    "deep_when": lambda r: f"{r.elapsed:.2f} s",
+    "deep_stop": lambda r: r.stop_text(),
+    "deep_stop_short": lambda r: (
+        f"KVM_EXIT_{EXIT_REASONS.get(r.exit_reason, r.exit_reason)} at "
+        + (r.instruction or (f"RIP {r.rip:#x}" if r.rip >= 0 else "an unknown place"))
+    ),
+    "deep_milestones": lambda r: r.milestones_text(),
+    "deep_exits": lambda r: f"{r.exit_count} ({r.exits_text()})",
+    "deep_panic": lambda r: r.panic,
+    "deep_timeout": lambda r: f"{r.timeout:g}",
+    "deep_fix": _deep_fix,
+    "console": lambda r: r.console,
+}
+
+
 #: How each value is labelled when it is shown as evidence.
 _LABELS = {
     "device": "Device",
@@ -3895,6 +3967,10 @@ _LABELS = {
     "decoded": "Decoded",
     "unit": "systemd unit",
     "cgroup_shown": "Its policy",
+    "kernel_file": "Kernel file",
+    "deep_milestones": "Milestones",
+    "console": "Last console line",
+    "deep_exits": "KVM exits",
 }
 
 
@@ -3912,6 +3988,9 @@ class _Values(dict):  # type: ignore[type-arg]
         if key in _SMOKE_VALUES:
             smoke = self.facts.smoke
             return None if smoke is None else _SMOKE_VALUES[key](smoke)
+        if key in _DEEP_VALUES:
+            deep = self.facts.deep
+            return None if deep is None else _DEEP_VALUES[key](deep)
         return _VALUES[key](self.facts)
 
     def __missing__(self, key: str) -> Any:
@@ -4314,6 +4393,35 @@ tried: check this host again for {engine}, and decode the engine's message
 answer: the host passes; the message says: {decoded}
 fix: the cause lies in what the engine asked for, not in KVM's availability: see the decoded
     values above and the engine's configuration
+== deep-boot-failed UnsupportedError deep.boot (kernel_file)
+the VM for the engine's kernel could not be set up: {deep_step} failed ({deep_errno})
+tried: {deep_tried}
+answer: {deep_step}: {deep_errno}
+fix: the engine builds its VM with the same calls: see the errno and the device, capability and
+    start-up findings for the same call
+== deep-boot-stopped UnsupportedError deep.boot (kernel_file, deep_milestones, console, deep_exits)
+the engine's kernel ({boot_kernel}) stopped {deep_when} into its boot: {deep_stop_short}
+tried: {deep_tried}
+answer: {deep_stop}, after {deep_when}
+fix: {deep_fix}
+== deep-boot-panicked UnsupportedError deep.boot (kernel_file, deep_milestones, deep_exits)
+the engine's kernel ({boot_kernel}) panicked before it got to mount its root: {deep_panic}
+tried: {deep_tried}
+answer: {deep_panic}, after {deep_when}
+fix: the kernel's own message above names what it lacked on this host (a CPU feature, memory,
+    a clock); give the VM what it asks for, or move to a host that has it
+== deep-boot-reset UnsupportedError deep.boot (kernel_file, deep_milestones, console, deep_exits)
+the engine's kernel ({boot_kernel}) reset {deep_when} into its boot, before its root-mount panic (a
+    triple fault)
+tried: {deep_tried}
+answer: KVM_EXIT_SHUTDOWN after {deep_when}, with no panic on its console
+fix: {deep_fix}
+== deep-boot-timeout UnsupportedError deep.boot (kernel_file, deep_milestones, console, deep_exits)
+the engine's kernel ({boot_kernel}) did not reach its root-mount panic within {deep_timeout} s
+tried: {deep_tried}
+answer: still running after {deep_timeout} s, at {deep_stop}; milestones: {deep_milestones}
+fix: a good host boots it in well under a second: if this one is loaded or slow, allow more
+    (--deep-timeout); otherwise the last console line says where the kernel waits
 == native-missing InternalError checker
 the native smoke test is not available: {note}
 tried: load libkvmsmoke.so by absolute path
@@ -4453,6 +4561,10 @@ def _startup_failed(f: Facts) -> bool:
     return f.failure is not None and f.failure[0] in _STARTUP_STEPS.values()
 
 
+def _deep_ended(f: Facts, outcome: str) -> bool:
+    return f.deep is not None and f.deep.outcome == outcome
+
+
 def _sysctl_is(f: Facts, name: str, value: int) -> bool:
     return f.mac and f.sysctl(name) == value
 
@@ -4549,6 +4661,12 @@ RULES: tuple[tuple[str, Callable[[Facts], bool]], ...] = (
     ("guest-instruction-failed", lambda f: _guest_failed(f, "long-mode")),
     ("msr-refused", _msr_refused),
     ("msr-arch-capabilities-refused", _qemu_arch_msr),
+    # The engine's own kernel, booted (--deep)
+    ("deep-boot-failed", lambda f: _deep_ended(f, BOOT_CALL_FAILED)),
+    ("deep-boot-stopped", lambda f: _deep_ended(f, BOOT_STOPPED)),
+    ("deep-boot-panicked", lambda f: _deep_ended(f, BOOT_PANICKED)),
+    ("deep-boot-reset", lambda f: _deep_ended(f, BOOT_RESET)),
+    ("deep-boot-timeout", lambda f: _deep_ended(f, BOOT_TIMED_OUT)),
     # An engine's error on a host that passes
     ("engine-error-decoded", lambda f: f.complete and f.platform == "linux" and bool(f.decoded)),
 )
@@ -5002,6 +5120,824 @@ def decode_engine_message(message: str) -> list[str]:
     return found
 
 
+# ── The deep proof: boot the engine's own kernel ────────────────────────────
+
+#: The deep boot's default bound, in seconds: a good host needs well under
+#: one; an emulating one fails within about ten.
+DEEP_TIMEOUT = 30.0
+MAX_DEEP_TIMEOUT = 600.0
+#: The kernel's command line: reset at the root-mount panic (a triple-fault
+#: reset, so no keyboard controller is polled), the VGA text console, and no
+#: port-0x80 delays (there is no ISA bus to slow down; each would be an exit).
+BOOT_CMDLINE = "console=tty0 reboot=t panic=-1 io_delay=none"
+# Guest physical layout, as Firecracker's: the boot GDT, the zero page
+# (struct boot_params), the stack, identity page tables (2 MiB pages over the
+# first GiB), the command line; the VGA text buffer; the kernel at its load
+# address.  Guest memory is at least _BOOT_MEM_MIN (libkrunfw needs 48 MiB).
+_BOOT_GDT, _BOOT_ZERO_PAGE, _BOOT_STACK = 0x500, 0x7000, 0x8FF0
+_BOOT_PML4, _BOOT_PDPT, _BOOT_PD, _BOOT_CMDLINE_AT = 0x9000, 0xA000, 0xB000, 0x20000
+_BOOT_LOW = 0x21000  # the bytes of low memory the boot image fills
+_VGA_TEXT, _VGA_SIZE = 0xB8000, 0x8000
+_BOOT_MEM_MIN, _BOOT_MEM_MAX = 64 << 20, 1 << 30
+_KVM_MP_STATE_HALTED = 3
+_START_KERNEL_MAP = 0xFFFFFFFF80000000
+# struct boot_params offsets (arch/x86/include/uapi/asm/bootparam.h).
+_BP_E820_ENTRIES, _BP_SETUP, _BP_E820_TABLE = 0x1E8, 0x1F1, 0x2D0
+_E820_RAM = 1
+#: What the kernel prints on its way, as milestones: (name, as said, text).
+BOOT_MARKERS = (
+    ("version", "Linux version", b"Linux version "),
+    ("calibrating", "Calibrating delay", b"Calibrating delay"),
+    ("panic", "Kernel panic", b"Kernel panic - not syncing"),
+    ("root-mount", "root-mount panic", b"VFS: Unable to mount root fs"),
+)
+_MILESTONE_NAMES = {
+    "loaded": "kernel loaded",
+    "first-output": "first output",
+    **{name: said for name, said, _ in BOOT_MARKERS},
+    "reset": "reset",
+}
+
+
+class Kernel:
+    """A kernel to direct-boot: its file, format, version, and where it loads
+    and starts.  ``kind`` is "libkrunfw" (the engine's library: the kernel's
+    loadable segments, raw), "elf" (a vmlinux) or "bzimage" (entered at its
+    64-bit entry, load address + 0x200).  ``close()`` releases the file."""
+
+    def __init__(
+        self,
+        path: str,
+        kind: str,
+        load: int,
+        entry: int,
+        end: int,
+        *,
+        version: str | None = None,
+        setup: bytes = b"",
+    ) -> None:
+        self.path, self.kind = path, kind
+        self.load, self.entry, self.end = load, entry, end
+        self.version = version
+        #: bzImage: its setup header, which goes into the zero page.
+        self.setup = setup
+        self._copy: Callable[[Any, int], None] = lambda mem, addr: None
+        self._close: Callable[[], None] = lambda: None
+
+    def copy_into(self, mem: Any, addr: int) -> None:
+        """Copy the kernel into guest memory (``mem``, mapped at ``addr``)."""
+        self._copy(mem, addr)
+        if self.version is None:  # the banner the kernel prints, from its own bytes
+            at = mem.find(b"Linux version ", self.load, self.end)
+            if at >= 0:
+                self.version = (
+                    bytes(mem[at + 14 : at + 78]).split(b" ")[0].decode("ascii", "replace")
+                )
+
+    def close(self) -> None:
+        close, self._close = self._close, lambda: None
+        close()
+
+    def describe(self) -> str:
+        name = f"Linux {self.version}" if self.version else "a Linux kernel"
+        return f"{name}, {self.kind}"
+
+    def __repr__(self) -> str:
+        return f"<Kernel {self.describe()} {self.path}>"
+
+
+def open_kernel(path: str) -> Kernel:
+    """The kernel in ``path``: libkrunfw's shared library (loaded by absolute
+    path, for krunfw_get_kernel), an ELF vmlinux, or a bzImage.  Raises
+    InvalidArgumentError for a file that is none of them.  The file stays
+    open (the library loaded) until the kernel's close()."""
+    real = os.path.realpath(path)
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise InvalidArgumentError(
+            f"kernel {path}: cannot be read: {errno_name(_errno_of(err))}"
+        ) from None
+    try:
+        head = os.pread(fd, 4096, 0)
+        if head[:4] == b"\x7fELF" and len(head) >= 64:
+            if head[4] != 2 or int.from_bytes(head[18:20], "little") != 62:
+                raise InvalidArgumentError(f"kernel {path}: an ELF file, but not a 64-bit x86 one")
+            kind = int.from_bytes(head[16:18], "little")
+            if kind == 3:  # a shared object: libkrunfw
+                os.close(fd)
+                fd = -1
+                return _libkrunfw_kernel(path, real)
+            if kind == 2:
+                kernel = _elf_kernel(path, real, fd, head)
+                fd = -1
+                return kernel
+        elif head[0x202:0x206] == b"HdrS" and head[0x1FE:0x200] == b"\x55\xaa":
+            kernel = _bzimage_kernel(path, real, fd, head)
+            fd = -1
+            return kernel
+        raise InvalidArgumentError(
+            f"kernel {path}: not libkrunfw's library, an ELF vmlinux or a bzImage"
+        )
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _libkrunfw_kernel(path: str, real: str) -> Kernel:
+    import ctypes
+
+    try:
+        lib = _load_library(real)
+        get = lib.krunfw_get_kernel
+    except (OSError, AttributeError) as err:
+        raise InvalidArgumentError(f"kernel {path}: not libkrunfw ({err})") from None
+    # char *krunfw_get_kernel(size_t *load_addr, size_t *entry_addr, size_t *size)
+    get.restype = ctypes.c_void_p
+    get.argtypes = [ctypes.POINTER(ctypes.c_size_t)] * 3
+    load, entry, size = ctypes.c_size_t(), ctypes.c_size_t(), ctypes.c_size_t()
+    start = get(ctypes.byref(load), ctypes.byref(entry), ctypes.byref(size))
+    kernel = Kernel(path, "libkrunfw", load.value, entry.value, load.value + size.value)
+
+    def copy(mem: Any, addr: int) -> None:
+        ctypes.memmove(addr + kernel.load, start, kernel.end - kernel.load)
+
+    def close() -> None:
+        import _ctypes
+
+        _ctypes.dlclose(lib._handle)  # its 20 MB go now
+
+    kernel._copy, kernel._close = copy, close
+    if not start or not 0x100000 <= kernel.load < kernel.end <= _BOOT_MEM_MAX:
+        kernel.close()
+        raise InvalidArgumentError(f"kernel {path}: libkrunfw gave no usable kernel")
+    return kernel
+
+
+def _u(data: bytes, offset: int, size: int) -> int:
+    return int.from_bytes(data[offset : offset + size], "little")
+
+
+def _elf_kernel(path: str, real: str, fd: int, head: bytes) -> Kernel:
+    """A vmlinux: its PT_LOAD segments at their physical addresses."""
+    phoff, size, count = _u(head, 32, 8), _u(head, 54, 2), _u(head, 56, 2)
+    table = os.pread(fd, size * count, phoff)
+    segments = []
+    for i in range(count):
+        ph = table[i * size : (i + 1) * size]
+        if _u(ph, 0, 4) == 1 and _u(ph, 40, 8):  # PT_LOAD with memory
+            segments.append((_u(ph, 8, 8), _u(ph, 24, 8), _u(ph, 32, 8), _u(ph, 40, 8)))
+    if not segments:
+        raise InvalidArgumentError(f"kernel {path}: an ELF file without loadable segments")
+    entry = _u(head, 24, 8)
+    entry -= _START_KERNEL_MAP if entry >= _START_KERNEL_MAP else 0
+    pieces = [(offset, paddr, filesz) for offset, paddr, filesz, _ in segments]
+    end = max(paddr + memsz for _, paddr, _, memsz in segments)
+    return _file_kernel(path, "elf", fd, pieces, entry, end)
+
+
+def _file_kernel(
+    path: str,
+    kind: str,
+    fd: int,
+    pieces: list[tuple[int, int, int]],
+    entry: int,
+    end: int,
+    setup: bytes = b"",
+) -> Kernel:
+    """A kernel read from its file: (file offset, guest address, size) pieces,
+    read straight into guest memory; the file closes with the kernel."""
+    load = min(paddr for _, paddr, _ in pieces)
+    if not 0x100000 <= load < end <= _BOOT_MEM_MAX:
+        raise InvalidArgumentError(
+            f"kernel {path}: loads at {load:#x}-{end:#x}, outside 1 MiB-1 GiB"
+        )
+    kernel = Kernel(path, kind, load, entry, end, setup=setup)
+
+    def copy(mem: Any, addr: int) -> None:
+        view = memoryview(mem)
+        try:
+            for offset, paddr, size in pieces:
+                _read_fully(fd, view[paddr : paddr + size], offset)
+        finally:
+            view.release()
+
+    kernel._copy, kernel._close = copy, lambda: os.close(fd)
+    return kernel
+
+
+def _bzimage_kernel(path: str, real: str, fd: int, head: bytes) -> Kernel:
+    """A bzImage: its protected-mode part at the preferred address, entered
+    at the 64-bit entry (+0x200); the setup header goes into the zero page."""
+    version = _u(head, 0x206, 2)
+    if version < 0x20C or not _u(head, 0x236, 2) & 1:  # XLF_KERNEL_64
+        raise InvalidArgumentError(f"kernel {path}: a bzImage without a 64-bit entry")
+    setup_sects = head[0x1F1] or 4
+    start = (setup_sects + 1) * 512
+    size = os.fstat(fd).st_size - start
+    load = _u(head, 0x258, 8) or 0x1000000
+    end = load + max(size, _u(head, 0x260, 4))
+    named = _u(head, 0x20E, 2)
+    text = head[0x200 + named : 0x200 + named + 64].split(b"\0")[0] if named else b""
+    setup = head[_BP_SETUP : 0x202 + head[0x201]]
+    kernel = _file_kernel(path, "bzimage", fd, [(start, load, size)], load + 0x200, end, setup)
+    kernel.version = text.split(b" ")[0].decode("ascii", "replace") or None
+    return kernel
+
+
+def _read_fully(fd: int, into: memoryview, offset: int) -> None:
+    """Read into guest memory straight from the file (no copy in between)."""
+    done = 0
+    while done < len(into):
+        got = os.preadv(fd, [into[done:]], offset + done)
+        if got == 0:
+            raise InvalidArgumentError("the kernel file ends before its segments do")
+        done += got
+
+
+def boxlite_kernels() -> tuple[list[str], str]:
+    """The libkrunfw libraries BoxLite extracted, newest first, and where
+    they were looked for ($XDG_DATA_HOME/boxlite/runtimes)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local/share")
+    where = os.path.join(base, "boxlite", "runtimes")
+    found = []
+    try:
+        runtimes = os.listdir(where)
+    except OSError:
+        return [], where
+    for name in runtimes:
+        if ".extracting." in name:  # an extraction under way, or abandoned
+            continue
+        folder = os.path.join(where, name)
+        try:
+            libraries = [n for n in os.listdir(folder) if n.startswith("libkrunfw.so")]
+            found += [
+                (os.stat(os.path.join(folder, n)).st_mtime, os.path.join(folder, n))
+                for n in libraries
+            ]
+        except OSError:
+            continue
+    return [path for _, path in sorted(found, reverse=True)], where
+
+
+class BootResult:
+    """How far the engine's kernel got in a throwaway VM: milestones (seconds
+    from VM creation), how it ended (``outcome``), where it stopped, what it
+    printed, and the exits KVM made."""
+
+    def __init__(self, backend: str, timeout: float = DEEP_TIMEOUT) -> None:
+        self.backend: str = backend
+        self.timeout: float = timeout
+        self.outcome: str = BOOT_NOT_RUN
+        self.kernel: str | None = None
+        self.kernel_path: str | None = None
+        self.note: str = ""  # why it did not run
+        self.mem_size: int = 0
+        self.milestones: dict[str, float] = {}
+        self.exits: dict[str, int] = {}
+        #: Port IO exits by port: where the kernel's exits go.
+        self.ports: dict[int, int] = {}
+        self.exit_reason: int = -1
+        self.internal_suberror: int = 0
+        self.hardware_entry_failure_reason: int = 0
+        self.insn_bytes: bytes = b""
+        self.rip: int = -1
+        #: Whether the vCPU waited halted (for an interrupt) where it stopped.
+        self.halted: bool | None = None
+        self.instruction: str | None = None
+        self.console: str | None = None
+        self.panic: str | None = None
+        self.step: int = STEP_DONE
+        self.error: int = 0
+        self.elapsed: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == BOOTED
+
+    @property
+    def exit_count(self) -> int:
+        return sum(self.exits.values())
+
+    def stop_text(self) -> str:
+        """Where it stopped: the exit, the RIP and the instruction there."""
+        text = exit_name(self.exit_reason) if self.exit_reason >= 0 else "no exit"
+        if self.exit_reason == KVM_EXIT_INTERNAL_ERROR:
+            name = INTERNAL_SUBERRORS.get(self.internal_suberror, "UNLISTED")
+            text += f", suberror {name} ({self.internal_suberror})"
+        elif self.exit_reason == KVM_EXIT_FAIL_ENTRY:
+            text += f", hardware entry failure reason {self.hardware_entry_failure_reason:#x}"
+        if self.rip >= 0:
+            text += f" at RIP {self.rip:#x}"
+        if self.instruction:
+            text += f": {self.instruction}"
+        if self.insn_bytes:
+            text += f" (bytes {self.insn_bytes.hex(' ')})"
+        if self.halted:
+            text += ", halted waiting for an interrupt"
+        return text
+
+    def milestones_text(self) -> str:
+        return (
+            ", ".join(
+                f"{_MILESTONE_NAMES[name]} at {at:.2f} s" for name, at in self.milestones.items()
+            )
+            or "none"
+        )
+
+    def exits_text(self) -> str:
+        return ", ".join(f"{name} {count}" for name, count in self.exits.items()) or "none"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "outcome": self.outcome,
+            "kernel": self.kernel,
+            "kernel_path": self.kernel_path,
+            "note": self.note or None,
+            "backend": self.backend,
+            "timeout_s": self.timeout,
+            "guest_memory_bytes": self.mem_size,
+            "milestones_s": {name: round(at, 4) for name, at in self.milestones.items()},
+            "exit": exit_name(self.exit_reason) if self.exit_reason >= 0 else None,
+            "internal_suberror": self.internal_suberror or None,
+            "rip": f"{self.rip:#x}" if self.rip >= 0 else None,
+            "instruction": self.instruction,
+            "halted": self.halted,
+            "insn_bytes": self.insn_bytes.hex(" ") or None,
+            "console": self.console,
+            "panic": self.panic,
+            "exits": dict(self.exits),
+            "kvm_exits": self.exit_count,
+            "io_ports": {
+                f"{port:#x}": count
+                for port, count in sorted(self.ports.items(), key=lambda item: -item[1])[:8]
+            },
+            "elapsed_s": round(self.elapsed, 4),
+            "step": STEP_NAMES[self.step] if self.step != STEP_DONE else None,
+            "errno": errno.errorcode.get(self.error) if self.error else None,
+        }
+
+    def __repr__(self) -> str:
+        return f"<BootResult {self.outcome} {self.kernel}, {self.exit_count} exits>"
+
+
+def _boot_memory(kernel: Kernel) -> int:
+    """Guest memory for the kernel: what it needs, in whole 16 MiB, at least 64 MiB."""
+    wanted = -(-(kernel.end * 3 // 2) // (16 * _MIB)) * 16 * _MIB
+    return min(max(_BOOT_MEM_MIN, wanted), _BOOT_MEM_MAX)
+
+
+def _zero_page(kernel: Kernel, mem_size: int) -> bytes:
+    """struct boot_params for the 64-bit boot protocol: the setup header
+    (a bzImage's own), an 80x25 VGA text screen, the e820 map, the command line."""
+    page = bytearray(4096)
+
+    def put(offset: int, size: int, value: int) -> None:
+        page[offset : offset + size] = value.to_bytes(size, "little")
+
+    page[_BP_SETUP : _BP_SETUP + len(kernel.setup)] = kernel.setup
+    # screen_info: orig_video_mode 3, 80 columns, 25 lines, VGA, 16-line font.
+    put(0x06, 1, 3)
+    put(0x07, 1, 80)
+    put(0x0E, 1, 25)
+    put(0x0F, 1, 1)
+    put(0x10, 2, 16)
+    put(0x1FE, 2, 0xAA55)  # boot_flag
+    put(0x202, 4, 0x53726448)  # "HdrS"
+    put(0x210, 1, 0xFF)  # type_of_loader: undefined
+    put(0x211, 1, page[0x211] | 0x01)  # loadflags: LOADED_HIGH
+    put(0x228, 4, _BOOT_CMDLINE_AT)  # cmd_line_ptr
+    put(0x230, 4, 0x1000000)  # kernel_alignment
+    put(0x238, 4, len(BOOT_CMDLINE))  # cmdline_size
+    if not kernel.setup:
+        put(0x206, 2, 0x020C)  # version: the 64-bit boot protocol
+    e820 = ((0, 0x9FC00), (0x100000, mem_size - 0x100000))
+    put(_BP_E820_ENTRIES, 1, len(e820))
+    for i, (start, size) in enumerate(e820):
+        at = _BP_E820_TABLE + 20 * i
+        put(at, 8, start)
+        put(at + 8, 8, size)
+        put(at + 16, 4, _E820_RAM)
+    return bytes(page)
+
+
+def _boot_guest(kernel: Kernel, mem_size: int) -> _Guest:
+    """Low memory for the boot (GDT, zero page, page tables, command line)
+    and the long-mode state a direct-boot VMM enters Linux with."""
+    image = bytearray(_BOOT_LOW)
+    gdt = [0, 0, _gdt_entry(_GDT_CODE64, 0, 0xFFFFF), _gdt_entry(_GDT_DATA64, 0, 0xFFFFF)]
+    for i, entry in enumerate(gdt):
+        image[_BOOT_GDT + 8 * i : _BOOT_GDT + 8 * i + 8] = entry.to_bytes(8, "little")
+    image[_BOOT_ZERO_PAGE : _BOOT_ZERO_PAGE + 4096] = _zero_page(kernel, mem_size)
+    image[_BOOT_PML4 : _BOOT_PML4 + 8] = (_BOOT_PDPT | _KERNPG_TABLE).to_bytes(8, "little")
+    image[_BOOT_PDPT : _BOOT_PDPT + 8] = (_BOOT_PD | _KERNPG_TABLE).to_bytes(8, "little")
+    for i in range(512):  # 2 MiB pages: the first GiB, identity-mapped
+        entry = (i << 21) | _PAGE_KERNEL_LARGE
+        image[_BOOT_PD + 8 * i : _BOOT_PD + 8 * i + 8] = entry.to_bytes(8, "little")
+    cmdline = BOOT_CMDLINE.encode() + b"\0"
+    image[_BOOT_CMDLINE_AT : _BOOT_CMDLINE_AT + len(cmdline)] = cmdline
+    sregs = _long_mode_sregs(_BOOT_GDT, len(gdt), _BOOT_PML4)
+    regs = {
+        "rip": kernel.entry,
+        "rsp": _BOOT_STACK,
+        "rbp": _BOOT_STACK,
+        "rsi": _BOOT_ZERO_PAGE,
+        "rflags": 0x2,
+    }
+    return _Guest("kernel", bytes(image), mem_size, kernel.entry, sregs, regs)
+
+
+class _BootPorts:
+    """The little port IO a kernel needs answered: CMOS reads 0 (as libkrun's
+    device answers; 0xff makes rtc_cmos poll for seconds), the UART's LSR
+    says it can send and what it sends is kept, the VGA CRTC keeps its
+    registers (the cursor says where the console's last line is), and
+    everything else reads as nothing there (0xff)."""
+
+    def __init__(self) -> None:
+        self.crtc_index = 0
+        self.crtc = bytearray(32)
+        self.uart = bytearray()
+
+    def read(self, port: int, size: int) -> bytes:
+        if port == 0x71:
+            return bytes(size)
+        if port == 0x3FD:
+            return b"\x60" + b"\xff" * (size - 1)
+        if port == 0x3D5:
+            return bytes([self.crtc[self.crtc_index & 0x1F]]) + b"\xff" * (size - 1)
+        return b"\xff" * size
+
+    def write(self, port: int, data: bytes) -> None:
+        if port == 0x3D4:
+            self.crtc_index = data[0]
+            if len(data) > 1:  # outw: index and value at once
+                self.crtc[data[0] & 0x1F] = data[1]
+        elif port == 0x3D5:
+            self.crtc[self.crtc_index & 0x1F] = data[0]
+        elif port == 0x3F8 and len(self.uart) < 1 << 16:
+            self.uart += data
+
+
+class _BootConsole:
+    """What the kernel printed, read from VGA text memory (and the UART),
+    and when each milestone first showed."""
+
+    def __init__(self, mem_addr: int, ports: _BootPorts, start_ns: int, result: BootResult) -> None:
+        self.mem_addr, self.ports, self.start_ns, self.result = mem_addr, ports, start_ns, result
+        self.last_ns = 0
+        self.pending = list(BOOT_MARKERS)
+
+    def text(self) -> bytes:
+        import ctypes
+
+        vga = b""
+        if self.result.mem_size >= _VGA_TEXT + _VGA_SIZE:  # guest memory holds the buffer
+            vga = ctypes.string_at(self.mem_addr + _VGA_TEXT, _VGA_SIZE)[0::2]
+        return vga + b"\n" + bytes(self.ports.uart)
+
+    def scan(self, now_ns: int, force: bool = False) -> None:
+        """Look for milestones, at most once a millisecond (and at the end)."""
+        if not force and now_ns - self.last_ns < 1_000_000:
+            return
+        self.last_ns = now_ns
+        at = (now_ns - self.start_ns) / 1e9
+        text = self.text()
+        milestones = self.result.milestones
+        if "first-output" not in milestones and text.strip(b"\0 \n"):
+            milestones["first-output"] = at
+        for marker in list(self.pending):
+            if text.find(marker[2]) >= 0:
+                milestones[marker[0]] = at
+                self.pending.remove(marker)
+
+    def finish(self) -> None:
+        """The panic line and the last line the console shows."""
+        import re
+
+        text = self.text().replace(b"\0", b" ")
+        at = text.find(b"Kernel panic - not syncing")
+        if at >= 0:
+            line = re.split(rb" {3,}|\n", text[at : at + 240])[0]
+            self.result.panic = line.decode("latin-1").strip()
+        self.result.console = self._last_line(text)
+
+    def _last_line(self, text: bytes) -> str | None:
+        crtc = self.ports.crtc
+        cursor = crtc[0x0E] << 8 | crtc[0x0F]
+        origin = crtc[0x0C] << 8 | crtc[0x0D]
+        rows = []
+        if 0 < cursor < _VGA_SIZE // 2 and origin <= cursor:
+            line = origin + (cursor - origin) // 80 * 80
+            rows = [text[start : start + 80] for start in (line, line - 80) if start >= 0]
+        if self.ports.uart:
+            tail = bytes(self.ports.uart).rstrip().rsplit(b"\n", 1)[-1]
+            rows.insert(0, tail)
+        if not rows:  # no cursor seen: the last written row of the buffer
+            rows = [text[i : i + 80] for i in range(_VGA_SIZE // 2 - 80, -1, -80)]
+        for row in rows:
+            if row.strip():
+                return row.decode("latin-1").strip()
+        return None
+
+
+def _name_instruction(code: bytes) -> str | None:
+    """The instruction these bytes start with, among those that stop
+    kernels under an emulator (legacy and REX prefixes skipped)."""
+    at, lock, wide = 0, False, False
+    while at < len(code) and code[at] in (
+        0xF0,
+        0xF2,
+        0xF3,
+        0x66,
+        0x2E,
+        0x36,
+        0x3E,
+        0x26,
+        0x64,
+        0x65,
+    ):
+        lock = lock or code[at] == 0xF0
+        at += 1
+    if at < len(code) and 0x40 <= code[at] <= 0x4F:
+        wide = bool(code[at] & 8)
+        at += 1
+    op = code[at : at + 3]
+    reg = (op[2] >> 3) & 7 if len(op) == 3 else -1
+    prefix = "lock " if lock else ""
+    if op[:2] == b"\x0f\xc7" and reg == 1:
+        return prefix + ("cmpxchg16b" if wide else "cmpxchg8b")
+    if op[:2] == b"\x0f\xae" and op[2] < 0xC0 and reg in (4, 5, 6):
+        return {4: "xsave", 5: "xrstor", 6: "xsaveopt"}[reg] + ("64" if wide else "")
+    named = {b"\x0f\x01\xd1": "xsetbv", b"\x0f\x01\xd0": "xgetbv", b"\x0f\x22\xe0": "mov cr4"}
+    if op in named:
+        return named[op]
+    two = {b"\x0f\x30": "wrmsr", b"\x0f\x32": "rdmsr", b"\x0f\xa2": "cpuid", b"\x0f\x0b": "ud2"}
+    return two.get(op[:2]) or ("hlt" if op[:1] == b"\xf4" else None)
+
+
+def deep_boot(
+    fd: int, kernel: Kernel, *, timeout: float = DEEP_TIMEOUT, backend: str | None = None
+) -> BootResult:
+    """Boot ``kernel`` in a throwaway VM on an open /dev/kvm descriptor, the
+    way Firecracker and libkrun direct-boot Linux, until it resets after its
+    root-mount panic or ``timeout`` seconds pass.  Never raises for a KVM
+    failure: the result says how far it got.  Every descriptor and mapping
+    is released on every path (a timeout and KeyboardInterrupt included)."""
+    import time
+
+    _check_deep_timeout(timeout)
+    runner = _backend_for(backend)
+    result = BootResult(runner.name, timeout)
+    result.kernel, result.kernel_path = kernel.describe(), kernel.path
+    result.mem_size = _boot_memory(kernel)
+    guest = _boot_guest(kernel, result.mem_size)
+    books = SmokeResult(runner.name, timeout, "kernel")
+    start = time.monotonic_ns()
+    try:
+        session = _Session(fd, guest, runner, books, max(1, int(timeout * 1e9)))
+    except _StepFailed as failed:
+        result.outcome, result.step, result.error = BOOT_CALL_FAILED, failed.step, failed.error
+        return result
+    _in_session(session, lambda session: _boot_session(session, kernel, result, start))
+    result.elapsed = (time.monotonic_ns() - start) / 1e9
+    return result
+
+
+def _boot_session(session: _Session, kernel: Kernel, result: BootResult, start: int) -> None:
+    import ctypes
+    import time
+
+    books = session.result
+    plan = _Plan()
+    api = KVM_GET_API_VERSION
+    plan.ioctl(STEP_API_VERSION, _KVM, api, value=_V_API, check=_CHECK_EQ, expect=KVM_API_VERSION)
+    plan.ioctl(STEP_CREATE_VM, _KVM, KVM_CREATE_VM, 0, fd_out=_VM)
+    plan.ioctl(STEP_SET_TSS_ADDR, _VM, KVM_SET_TSS_ADDR, _TSS_ADDR)
+    plan.ioctl(STEP_CREATE_IRQCHIP, _VM, KVM_CREATE_IRQCHIP, 0)
+    # KVM_PIT_SPEAKER_DUMMY: KVM answers port 0x61 too, the PIT's gate and
+    # OUT2, which the kernel's TSC calibration polls (as Firecracker asks).
+    pit = (ctypes.c_uint8 * _SIZEOF_KVM_PIT_CONFIG)(1)
+    plan.ioctl(STEP_CREATE_PIT2, _VM, KVM_CREATE_PIT2, ctypes.addressof(pit))
+    plan.ioctl(STEP_MEMORY_REGION, _VM, KVM_SET_USER_MEMORY_REGION, session.addr(session.region))
+    plan.ioctl(STEP_CREATE_VCPU, _VM, KVM_CREATE_VCPU, 0, fd_out=_VCPU)
+    plan.ioctl(STEP_GET_CPUID, _KVM, KVM_GET_SUPPORTED_CPUID, session.addr(session.cpuid))
+    if not session.execute(plan):
+        result.outcome, result.step, result.error = BOOT_CALL_FAILED, books.step, books.error
+        return
+    kernel.copy_into(session.mem, session.mem_addr)
+    result.kernel = kernel.describe()
+    result.milestones["loaded"] = (time.monotonic_ns() - start) / 1e9
+    _read_cpuid(session)
+    _boot_cpuid(session)
+    fpu, lapic = (ctypes.c_uint8 * 416)(), (ctypes.c_uint8 * 1024)()
+    fpu[128:130] = list((0x37F).to_bytes(2, "little"))  # fcw
+    fpu[408:412] = list((0x1F80).to_bytes(4, "little"))  # mxcsr
+    plan = _vcpu_plan(session)
+    plan.ioctl(STEP_SET_FPU, _VCPU, KVM_SET_FPU, ctypes.addressof(fpu))
+    plan.ioctl(STEP_GET_LAPIC, _VCPU, KVM_GET_LAPIC, ctypes.addressof(lapic))
+    if not session.execute(plan):
+        result.outcome, result.step, result.error = BOOT_CALL_FAILED, books.step, books.error
+        return
+    for offset, mode in ((0x350, 7), (0x360, 4)):  # LINT0 ExtINT, LINT1 NMI
+        lvt = int.from_bytes(bytes(lapic[offset : offset + 4]), "little") & ~0x700 | mode << 8
+        lapic[offset : offset + 4] = list(lvt.to_bytes(4, "little"))
+    regs = _abi().KvmRegs(**session.guest.regs)
+    plan = _Plan()
+    plan.ioctl(STEP_SET_LAPIC, _VCPU, KVM_SET_LAPIC, ctypes.addressof(lapic))
+    plan.ioctl(STEP_SET_REGS, _VCPU, KVM_SET_REGS, ctypes.addressof(regs))
+    if not session.execute(plan):
+        result.outcome, result.step, result.error = BOOT_CALL_FAILED, books.step, books.error
+        return
+    _boot_loop(session, result, start)
+
+
+def _boot_cpuid(session: _Session) -> None:
+    """The supported CPUID as direct-boot VMMs hand it on (Firecracker's and
+    libkrun's normalisation): the hypervisor bit, by which the kernel finds
+    KVM's leaves (kvmclock gives it the TSC frequency, with no calibration
+    against the PIT), and one CPU whose initial APIC ID is 0."""
+    for entry in session.cpuid.entries[: session.cpuid.nent]:
+        if entry.function == 1:
+            entry.ecx |= 1 << 31
+            entry.ebx = (entry.ebx & 0xFFFF) | 1 << 16  # APIC ID 0, one logical CPU
+        elif entry.function in (0xB, 0x1F):
+            entry.edx = 0  # the x2APIC ID
+
+
+def _boot_loop(session: _Session, result: BootResult, start: int) -> None:
+    """Run the vCPU, answering its port IO and MMIO, until it stops for good."""
+    import ctypes
+    import time
+
+    ports = _BootPorts()
+    console = _BootConsole(session.mem_addr, ports, start, result)
+    deadline = start + int(result.timeout * 1e9)
+    plan = _Plan()
+    plan.run(1, session.signo, _V_T_GUEST, 0)
+    ops, count = plan.build()
+    out, state, run = session.out, session.state, session.state.run_addr
+    exits = result.exits
+    while True:
+        remaining = deadline - time.monotonic_ns()
+        if remaining <= 0:
+            result.outcome = BOOT_TIMED_OUT
+            _boot_where(session, result)
+            break
+        ops[0].request, ops[0].src = remaining, _cookie()
+        session.backend.execute(ops, count, state, out)
+        now = time.monotonic_ns()
+        if out.step >= 0:
+            if out.timed_out:
+                result.outcome = BOOT_TIMED_OUT
+                _boot_where(session, result)
+            else:
+                result.outcome, result.step, result.error = BOOT_CALL_FAILED, out.step, out.error
+            break
+        head = bytes(out.run_head)
+        reason = _u(head, _RUN_EXIT_REASON, 4)
+        name = EXIT_REASONS.get(reason, str(reason))
+        exits[name] = exits.get(name, 0) + 1
+        if reason == KVM_EXIT_IO:
+            size, port, repeat = (
+                head[_RUN_IO_SIZE],
+                _u(head, _RUN_IO_PORT, 2),
+                _u(head, _RUN_IO_COUNT, 4),
+            )
+            data = run + _u(head, _RUN_IO_OFFSET, 8)
+            result.ports[port] = result.ports.get(port, 0) + 1
+            if head[_RUN_IO_DIRECTION] == 0:  # in
+                answer = b"".join(ports.read(port, size) for _ in range(repeat))
+                ctypes.memmove(data, answer, len(answer))
+            else:
+                for i in range(repeat):
+                    ports.write(port, ctypes.string_at(data + i * size, size))
+        elif reason == KVM_EXIT_MMIO:
+            if not head[_RUN_MMIO_WRITE]:  # nothing is there: reads see all ones
+                ctypes.memmove(run + _RUN_MMIO_DATA, b"\xff" * 8, 8)
+        elif reason != KVM_EXIT_INTR:
+            _boot_stopped(session, result, reason, head)
+            if reason in (KVM_EXIT_SHUTDOWN, KVM_EXIT_SYSTEM_EVENT):
+                result.milestones["reset"] = (now - start) / 1e9
+            break
+        console.scan(now)
+    console.scan(time.monotonic_ns(), force=True)
+    console.finish()
+    if result.outcome in (BOOT_NOT_RUN, BOOT_RESET, BOOT_TIMED_OUT, BOOT_STOPPED):
+        if "root-mount" in result.milestones:
+            result.outcome = BOOTED  # its own text says it ran its whole init
+        elif "panic" in result.milestones:
+            result.outcome = BOOT_PANICKED
+
+
+def _boot_stopped(session: _Session, result: BootResult, reason: int, head: bytes) -> None:
+    """Note how the kernel stopped: the exit, and where (see _boot_where)."""
+    result.exit_reason = reason
+    result.outcome = (
+        BOOT_RESET if reason in (KVM_EXIT_SHUTDOWN, KVM_EXIT_SYSTEM_EVENT) else BOOT_STOPPED
+    )
+    decoded = SmokeResult(result.backend)
+    _decode_run(decoded, head)
+    result.internal_suberror = decoded.internal_suberror
+    result.hardware_entry_failure_reason = decoded.hardware_entry_failure_reason
+    result.insn_bytes = decoded.insn_bytes
+    _boot_where(session, result)
+
+
+def _boot_where(session: _Session, result: BootResult) -> None:
+    """Where the vCPU is: RIP (through KVM_TRANSLATE, the bytes there and
+    the instruction) and whether it waits halted for an interrupt."""
+    import ctypes
+
+    regs, where, mp_state = _abi().KvmRegs(), (ctypes.c_uint64 * 3)(), ctypes.c_uint32(0xFFFF)
+    plan = _Plan()
+    plan.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, ctypes.addressof(regs))
+    plan.ioctl(
+        STEP_GET_REGS,
+        _VCPU,
+        KVM_GET_MP_STATE,
+        ctypes.addressof(mp_state),
+        soft=True,
+        value=_V_T_BASE2,
+    )
+    if not session.execute(plan):
+        return
+    result.rip = int(regs.rip)
+    result.halted = mp_state.value == _KVM_MP_STATE_HALTED
+    where[0] = result.rip  # struct kvm_translation: linear address, physical, valid...
+    plan = _Plan()
+    plan.ioctl(
+        STEP_TRANSLATE, _VCPU, KVM_TRANSLATE, ctypes.addressof(where), soft=True, value=_V_T_BASE
+    )
+    session.execute(plan)
+    physical, valid = int(where[1]), int(where[2]) & 0xFF
+    if not result.insn_bytes and valid and physical + 15 <= result.mem_size:
+        result.insn_bytes = bytes(session.mem[physical : physical + 15])
+    if result.insn_bytes:
+        result.instruction = _name_instruction(result.insn_bytes)
+
+
+def _settle() -> None:
+    """Release the earlier stages' throwaway VMs before the boot: their
+    teardown would take the CPU from the kernel's early timer calibration
+    (on a one-CPU host that made the kernel's TSC calibration fail)."""
+    _wait_for_closes()
+    held = _CACHE.get("held-for-exit")
+    while held:
+        release, _ = held.pop()
+        release()
+
+
+def _check_deep_timeout(timeout: object) -> None:
+    _check_timeout(timeout, "deep_timeout", MAX_DEEP_TIMEOUT)
+
+
+def _deep_stage(fd: int, facts: Facts, backend: str | None) -> None:
+    """The deep boot as a stage of the facts: the kernel asked for (or the
+    newest BoxLite extracted), booted; or why it was not."""
+    result = BootResult(_backend_for(backend).name, facts.deep_timeout)
+    facts.deep = result
+    if facts.arch != "x86_64":
+        result.note = "the deep boot is x86_64 only: an arm64 boot needs a device tree"
+        return
+    path = facts.kernel
+    if path is None:
+        found, where = boxlite_kernels()
+        if not found:
+            result.note = (
+                f"no kernel to boot: BoxLite has extracted none under {where} (it does on its "
+                "first runtime construction); pass one with --kernel PATH (libkrunfw's "
+                "libkrunfw.so, a vmlinux or a bzImage)"
+            )
+            return
+        path = found[0]
+    kernel = open_kernel(path)
+    _settle()
+    try:
+        facts.deep = deep_boot(fd, kernel, timeout=facts.deep_timeout, backend=backend)
+    finally:
+        kernel.close()
+
+
+class _Deep:
+    """The deep boot asked for: the kernel (None: BoxLite's newest) and the bound."""
+
+    __slots__ = ("kernel", "timeout")
+
+    def __init__(self, kernel: str | None = None, timeout: float = DEEP_TIMEOUT) -> None:
+        self.kernel, self.timeout = kernel, timeout
+
+
+def _deep_asked(deep: bool, kernel: str | None, timeout: float) -> _Deep | None:
+    """The public arguments (deep, kernel, deep_timeout) as one value."""
+    if not deep:
+        if kernel is not None:
+            raise InvalidArgumentError("kernel= is for the deep boot: pass deep=True with it")
+        return None
+    _check_deep_timeout(timeout)
+    return _Deep(kernel, timeout)
+
+
 # ── Findings: what the report shows, rendered from the facts ────────────────
 
 PASS, WARN, FAIL, SKIP, INFO = "pass", "warn", "fail", "skip", "info"
@@ -5326,6 +6262,30 @@ def _context_finding(facts: Facts) -> Finding:
     return Finding("host.context", INFO, summary, evidence)
 
 
+def _deep_finding(facts: Facts, error: BoxliteError | None) -> Finding:
+    """The deep boot: how far the engine's kernel got, in its own words."""
+    result = facts.deep
+    assert result is not None
+    evidence = result.as_dict()
+    if result.outcome == BOOT_NOT_RUN:
+        return Finding("deep.boot", SKIP, f"not run: {result.note}", evidence)
+    if result.ok:
+        reached = result.milestones.get(
+            "reset", result.milestones.get("root-mount", result.elapsed)
+        )
+        summary = (
+            f"{result.kernel} booted to its root-mount panic in {reached:.2f} s under this KVM "
+            f"({result.milestones_text()}; {result.exit_count} KVM exits, "
+            f"{result.mem_size // _MIB} MiB of guest memory)"
+        )
+        return Finding("deep.boot", PASS, summary, evidence, duration=result.elapsed)
+    key = next(key for key, holds in RULES if key.startswith("deep-") and holds(facts))
+    own = _render(key, facts)
+    finding = Finding("deep.boot", FAIL, own.summary, {"cause": own.cause, **evidence})
+    finding.duration_s = result.elapsed
+    return _carry(finding, error)
+
+
 # ── Probes: gather the facts for a platform ─────────────────────────────────
 
 
@@ -5359,16 +6319,25 @@ class HypervisorProbe:
     def facts(self, engine: str | None, timeout: float) -> Facts:
         return Facts(self.platform, self.machine, engine=engine, timeout=timeout)
 
+    def _asked(self, engine: str | None, timeout: float, deep: _Deep | None) -> Facts:
+        """The facts to gather, with the deep boot asked for (or not)."""
+        _check_engine(engine)
+        _check_timeout(timeout)
+        facts = self.facts(engine, timeout)
+        if deep is not None:
+            _check_deep_timeout(deep.timeout)
+            facts.deep_wanted, facts.kernel, facts.deep_timeout = True, deep.kernel, deep.timeout
+        return facts
+
     def acquire(
         self,
         timeout: float = DEFAULT_TIMEOUT,
         backend: str | None = None,
         engine: str | None = DEFAULT_ENGINE,
+        deep: _Deep | None = None,
     ) -> tuple[io.FileIO | None, SmokeResult | None]:
         """Validate the host; return (the open device or None, smoke result or None)."""
-        _check_engine(engine)
-        _check_timeout(timeout)
-        facts = self.facts(engine, timeout)
+        facts = self._asked(engine, timeout, deep)
         error = _diagnose(facts)
         if error is not None:
             raise error
@@ -5386,10 +6355,15 @@ class HypervisorProbe:
             device.close()
 
     def gather(
-        self, engine: str | None, timeout: float, backend: str | None, probe_hvf: bool = False
+        self,
+        engine: str | None,
+        timeout: float,
+        backend: str | None,
+        probe_hvf: bool = False,
+        deep: _Deep | None = None,
     ) -> Facts:
         """Everything the report shows, as facts."""
-        return self.facts(engine, timeout)
+        return self._asked(engine, timeout, deep)
 
     def findings(self, facts: Facts, error: BoxliteError | None) -> list[Finding]:
         """The report's findings for these facts and their diagnosis."""
@@ -5495,11 +6469,10 @@ class KvmProbe(HypervisorProbe):
         """The gate, stage by stage: (facts, the open device or None, the cause).
 
         It asks for a cause after each stage and stops at the first one; on
-        success the caller owns the device.
+        success the caller owns the device.  The deep boot, when the facts
+        ask for it, comes last, once every fast stage has passed.
         """
-        _check_engine(engine)
-        _check_timeout(timeout)
-        facts = facts or self.facts(engine, timeout)
+        facts = facts or self._asked(engine, timeout, None)
         device = self._open(facts)
         if device is None:
             return facts, None, self._cause(facts)
@@ -5520,6 +6493,14 @@ class KvmProbe(HypervisorProbe):
                     facts.ioctls = _probe_startup_ioctls(fd, facts.engine_ioctls, backend)
                 facts.complete = True
                 error = _diagnose_staged(facts)
+            if error is None and facts.deep_wanted:
+                _deep_stage(fd, facts, backend)
+                if facts.deep is not None and facts.deep.outcome == BOOT_NOT_RUN:
+                    if self.arch == "x86_64":  # the proof asked for cannot be made
+                        raise InvalidArgumentError(facts.deep.note)
+                    _log("info", "deep boot skipped: %s", facts.deep.note)
+                    facts.deep = None
+                error = _diagnose_staged(facts)
             if error is not None:
                 device.close()
                 return facts, None, error
@@ -5536,12 +6517,16 @@ class KvmProbe(HypervisorProbe):
         timeout: float = DEFAULT_TIMEOUT,
         backend: str | None = None,
         engine: str | None = DEFAULT_ENGINE,
+        deep: _Deep | None = None,
     ) -> tuple[io.FileIO | None, SmokeResult | None]:
-        """Open the device and prove what ``engine`` needs; the caller owns the
-        open device (a file object: its ``fileno()`` is the descriptor).  With an engine the guest is the long-mode one a real
-        kernel needs (and its speed); with ``engine=None`` the trivial one.
+        """Open the device and prove what ``engine`` needs; the caller owns
+        the open device (a file object: its ``fileno()`` is the descriptor).
+        With an engine the guest is the long-mode one a real kernel needs
+        (and its speed); with ``engine=None`` the trivial one.  ``deep``
+        boots the engine's kernel too, once the fast stages passed.
         """
-        facts, device, error = self.gate(engine, timeout, backend)
+        facts = self._asked(engine, timeout, deep)
+        facts, device, error = self.gate(engine, timeout, backend, facts)
         if error is not None:
             raise error
         if facts.smoke is None:
@@ -5554,19 +6539,27 @@ class KvmProbe(HypervisorProbe):
         return device, facts.smoke
 
     def gather(
-        self, engine: str | None, timeout: float, backend: str | None, probe_hvf: bool = False
+        self,
+        engine: str | None,
+        timeout: float,
+        backend: str | None,
+        probe_hvf: bool = False,
+        deep: _Deep | None = None,
     ) -> Facts:
         """Every fact the report shows: all capabilities, every engine's
-        start-up ioctls, the guest, with the time each stage took."""
+        start-up ioctls, the guest, with the time each stage took; and the
+        deep boot when asked for, whatever the fast stages found, so the two
+        can be compared."""
         import time
 
-        _check_engine(engine)
-        _check_timeout(timeout)
-        facts = self.facts(engine, timeout)
+        facts = self._asked(engine, timeout, deep)
         durations = facts.durations
         start = time.perf_counter()
         device = self._open(facts)
         if device is None:
+            if facts.deep_wanted:
+                facts.deep = BootResult("none", facts.deep_timeout)
+                facts.deep.note = f"{self.path} does not open"
             return facts
         with device:
             fd = device.fileno()
@@ -5579,6 +6572,12 @@ class KvmProbe(HypervisorProbe):
             durations["kvm.smoke"] = time.perf_counter() - start
             if facts.speaks_kvm and engine is not None and self.arch == "x86_64":
                 facts.ioctls = _probe_startup_ioctls(fd, _STARTUP_STEPS, backend)
+            if facts.deep_wanted:
+                if facts.speaks_kvm:
+                    _deep_stage(fd, facts, backend)
+                else:
+                    facts.deep = BootResult("none", facts.deep_timeout)
+                    facts.deep.note = f"{self.path} does not speak KVM's API"
         return facts
 
     def findings(self, facts: Facts, error: BoxliteError | None) -> list[Finding]:
@@ -5595,6 +6594,8 @@ class KvmProbe(HypervisorProbe):
             found += _guest_findings(smoke, error)
         if facts.engine is not None and facts.caps is not None and self.can_smoke_test:
             found += _engine_findings(facts, error)
+        if facts.deep is not None:
+            found.append(_deep_finding(facts, error))
         found.append(_capabilities_finding(facts))
         found[-1].duration_s = durations.get("kvm.capabilities", 0.0)
         found += [_groups_finding(facts), _module_finding(facts), _cpu_finding(facts)]
@@ -5632,9 +6633,14 @@ class HvfProbe(HypervisorProbe):
         return facts
 
     def gather(
-        self, engine: str | None, timeout: float, backend: str | None, probe_hvf: bool = False
+        self,
+        engine: str | None,
+        timeout: float,
+        backend: str | None,
+        probe_hvf: bool = False,
+        deep: _Deep | None = None,
     ) -> Facts:
-        facts = self.facts(engine, timeout)
+        facts = self._asked(engine, timeout, None)  # the deep boot is Linux's
         if probe_hvf:
             facts.probe_hvf = self._probe()
         return facts
@@ -5808,6 +6814,9 @@ class SystemCheck:
         timeout: float = DEFAULT_TIMEOUT,
         backend: str | None = None,
         engine: str | None = DEFAULT_ENGINE,
+        deep: bool = False,
+        kernel: str | None = None,
+        deep_timeout: float = DEEP_TIMEOUT,
     ) -> SystemCheck:
         """Verify the host; raise a BoxliteError with the cause and fix if it fails.
 
@@ -5818,9 +6827,16 @@ class SystemCheck:
         ``engine=None`` is the bare device check: /dev/kvm opens, speaks API
         12, creates a VM and runs a trivial guest.  The checker's own failure
         raises InternalError, never a verdict.
+
+        ``deep=True`` then boots the engine's own kernel (``kernel``: the
+        path of libkrunfw's library, a vmlinux or a bzImage; by default the
+        newest libkrunfw BoxLite extracted) in a throwaway VM, to its
+        root-mount panic, within ``deep_timeout`` seconds (x86_64; elsewhere
+        it is skipped).  No kernel to boot raises InvalidArgumentError.
         """
+        asked = _deep_asked(deep, kernel, deep_timeout)
         try:
-            device, smoke = _PROBE.acquire(timeout, backend, engine)
+            device, smoke = _PROBE.acquire(timeout, backend, engine, asked)
         except Exception as err:
             raise _as_checker_fault(err) from None
         return cls(device, smoke, _PROBE)
@@ -5945,6 +6961,14 @@ class Report:
         prefix = "engine."
         return {f.id[len(prefix) :]: f.evidence for f in self.findings if f.id.startswith(prefix)}
 
+    @property
+    def deep(self) -> dict[str, object] | None:
+        """The deep boot's result (deep.boot's evidence), when it ran."""
+        found = next((f for f in self.findings if f.id == "deep.boot"), None)
+        if found is None or found.evidence.get("outcome") == BOOT_NOT_RUN:
+            return None
+        return found.evidence
+
     def as_dict(self) -> dict[str, object]:
         """The JSON document (see boxlite_syscheck.schema.json)."""
         return {
@@ -6041,6 +7065,9 @@ def check(
     backend: str | None = None,
     probe_hvf: bool = False,
     engine: str | None = DEFAULT_ENGINE,
+    deep: bool = False,
+    kernel: str | None = None,
+    deep_timeout: float = DEEP_TIMEOUT,
 ) -> Report:
     """Run every probe and return a Report; never raises for a host problem.
 
@@ -6050,14 +7077,19 @@ def check(
     (``guest.msrs``), and each engine's verdict.  The verdict and its cause
     are those SystemCheck.run() gives for ``engine``: the same facts, the
     same rules.  The checker's own failure raises InternalError.
+
+    ``deep=True`` adds ``deep.boot``: the engine's kernel booted (see
+    SystemCheck.run), even when a fast stage refused, so the two can be
+    compared; the verdict keeps the first cause, in the gate's order.
     """
     import time
 
     _check_timeout(timeout)
     _check_engine(engine)
+    asked = _deep_asked(deep, kernel, deep_timeout)
     started, clock = time.time(), time.perf_counter()
     try:
-        facts = _PROBE.gather(engine, timeout, backend, probe_hvf)
+        facts = _PROBE.gather(engine, timeout, backend, probe_hvf, asked)
         error = _diagnose_staged(facts)
         findings = _PROBE.findings(facts, error)
         host = _host_facts(_PROBE, facts)
@@ -6260,6 +7292,35 @@ def _prometheus(run: _Outcome) -> str:
                 for state in ENGINE_STATES.values()
             ],
         )
+    deep = report.deep if report is not None else None
+    if deep is not None:
+        milestones = deep["milestones_s"]
+        assert isinstance(milestones, dict)
+        family(
+            "deep_boot_success",
+            "Whether the engine's own kernel booted to its root-mount panic under this KVM (--deep).",
+            [({}, "1" if deep["outcome"] == BOOTED else "0")],
+        )
+        family(
+            "deep_boot_outcome",
+            "How the deep boot ended, one series per outcome; the one that holds is 1.",
+            states("outcome", BOOT_OUTCOMES, str(deep["outcome"])),
+        )
+        family(
+            "deep_boot_milestone_seconds",
+            "When the deep boot reached each milestone, in seconds from VM creation.",
+            [({"milestone": name}, f"{at:.4f}") for name, at in milestones.items()],
+        )
+        family(
+            "deep_boot_kvm_exits",
+            "The KVM exits the deep boot made.",
+            [({}, str(deep["kvm_exits"]))],
+        )
+        family(
+            "deep_boot_guest_memory_bytes",
+            "The guest memory the deep boot gave the kernel.",
+            [({}, str(deep["guest_memory_bytes"]))],
+        )
     return "\n".join(lines)
 
 
@@ -6287,6 +7348,9 @@ def _nfd(run: _Outcome, expiry_s: float = DEFAULT_NFD_EXPIRY) -> str:
     labels["boxlite-kvm-provider"] = run.static_facts()["kvm_provider"]
     for name, row in run.engines.items():
         labels[f"boxlite-kvm-{name}"] = "true" if row["verdict"] == WOULD_RUN else "false"
+    deep = run.report.deep if run.report is not None else None
+    if deep is not None:
+        labels["boxlite-kvm-deep-boot"] = "true" if deep["outcome"] == BOOTED else "false"
     lines = [f"# +expiry-time={_rfc3339(run.started + expiry_s)}"]
     lines += [f"{NFD_PREFIX}{key}={_k8s_label_value(value)}" for key, value in labels.items()]
     return "\n".join(lines)
@@ -6437,6 +7501,24 @@ _OPTIONS = (
         kind="value",
         choices=(*ENGINES, "none"),
     ),
+    _Option(
+        "--deep",
+        "also boot the engine's own kernel in a throwaway VM, to its root-mount panic (x86_64; "
+        "seconds, not milliseconds)",
+    ),
+    _Option(
+        "--kernel",
+        "--deep: the kernel to boot: libkrunfw's library, a vmlinux or a bzImage (default: the "
+        "newest libkrunfw BoxLite extracted)",
+        kind="value",
+        metavar="PATH",
+    ),
+    _Option(
+        "--deep-timeout",
+        f"--deep: bound on the boot (default {DEEP_TIMEOUT:g})",
+        kind="number",
+        metavar="SECONDS",
+    ),
     _Option("--probe-hvf", "macOS: also call hv_vm_create()"),
     _Option("--version", "print the version and exit", kind="version"),
 )
@@ -6447,6 +7529,8 @@ _DEFAULTS: dict[str, object] = {
     "timeout": DEFAULT_TIMEOUT,
     "backend": None,
     "engine": DEFAULT_ENGINE,
+    "kernel": None,
+    "deep_timeout": None,
 }
 _DESCRIPTION = (
     "Check that this host can run hardware-accelerated VMs, by running real guest code under "
@@ -6578,6 +7662,13 @@ def _usage_error(args: Any) -> str | None:
         return "--expiry: give a number of seconds, more than 0 and at most a year"
     if args.gate and args.format not in ("prometheus", "nfd"):
         return "--gate applies to --format prometheus and nfd (text and json always gate)"
+    if not args.deep and (args.kernel is not None or args.deep_timeout is not None):
+        return "--kernel and --deep-timeout go with --deep"
+    if args.deep_timeout is not None:
+        try:
+            _check_deep_timeout(args.deep_timeout)
+        except InvalidArgumentError as err:
+            return f"--deep-timeout: {err.detail}"
     if args.output is not None and args.output != "-" and os.path.isdir(args.output):
         return f"--output: {args.output} is a directory; name the file to write"
     try:
@@ -6607,13 +7698,25 @@ def _main(prog: str, argv: Sequence[str] | None) -> int:
     engine = None if args.engine == "none" else args.engine
     started, clock = time.time(), time.perf_counter()
     report, failure, engines = None, None, None
+    deep = {
+        "deep": args.deep,
+        "kernel": args.kernel,
+        "deep_timeout": DEEP_TIMEOUT if args.deep_timeout is None else args.deep_timeout,
+    }
     try:
         report = check(
-            timeout=args.timeout, backend=args.backend, probe_hvf=args.probe_hvf, engine=engine
+            timeout=args.timeout,
+            backend=args.backend,
+            probe_hvf=args.probe_hvf,
+            engine=engine,
+            **deep,
         )
         if fleet and engine is None and isinstance(_PROBE, KvmProbe):
             # The fleet labels say which engines would run, whatever --engine chose.
             engines = check(timeout=args.timeout, backend=args.backend).engines
+    except InvalidArgumentError as err:  # a kernel that is not one, say
+        print(f"{_usage_line(prog)}\n{prog}: error: {err.detail}", file=sys.stderr)
+        return EXIT_USAGE
     except InternalError as err:
         failure = err
         print(f"{prog}: the checker failed: {_failure_text(err)}", file=sys.stderr)

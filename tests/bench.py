@@ -136,6 +136,92 @@ def cli_rows(python: str, n: int) -> list[tuple[str, ...]]:
     return rows
 
 
+def pvh_elf(kernel: Path, out: Path) -> None:
+    """libkrunfw's raw kernel as an ELF with a PVH entry note, which QEMU's
+    -kernel boots directly (its entry, pvh_start_xen, is at the load address)."""
+    import ctypes
+    import mmap
+
+    opened = b.open_kernel(str(kernel))
+    mem = mmap.mmap(-1, opened.end)
+    anchor = ctypes.c_char.from_buffer(mem)
+    opened.copy_into(mem, ctypes.addressof(anchor))
+    del anchor
+    image = bytes(mem[opened.load : opened.end])
+    opened.close()
+    mem.close()
+
+    def u(value: int, size: int) -> bytes:
+        return value.to_bytes(size, "little")
+
+    # XEN_ELFNOTE_PHYS32_ENTRY (18), name "Xen", the 32-bit entry address.
+    note = u(4, 4) + u(4, 4) + u(18, 4) + b"Xen\0" + u(opened.load, 4)
+    at = 4096
+
+    def phdr(kind: int, offset: int, paddr: int, size: int, align: int) -> bytes:
+        flags = 7 if kind == 1 else 4
+        return (
+            u(kind, 4) + u(flags, 4) + u(offset, 8) + u(paddr, 8) * 2 + u(size, 8) * 2 + u(align, 8)
+        )
+
+    head = b"\x7fELF\x02\x01\x01" + bytes(9) + u(2, 2) + u(62, 2) + u(1, 4) + u(opened.load, 8)
+    head += u(64, 8) + bytes(8) + bytes(4) + u(64, 2) + u(56, 2) + u(2, 2) + bytes(6)
+    table = phdr(1, at, opened.load, len(image), 4096) + phdr(4, 64 + 2 * 56, 0, len(note), 4)
+    data = head + table + note
+    out.write_bytes(data + bytes(at - len(data)) + image)
+
+
+def deep_rows() -> list[tuple[str, ...]]:
+    """The deep boot in the emulated-SVM host (from the last make
+    test-x86-nested) against QEMU's emulator booting the same kernel
+    directly here: both are QEMU's TCG underneath."""
+    import json
+
+    log = ROOT / "build" / "nested" / "svm.log"
+    lines = (
+        [line for line in log.read_text(errors="replace").splitlines() if "DEEP-BOOT " in line]
+        if log.exists()
+        else []
+    )
+    if not lines or shutil.which("qemu-system-x86_64") is None:
+        return [("deep boot, nested host", "-", "-", "-", "", "run `make test-x86-nested` first")]
+    deep = json.loads(lines[-1].split("DEEP-BOOT ", 1)[1])
+    reset = deep["milestones_s"].get("reset")
+    sys.path.insert(0, str(ROOT / "tests"))
+    import boxlite_sdk
+
+    with tempfile.TemporaryDirectory() as tmp:
+        elf = Path(tmp) / "libkrunfw-pvh.elf"
+        pvh_elf(boxlite_sdk.extracted_libkrunfw(), elf)
+        machine = ["-accel", "tcg", "-M", "microvm", "-cpu", "EPYC", "-m", "64"]
+        cmdline = "console=ttyS0 reboot=t panic=-1"  # the kernel has no 8250: silent
+        boot = ["-kernel", str(elf), "-append", cmdline, "-nographic", "-no-reboot"]
+        command = ["qemu-system-x86_64", *machine, *boot]
+        samples, _ = wall(command, 3, timeout=120)
+    qemu = summary(samples)[0] / 1e3
+    first = deep["milestones_s"].get("first-output")
+    return [
+        (
+            "QEMU TCG boots libkrunfw to its reset",
+            f"{qemu * 1e3:.0f}",
+            "",
+            "",
+            "",
+            "whole QEMU process, here",
+        ),
+        (
+            "deep boot in the nested host, to reset",
+            f"{reset * 1e3:.0f}" if reset else "-",
+            "",
+            "",
+            f"{reset / qemu:.2f}x" if reset else "",
+            f"target 2x; first output at {first * 1e3:.0f} ms; {deep['kvm_exits']} KVM exits"
+            if first
+            else deep["outcome"],
+        ),
+    ]
+
+
 class busy:  # noqa: N801 - a context manager, used as a statement
     """A busy loop on ``cpus`` CPUs (processes, so the GIL does not matter)."""
 
@@ -230,6 +316,7 @@ def bench(n: int) -> None:
             )
         med, lo, hi = summary(samples)
         rows.append((name, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", verdict))
+    rows += deep_rows()
     nested = ROOT / "build" / "nested" / "svm.log"
     if nested.exists():
         for line in nested.read_text(errors="replace").splitlines():

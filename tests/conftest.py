@@ -16,6 +16,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import boxlite_sdk  # noqa: E402
+
 import boxlite_syscheck  # noqa: E402
 
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -426,30 +428,22 @@ def boxlite_venv(version: str) -> Path:
     """A virtualenv of the system Python (every user can run it) with the
     real BoxLite SDK from PyPI, made once per machine and version.  Skips
     with the reason only where PyPI cannot be reached; under CI it fails."""
-    where = Path(f"/tmp/boxlite-sdk-{version}")
-    python = where / "bin" / "python"
-    check = [
-        str(python),
-        "-c",
-        f"import boxlite, sys; sys.exit(boxlite.__version__ != {version!r})",
-    ]
-    if python.exists() and subprocess.run(check, capture_output=True).returncode == 0:
-        return where
-    shutil.rmtree(where, ignore_errors=True)
-    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(where)], check=True)
-    done = subprocess.run(
-        [str(python), "-m", "pip", "install", "--quiet", f"boxlite=={version}"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if done.returncode != 0:
-        message = f"boxlite {version} cannot be installed from PyPI: {done.stderr[-500:]}"
+    try:
+        return boxlite_sdk.venv(version)
+    except boxlite_sdk.Unavailable as err:
         if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    subprocess.run(["chmod", "-R", "a+rX", str(where)], check=True)
-    return where
+            pytest.fail(str(err))
+        pytest.skip(str(err))
+
+
+def boxlite_kernel() -> Path:
+    """The kernel BoxLite boots: the libkrunfw its runtime extracts."""
+    try:
+        return boxlite_sdk.extracted_libkrunfw()
+    except boxlite_sdk.Unavailable as err:
+        if os.environ.get("CI"):
+            pytest.fail(str(err))
+        pytest.skip(str(err))
 
 
 def busybox_oci_layout(where: Path) -> Path:

@@ -85,6 +85,24 @@ def sample() -> b.Facts:
     facts.message = "krun_start_enter failed: Error(13)"
     facts.decoded = ["errno 13 is EACCES (Permission denied)"]
     facts.note = "libkvmsmoke.so does not exist"
+    deep = facts.deep = b.BootResult("native", 30.0)
+    deep.kernel, deep.kernel_path = "Linux 6.12.87, libkrunfw", "/x/libkrunfw.so.5"
+    deep.mem_size, deep.elapsed, deep.step, deep.error = (
+        64 << 20,
+        6.2,
+        b.STEP_SET_LAPIC,
+        errno.EINVAL,
+    )
+    deep.milestones = {"loaded": 0.02, "version": 0.57}
+    deep.exits = {"IO": 20, "INTERNAL_ERROR": 1}
+    deep.exit_reason, deep.internal_suberror, deep.rip = (
+        b.KVM_EXIT_INTERNAL_ERROR,
+        1,
+        0xFFFFFFFF812A7652,
+    )
+    deep.instruction, deep.insn_bytes = "lock cmpxchg16b", bytes.fromhex("f0490fc74820")
+    deep.console = "Calibrating delay loop (skipped), value calculated using timer frequency"
+    deep.panic = "Kernel panic - not syncing: Attempted to kill the idle task!"
     return facts
 
 
@@ -133,6 +151,7 @@ def test_the_layers_are_findings_or_the_engine_or_the_checker():
         "guest.speed",
         "guest.stock_kernel",
         "guest.msrs",
+        "deep.boot",
         "checker",
     }
 

@@ -37,6 +37,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+import boxlite_sdk  # noqa: E402
+
 PYTHON = "/usr/bin/python3.11"
 TOOLS = {"qemu-system-x86_64": "qemu-system-x86", "cpio": "cpio", "busybox": "busybox-static"}
 # Modules, in load order (kvm_amd needs ccp for SEV; irqbypass for posted IRQs).
@@ -59,6 +63,10 @@ BOOTS = {
             "engines",
             "bare-device",
             "cli-json",
+            "deep-native",
+            "deep-python",
+            "deep-report",
+            "deep-cli",
             "bench",
         ],
     },
@@ -173,6 +181,12 @@ def stage(build: Path, modules: Path) -> Path:
     for lib in shared_libraries([PYTHON, *dynload]):
         copy(lib, root)
     copy(PYTHON, root)
+    # BoxLite's own kernel, where BoxLite extracts it (the guest's XDG_DATA_HOME
+    # is /xdg): the deep boot's positive control.
+    kernel = boxlite_sdk.extracted_libkrunfw()
+    runtime = root / "xdg/boxlite/runtimes" / kernel.parent.name
+    runtime.mkdir(parents=True)
+    shutil.copy2(kernel, runtime / kernel.name)
     install_app(root, ROOT / "libkvmsmoke.so", INIT)
     return root
 
@@ -294,6 +308,7 @@ ARM_BOOTS = {
             "bare-device",
             "cli-json",
             "bound",
+            "deep-unavailable",
         ],
     },
     "no-el2": {"machine": "virt", "cases": ["no-kvm-diagnosed"]},
