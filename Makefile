@@ -7,7 +7,7 @@ LDFLAGS += -shared -Wl,-z,now -Wl,-z,relro
 PYTHON ?= python3
 VENV := .venv
 
-.PHONY: all test lint bench stress clean test-x86-nested test-aarch64
+.PHONY: all test lint bench bench-load stress clean test-x86-nested test-aarch64
 
 all: libkvmsmoke.so __pycache__/.bytecode
 
@@ -51,8 +51,13 @@ test-x86-nested: libkvmsmoke.so
 test-aarch64:
 	$(PYTHON) tests/vmhost.py aarch64
 
-bench: libkvmsmoke.so
-	$(PYTHON) tests/bench.py
+# ARGS=--load (or make bench-load) repeats the table with a busy loop on
+# every CPU and compares each ratio with its quiet value.
+bench: all
+	$(PYTHON) tests/bench.py $(ARGS)
+
+bench-load: all
+	$(PYTHON) tests/bench.py --load
 
 stress: libkvmsmoke.so
 	$(PYTHON) tests/bench.py --stress

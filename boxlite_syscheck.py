@@ -1800,9 +1800,11 @@ def _cookie() -> int:
 
 def _timer_signal() -> int:
     """The real-time signal that bounds KVM_RUN (blocked outside KVM_RUN)."""
-    import signal
+    # The signal module's C core: already loaded at start-up, while the
+    # module itself imports enum (a millisecond on the first check).
+    core: Any = __import__("_signal")  # no stub of its own: typed as Any
 
-    return int(signal.SIGRTMAX) - 1
+    return int(core.SIGRTMAX) - 1
 
 
 def _watchdog_signal() -> int:
@@ -2739,11 +2741,9 @@ def _run_guest(session: _Session) -> None:
 
 def _check_timeout(timeout: object, name: str = "timeout", most: float = MAX_TIMEOUT) -> None:
     """Refuse a bound that is not a finite number of seconds in (0, most]."""
-    import math
-
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
         raise InvalidArgumentError(f"{name} must be a number of seconds, got {timeout!r}")
-    if not (math.isfinite(timeout) and 0 < timeout <= most):
+    if not 0 < timeout <= most:  # false for NaN and for infinity alike
         raise InvalidArgumentError(
             f"{name} must be more than 0 and at most {most:g} seconds, got {timeout!r}"
         )
@@ -4498,13 +4498,15 @@ def _unanswered(f: Facts) -> bool:
 
 def _gone(f: Facts, *names: str) -> bool:
     """No node (ENOENT), in one of these runtimes (any, when none is named)."""
-    where = f.ev.runtime in names if names else f.ev.runtime is not None
-    return _missing_node(f) and where
+    if not _missing_node(f):  # first: the runtime is read only when it matters
+        return False
+    return f.ev.runtime in names if names else f.ev.runtime is not None
 
 
 def _driver_loaded(f: Facts) -> bool:
-    loaded = bool(set(_DRIVERS) & set(f.ev.kvm_modules))
-    return _missing_node(f) and (bool(f.ev.kvm_registered) or loaded)
+    if not _missing_node(f):  # first: the modules are read only when it matters
+        return False
+    return bool(f.ev.kvm_registered) or bool(set(_DRIVERS) & set(f.ev.kvm_modules))
 
 
 def _has(f: Facts, flag: str) -> bool:
@@ -4672,11 +4674,42 @@ RULES: tuple[tuple[str, Callable[[Facts], bool]], ...] = (
 )
 
 
+#: Blocks of RULES (first and last key) whose every predicate needs a fact
+#: that a check can lack: macOS's answers, or an OS call that failed.
+_RULE_BLOCKS = {
+    "macos": ("rosetta", "hv-engine-error"),
+    "failure": ("fd-limit", "kvm-open-failed"),
+}
+
+
+def _rules_without(*blocks: str) -> tuple[tuple[str, Callable[[Facts], bool]], ...]:
+    """RULES in order, less the named blocks (made once per combination)."""
+
+    def make() -> tuple[tuple[str, Callable[[Facts], bool]], ...]:
+        keys = [key for key, _ in RULES]
+        skipped: set[int] = set()
+        for name in blocks:
+            first, last = _RULE_BLOCKS[name]
+            skipped.update(range(keys.index(first), keys.index(last) + 1))
+        return tuple(rule for i, rule in enumerate(RULES) if i not in skipped)
+
+    rules: tuple[tuple[str, Callable[[Facts], bool]], ...] = _cached(
+        "rules-without:" + ",".join(blocks), make
+    )
+    return rules
+
+
 def _diagnose(facts: Facts) -> BoxliteError | None:
-    """The one door to a cause: the first rule of RULES that holds, rendered."""
+    """The one door to a cause: the first rule of RULES that holds, rendered.
+    A block of rules whose facts are absent is not asked (it cannot hold)."""
     facts.pin()  # the rules read the first failure many times: find it once
     try:
-        for key, holds in RULES:
+        absent = []
+        if not facts.mac and facts.hv is None:
+            absent.append("macos")
+        if facts.failure is None:
+            absent.append("failure")
+        for key, holds in _rules_without(*absent):
             if holds(facts):
                 return _render(key, facts)
         return None

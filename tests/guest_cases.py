@@ -115,6 +115,7 @@ def with_svm() -> None:
         deep_cases()
     if LONG_MODE:
         guarded("bench", bench)
+        guarded("speed-under-load", speed_under_load)
     else:
         guarded("bound", arm64_bound)
         guarded("deep-unavailable", arm64_deep)
@@ -248,6 +249,132 @@ class NativeShare:
         self.ns += time.perf_counter_ns() - start
 
 
+def gate_spec(engine: str | None = b.DEFAULT_ENGINE) -> str:
+    """What one real gate did, as tests/gate_floor.c's spec: the guest, its
+    special registers and MSRs, every bounded run with its registers in the
+    order they ran, the host loop, the start-up ioctls."""
+    import ctypes
+
+    lines: list[str] = [f"timeout {int(b.DEFAULT_TIMEOUT * 1e9)}"]
+    pending: dict[int, list[str]] = {}
+    saved = (
+        b._capability_values,
+        b._Session.run_plan,
+        b._Session.execute,
+        b._host_ns_per_iteration,
+        b._probe_startup_ioctls,
+    )
+    caps, session_seen = [], []
+
+    def capability_values(fd, names):
+        names = list(names)
+        caps.extend(b.KVM_CAPS[name] for name in names)
+        return saved[0](fd, names)
+
+    def run_plan(session, plan, rip, value, **regs):
+        session_seen.append(session)
+        pending.setdefault(id(plan), []).append(f"run {rip} {regs.get('rcx', 0)}")
+        saved[1](session, plan, rip, value, **regs)
+
+    def execute(session, plan):
+        events = pending.pop(id(plan), [])
+        # A plan's runs, then its KVM_GET_REGS when it ends with one.
+        lines.extend(events)
+        if plan.ops and plan.ops[-1][9] == b.KVM_GET_REGS:
+            lines.append("getregs")
+        return saved[2](session, plan)
+
+    def host_ns(iterations):
+        lines.extend([f"hostloop {b._HOST_LOOP.hex()} {iterations}"] * 2)  # it takes the best of 2
+        return saved[3](iterations)
+
+    def startup(fd, names, backend=None):
+        wanted = [name for name in b._STARTUP_STEPS if name in set(names)]
+        args = b._startup_args()
+        for index, name in enumerate(wanted):
+            if index == 0 or name == "KVM_ENABLE_CAP(SPLIT_IRQCHIP)":
+                lines.append("vm")
+            request, arg, buffer = args[name]
+            if buffer is None:
+                lines.append(f"startup {request} {arg}")
+            else:
+                lines.append(f"startupbuf {request} {bytes(buffer).hex()}")
+        return saved[4](fd, names, backend)
+
+    b._capability_values, b._Session.run_plan, b._Session.execute = (
+        capability_values,
+        run_plan,
+        execute,
+    )
+    b._host_ns_per_iteration, b._probe_startup_ioctls = host_ns, startup
+    try:
+        try:
+            b.SystemCheck.run(backend="native", engine=engine).close()
+        except b.BoxliteError:
+            pass  # a refusal is the gate's work too
+    finally:
+        (
+            b._capability_values,
+            b._Session.run_plan,
+            b._Session.execute,
+            b._host_ns_per_iteration,
+            b._probe_startup_ioctls,
+        ) = saved
+    guest = b._guest("long-mode")
+    wanted, spans = guest.wanted()
+    raw = ctypes.string_at(ctypes.addressof(wanted), ctypes.sizeof(wanted))
+    head = [f"cap {cap}" for cap in caps]
+    head += [f"mem {guest.mem_size}", f"image {guest.image.hex()}"]
+    head += [f"sregs {offset} {raw[offset : offset + size].hex()}" for offset, size in spans]
+    head += [f"msr {index} {value}" for _, index, value in b.BOOT_MSRS]
+    smoke = session_seen[0].result if session_seen else None
+    head.append(f"arch {int(bool(smoke and smoke.cpuid.get('arch_capabilities')))}")
+    regs_type = b._abi().KvmRegs
+    for name, value in guest.regs.items():
+        if name not in ("rip", "rcx"):
+            head.append(f"regs {getattr(regs_type, name).offset} {value}")
+    return "\n".join(head + lines) + "\n"
+
+
+def floor_ratio(
+    floor: str, backend: str = "native", rounds: int = 6, per_round: int = 10
+) -> tuple[float, float, str]:
+    """(gate ms, C floor ms, the floor's exit reasons): medians over
+    interleaved rounds of the default gate and tests/gate_floor.c doing the
+    work the gate did here (its spec recorded from this host's own gate).
+    Each side waits for its VMs' teardown outside its clock."""
+    import statistics
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".spec") as spec:
+        spec.write(gate_spec())
+        spec.flush()
+        gates: list[int] = []
+        floors: list[int] = []
+        exits = ""
+
+        def gate() -> None:
+            try:
+                b.SystemCheck.run(backend=backend).close()
+            except b.BoxliteError:
+                pass  # a refusal is the gate's work too
+
+        gate()
+        b._wait_for_closes()
+        for _ in range(rounds):
+            done = subprocess.run(
+                [floor, spec.name, str(per_round + 1)], capture_output=True, text=True, check=True
+            )
+            floors += [int(line) for line in done.stdout.split()[1:]]  # the first warms up
+            exits = done.stderr.strip()
+            for _ in range(per_round):
+                start = time.perf_counter_ns()
+                gate()
+                gates.append(time.perf_counter_ns() - start)
+                b._wait_for_closes()
+    return statistics.median(gates) / 1e6, statistics.median(floors) / 1e6, exits
+
+
 def gate_ratio(runs: int, engine: str | None = b.DEFAULT_ENGINE) -> tuple[float, float]:
     """(gate ms per run, gate time / native time) with the native backend."""
     try:
@@ -268,7 +395,19 @@ def gate_ratio(runs: int, engine: str | None = b.DEFAULT_ENGINE) -> tuple[float,
 
 
 def bench() -> None:
-    """The gate against the native work it does (both under the same emulator)."""
+    """The gate against C doing the same work, and against the native work it
+    does (all under the same emulator)."""
+    floor = os.path.join(HERE, "gate_floor")
+    if os.path.exists(floor):
+        for backend in ("native", "python"):
+            gate_ms, floor_ms, exits = floor_ratio(floor, backend)
+            target = "1.10x" if backend == "native" else "1.25x"
+            print(
+                f"CASE bench-floor-{backend} INFO default gate ({backend}) {gate_ms:.2f} ms, "
+                f"C doing the same work {floor_ms:.2f} ms: {gate_ms / floor_ms:.2f}x "
+                f"(target {target}; C's runs ended: {exits})",
+                flush=True,
+            )
     ms, ratio = gate_ratio(20)
     print(
         f"CASE bench INFO gate {ms:.2f} ms, {ratio:.2f}x its native work (target 1.15x)", flush=True
@@ -291,6 +430,38 @@ def bench() -> None:
         f"CASE bench-report INFO check() with every engine {check_ns / 1e7:.2f} ms, "
         f"{check_ns / gate_ns:.2f}x the gate (target 1.6x)",
         flush=True,
+    )
+
+
+def speed_under_load(runs: int = 100) -> None:
+    """The speed probe's verdict holds with a busy loop beside the gate on
+    every CPU: a host that runs guests at hardware speed is never called
+    emulated because something else wanted the CPU."""
+    loops = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(os.cpu_count() or 1)
+    ]
+    verdicts: dict[str, int] = {}
+    start = time.monotonic()
+    try:
+        time.sleep(0.2)
+        for _ in range(runs):
+            try:
+                b.SystemCheck.run().close()
+                said = "usable"
+            except b.BoxliteError as err:
+                said = err.cause
+            verdicts[said] = verdicts.get(said, 0) + 1
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+    emulated = sum(n for cause, n in verdicts.items() if cause.startswith("guest-emulated"))
+    case(
+        "speed-under-load",
+        verdicts == {"usable": runs},
+        f"{runs} gates beside {len(loops)} busy loop(s) in {time.monotonic() - start:.1f} s: "
+        f"{verdicts}; {emulated} called emulated",
     )
 
 

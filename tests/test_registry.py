@@ -192,3 +192,30 @@ def test_the_readme_engine_table_is_engine_requirements():
         assert x86.split(", ") == list(row["required"]["x86_64"]), name
         assert arm.split(", ") == list(row["required"]["aarch64"]), name
         assert ioctls.split(", ") == list(row["ioctls"]), name
+
+
+@pytest.mark.parametrize("block", sorted(b._RULE_BLOCKS))
+def test_a_skipped_block_of_rules_cannot_hold_without_its_facts(block):
+    # _diagnose leaves out the macOS block on Linux and the failure block when
+    # no OS call failed; each of their rules must then be false, whatever
+    # else the facts say (here: everything else a cause can show).
+    first, last = b._RULE_BLOCKS[block]
+    keys = [key for key, _ in b.RULES]
+    rules = b.RULES[keys.index(first) : keys.index(last) + 1]
+    assert len(rules) > 10
+    facts = sample()
+    facts.platform, facts.machine = "linux", "x86_64"
+    facts.open_errno, facts.caps, facts.ioctls, facts.smoke = None, None, None, None
+    facts.hv = None
+    if block == "macos":
+        facts.open_errno = errno.EACCES  # a Linux failure: still not macOS's
+    assert facts.mac is False and (facts.failure is None) == (block == "failure")
+    held = [key for key, holds in rules if holds(facts)]
+    assert held == []
+    # and the block does hold for the facts it needs: it is not dead
+    if block == "failure":
+        facts.open_errno = errno.ENOENT
+    else:
+        facts.platform, facts.machine = "darwin", "arm64"
+        facts.sysctls = {"kern.hv_support": 0}
+    assert any(holds(facts) for _, holds in rules)

@@ -1,0 +1,340 @@
+/* The C floor of the default gate (`make bench`, and inside the nested SVM
+ * host): the same KVM work SystemCheck.run() does for the default engine,
+ * as straight-line C with raw ioctls.  It does not use libkvmsmoke.so, so it
+ * measures what any C program would pay for the same work.
+ *
+ * What to do comes from a spec that tests/guest_cases.py records from one
+ * real gate on the same host (gate_spec()), so the guest, its memory, the
+ * special registers, the boot MSRs, every bounded run with its registers and
+ * the start-up ioctls are the gate's own, in the gate's order:
+ *
+ *   timeout NS             the bound armed around every KVM_RUN
+ *   cap N                  KVM_CHECK_EXTENSION(N) on /dev/kvm
+ *   mem SIZE               the guest memory's size
+ *   image HEX              its contents from guest physical 0
+ *   sregs OFFSET HEX       bytes patched into kvm_sregs after KVM_GET_SREGS
+ *   msr INDEX VALUE        a boot MSR, all set with one KVM_SET_MSRS
+ *   arch 0|1               read IA32_ARCH_CAPABILITIES and set it, as QEMU does
+ *   regs OFFSET VALUE      a field of the kvm_regs every run starts from
+ *   run RIP RCX            set the registers, one bounded KVM_RUN
+ *   getregs                KVM_GET_REGS
+ *   hostloop HEX N         the host side of the speed probe: the loop's bytes, N turns
+ *   vm                     a fresh VM for the start-up ioctls that follow
+ *   startup REQUEST ARG    an ioctl on that VM, its argument a number
+ *   startupbuf REQUEST HEX ... or a pointer to these bytes
+ *
+ * Usage: gate_floor SPEC N.  Prints N durations in nanoseconds, one a line,
+ * each from opening /dev/kvm to closing it; the start-up VMs are closed
+ * after the clock stops, as the gate hands their teardown to the background.
+ * The first pass's exit reasons go to stderr ("exits 5 5 ... 17"), so the
+ * caller can check that the runs ended as the gate's did.
+ */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+enum kind { CAP, RUN, GETREGS, HOSTLOOP, VM, STARTUP, STARTUPBUF };
+
+struct action {
+    enum kind kind;
+    uint64_t a, b;
+    unsigned char *bytes;
+    size_t len;
+};
+
+static struct action actions[4096];
+static size_t n_actions;
+static unsigned char *image;
+static size_t image_len, mem_size;
+static struct { size_t offset, len; unsigned char *bytes; } patches[64];
+static size_t n_patches;
+static struct { uint32_t index; uint64_t value; } msrs[64];
+static size_t n_msrs;
+static struct { size_t offset; uint64_t value; } regs_init[32];
+static size_t n_regs;
+static int arch_caps;
+static long long timeout_ns = 2000000000LL;
+
+static void die(const char *what)
+{
+    perror(what);
+    exit(1);
+}
+
+static unsigned char *hex(const char *text, size_t *len)
+{
+    size_t n = strlen(text) / 2;
+    unsigned char *out = malloc(n ? n : 1);
+    if (out == NULL) die("malloc");
+    for (size_t i = 0; i < n; i++) {
+        unsigned value;
+        if (sscanf(text + 2 * i, "%2x", &value) != 1) die("spec: bad hex");
+        out[i] = (unsigned char)value;
+    }
+    *len = n;
+    return out;
+}
+
+static struct action *add(enum kind kind)
+{
+    if (n_actions == sizeof(actions) / sizeof(actions[0])) die("spec: too long");
+    struct action *act = &actions[n_actions++];
+    memset(act, 0, sizeof(*act));
+    act->kind = kind;
+    return act;
+}
+
+static void read_spec(const char *path)
+{
+    FILE *spec = fopen(path, "r");
+    if (spec == NULL) die(path);
+    static char line[1 << 20], word[32], text[1 << 20];
+    while (fgets(line, sizeof(line), spec) != NULL) {
+        unsigned long long a = 0, b = 0;
+        if (sscanf(line, "%31s", word) != 1) continue;
+        if (!strcmp(word, "timeout") && sscanf(line, "%*s %llu", &a) == 1) {
+            timeout_ns = (long long)a;
+        } else if (!strcmp(word, "cap") && sscanf(line, "%*s %llu", &a) == 1) {
+            add(CAP)->a = a;
+        } else if (!strcmp(word, "mem") && sscanf(line, "%*s %llu", &a) == 1) {
+            mem_size = a;
+        } else if (!strcmp(word, "image") && sscanf(line, "%*s %s", text) == 1) {
+            image = hex(text, &image_len);
+        } else if (!strcmp(word, "sregs") && sscanf(line, "%*s %llu %s", &a, text) == 2) {
+            patches[n_patches].offset = a;
+            patches[n_patches].bytes = hex(text, &patches[n_patches].len);
+            if (++n_patches == 64) die("spec: too many sregs patches");
+        } else if (!strcmp(word, "msr") && sscanf(line, "%*s %llu %llu", &a, &b) == 2) {
+            msrs[n_msrs].index = (uint32_t)a;
+            msrs[n_msrs].value = b;
+            if (++n_msrs == 64) die("spec: too many MSRs");
+        } else if (!strcmp(word, "arch") && sscanf(line, "%*s %llu", &a) == 1) {
+            arch_caps = (int)a;
+        } else if (!strcmp(word, "regs") && sscanf(line, "%*s %llu %llu", &a, &b) == 2) {
+            regs_init[n_regs].offset = a;
+            regs_init[n_regs].value = b;
+            if (++n_regs == 32) die("spec: too many registers");
+        } else if (!strcmp(word, "run") && sscanf(line, "%*s %llu %llu", &a, &b) == 2) {
+            struct action *act = add(RUN);
+            act->a = a;
+            act->b = b;
+        } else if (!strcmp(word, "getregs")) {
+            add(GETREGS);
+        } else if (!strcmp(word, "hostloop") && sscanf(line, "%*s %s %llu", text, &a) == 2) {
+            struct action *act = add(HOSTLOOP);
+            act->bytes = hex(text, &act->len);
+            act->a = a;
+        } else if (!strcmp(word, "vm")) {
+            add(VM);
+        } else if (!strcmp(word, "startup") && sscanf(line, "%*s %llu %llu", &a, &b) == 2) {
+            struct action *act = add(STARTUP);
+            act->a = a;
+            act->b = b;
+        } else if (!strcmp(word, "startupbuf") && sscanf(line, "%*s %llu %s", &a, text) == 2) {
+            struct action *act = add(STARTUPBUF);
+            act->a = a;
+            act->bytes = hex(text, &act->len);
+        } else {
+            fprintf(stderr, "spec: cannot read: %s", line);
+            exit(1);
+        }
+    }
+    fclose(spec);
+    if (mem_size == 0 || image == NULL || image_len > mem_size) die("spec: no guest");
+}
+
+static void (*host_loop)(uint32_t);
+static unsigned exits[4096];
+static size_t n_exits;
+
+/* One bounded KVM_RUN, armed as the gate arms it: the signal blocked in the
+ * thread and let through only inside KVM_RUN, a one-shot timer aimed at this
+ * thread, deleted afterwards. */
+static void bounded_run(int vcpu, struct kvm_run *run)
+{
+    int sig = SIGRTMAX - 1, timer;
+    sigset_t block, saved;
+    sigemptyset(&block);
+    sigaddset(&block, sig);
+    if (pthread_sigmask(SIG_BLOCK, &block, &saved) != 0) die("pthread_sigmask");
+    union {
+        struct kvm_signal_mask head;
+        unsigned char b[sizeof(struct kvm_signal_mask) + 8];
+    } km;
+    km.head.len = 8;
+    memcpy(km.head.sigset, &saved, 8);
+    if (ioctl(vcpu, KVM_SET_SIGNAL_MASK, &km) < 0) die("KVM_SET_SIGNAL_MASK");
+    struct sigevent sev = {.sigev_notify = SIGEV_THREAD_ID, .sigev_signo = sig};
+    sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
+    if (syscall(SYS_timer_create, CLOCK_MONOTONIC, &sev, &timer) < 0) die("timer_create");
+    struct itimerspec when = {.it_value = {timeout_ns / 1000000000LL, timeout_ns % 1000000000LL}};
+    if (syscall(SYS_timer_settime, timer, 0, &when, NULL) < 0) die("timer_settime");
+    if (ioctl(vcpu, KVM_RUN, 0) < 0) die("KVM_RUN");
+    if (syscall(SYS_timer_delete, timer) < 0) die("timer_delete");
+    if (pthread_sigmask(SIG_SETMASK, &saved, NULL) != 0) die("pthread_sigmask");
+    if (n_exits < sizeof(exits) / sizeof(exits[0])) exits[n_exits++] = run->exit_reason;
+}
+
+static int startup_fds[8];
+static size_t n_startup;
+
+static void once(void)
+{
+    int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+    if (kvm < 0) die("open /dev/kvm");
+    if (ioctl(kvm, KVM_GET_API_VERSION, 0) != KVM_API_VERSION) die("KVM_GET_API_VERSION");
+    size_t at = 0;
+    for (; at < n_actions && actions[at].kind == CAP; at++)
+        if (ioctl(kvm, KVM_CHECK_EXTENSION, actions[at].a) < 0) die("KVM_CHECK_EXTENSION");
+
+    /* The long-mode guest's VM, set up as the gate does it. */
+    if (ioctl(kvm, KVM_GET_API_VERSION, 0) != KVM_API_VERSION) die("KVM_GET_API_VERSION");
+    void *mem = mmap(NULL, mem_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mem == MAP_FAILED) die("mmap guest memory");
+    memcpy(mem, image, image_len);
+    int vm = ioctl(kvm, KVM_CREATE_VM, 0);
+    if (vm < 0) die("KVM_CREATE_VM");
+    struct kvm_userspace_memory_region region = {
+        .memory_size = mem_size, .userspace_addr = (uint64_t)(uintptr_t)mem};
+    if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0) die("KVM_SET_USER_MEMORY_REGION");
+    int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
+    if (vcpu < 0) die("KVM_CREATE_VCPU");
+    static union {
+        struct kvm_cpuid2 head;
+        unsigned char b[sizeof(struct kvm_cpuid2) + 256 * sizeof(struct kvm_cpuid_entry2)];
+    } cpuid;
+    cpuid.head.nent = 256;
+    if (ioctl(kvm, KVM_GET_SUPPORTED_CPUID, &cpuid) < 0) die("KVM_GET_SUPPORTED_CPUID");
+    if (ioctl(vcpu, KVM_SET_CPUID2, &cpuid) < 0) die("KVM_SET_CPUID2");
+    struct kvm_sregs sregs;
+    if (ioctl(vcpu, KVM_GET_SREGS, &sregs) < 0) die("KVM_GET_SREGS");
+    for (size_t i = 0; i < n_patches; i++)
+        memcpy((unsigned char *)&sregs + patches[i].offset, patches[i].bytes, patches[i].len);
+    if (ioctl(vcpu, KVM_SET_SREGS, &sregs) < 0) die("KVM_SET_SREGS");
+    int size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
+    if (size < (int)sizeof(struct kvm_run)) die("KVM_GET_VCPU_MMAP_SIZE");
+    struct kvm_run *run = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
+    if (run == MAP_FAILED) die("mmap run area");
+    static union {
+        struct kvm_msrs head;
+        unsigned char b[sizeof(struct kvm_msrs) + 64 * sizeof(struct kvm_msr_entry)];
+    } boot;
+    boot.head.nmsrs = (uint32_t)n_msrs;
+    for (size_t i = 0; i < n_msrs; i++) {
+        boot.head.entries[i].index = msrs[i].index;
+        boot.head.entries[i].data = msrs[i].value;
+    }
+    if (ioctl(vcpu, KVM_SET_MSRS, &boot) != (int)n_msrs) die("KVM_SET_MSRS");
+    static union {
+        struct kvm_msr_list head;
+        unsigned char b[sizeof(struct kvm_msr_list) + 1024 * sizeof(uint32_t)];
+    } list, features;
+    list.head.nmsrs = features.head.nmsrs = 1024;
+    if (ioctl(kvm, KVM_GET_MSR_INDEX_LIST, &list) < 0) die("KVM_GET_MSR_INDEX_LIST");
+    ioctl(kvm, KVM_GET_MSR_FEATURE_INDEX_LIST, &features); /* soft, as in the gate */
+    if (arch_caps) {
+        static union {
+            struct kvm_msrs head;
+            unsigned char b[sizeof(struct kvm_msrs) + sizeof(struct kvm_msr_entry)];
+        } arch;
+        arch.head.nmsrs = 1;
+        arch.head.entries[0].index = 0x10a; /* IA32_ARCH_CAPABILITIES */
+        if (ioctl(kvm, KVM_GET_MSRS, &arch) == 1) ioctl(vcpu, KVM_SET_MSRS, &arch);
+    }
+
+    /* The runs: the speed probe's and the guest's own, with their registers. */
+    struct kvm_regs regs;
+    int vmfd = -1;
+    for (; at < n_actions; at++) {
+        struct action *act = &actions[at];
+        switch (act->kind) {
+        case RUN:
+            memset(&regs, 0, sizeof(regs));
+            for (size_t i = 0; i < n_regs; i++)
+                memcpy((unsigned char *)&regs + regs_init[i].offset, &regs_init[i].value, 8);
+            regs.rip = act->a;
+            regs.rcx = act->b;
+            if (ioctl(vcpu, KVM_SET_REGS, &regs) < 0) die("KVM_SET_REGS");
+            bounded_run(vcpu, run);
+            break;
+        case GETREGS:
+            if (ioctl(vcpu, KVM_GET_REGS, &regs) < 0) die("KVM_GET_REGS");
+            break;
+        case HOSTLOOP:
+            host_loop((uint32_t)act->a);
+            break;
+        case VM:
+            if (vcpu >= 0) { /* the guest's VM goes first, synchronously */
+                munmap(run, (size_t)size);
+                close(vcpu);
+                close(vm);
+                munmap(mem, mem_size);
+                vcpu = -1;
+            }
+            vmfd = ioctl(kvm, KVM_CREATE_VM, 0);
+            if (vmfd < 0) die("KVM_CREATE_VM");
+            startup_fds[n_startup++] = vmfd;
+            break;
+        case STARTUP:
+            if (ioctl(vmfd, act->a, act->b) < 0) die("start-up ioctl");
+            break;
+        case STARTUPBUF:
+            if (ioctl(vmfd, act->a, act->bytes) < 0) die("start-up ioctl");
+            break;
+        case CAP:
+            die("spec: cap after the guest");
+        }
+    }
+    if (vcpu >= 0) {
+        munmap(run, (size_t)size);
+        close(vcpu);
+        close(vm);
+        munmap(mem, mem_size);
+    }
+    close(kvm);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 3) {
+        fprintf(stderr, "usage: gate_floor SPEC N\n");
+        return 2;
+    }
+    read_spec(argv[1]);
+    int n = atoi(argv[2]);
+    for (size_t i = 0; i < n_actions; i++) {
+        if (actions[i].kind != HOSTLOOP || host_loop != NULL) continue;
+        /* The loop's bytes in a page mapped writable, then executable. */
+        void *page = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (page == MAP_FAILED) die("mmap host loop");
+        memcpy(page, actions[i].bytes, actions[i].len);
+        if (mprotect(page, 4096, PROT_READ | PROT_EXEC) != 0) die("mprotect");
+        host_loop = (void (*)(uint32_t))page;
+    }
+    struct timespec a, b;
+    for (int i = 0; i < n; i++) {
+        clock_gettime(CLOCK_MONOTONIC, &a);
+        once();
+        clock_gettime(CLOCK_MONOTONIC, &b);
+        for (size_t k = 0; k < n_startup; k++) close(startup_fds[k]);
+        n_startup = 0;
+        if (i == 0) {
+            fprintf(stderr, "exits");
+            for (size_t k = 0; k < n_exits; k++) fprintf(stderr, " %u", exits[k]);
+            fprintf(stderr, "\n");
+        }
+        n_exits = 0;
+        printf("%lld\n", (long long)(b.tv_sec - a.tv_sec) * 1000000000LL + (b.tv_nsec - a.tv_nsec));
+    }
+    return 0;
+}
