@@ -447,73 +447,8 @@ def boxlite_kernel() -> Path:
 
 
 def busybox_oci_layout(where: Path) -> Path:
-    """A one-layer OCI image layout holding a static busybox: enough for a
-    BoxLite box to start with no network."""
-    import gzip
-    import hashlib
-    import io
-    import tarfile
-
-    busybox = Path("/bin/busybox")
-    data = busybox.read_bytes() if busybox.exists() else b""
-    # A static ELF has no PT_INTERP (3) among its program headers.
-    phoff, phentsize, phnum = (
-        (
-            int.from_bytes(data[32:40], "little"),
-            int.from_bytes(data[54:56], "little"),
-            int.from_bytes(data[56:58], "little"),
-        )
-        if data
-        else (0, 0, 0)
-    )
-    kinds = [int.from_bytes(data[phoff + i * phentsize :][:4], "little") for i in range(phnum)]
-    if not data.startswith(b"\x7fELF") or 3 in kinds:
-        pytest.fail("needs a static /bin/busybox (Debian package busybox-static)")
-
-    def blob(data: bytes) -> dict[str, Any]:
-        digest = hashlib.sha256(data).hexdigest()
-        (where / "blobs" / "sha256").mkdir(parents=True, exist_ok=True)
-        (where / "blobs" / "sha256" / digest).write_bytes(data)
-        return {"digest": f"sha256:{digest}", "size": len(data)}
-
-    layer = io.BytesIO()
-    with tarfile.open(fileobj=layer, mode="w") as tar:
-        for name in ("bin", "etc", "tmp", "proc", "sys", "dev", "root"):
-            entry = tarfile.TarInfo(name)
-            entry.type, entry.mode = tarfile.DIRTYPE, 0o755
-            tar.addfile(entry)
-        data = busybox.read_bytes()
-        entry = tarfile.TarInfo("bin/busybox")
-        entry.size, entry.mode = len(data), 0o755
-        tar.addfile(entry, io.BytesIO(data))
-        for applet in ("sh", "echo", "cat", "sleep"):
-            entry = tarfile.TarInfo(f"bin/{applet}")
-            entry.type, entry.linkname = tarfile.SYMTYPE, "busybox"
-            tar.addfile(entry)
-    raw = layer.getvalue()
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(raw).hexdigest()]},
-    }
-    oci = "application/vnd.oci.image"
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": f"{oci}.manifest.v1+json",
-        "config": {"mediaType": f"{oci}.config.v1+json", **blob(json.dumps(config).encode())},
-        "layers": [{"mediaType": f"{oci}.layer.v1.tar+gzip", **blob(gzip.compress(raw))}],
-    }
-    index = {
-        "schemaVersion": 2,
-        "manifests": [
-            {
-                "mediaType": f"{oci}.manifest.v1+json",
-                **blob(json.dumps(manifest).encode()),
-                "platform": {"architecture": "amd64", "os": "linux"},
-            }
-        ],
-    }
-    (where / "index.json").write_text(json.dumps(index))
-    (where / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "1.0.0"}))
-    return where
+    """A one-layer busybox OCI image layout (tests/boxlite_sdk.py makes it)."""
+    try:
+        return boxlite_sdk.busybox_oci_layout(where)
+    except boxlite_sdk.Unavailable as missing:
+        pytest.fail(str(missing))
