@@ -174,6 +174,44 @@ def cold_rows(python: str, n: int) -> list[tuple[str, ...]]:
         rows.append(
             (f"first {what}, fresh process", f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", note)
         )
+    rows += boxlite_rows(n)
+    return rows
+
+
+BOXLITE = """
+import sys, time
+t0 = time.perf_counter_ns()
+import boxlite
+t1 = time.perf_counter_ns()
+boxlite.Boxlite(boxlite.Options(home_dir=sys.argv[1]))
+t2 = time.perf_counter_ns()
+print(t1 - t0, t2 - t1)
+"""
+
+
+def boxlite_rows(n: int) -> list[tuple[str, ...]]:
+    """BoxLite 0.9.1's own start, cold, for comparison (where the tests have
+    installed its SDK: tests/boxlite_sdk.py)."""
+    python = Path("/tmp/boxlite-sdk-0.9.1/bin/python")
+    if not python.exists():
+        return [("BoxLite 0.9.1 runtime constructor", "-", "-", "-", "", "run make test first")]
+    imports, makes = [], []
+    home = tempfile.mkdtemp(prefix="bench-boxlite-")  # made by the first run, kept
+    for _ in range(n + 1):
+        done = subprocess.run([str(python), "-c", BOXLITE, home], capture_output=True, text=True)
+        if done.returncode != 0 or len(done.stdout.split()) != 2:
+            return [("BoxLite 0.9.1 runtime constructor", "-", "-", "-", "", done.stderr[-80:])]
+        first, second = done.stdout.split()
+        imports.append(float(first))
+        makes.append(float(second))
+    shutil.rmtree(home, ignore_errors=True)
+    imports, makes = imports[1:], makes[1:]  # the first run made the home directory
+    rows = []
+    made = (("import boxlite", imports), ("Boxlite(Options(...)), its home made", makes))
+    for name, samples in made:
+        med, lo, hi = summary(samples)
+        what = f"BoxLite 0.9.1: {name}, fresh process"
+        rows.append((what, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", "for comparison"))
     return rows
 
 
