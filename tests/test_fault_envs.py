@@ -119,6 +119,18 @@ def test_dev_null_over_dev_kvm_is_not_a_kvm_device(fault_env, engine):
     assert "mknod" not in result["native"]["fix"]
 
 
+def test_dev_net_tun_over_dev_kvm_is_not_a_kvm_device(fault_env):
+    # The tun device answers KVM_GET_API_VERSION with EBADFD, not ENOTTY: still
+    # no KVM device, never "update the kernel".
+    fault_env.setup.append("mount --bind /dev/net/tun /dev/kvm")
+    result = fault_env.probe("libkrun")  # every door agrees
+    both(result, "cause", "kvm-not-kvm-device")
+    assert "EBADFD" in result["native"]["message"]
+    assert "character device 10:200" in result["python"]["message"]
+    assert "sudo umount /dev/kvm" in result["native"]["fix"]
+    assert "kernel" not in result["native"]["fix"]
+
+
 def test_descriptor_limit_is_resource_exhaustion(fault_env):
     done = fault_env.run(EMFILE_SCRIPT)
     assert done.returncode == 0, done.stderr
