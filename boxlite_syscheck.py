@@ -5741,7 +5741,6 @@ def _boot_session(session: _Session, kernel: Kernel, result: BootResult, start: 
     import ctypes
     import time
 
-    books = session.result
     plan = _Plan()
     api = KVM_GET_API_VERSION
     plan.ioctl(STEP_API_VERSION, _KVM, api, value=_V_API, check=_CHECK_EQ, expect=KVM_API_VERSION)
@@ -5755,8 +5754,7 @@ def _boot_session(session: _Session, kernel: Kernel, result: BootResult, start: 
     plan.ioctl(STEP_MEMORY_REGION, _VM, KVM_SET_USER_MEMORY_REGION, session.addr(session.region))
     plan.ioctl(STEP_CREATE_VCPU, _VM, KVM_CREATE_VCPU, 0, fd_out=_VCPU)
     plan.ioctl(STEP_GET_CPUID, _KVM, KVM_GET_SUPPORTED_CPUID, session.addr(session.cpuid))
-    if not session.execute(plan):
-        result.outcome, result.step, result.error = BOOT_CALL_FAILED, books.step, books.error
+    if not _boot_step(session, plan, result):
         return
     kernel.copy_into(session.mem, session.mem_addr)
     result.kernel = kernel.describe()
@@ -5769,8 +5767,7 @@ def _boot_session(session: _Session, kernel: Kernel, result: BootResult, start: 
     plan = _vcpu_plan(session)
     plan.ioctl(STEP_SET_FPU, _VCPU, KVM_SET_FPU, ctypes.addressof(fpu))
     plan.ioctl(STEP_GET_LAPIC, _VCPU, KVM_GET_LAPIC, ctypes.addressof(lapic))
-    if not session.execute(plan):
-        result.outcome, result.step, result.error = BOOT_CALL_FAILED, books.step, books.error
+    if not _boot_step(session, plan, result):
         return
     for offset, mode in ((0x350, 7), (0x360, 4)):  # LINT0 ExtINT, LINT1 NMI
         lvt = int.from_bytes(bytes(lapic[offset : offset + 4]), "little") & ~0x700 | mode << 8
@@ -5779,10 +5776,18 @@ def _boot_session(session: _Session, kernel: Kernel, result: BootResult, start: 
     plan = _Plan()
     plan.ioctl(STEP_SET_LAPIC, _VCPU, KVM_SET_LAPIC, ctypes.addressof(lapic))
     plan.ioctl(STEP_SET_REGS, _VCPU, KVM_SET_REGS, ctypes.addressof(regs))
-    if not session.execute(plan):
-        result.outcome, result.step, result.error = BOOT_CALL_FAILED, books.step, books.error
+    if not _boot_step(session, plan, result):
         return
     _boot_loop(session, result, start)
+
+
+def _boot_step(session: _Session, plan: _Plan, result: BootResult) -> bool:
+    """Run one set-up plan of the boot; a failure ends it as a failed call."""
+    if session.execute(plan):
+        return True
+    failed = session.result
+    result.outcome, result.step, result.error = BOOT_CALL_FAILED, failed.step, failed.error
+    return False
 
 
 def _boot_cpuid(session: _Session) -> None:

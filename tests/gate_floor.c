@@ -71,6 +71,8 @@ static void die(const char *what)
     exit(1);
 }
 
+#include "floor_bound.h"
+
 static unsigned char *hex(const char *text, size_t *len)
 {
     size_t n = strlen(text) / 2;
@@ -157,31 +159,10 @@ static void (*host_loop)(uint32_t);
 static unsigned exits[4096];
 static size_t n_exits;
 
-/* One bounded KVM_RUN, armed as the gate arms it: the signal blocked in the
- * thread and let through only inside KVM_RUN, a one-shot timer aimed at this
- * thread, deleted afterwards. */
+/* One bounded KVM_RUN (floor_bound.h), its exit reason noted. */
 static void bounded_run(int vcpu, struct kvm_run *run)
 {
-    int sig = SIGRTMAX - 1, timer;
-    sigset_t block, saved;
-    sigemptyset(&block);
-    sigaddset(&block, sig);
-    if (pthread_sigmask(SIG_BLOCK, &block, &saved) != 0) die("pthread_sigmask");
-    union {
-        struct kvm_signal_mask head;
-        unsigned char b[sizeof(struct kvm_signal_mask) + 8];
-    } km;
-    km.head.len = 8;
-    memcpy(km.head.sigset, &saved, 8);
-    if (ioctl(vcpu, KVM_SET_SIGNAL_MASK, &km) < 0) die("KVM_SET_SIGNAL_MASK");
-    struct sigevent sev = {.sigev_notify = SIGEV_THREAD_ID, .sigev_signo = sig};
-    sev._sigev_un._tid = (pid_t)syscall(SYS_gettid);
-    if (syscall(SYS_timer_create, CLOCK_MONOTONIC, &sev, &timer) < 0) die("timer_create");
-    struct itimerspec when = {.it_value = {timeout_ns / 1000000000LL, timeout_ns % 1000000000LL}};
-    if (syscall(SYS_timer_settime, timer, 0, &when, NULL) < 0) die("timer_settime");
-    if (ioctl(vcpu, KVM_RUN, 0) < 0) die("KVM_RUN");
-    if (syscall(SYS_timer_delete, timer) < 0) die("timer_delete");
-    if (pthread_sigmask(SIG_SETMASK, &saved, NULL) != 0) die("pthread_sigmask");
+    floor_bounded_run(vcpu, timeout_ns);
     if (n_exits < sizeof(exits) / sizeof(exits[0])) exits[n_exits++] = run->exit_reason;
 }
 
