@@ -1183,6 +1183,7 @@ class _Guest:
         self.loop = loop
         self.cx16_area = cx16_area
         self._wanted: Any = None
+        self.pooled = False  # a cached guest's sessions keep their buffers (_Kit)
 
     def wanted(self) -> tuple[Any, list[tuple[int, int]]]:
         """The special registers to set, as a kvm_sregs, and their byte ranges.
@@ -1432,7 +1433,12 @@ def _guest(kind: str) -> _Guest:
     if kind not in makers:
         choices = ", ".join(repr(k) for k in makers)
         raise InvalidArgumentError(f"guest must be one of {choices}, got {kind!r}")
-    guest: _Guest = _cached(f"guest-{kind}", makers[kind])
+    guest: _Guest = _cached(f"guest-{kind}", lambda: _kept(makers[kind]()))
+    return guest
+
+
+def _kept(guest: _Guest) -> _Guest:
+    guest.pooled = True
     return guest
 
 
@@ -1483,8 +1489,9 @@ class _Plan:
     def map_run(self, step: int) -> None:
         self.ops.append((step, _OP_MAP_RUN, _VCPU, -1, -1, 0, 0, 0, 0, 0, 0, _V_RUN_SIZE, 0))
 
-    def run(self, timeout_ns: int, signo: int, value: int, cookie: int) -> None:
-        # check_value carries the step reported when arming the bound fails.
+    def run(self, timeout_ns: int, signo: int, value: int, cookie: int = 0) -> None:
+        # check_value carries the step reported when arming the bound fails;
+        # a session gives each run its own cookie when it executes the plan.
         self.ops.append(
             (
                 STEP_RUN,
@@ -1876,20 +1883,31 @@ def _kvm_mask(vcpu: int, saved: set[Any], unblocked: set[int], arm_step: int) ->
     _as_step(arm_step, _ioctl, vcpu, KVM_SET_SIGNAL_MASK, ctypes.addressof(kmask))
 
 
+def _sigwait_args(signo: int) -> tuple[Any, Any]:
+    """sigtimedwait()'s set of one signal and its zero timeout, by reference."""
+    import ctypes
+
+    abi, libc = _abi(), _sys_libc()
+    only, zero = abi.SigSet(), abi.Timespec(0, 0)
+    for made in (libc.sigemptyset(ctypes.byref(only)), libc.sigaddset(ctypes.byref(only), signo)):
+        if made != 0:
+            err = ctypes.get_errno()
+            raise _SysError(err, os.strerror(err))
+    # The references keep their structures alive.
+    return ctypes.byref(only), ctypes.byref(zero)
+
+
 def _take_pending(signo: int, cookie: int, stash: list[Any]) -> bool:
     """Take pending instances of our (blocked) signal: ours end the run,
     anyone else's are set aside to be queued again.  True when ours came."""
     import ctypes
 
     abi, libc = _abi(), _sys_libc()
-    only = abi.SigSet()
-    libc.sigemptyset(ctypes.byref(only))
-    libc.sigaddset(ctypes.byref(only), signo)
-    zero = abi.Timespec(0, 0)
+    only, zero = _cached(f"sigwait-{signo}", lambda: _sigwait_args(signo))  # read-only
     mine = False
     while True:
         info = abi.SigInfo()
-        if libc.sigtimedwait(ctypes.byref(only), ctypes.byref(info), ctypes.byref(zero)) != signo:
+        if libc.sigtimedwait(only, ctypes.byref(info), zero) != signo:
             return mine
         if (info.si_value or 0) == cookie and info.si_code in (_SI_TIMER, _SI_USER):
             mine = True
@@ -1905,10 +1923,12 @@ def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
     resumed run keeps its bound.
     """
     import ctypes
-    import signal
     import threading
     import time
 
+    # The signal module's C core: the module's wrappers turn every mask into
+    # a set of enum members (microseconds per call, twice per run).
+    signal: Any = __import__("_signal")
     libc = _sys_libc()
     signo, cookie, arm_step = int(op.arg), int(op.src), int(op.check_value)
     if not state.deadline_ns:
@@ -2406,6 +2426,123 @@ def _decode_run(result: SmokeResult, head: bytes) -> None:
         }
 
 
+class _Kit:
+    """The buffers a session's operations point into, and the operation
+    arrays built over them.  A cached guest's kit is kept for its next
+    session, so a check builds and allocates only what changes (the guest
+    memory); whatever KVM or a run writes is reset when a session takes it."""
+
+    def __init__(self, guest: _Guest) -> None:
+        import ctypes
+
+        abi = _abi()
+        self.pooled = guest.pooled
+        self.state, self.out = abi.State(), abi.Outcome()
+        self.region = abi.KvmUserspaceMemoryRegion(
+            slot=0, flags=0, guest_phys_addr=guest.base, memory_size=guest.mem_size
+        )
+        self.sregs = abi.KvmSregs()
+        self.regs = abi.KvmRegs()  # what KVM_GET_REGS reads back
+        self.blocks: dict[tuple[tuple[str, int], ...], Any] = {}  # what KVM_SET_REGS writes
+        self.arrays: dict[tuple[tuple[int, ...], ...], tuple[Any, int, tuple[int, ...]]] = {}
+        self.releasers: dict[str, Callable[[], None]] = {}
+        # The buffers of one architecture's plans (None on the other).
+        self.vcpu_init: Any = None
+        self.pc: Any = None
+        self.x0: Any = None
+        self.set_pc: Any = None
+        self.get_x0: Any = None
+        self.cpuid: Any = None
+        self.msr_list: Any = None
+        self.feature_list: Any = None
+        self.boot_msrs: Any = None
+        self.arch_msrs: Any = None
+        if guest.arch == "aarch64":
+            # struct kvm_vcpu_init: KVM_ARM_PREFERRED_TARGET fills it and
+            # KVM_ARM_VCPU_INIT reads it unchanged.  struct kvm_one_reg: id, addr.
+            self.vcpu_init = (ctypes.c_uint8 * 32)()
+            self.pc = ctypes.c_uint64(guest.entry)
+            self.x0 = ctypes.c_uint64(0)
+            self.set_pc = (ctypes.c_uint64 * 2)(ARM64_REG_PC, ctypes.addressof(self.pc))
+            self.get_x0 = (ctypes.c_uint64 * 2)(ARM64_REG_X0, ctypes.addressof(self.x0))
+        if guest.long_mode:
+            self.cpuid = abi.KvmCpuid2()
+            self.msr_list, self.feature_list = abi.KvmMsrList(), abi.KvmMsrList()
+            self.boot_msrs = abi.KvmMsrs(nmsrs=len(BOOT_MSRS))
+            for entry, (_, index, value) in zip(self.boot_msrs.entries, BOOT_MSRS):
+                entry.index, entry.data = index, value
+            self.arch_msrs = abi.KvmMsrs(nmsrs=1)
+            self.arch_msrs.entries[0].index = MSR_IA32_ARCH_CAPABILITIES
+
+    def reset(self, fd: int, mem_addr: int) -> None:
+        """Ready for a session on ``fd`` whose guest memory is at ``mem_addr``."""
+        import ctypes
+
+        for struct in (self.state, self.out):
+            ctypes.memset(ctypes.addressof(struct), 0, ctypes.sizeof(struct))
+        self.state.fds[:] = [fd, -1, -1, -1]
+        self.region.userspace_addr = mem_addr
+        if self.cpuid is not None:  # the counts KVM shrinks to what it filled
+            self.cpuid.nent = _MAX_CPUID_ENTRIES
+            self.msr_list.nmsrs = self.feature_list.nmsrs = _MAX_MSR_INDICES
+            self.arch_msrs.entries[0].data = 0
+        if self.vcpu_init is not None:
+            ctypes.memset(self.vcpu_init, 0, ctypes.sizeof(self.vcpu_init))
+            self.x0.value = 0
+
+    def releaser(self, backend: Any) -> Callable[[], None]:
+        release = self.releasers.get(backend.name)
+        if release is None:
+            release = self.releasers[backend.name] = backend.releaser(self.state)
+        return release
+
+    def block(self, values: dict[str, int]) -> Any:
+        """A kvm_regs holding ``values``, the same one for the same values."""
+        key = tuple(values.items())
+        block = self.blocks.get(key)
+        if block is None:
+            block = self.blocks[key] = _abi().KvmRegs(**values)
+        return block
+
+    def array(self, plan: _Plan) -> tuple[Any, int, tuple[int, ...]]:
+        """The plan as an operation array, its count and the indices of its
+        runs: built once per plan in a kept kit (its operations point only
+        into the kit's own buffers)."""
+        key = tuple(plan.ops)
+        built = self.arrays.get(key) if self.pooled else None
+        if built is None:
+            runs = tuple(i for i, op in enumerate(key) if op[1] == _OP_RUN)
+            built = (*plan.build(), runs)
+            if self.pooled and len(self.arrays) < _KIT_ARRAYS:
+                self.arrays[key] = built
+        # Each run gets a cookie of its own, so that a timer signal of an
+        # earlier run can never end a later one.
+        ops = built[0]
+        for index in built[2]:
+            ops[index].src = _cookie()
+        return built
+
+
+_KIT_ARRAYS = 32  # operation arrays a kit keeps (a gate builds about 8)
+_KITS_KEPT = 4  # kits kept per guest (one per thread checking at once)
+
+
+def _take_kit(guest: _Guest) -> _Kit:
+    kits: dict[int, list[_Kit]] = _cached("kits", dict)
+    try:
+        return kits.get(id(guest), []).pop()  # atomic: no two sessions share one
+    except IndexError:
+        return _Kit(guest)
+
+
+def _give_back(guest: _Guest, kit: _Kit) -> None:
+    """Keep a kit for the guest's next session (cached guests only)."""
+    if kit.pooled:
+        kept = _cached("kits", dict).setdefault(id(guest), [])
+        if len(kept) < _KITS_KEPT:
+            kept.append(kit)
+
+
 class _Session:
     """One throwaway VM: guest memory, the buffers the operations point into."""
 
@@ -2415,50 +2552,27 @@ class _Session:
         import ctypes
         import mmap
 
-        abi = _abi()
         self.guest, self.backend, self.result = guest, backend, result
         self.timeout_ns = timeout_ns
         self.signo = _timer_signal()
-        self.state = abi.State()
-        self.state.fds[:] = [fd, -1, -1, -1]
-        self.release = backend.releaser(self.state)
-        self.out = abi.Outcome()
         flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
         self.mem = _as_step(STEP_GUEST_MEMORY, mmap.mmap, -1, guest.mem_size, flags)
         self.mem[: len(guest.image)] = guest.image
         anchor = ctypes.c_char.from_buffer(self.mem)
         self.mem_addr = ctypes.addressof(anchor)
         del anchor  # the mapping stays; the export must go before close()
-        self.region = abi.KvmUserspaceMemoryRegion(
-            slot=0,
-            flags=0,
-            guest_phys_addr=guest.base,
-            memory_size=guest.mem_size,
-            userspace_addr=self.mem_addr,
-        )
-        if guest.arch == "aarch64":
-            # struct kvm_vcpu_init: KVM_ARM_PREFERRED_TARGET fills it and
-            # KVM_ARM_VCPU_INIT reads it unchanged.  struct kvm_one_reg: id, addr.
-            self.vcpu_init = (ctypes.c_uint8 * 32)()
-            self.pc = ctypes.c_uint64(guest.entry)
-            self.x0 = ctypes.c_uint64(0)
-            self.set_pc = (ctypes.c_uint64 * 2)(ARM64_REG_PC, ctypes.addressof(self.pc))
-            self.get_x0 = (ctypes.c_uint64 * 2)(ARM64_REG_X0, ctypes.addressof(self.x0))
-        # Every buffer whose address goes into an operation is held here
-        # until the session closes.
-        self.sregs = abi.KvmSregs()
+        # Every buffer whose address goes into an operation is held by the
+        # kit until the session closes.
+        kit = self.kit = _take_kit(guest)
+        kit.reset(fd, self.mem_addr)
+        self.state, self.out, self.region = kit.state, kit.out, kit.region
+        self.sregs, self.regs = kit.sregs, kit.regs
+        self.release = kit.releaser(backend)
         self.wanted, self.spans = guest.wanted()
-        self.regs = abi.KvmRegs()  # what KVM_GET_REGS reads back
-        self.blocks: list[Any] = []  # what each KVM_SET_REGS writes
-        if guest.long_mode:
-            self.cpuid = abi.KvmCpuid2(nent=_MAX_CPUID_ENTRIES)
-            self.msr_list = abi.KvmMsrList(nmsrs=_MAX_MSR_INDICES)
-            self.feature_list = abi.KvmMsrList(nmsrs=_MAX_MSR_INDICES)
-            self.boot_msrs = abi.KvmMsrs(nmsrs=len(BOOT_MSRS))
-            for entry, (_, index, value) in zip(self.boot_msrs.entries, BOOT_MSRS):
-                entry.index, entry.data = index, value
-            self.arch_msrs = abi.KvmMsrs(nmsrs=1)
-            self.arch_msrs.entries[0].index = MSR_IA32_ARCH_CAPABILITIES
+        self.vcpu_init, self.pc, self.x0 = kit.vcpu_init, kit.pc, kit.x0
+        self.set_pc, self.get_x0 = kit.set_pc, kit.get_x0
+        self.cpuid, self.msr_list, self.feature_list = kit.cpuid, kit.msr_list, kit.feature_list
+        self.boot_msrs, self.arch_msrs = kit.boot_msrs, kit.arch_msrs
 
     def addr(self, obj: Any) -> int:
         import ctypes
@@ -2467,7 +2581,7 @@ class _Session:
 
     def execute(self, plan: _Plan) -> bool:
         """Run a plan; record a failure in the result; return whether all ran."""
-        ops, count = plan.build()
+        ops, count, _ = self.kit.array(plan)
         self.backend.execute(ops, count, self.state, self.out)
         self.result.runs = self.out.runs
         self.result.bound = BOUND_NAMES.get(self.out.bound, self.result.bound)
@@ -2483,6 +2597,7 @@ class _Session:
     def close(self) -> None:
         self.release()
         self.mem.close()
+        _give_back(self.guest, self.kit)
 
     def run_plan(self, plan: _Plan, rip: int, value: int, **regs: int) -> None:
         """Append: set the registers, then run the vCPU once, bounded.
@@ -2490,10 +2605,9 @@ class _Session:
         Each run gets its own register block: the operations only point at
         it, and every block must still hold its values when the plan runs.
         """
-        block = _abi().KvmRegs(**{**self.guest.regs, "rip": rip, **regs})
-        self.blocks.append(block)
+        block = self.kit.block({**self.guest.regs, "rip": rip, **regs})
         plan.ioctl(STEP_SET_REGS, _VCPU, KVM_SET_REGS, self.addr(block))
-        plan.run(self.timeout_ns, self.signo, value, _cookie())
+        plan.run(self.timeout_ns, self.signo, value)
 
 
 def _setup_plan(session: _Session) -> _Plan:
@@ -2559,12 +2673,29 @@ def _vcpu_plan(session: _Session) -> _Plan:
 
 def _read_cpuid(session: _Session) -> None:
     """Note the CPUID_FEATURES the long-mode guest will find in its CPUID."""
-    entries = session.cpuid.entries[: session.cpuid.nent]
+    import ctypes
+
+    count = min(session.cpuid.nent, _MAX_CPUID_ENTRIES)
+    raw = ctypes.string_at(ctypes.addressof(session.cpuid.entries), count * _CPUID_ENTRY_SIZE)
+    words = memoryview(raw).cast("I")  # each entry is ten 32-bit words
+    wanted = _cached("cpuid-leaves", lambda: {leaf for leaf, _, _ in CPUID_FEATURES.values()})
+    first: dict[int, int] = {}  # leaf: the word offset of its first entry at index 0
+    for offset in range(0, count * 10, 10):
+        leaf = words[offset]
+        if leaf in wanted and leaf not in first and words[offset + 1] == 0:
+            first[leaf] = offset
+            if len(first) == len(wanted):
+                break
     found = {}
     for feature, (leaf, register, bit) in CPUID_FEATURES.items():
-        entry = next((e for e in entries if e.function == leaf and e.index == 0), None)
-        found[feature] = bool(entry is not None and getattr(entry, register) >> bit & 1)
+        at = first.get(leaf)
+        found[feature] = at is not None and bool(words[at + _CPUID_REGISTERS[register]] >> bit & 1)
     session.result.cpuid = found
+
+
+# struct kvm_cpuid_entry2: function, index, flags, eax, ebx, ecx, edx, padding[3].
+_CPUID_ENTRY_SIZE = 40
+_CPUID_REGISTERS = {"eax": 3, "ebx": 4, "ecx": 5, "edx": 6}  # word offsets
 
 
 def _read_msrs(session: _Session) -> None:
@@ -2620,14 +2751,10 @@ def _measure_speed(session: _Session) -> bool:
     A verdict of "emulated" is measured twice, the faster kept: a first run
     can be slow for reasons that pass (a nested emulator translating KVM's
     own code the first time), and one cold sample must not fail a good host.
+    It starts from the warm-up run (_warm_up), which faulted the pages in.
     """
     result = session.result
-    plan = _Plan()
-    session.run_plan(plan, session.guest.loop, _V_T_WARM, rcx=1)  # faults the pages in
-    plan.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, session.addr(session.regs))
-    if not session.execute(plan):
-        return False
-    _decode_run(result, bytes(session.out.run_head))
+    _decode_run(result, bytes(session.out.run_head))  # the warm-up run, just made
     if result.exit_reason != KVM_EXIT_HLT:
         _read_guest(session)
         return False
@@ -2658,6 +2785,13 @@ def _measure_speed(session: _Session) -> bool:
         result.speed = Speed(best[0], host_ns, best[1], note)
     result.exit_reason = -1
     return True
+
+
+def _warm_up(session: _Session, plan: _Plan) -> None:
+    """Append the speed probe's first run (one iteration, which faults the
+    guest's pages in) and the registers it ended with."""
+    session.run_plan(plan, session.guest.loop, _V_T_WARM, rcx=1)
+    plan.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, session.addr(session.regs))
 
 
 def _guest_slope(session: _Session) -> tuple[float, int] | None:
@@ -2692,7 +2826,7 @@ def _aarch64_plan(session: _Session) -> _Plan:
     plan.ioctl(STEP_ARM_VCPU_INIT, _VCPU, KVM_ARM_VCPU_INIT, session.addr(session.vcpu_init))
     plan.ioctl(STEP_SET_ONE_REG, _VCPU, KVM_SET_ONE_REG, session.addr(session.set_pc))
     _run_area_plan(plan)
-    plan.run(session.timeout_ns, session.signo, _V_T_GUEST, _cookie())
+    plan.run(session.timeout_ns, session.signo, _V_T_GUEST)
     plan.ioctl(STEP_GET_ONE_REG, _VCPU, KVM_GET_ONE_REG, session.addr(session.get_x0))
     return plan
 
@@ -2730,10 +2864,14 @@ def _run_guest(session: _Session) -> None:
         return
     result.api_version = int(session.out.values[_V_API])
     _read_cpuid(session)
-    if not session.execute(_vcpu_plan(session)):
-        return
+    plan = _vcpu_plan(session)
+    setup = len(plan.ops)
+    _warm_up(session, plan)  # the same array: one foreign call fewer
+    ran = session.execute(plan)
+    if not ran and session.out.op_index < setup:
+        return  # the vCPU's set-up failed
     _read_msrs(session)
-    if not _measure_speed(session) or not session.execute(final):
+    if not ran or not _measure_speed(session) or not session.execute(final):
         return
     _read_guest(session)
     result.step = STEP_DONE
@@ -2804,6 +2942,7 @@ def _in_session(session: _Session, work: Callable[[_Session], None]) -> None:
             except BaseException as err:
                 late = err
         session.mem.close()
+        _give_back(session.guest, session.kit)
         if late is not None:
             raise late
 
@@ -3234,7 +3373,9 @@ def _ev_kvm_modules(ev: Evidence) -> list[str]:
 
 def _ev_kvm_provider(ev: Evidence) -> str | None:
     """The KVM module that drives the CPU ("kvm_pvm", "kvm_intel", ...)."""
-    return next((m for m in ev.kvm_modules if m != "kvm"), None)
+    if "kvm_modules" in ev.__dict__:  # already read
+        return next((m for m in ev.kvm_modules if m != "kvm"), None)
+    return next((m for m in _DRIVERS if _exists(f"/sys/module/{m}")), None)
 
 
 def _ev_module_available(ev: Evidence) -> dict[str, bool]:
@@ -4742,18 +4883,24 @@ def _worded(key: str, cause: _Cause, values: _Values) -> BoxliteError:
     return error
 
 
-def _diagnose_staged(facts: Facts) -> BoxliteError | None:
+_STAGES = ("caps", "ioctls", "smoke", "deep")
+
+
+def _diagnose_staged(facts: Facts, after: str | None = None) -> BoxliteError | None:
     """What the gate would say of these facts: it asks after each stage
     (open, capabilities, start-up ioctls, guest, deep boot) and stops at the
     first cause, so a report that gathered everything says the same.  A
-    stage without facts changes nothing, so it is not asked about again."""
-    stages = ("caps", "ioctls", "smoke", "deep")
+    stage without facts changes nothing, so it is not asked about again.
+    ``after`` names the last stage a caller (the gate, as it goes) has
+    already asked about with these same facts and found no cause: the
+    questions up to it have their answer and are not asked twice."""
+    done = 0 if after is None else _STAGES.index(after) + 1
     partial = facts.copy()
-    for name in stages:
+    for name in _STAGES[done:]:
         setattr(partial, name, None)
     partial.complete = False  # the last question: asked once every stage has answered
-    error = _diagnose(partial)
-    for name in stages:
+    error = _diagnose(partial) if after is None else None
+    for name in _STAGES[done:]:
         if error is not None:
             return error
         value = getattr(facts, name)
@@ -4951,6 +5098,21 @@ def _startup_args() -> dict[str, tuple[int, int, Any]]:
     }
 
 
+def _startup_plan(
+    wanted: Sequence[str], args: Mapping[str, tuple[int, int, Any]]
+) -> tuple[Any, int]:
+    """The start-up ioctls as one operation array (built once per set of
+    names: it points only into the cached arguments)."""
+    plan = _Plan()
+    for index, name in enumerate(wanted):
+        slot = _VCPU if name == "KVM_ENABLE_CAP(SPLIT_IRQCHIP)" else _VM
+        if index == 0 or slot == _VCPU:
+            plan.ioctl(STEP_CREATE_VM, _KVM, KVM_CREATE_VM, 0, fd_out=slot)
+        request, arg, _ = args[name]
+        plan.ioctl(_STARTUP_STEPS[name], slot, request, arg, value=_V_STARTUP + index, soft=True)
+    return plan.build()
+
+
 def _probe_startup_ioctls(
     fd: int, names: Iterable[str], backend: str | None = None
 ) -> dict[str, int]:
@@ -4967,14 +5129,7 @@ def _probe_startup_ioctls(
     state, out = abi.State(), abi.Outcome()
     state.fds[:] = [fd, -1, -1, -1]
     release = runner.releaser(state)
-    plan = _Plan()
-    for index, name in enumerate(wanted):
-        slot = _VCPU if name == "KVM_ENABLE_CAP(SPLIT_IRQCHIP)" else _VM
-        if index == 0 or slot == _VCPU:
-            plan.ioctl(STEP_CREATE_VM, _KVM, KVM_CREATE_VM, 0, fd_out=slot)
-        request, arg, _ = args[name]
-        plan.ioctl(_STARTUP_STEPS[name], slot, request, arg, value=_V_STARTUP + index, soft=True)
-    ops, count = plan.build()
+    ops, count = _cached("startup-ops:" + ",".join(wanted), lambda: _startup_plan(wanted, args))
     late: BaseException | None = None
     try:
         runner.execute(ops, count, state, out)
@@ -6516,11 +6671,11 @@ class KvmProbe(HypervisorProbe):
             return facts, None, self._cause(facts)
         with _closing_on_error(device):
             fd = device.fileno()
-            error = None
+            error, asked = None, None
             if engine is not None and _speaks_kvm(fd):
                 facts.speaks_kvm = True
                 facts.caps = _capability_values(fd, facts.engine_caps)
-                error = _diagnose(facts)
+                error, asked = _diagnose_staged(facts), "caps"
             if error is None:
                 # The guest runs before the start-up ioctls: their VMs (with
                 # an irqchip) take the longest to tear down, so they go last
@@ -6530,7 +6685,7 @@ class KvmProbe(HypervisorProbe):
                 if facts.engine_ioctls:
                     facts.ioctls = _probe_startup_ioctls(fd, facts.engine_ioctls, backend)
                 facts.complete = True
-                error = _diagnose_staged(facts)
+                error = _diagnose_staged(facts, after=asked)
             if error is None and facts.deep_wanted:
                 _deep_stage(fd, facts, backend)
                 if facts.deep is not None and facts.deep.outcome == BOOT_NOT_RUN:
@@ -6538,7 +6693,7 @@ class KvmProbe(HypervisorProbe):
                         raise InvalidArgumentError(facts.deep.note)
                     _log("info", "deep boot skipped: %s", facts.deep.note)
                     facts.deep = None
-                error = _diagnose_staged(facts)
+                error = _diagnose_staged(facts, after="smoke")
             if error is not None:
                 device.close()
                 return facts, None, error

@@ -203,3 +203,98 @@ def test_missing_library_is_an_internal_error_when_native_is_required(tmp_path, 
         b.smoke_test(0, backend="native")
     assert "make" in caught.value.fix
     assert str(caught.value).startswith("internal error: ")
+
+
+# ── The kept buffers and operation arrays (_Kit) ─────────────────────────────
+
+
+def kept_kit(kind: str) -> b._Kit:
+    (kit,) = b._CACHE["kits"][id(b._guest(kind))]
+    return kit
+
+
+@needs_kvm
+def test_a_kept_kit_is_reset_before_its_next_session(kvm_fd, backend):
+    first = b.smoke_test(kvm_fd, backend=backend, guest="long-mode")
+    assert first.step == b.STEP_DONE, first
+    kit = kept_kit("long-mode")
+    assert kit.arrays, "the first session's arrays are kept"
+    # Everything KVM or a run writes, left as a broken session might leave it.
+    ctypes = pytest.importorskip("ctypes")
+    ctypes.memset(ctypes.addressof(kit.out), 0x7F, ctypes.sizeof(kit.out))
+    kit.state.fds[1] = kit.state.fds[2] = kvm_fd  # not ours to close
+    kit.state.deadline_ns = 1  # long past: a run would stop at once
+    kit.cpuid.nent = 1  # too small: KVM_GET_SUPPORTED_CPUID would say E2BIG
+    kit.msr_list.nmsrs = kit.feature_list.nmsrs = 0
+    kit.arch_msrs.entries[0].data = 0xDEAD
+    second = b.smoke_test(kvm_fd, backend=backend, guest="long-mode")
+    assert kept_kit("long-mode") is kit, "the same kit came back"
+    assert b._outcome(second) == b._outcome(first)
+    assert second.runs == first.runs and not second.timed_out
+    assert second.speed is not None and first.speed is not None
+    assert second.speed.guest_ns < 10 * first.speed.guest_ns + 1000  # no time added up
+    os.fstat(kvm_fd)  # still open
+
+
+@needs_kvm
+def test_every_run_has_a_cookie_of_its_own_across_kept_arrays(kvm_fd, backend, monkeypatch):
+    cookies: list[int] = []
+    array = b._Kit.array
+
+    def recorded(kit, plan):
+        built = array(kit, plan)
+        cookies.extend(int(built[0][i].src) for i in built[2])
+        return built
+
+    monkeypatch.setattr(b._Kit, "array", recorded)
+    for _ in range(2):
+        assert b.smoke_test(kvm_fd, backend=backend, guest="long-mode").step == b.STEP_DONE
+    assert len(cookies) >= 10 and len(set(cookies)) == len(cookies)
+
+
+@needs_kvm
+def test_sessions_at_once_never_share_a_kit(kvm_fd, backend):
+    results: list[b.SmokeResult] = []
+    kits: set[int] = set()
+    take = b._take_kit
+
+    def worker() -> None:
+        for _ in range(3):
+            results.append(b.smoke_test(kvm_fd, backend=backend, guest="long-mode"))
+
+    b._take_kit = lambda guest: kits.add(id(k := take(guest))) or k  # type: ignore[func-returns-value]
+    try:
+        threads = [threading.Thread(target=worker) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        b._take_kit = take
+    assert len(results) == 12
+    assert len({b._outcome(r) for r in results}) == 1, "every session saw the same host"
+    assert 1 < len(kits) <= 4 + 1  # one per thread at once, at most a spare beyond those kept
+    assert len(b._CACHE["kits"][id(b._guest("long-mode"))]) <= b._KITS_KEPT
+
+
+def test_the_cpuid_features_come_from_each_leafs_first_index_0_entry():
+    abi = b._abi()
+    cpuid = abi.KvmCpuid2()
+    entries = [
+        (7, 1, 0, 0, 0, 1 << 29),  # leaf 7 at index 1: not where ARCH_CAPABILITIES is
+        (1, 0, 0, 1 << 13, 0, 0),  # leaf 1: CX16, no XSAVE
+        (7, 0, 0, 0, 0, 0),
+        (1, 0, 0, 1 << 26, 0, 0),  # a second leaf 1 entry: the first one counts
+    ]
+    for entry, (function, index, eax, ecx, ebx, edx) in zip(cpuid.entries, entries):
+        entry.function, entry.index = function, index
+        entry.eax, entry.ebx, entry.ecx, entry.edx = eax, ebx, ecx, edx
+    cpuid.nent = len(entries)
+    session = type("Session", (), {})()
+    session.cpuid, session.result = cpuid, b.SmokeResult("native", guest="long-mode")
+    b._read_cpuid(session)
+    assert session.result.cpuid == {"cx16": True, "xsave": False, "arch_capabilities": False}
+    cpuid.entries[2].edx = 1 << 29
+    cpuid.nent = 10**6  # more than the buffer holds: only the buffer is read
+    b._read_cpuid(session)
+    assert session.result.cpuid == {"cx16": True, "xsave": False, "arch_capabilities": True}

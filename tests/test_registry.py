@@ -219,3 +219,62 @@ def test_a_skipped_block_of_rules_cannot_hold_without_its_facts(block):
         facts.platform, facts.machine = "darwin", "arm64"
         facts.sysctls = {"kern.hv_support": 0}
     assert any(holds(facts) for _, holds in rules)
+
+
+def _question(partial: b.Facts) -> tuple[bool, ...]:
+    stages = [getattr(partial, name) is not None for name in b._STAGES]
+    return (*stages, partial.complete)
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_the_gate_asking_as_it_goes_asks_what_the_report_asks(mocker, deep):
+    # The gate asks after the capabilities, then after the guest and the
+    # start-up ioctls (after=), then after the deep boot; the report asks
+    # once at the end.  The questions must be the same ones, in order, each
+    # asked once, or the gate could stop at a cause the report never names.
+    facts = sample()
+    facts.complete = True
+    if not deep:
+        facts.deep = None
+    asked: list[tuple[bool, ...]] = []
+    mocker.patch.object(b, "_diagnose", side_effect=lambda p: asked.append(_question(p)))
+    assert b._diagnose_staged(facts) is None
+    whole, asked[:] = list(asked), []
+    early = facts.copy()
+    early.ioctls = early.smoke = early.deep = None
+    early.complete = False
+    b._diagnose_staged(early)
+    fast = facts.copy()
+    fast.deep = None
+    b._diagnose_staged(fast, after="caps")
+    if deep:
+        before_deep = asked[-1]  # the gate asks once more before the deep boot
+        b._diagnose_staged(facts, after="smoke")
+        asked.remove(before_deep)
+    assert asked == whole
+    assert whole[0] == (False,) * 5 and whole[-1][-1] is True
+    assert len(set(whole)) == len(whole)
+
+
+def test_a_cause_found_part_way_stops_both_ways_at_the_same_question(mocker):
+    facts = sample()
+    facts.complete, facts.deep = True, None
+    cause = b.InternalError("found")
+    for stop in range(4):  # Q0, Q1 (caps), Q2 (ioctls), Q3 (smoke)
+        asked: list[tuple[bool, ...]] = []
+
+        def answer(partial, stop=stop, asked=asked):
+            asked.append(_question(partial))
+            return cause if len(asked) == stop + 1 else None
+
+        mocker.patch.object(b, "_diagnose", side_effect=answer)
+        assert b._diagnose_staged(facts) is cause
+        whole = list(asked)
+        asked.clear()
+        early = facts.copy()
+        early.ioctls = early.smoke = None
+        early.complete = False
+        got = b._diagnose_staged(early)
+        if got is None:
+            got = b._diagnose_staged(facts, after="caps")
+        assert got is cause and asked == whole
