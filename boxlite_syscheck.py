@@ -4816,10 +4816,13 @@ RULES: tuple[tuple[str, Callable[[Facts], bool]], ...] = (
 
 
 #: Blocks of RULES (first and last key) whose every predicate needs a fact
-#: that a check can lack: macOS's answers, or an OS call that failed.
+#: that a check can lack: macOS's answers, an OS call that failed, the
+#: guest's result, the deep boot's.
 _RULE_BLOCKS = {
     "macos": ("rosetta", "hv-engine-error"),
     "failure": ("fd-limit", "kvm-open-failed"),
+    "guest": ("smoke-timeout/arm64", "msr-arch-capabilities-refused"),
+    "deep": ("deep-boot-failed", "deep-boot-timeout"),
 }
 
 
@@ -4850,6 +4853,10 @@ def _diagnose(facts: Facts) -> BoxliteError | None:
             absent.append("macos")
         if facts.failure is None:
             absent.append("failure")
+        if facts.smoke is None:
+            absent.append("guest")
+        if facts.deep is None:
+            absent.append("deep")
         for key, holds in _rules_without(*absent):
             if holds(facts):
                 return _render(key, facts)

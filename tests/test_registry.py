@@ -196,25 +196,39 @@ def test_the_readme_engine_table_is_engine_requirements():
 
 @pytest.mark.parametrize("block", sorted(b._RULE_BLOCKS))
 def test_a_skipped_block_of_rules_cannot_hold_without_its_facts(block):
-    # _diagnose leaves out the macOS block on Linux and the failure block when
-    # no OS call failed; each of their rules must then be false, whatever
-    # else the facts say (here: everything else a cause can show).
+    # _diagnose leaves out the macOS block on Linux, the failure block when
+    # no OS call failed, the guest's and the deep boot's blocks when they did
+    # not run; each of their rules must then be false, whatever else the
+    # facts say (here: everything else a cause can show).
     first, last = b._RULE_BLOCKS[block]
     keys = [key for key, _ in b.RULES]
     rules = b.RULES[keys.index(first) : keys.index(last) + 1]
-    assert len(rules) > 10
+    assert len(rules) >= 5
+    full = sample()
     facts = sample()
     facts.platform, facts.machine = "linux", "x86_64"
     facts.open_errno, facts.caps, facts.ioctls, facts.smoke = None, None, None, None
     facts.hv = None
-    if block == "macos":
+    if block != "failure":
         facts.open_errno = errno.EACCES  # a Linux failure: still not macOS's
+    if block == "guest":
+        facts.smoke = None
+    elif block == "deep":
+        facts.deep = None
+        facts.smoke = full.smoke  # a failed guest: its own rules, not the deep boot's
+    else:
+        facts.smoke = full.smoke
     assert facts.mac is False and (facts.failure is None) == (block == "failure")
     held = [key for key, holds in rules if holds(facts)]
     assert held == []
     # and the block does hold for the facts it needs: it is not dead
     if block == "failure":
         facts.open_errno = errno.ENOENT
+    elif block == "guest":
+        facts.smoke = full.smoke
+    elif block == "deep":
+        facts.deep = full.deep
+        facts.deep.outcome = b.BOOT_PANICKED
     else:
         facts.platform, facts.machine = "darwin", "arm64"
         facts.sysctls = {"kern.hv_support": 0}
