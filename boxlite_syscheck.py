@@ -1568,11 +1568,8 @@ class _NativeBackend:
         """A call that releases the state, made of C only: a caller's signal
         handler cannot interrupt it half-way (see _run_program)."""
         import ctypes
-        import functools
 
-        release: Callable[[], None] = functools.partial(
-            self.lib.kvmsmoke_release, ctypes.byref(state)
-        )
+        release: Callable[[], None] = _partial()(self.lib.kvmsmoke_release, ctypes.byref(state))
         return release
 
 
@@ -1686,9 +1683,14 @@ class _PythonBackend:
                 os.close(fd)
 
     def releaser(self, state: Any) -> Callable[[], None]:
-        import functools
+        release: Callable[[], None] = _partial()(self.release, state)
+        return release
 
-        return functools.partial(self.release, state)
+
+def _partial() -> Any:
+    """functools.partial, from its C module: importing functools (and with
+    it collections) would cost a first check milliseconds on a lean start."""
+    return __import__("_functools").partial
 
 
 class _StepFailed(Exception):
@@ -1923,7 +1925,6 @@ def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
     resumed run keeps its bound.
     """
     import ctypes
-    import threading
     import time
 
     # The signal module's C core: the module's wrappers turn every mask into
@@ -1941,7 +1942,7 @@ def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
         _take_pending(signo, cookie, stash)  # someone else's, already pending
         _kvm_mask(vcpu, saved, {signo}, arm_step)
         try:
-            tid = threading.get_native_id()
+            tid = _thread.get_native_id()
             timer = _timer_start(libc, signo, tid, state.deadline_ns, cookie)
             out.bound = BOUND_TIMER
         except _SysError as err:
@@ -1951,7 +1952,7 @@ def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
             theirs_classic = _take_watchdog(None)[1]
             _kvm_mask(vcpu, saved, {signo, classic}, arm_step)
             try:
-                watchdog = _Watchdog(threading.get_ident(), state.deadline_ns)
+                watchdog = _Watchdog(_thread.get_ident(), state.deadline_ns)
                 out.bound = BOUND_WATCHDOG
             except RuntimeError:
                 out.bound = BOUND_NONE  # the result still counts, unbounded
@@ -1989,11 +1990,11 @@ def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
         signal.pthread_sigmask(signal.SIG_SETMASK, saved)
         for info in stash:  # queued again exactly as they came
             number = _syscall_numbers()[3]
-            me = ctypes.c_int(os.getpid()), ctypes.c_int(threading.get_native_id())
+            me = ctypes.c_int(os.getpid()), ctypes.c_int(_thread.get_native_id())
             if libc.syscall(number, *me, ctypes.c_int(signo), ctypes.byref(info)) == 0:
                 out.requeued += 1
         if theirs_classic:
-            signal.pthread_kill(threading.get_ident(), _watchdog_signal())
+            signal.pthread_kill(_thread.get_ident(), _watchdog_signal())
         if finished:
             state.deadline_ns = 0
 
@@ -4999,10 +5000,19 @@ def _hand_off_at_exit() -> None:
         os.close(done)  # the helper reads end-of-file: its references are the last
 
 
-def _spawn_holder(fds: Sequence[int]) -> int | None:
-    """A detached process holding ``fds`` until the returned pipe end closes."""
+def _other_threads() -> bool:
+    """Whether any thread but this one runs (threading's, or _thread's own:
+    the releasing thread is one of those)."""
     threading = sys.modules.get("threading")
     if threading is not None and threading.active_count() > 1:
+        return True
+    count = getattr(_thread, "_count", None)  # threads started with _thread
+    return bool(count is not None and count() > 0)
+
+
+def _spawn_holder(fds: Sequence[int]) -> int | None:
+    """A detached process holding ``fds`` until the returned pipe end closes."""
+    if _other_threads():
         return None  # forking a threaded process is not safe
     try:
         wait_end, done = os.pipe2(os.O_CLOEXEC)
@@ -5043,24 +5053,60 @@ def _open_fds() -> list[int]:
         return list(range(3))
 
 
-def _start_releaser() -> Any:
-    """The releasing thread's queue, or None when no thread can be started."""
-    import queue
-    import threading
+class _Releases:
+    """The releasing thread's jobs: put() hands one over, join() waits until
+    every job handed over has run.  Made of _thread's locks: queue and
+    threading (with functools and collections) would cost a first gate
+    milliseconds to import on a lean start."""
 
-    jobs: queue.Queue[Callable[[], None]] = queue.Queue()
+    def __init__(self) -> None:
+        self.mutex = _thread.allocate_lock()
+        self.wake = _thread.allocate_lock()  # held while there is nothing to do
+        self.wake.acquire()
+        self.jobs: list[Callable[[], None]] = []
+        self.unfinished = 0
+        self.waiters: list[Any] = []  # join()s waiting, each on a held lock
 
-    def work() -> None:
+    def put(self, job: Callable[[], None]) -> None:
+        with self.mutex:
+            self.jobs.append(job)
+            self.unfinished += 1
+            if self.wake.locked():
+                self.wake.release()
+
+    def work(self) -> None:
         while True:
-            release = jobs.get()
-            try:
-                release()
-            finally:
-                jobs.task_done()
+            self.wake.acquire()
+            with self.mutex:
+                jobs, self.jobs = self.jobs, []
+            for job in jobs:
+                try:
+                    job()
+                except Exception as err:  # one failed release must not strand the rest
+                    _log("warning", "releasing a throwaway VM failed: %s", err)
+                finally:
+                    with self.mutex:
+                        self.unfinished -= 1
+                        if not self.unfinished:
+                            for waiter in self.waiters:
+                                waiter.release()
+                            self.waiters.clear()
 
-    thread = threading.Thread(target=work, name="boxlite-syscheck-release", daemon=True)
+    def join(self) -> None:
+        with self.mutex:
+            if not self.unfinished:
+                return
+            waiter = _thread.allocate_lock()
+            waiter.acquire()
+            self.waiters.append(waiter)
+        waiter.acquire()
+
+
+def _start_releaser() -> _Releases | None:
+    """The releasing thread's jobs, or None when no thread can be started."""
+    jobs = _Releases()
     try:
-        thread.start()
+        _thread.start_new_thread(jobs.work, ())
     except RuntimeError:
         return None
     # A forked child has no such thread: it makes its own on first use.

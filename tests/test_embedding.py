@@ -521,3 +521,33 @@ def test_the_checkers_own_memory_error_exits_3(tmp_path, mib, code):
     if code == 3:
         assert len(done.stderr.strip().splitlines()) == 1, done.stderr
         assert "the checker failed" in done.stderr and "says nothing about the host" in done.stderr
+
+
+def test_the_releasing_thread_survives_a_failing_release_and_join_waits():
+    jobs = b._start_releaser()
+    assert jobs is not None
+    done: list[int] = []
+    gate = threading.Event()
+
+    def failing() -> None:
+        raise OSError(9, "Bad file descriptor")
+
+    def slow() -> None:
+        gate.wait(5)
+        done.append(1)
+
+    jobs.put(failing)
+    jobs.put(slow)
+    for n in range(2, 50):
+        jobs.put(lambda n=n: done.append(n))
+    waiter = threading.Thread(target=jobs.join)
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive(), "join() returned while a release was still running"
+    gate.set()
+    waiter.join(5)
+    assert not waiter.is_alive() and done == list(range(1, 50))
+    jobs.join()  # nothing left: returns at once
+    jobs.put(lambda: done.append(50))
+    jobs.join()
+    assert done[-1] == 50

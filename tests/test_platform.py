@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, needs_kvm
 
 import boxlite_syscheck as b
 
@@ -72,3 +72,32 @@ def test_import_touches_nothing():
     )
     seen = json.loads(done.stdout)
     assert seen == {"heavy": [], "fds": 0}
+
+
+@needs_kvm
+@pytest.mark.parametrize("backend", ["native", "python"])
+def test_the_first_checks_import_only_what_they_use(backend):
+    # On a lean start (no site: as a plain Debian python3, which loads none
+    # of these), the first bare check and the first gate must not pay for
+    # functools, collections, threading, queue, enum or logging imports.
+    code = (
+        "import sys, json\n"
+        "import boxlite_syscheck as b\n"
+        "before = set(sys.modules)\n"
+        f"b.SystemCheck.run(engine=None, backend={backend!r}).close()\n"
+        "bare = set(sys.modules) - before\n"
+        "try:\n"
+        f"    b.SystemCheck.run(backend={backend!r}).close()\n"
+        "except b.BoxliteError:\n"
+        "    pass\n"
+        "b._wait_for_closes()\n"
+        "gate = set(sys.modules) - before - bare\n"
+        "print(json.dumps([sorted(bare), sorted(gate)]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    bare, gate = json.loads(done.stdout)
+    assert "ctypes" in bare  # the check did run
+    heavy = {"functools", "collections", "threading", "queue", "enum", "signal", "logging", "math"}
+    assert heavy.isdisjoint(bare + gate), (bare, gate)
