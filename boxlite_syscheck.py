@@ -994,96 +994,56 @@ _FD_SLOTS, _VALUE_SLOTS = 4, 16
 class _Abi:
     """ctypes mirrors of the kernel and libkvmsmoke structures.
 
-    Built on first use so that importing this module does not import ctypes.
+    Built on first use so that importing this module does not import ctypes;
+    the structures of the long-mode guest's CPUID and MSRs and of the Python
+    backend's signals are built when first asked for (each structure class
+    costs tens of microseconds to make, and a bare check needs neither).
     """
 
     def __init__(self) -> None:
         import ctypes
 
-        u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
-        i32, i64 = ctypes.c_int32, ctypes.c_int64
-
-        def fields(names: str, kind: Any) -> list[tuple[str, Any]]:
-            return [(name, kind) for name in names.split()]
+        u8, u16, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint64
+        u32, i32, i64 = ctypes.c_uint32, ctypes.c_int32, ctypes.c_int64
 
         class KvmRegs(ctypes.Structure):
             # arch/x86/include/uapi/asm/kvm.h struct kvm_regs
-            _fields_ = fields(
+            _fields_ = _fields(
                 "rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags", u64
             )
 
         class KvmSegment(ctypes.Structure):
             # arch/x86/include/uapi/asm/kvm.h struct kvm_segment
             _fields_ = [("base", u64), ("limit", u32), ("selector", u16)]
-            _fields_ += fields("type present dpl db s l g avl unusable padding", u8)
+            _fields_ += _fields("type present dpl db s l g avl unusable padding", u8)
 
         class KvmDtable(ctypes.Structure):
             _fields_ = [("base", u64), ("limit", u16), ("padding", u16 * 3)]
 
         class KvmSregs(ctypes.Structure):
-            _fields_ = fields("cs ds es fs gs ss tr ldt", KvmSegment)
+            _fields_ = _fields("cs ds es fs gs ss tr ldt", KvmSegment)
             _fields_ += [("gdt", KvmDtable), ("idt", KvmDtable)]
-            _fields_ += fields("cr0 cr2 cr3 cr4 cr8 efer apic_base", u64)
+            _fields_ += _fields("cr0 cr2 cr3 cr4 cr8 efer apic_base", u64)
             _fields_ += [("interrupt_bitmap", u64 * 4)]
 
         class KvmUserspaceMemoryRegion(ctypes.Structure):
             _fields_ = [("slot", u32), ("flags", u32)]
-            _fields_ += fields("guest_phys_addr memory_size userspace_addr", u64)
-
-        class KvmCpuidEntry2(ctypes.Structure):
-            _fields_ = fields("function index flags eax ebx ecx edx", u32)
-            _fields_ += [("padding", u32 * 3)]
-
-        class KvmCpuid2(ctypes.Structure):
-            _fields_ = [("nent", u32), ("padding", u32)]
-            _fields_ += [("entries", KvmCpuidEntry2 * _MAX_CPUID_ENTRIES)]
-
-        class KvmMsrList(ctypes.Structure):
-            _fields_ = [("nmsrs", u32), ("indices", u32 * _MAX_MSR_INDICES)]
-
-        class KvmMsrEntry(ctypes.Structure):
-            _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
-
-        class KvmMsrs(ctypes.Structure):
-            _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", KvmMsrEntry * len(BOOT_MSRS))]
-
-        class SigEvent(ctypes.Structure):
-            # include/uapi/asm-generic/siginfo.h struct sigevent, 64 bytes,
-            # with the SIGEV_THREAD_ID member of its union.
-            _fields_ = [("sigev_value", ctypes.c_void_p)]
-            _fields_ += fields("sigev_signo sigev_notify tid", ctypes.c_int)
-            _fields_ += [("pad", ctypes.c_int * 11)]
-
-        class SigInfo(ctypes.Structure):
-            # siginfo_t, 128 bytes: the fields read here sit at the same
-            # offsets for SI_TIMER (_timer) and SI_USER/SI_QUEUE (_rt).
-            _fields_ = fields("si_signo si_errno si_code pad0 si_pid", ctypes.c_int)
-            _fields_ += [("si_uid", ctypes.c_uint), ("si_value", ctypes.c_void_p)]
-            _fields_ += [("rest", u8 * (128 - 24 - ctypes.sizeof(ctypes.c_void_p)))]
-
-        class SigSet(ctypes.Structure):
-            _fields_ = [("bits", ctypes.c_ulong * (128 // ctypes.sizeof(ctypes.c_ulong)))]
-
-        class Timespec(ctypes.Structure):
-            _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
-
-        class Itimerspec(ctypes.Structure):
-            _fields_ = [("it_interval", Timespec), ("it_value", Timespec)]
+            _fields_ += _fields("guest_phys_addr memory_size userspace_addr", u64)
 
         class Op(ctypes.Structure):
             # struct kvmsmoke_op in kvm_smoke.c
-            _fields_ = fields("step kind fd fd_out value_out check flags pad", i32)
+            _fields_ = _fields("step kind fd fd_out value_out check flags pad", i32)
             _fields_ += [("check_value", i64)]
-            _fields_ += fields("request arg src len", u64)
+            _fields_ += _fields("request arg src len", u64)
 
         class State(ctypes.Structure):
             # struct kvmsmoke_state
             _fields_ = [("fds", i32 * _FD_SLOTS)]
-            _fields_ += fields("run_addr run_size deadline_ns", u64)
+            _fields_ += _fields("run_addr run_size deadline_ns", u64)
 
         class Outcome(ctypes.Structure):
             # struct kvmsmoke_result
-            _fields_ = fields(
+            _fields_ = _fields(
                 "step error op_index timed_out runs interrupted bound bound_error requeued pad",
                 i32,
             )
@@ -1093,17 +1053,93 @@ class _Abi:
         self.KvmSegment = KvmSegment
         self.KvmSregs = KvmSregs
         self.KvmUserspaceMemoryRegion = KvmUserspaceMemoryRegion
-        self.KvmCpuid2 = KvmCpuid2
-        self.KvmMsrList = KvmMsrList
-        self.KvmMsrs = KvmMsrs
-        self.SigEvent = SigEvent
-        self.SigInfo = SigInfo
-        self.SigSet = SigSet
-        self.Timespec = Timespec
-        self.Itimerspec = Itimerspec
         self.Op = Op
         self.State = State
         self.Outcome = Outcome
+
+    def __getattr__(self, name: str) -> Any:
+        make = _ABI_LATER.get(name)
+        if make is None:
+            raise AttributeError(name)
+        with _CACHE_LOCK:  # made once: two threads must not get two classes
+            if name not in self.__dict__:
+                self.__dict__.update(make())
+        return self.__dict__[name]
+
+
+def _fields(names: str, kind: Any) -> list[tuple[str, Any]]:
+    return [(name, kind) for name in names.split()]
+
+
+def _cpuid_msr_structures() -> dict[str, Any]:
+    """The long-mode guest's CPUID and MSR structures (x86 kvm.h)."""
+    import ctypes
+
+    u32, u64 = ctypes.c_uint32, ctypes.c_uint64
+
+    class KvmCpuidEntry2(ctypes.Structure):
+        _fields_ = _fields("function index flags eax ebx ecx edx", u32)
+        _fields_ += [("padding", u32 * 3)]
+
+    class KvmCpuid2(ctypes.Structure):
+        _fields_ = [("nent", u32), ("padding", u32)]
+        _fields_ += [("entries", KvmCpuidEntry2 * _MAX_CPUID_ENTRIES)]
+
+    class KvmMsrList(ctypes.Structure):
+        _fields_ = [("nmsrs", u32), ("indices", u32 * _MAX_MSR_INDICES)]
+
+    class KvmMsrEntry(ctypes.Structure):
+        _fields_ = [("index", u32), ("reserved", u32), ("data", u64)]
+
+    class KvmMsrs(ctypes.Structure):
+        _fields_ = [("nmsrs", u32), ("pad", u32), ("entries", KvmMsrEntry * len(BOOT_MSRS))]
+
+    return {"KvmCpuid2": KvmCpuid2, "KvmMsrList": KvmMsrList, "KvmMsrs": KvmMsrs}
+
+
+def _signal_structures() -> dict[str, Any]:
+    """The structures of the Python backend's bound (signals and timers)."""
+    import ctypes
+
+    class SigEvent(ctypes.Structure):
+        # include/uapi/asm-generic/siginfo.h struct sigevent, 64 bytes,
+        # with the SIGEV_THREAD_ID member of its union.
+        _fields_ = [("sigev_value", ctypes.c_void_p)]
+        _fields_ += _fields("sigev_signo sigev_notify tid", ctypes.c_int)
+        _fields_ += [("pad", ctypes.c_int * 11)]
+
+    class SigInfo(ctypes.Structure):
+        # siginfo_t, 128 bytes: the fields read here sit at the same
+        # offsets for SI_TIMER (_timer) and SI_USER/SI_QUEUE (_rt).
+        _fields_ = _fields("si_signo si_errno si_code pad0 si_pid", ctypes.c_int)
+        _fields_ += [("si_uid", ctypes.c_uint), ("si_value", ctypes.c_void_p)]
+        _fields_ += [("rest", ctypes.c_uint8 * (128 - 24 - ctypes.sizeof(ctypes.c_void_p)))]
+
+    class SigSet(ctypes.Structure):
+        _fields_ = [("bits", ctypes.c_ulong * (128 // ctypes.sizeof(ctypes.c_ulong)))]
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    class Itimerspec(ctypes.Structure):
+        _fields_ = [("it_interval", Timespec), ("it_value", Timespec)]
+
+    return {
+        "SigEvent": SigEvent,
+        "SigInfo": SigInfo,
+        "SigSet": SigSet,
+        "Timespec": Timespec,
+        "Itimerspec": Itimerspec,
+    }
+
+
+#: The structures _Abi makes when first asked for, by the group that makes them.
+_ABI_LATER: dict[str, Callable[[], dict[str, Any]]] = {
+    **dict.fromkeys(("KvmCpuid2", "KvmMsrList", "KvmMsrs"), _cpuid_msr_structures),
+    **dict.fromkeys(
+        ("SigEvent", "SigInfo", "SigSet", "Timespec", "Itimerspec"), _signal_structures
+    ),
+}
 
 
 def _abi() -> _Abi:
@@ -4584,22 +4620,42 @@ def _causes() -> dict[str, _Cause]:
     return causes
 
 
+def _cause(key: str) -> _Cause:
+    """One cause of the registry, its block alone parsed (a check that
+    names one cause need not parse all of them)."""
+    cause: _Cause | None = _CACHE.get("causes", {}).get(key)
+    if cause is not None:
+        return cause
+
+    def parse() -> _Cause:
+        start = _CAUSE_TABLE.find(f"\n== {key} ")
+        if start < 0:
+            raise KeyError(key)
+        end = _CAUSE_TABLE.find("\n== ", start + 1)
+        return _parse_block(_CAUSE_TABLE[start + 4 : end if end >= 0 else None])[1]
+
+    found: _Cause = _cached(f"cause:{key}", parse)
+    return found
+
+
 def _parse_causes() -> dict[str, _Cause]:
+    return dict(_parse_block(block) for block in _CAUSE_TABLE.split("\n== ")[1:])
+
+
+def _parse_block(block: str) -> tuple[str, _Cause]:
+    """One block of _CAUSE_TABLE, without its "== ": (key, cause)."""
     classes = {cls.__name__: cls for cls in BoxliteError.__subclasses__()}
-    causes = {}
-    for block in _CAUSE_TABLE.split("\n== ")[1:]:
-        head, summary, *lines = block.strip().split("\n")
-        key, cls, layer, *shown = head.split(maxsplit=3)
-        fields = {"summary": summary, "shown": shown[0].strip("()") if shown else ""}
-        name = "summary"
-        for line in lines:
-            if line.startswith("    "):
-                fields[name] += " " + line.strip()
-            else:
-                name, _, value = line.partition(": ")
-                fields[name] = value
-        causes[key] = _Cause(classes[cls], layer, fields)
-    return causes
+    head, summary, *lines = block.strip().split("\n")
+    key, cls, layer, *shown = head.split(maxsplit=3)
+    fields = {"summary": summary, "shown": shown[0].strip("()") if shown else ""}
+    name = "summary"
+    for line in lines:
+        if line.startswith("    "):
+            fields[name] += " " + line.strip()
+        else:
+            name, _, value = line.partition(": ")
+            fields[name] = value
+    return key, _Cause(classes[cls], layer, fields)
 
 
 def _denied(f: Facts) -> bool:
@@ -4868,7 +4924,7 @@ def _diagnose(facts: Facts) -> BoxliteError | None:
 
 def _render(key: str, facts: Facts) -> BoxliteError:
     """The error for a cause: summary, Tried, Answer, evidence, Fix."""
-    cause = _causes()[key]
+    cause = _cause(key)
     try:
         return _worded(key, cause, _Values(facts))
     except _NoValue as missing:

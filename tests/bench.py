@@ -139,16 +139,21 @@ def cold_rows(python: str, n: int) -> list[tuple[str, ...]]:
     (site included, bytecode cached, as users run it)."""
     subprocess.run([python, "-m", "py_compile", str(ROOT / "boxlite_syscheck.py")], check=True)
     pieces: list[list[float]] = [[] for _ in range(6)]
-    firsts: dict[str, list[float]] = {"engine=None": [], "": []}
+    # With site, as this interpreter starts; with -S, a lean start such as
+    # Debian's python3, whose site loads none of the modules a check uses
+    # (this host's site loads certifi, threading, functools and more).
+    firsts: dict[tuple[str, str], list[float]] = {
+        (flags, args): [] for flags in ("", "-S") for args in ("engine=None", "")
+    }
     for _ in range(n):
         done = subprocess.run(
             [python, "-c", COLD], cwd=ROOT, capture_output=True, text=True, check=True
         )
         for piece, value in zip(pieces, done.stdout.split()):
             piece.append(float(value))
-        for args, got in firsts.items():
+        for (flags, args), got in firsts.items():
             done = subprocess.run(
-                [python, "-c", FIRST.format(args=args)],
+                [python, *filter(None, [flags]), "-c", FIRST.format(args=args)],
                 cwd=ROOT,
                 capture_output=True,
                 text=True,
@@ -167,13 +172,13 @@ def cold_rows(python: str, n: int) -> list[tuple[str, ...]]:
     for name, samples in zip(names, pieces):
         med, lo, hi = summary(samples)
         rows.append((name, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", "fresh interpreter"))
-    for args, samples in firsts.items():
+    for (flags, args), samples in firsts.items():
         med, lo, hi = summary(samples)
-        what = f"SystemCheck.run({args})"
-        note = "import included; target 5 ms (BoxLite 0.9.1's runtime constructor, cold)"
-        rows.append(
-            (f"first {what}, fresh process", f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", note)
+        what = f"first SystemCheck.run({args}), fresh process" + (
+            f", python {flags}" if flags else ""
         )
+        note = "import included; target 5 ms (BoxLite 0.9.1's runtime constructor, cold)"
+        rows.append((what, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", note))
     rows += boxlite_rows(n)
     return rows
 

@@ -124,3 +124,30 @@ def test_the_trivial_guest_decodes_to_mov_eax_proof_then_hlt(tmp_path):
     ).stdout
     decoded = [line.split("\t")[-1].strip() for line in out.splitlines() if "\t" in line]
     assert decoded == [f"mov    $0x{b.PROOF_VALUE:x},%eax", "hlt"]
+
+
+def test_the_structures_a_check_does_not_use_are_made_only_when_asked_for():
+    import threading
+
+    abi = b._Abi()
+    assert "KvmCpuid2" not in vars(abi) and "SigSet" not in vars(abi)
+    seen: list[type] = []
+    barrier = threading.Barrier(8)
+
+    def ask() -> None:
+        barrier.wait()
+        seen.append(abi.KvmMsrs)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(seen)) == 1, "every thread got the same class"
+    assert abi.KvmCpuid2 is vars(abi)["KvmCpuid2"]  # its group came with it
+    assert "SigSet" not in vars(abi)
+    assert ctypes.sizeof(abi.KvmMsrs) == 8 + 16 * len(b.BOOT_MSRS)
+    assert ctypes.sizeof(abi.KvmCpuid2) == 8 + 40 * b._MAX_CPUID_ENTRIES
+    assert ctypes.sizeof(abi.Itimerspec) == 32
+    with pytest.raises(AttributeError):
+        abi.NoSuchStructure  # noqa: B018

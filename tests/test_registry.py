@@ -292,3 +292,18 @@ def test_a_cause_found_part_way_stops_both_ways_at_the_same_question(mocker):
         if got is None:
             got = b._diagnose_staged(facts, after="caps")
         assert got is cause and asked == whole
+
+
+def test_one_cause_parsed_alone_is_the_registrys_own():
+    whole = b._causes()
+    b._reset_caches()
+    for key, cause in whole.items():
+        alone = b._cause(key)
+        assert alone is not cause  # parsed again, from its block alone
+        assert {n: getattr(alone, n) for n in b._Cause.__slots__} == {
+            n: getattr(cause, n) for n in b._Cause.__slots__
+        }, key
+    with pytest.raises(KeyError):
+        b._cause("no-such-cause")
+    with pytest.raises(KeyError):
+        b._cause("kvm-missing")  # a prefix of real keys is not a key
