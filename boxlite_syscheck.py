@@ -1525,9 +1525,9 @@ class _Plan:
     def map_run(self, step: int) -> None:
         self.ops.append((step, _OP_MAP_RUN, _VCPU, -1, -1, 0, 0, 0, 0, 0, 0, _V_RUN_SIZE, 0))
 
-    def run(self, timeout_ns: int, signo: int, value: int, cookie: int = 0) -> None:
+    def run(self, timeout_ns: int, signo: int, value: int) -> None:
         # check_value carries the step reported when arming the bound fails;
-        # a session gives each run its own cookie when it executes the plan.
+        # the cookie (src) is stamped afresh each time the array executes.
         self.ops.append(
             (
                 STEP_RUN,
@@ -1541,7 +1541,7 @@ class _Plan:
                 STEP_ARM_TIMER,
                 timeout_ns,
                 signo,
-                cookie,
+                0,
                 0,
             )
         )
@@ -2630,11 +2630,6 @@ class _Session:
                 self.result.api_version = self.out.values[_V_API]
             return False
         return True
-
-    def close(self) -> None:
-        self.release()
-        self.mem.close()
-        _give_back(self.guest, self.kit)
 
     def run_plan(self, plan: _Plan, rip: int, value: int, **regs: int) -> None:
         """Append: set the registers, then run the vCPU once, bounded.
@@ -6076,7 +6071,7 @@ def _boot_loop(session: _Session, result: BootResult, start: int) -> None:
     console = _BootConsole(session.mem_addr, ports, start, result)
     deadline = start + int(result.timeout * 1e9)
     plan = _Plan()
-    plan.run(1, session.signo, _V_T_GUEST, 0)
+    plan.run(1, session.signo, _V_T_GUEST)
     ops, count = plan.build()
     out, state, run = session.out, session.state, session.state.run_addr
     exits = result.exits
