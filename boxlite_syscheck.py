@@ -2060,11 +2060,14 @@ def _interpreter_abi() -> str:
 
 
 def _syscall_numbers() -> tuple[int, int, int, int]:
-    abi = _interpreter_abi()
-    try:
-        return _SYSCALLS[abi]
-    except KeyError:
-        raise _SysError(errno.ENOSYS, f"no timer syscall numbers for the {abi} ABI") from None
+    numbers: tuple[int, int, int, int] | None = _CACHE.get("syscalls")
+    if numbers is None:
+        abi = _interpreter_abi()
+        try:
+            numbers = _CACHE["syscalls"] = _SYSCALLS[abi]
+        except KeyError:
+            raise _SysError(errno.ENOSYS, f"no timer syscall numbers for the {abi} ABI") from None
+    return numbers
 
 
 def _timer_start(libc: ctypes.CDLL, signo: int, tid: int, deadline_ns: int, cookie: int) -> int:
