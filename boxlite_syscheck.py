@@ -5038,11 +5038,11 @@ def _hold_for_exit() -> None:
 
 def _hand_off_at_exit() -> None:
     """Release the VMs kept by _hold_for_exit, without waiting for their
-    teardown: a helper process (forked twice, so nothing waits for it)
-    takes its own copies of their descriptors, this process drops its
-    references, and then the helper's exit is the last release and bears the
-    teardown after this process is gone.  Without a helper (fork refused, or
-    threads running) they are released here, paying the teardown."""
+    teardown: a helper process (_spawn_holder; nothing waits for it) takes
+    its own copies of their descriptors, this process drops its references,
+    and then the helper's exit is the last release and bears the teardown
+    after this process is gone.  Without a helper (it could not be started)
+    they are released here, paying the teardown."""
     held = _CACHE.pop("held-for-exit", None) or []
     if not held:
         return
@@ -5054,49 +5054,49 @@ def _hand_off_at_exit() -> None:
         os.close(done)  # the helper reads end-of-file: its references are the last
 
 
-def _other_threads() -> bool:
-    """Whether any thread but this one runs (threading's, or _thread's own:
-    the releasing thread is one of those)."""
-    threading = sys.modules.get("threading")
-    if threading is not None and threading.active_count() > 1:
-        return True
-    count = getattr(_thread, "_count", None)  # threads started with _thread
-    return bool(count is not None and count() > 0)
-
-
 def _spawn_holder(fds: Sequence[int]) -> int | None:
-    """A detached process holding ``fds`` until the returned pipe end closes."""
-    if _other_threads():
-        return None  # forking a threaded process is not safe
+    """A detached process holding ``fds`` until the returned pipe end closes.
+
+    It is this interpreter again (always there), started with posix_spawn:
+    no copy of this process is made (a fork costs milliseconds here), and
+    it is safe with threads running.  It reads its stdin, the pipe, until
+    this process is gone.  None when it cannot be started."""
+    if not sys.executable or not fds:
+        return None
     try:
         wait_end, done = os.pipe2(os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        pid = os.fork()
-    except OSError:
-        os.close(wait_end)
+        open_now = _open_fds()
+        # The holder's copies go above every descriptor, so that no dup2
+        # overwrites another's source; dup2 clears their close-on-exec.
+        base = max([2, wait_end, done, *open_now]) + 1
+        actions: list[tuple[Any, ...]] = [
+            (os.POSIX_SPAWN_DUP2, wait_end, 0),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),  # no reader waits for it
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ]
+        actions += [(os.POSIX_SPAWN_DUP2, fd, base + i) for i, fd in enumerate(fds)]
+        # A descriptor this process inherited without close-on-exec (a pipe
+        # someone reads to its end, say) must not outlive it in the holder.
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in open_now if fd > 2 and _inheritable(fd)]
+        argv = [sys.executable, "-I", "-S", "-c", "import os\nos.read(0, 1)"]
+        os.posix_spawn(sys.executable, argv, {}, file_actions=actions, setsid=True)
+    except OSError as err:
+        _log("debug", "no holder for the probe VMs: %s", err)
         os.close(done)
         return None
-    if pid == 0:  # the intermediate child: fork the holder and go
-        try:
-            if os.fork() == 0:
-                keep = {wait_end, *fds}
-                for fd in _open_fds():  # standard streams first: no reader waits for us
-                    if fd not in keep:
-                        try:
-                            os.close(fd)
-                        except OSError:
-                            pass  # the listing's own descriptor, already gone
-                os.read(wait_end, 1)
-        finally:
-            os._exit(0)
-    os.close(wait_end)
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
+    finally:
+        os.close(wait_end)
     return done
+
+
+def _inheritable(fd: int) -> bool:
+    try:
+        return os.get_inheritable(fd)
+    except OSError:  # the listing's own descriptor, gone since
+        return False
 
 
 def _open_fds() -> list[int]:

@@ -51,15 +51,30 @@ def wall(argv: list[str], n: int, **kwargs) -> tuple[list[float], subprocess.Com
     return out, done
 
 
-def floor(n: int) -> list[float]:
+def bare_samples(n: int, rounds: int = 10) -> dict[str, list[float]]:
+    """The bare device check in C (tests/bench_floor.c) and with each backend,
+    interleaved: ``rounds`` rounds of n/rounds each, so that the host's drift
+    (large here) falls on all three alike."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise SystemExit("bench: needs a C compiler for the floor")
+
+    def bare(kind: str) -> None:
+        b.SystemCheck.run(backend=kind, engine=None).close()
+
+    samples: dict[str, list[float]] = {"floor": [], "native": [], "python": []}
+    per = max(1, n // rounds)
     with tempfile.TemporaryDirectory() as tmp:
         exe = os.path.join(tmp, "floor")
         subprocess.run([cc, "-O2", "-o", exe, str(ROOT / "tests" / "bench_floor.c")], check=True)
-        done = subprocess.run([exe, str(n)], capture_output=True, text=True, check=True)
-    return [float(line) for line in done.stdout.split()]
+        for kind in ("native", "python"):
+            bare(kind)  # warm: library loaded, imports done
+        for _ in range(rounds):
+            done = subprocess.run([exe, str(per)], capture_output=True, text=True, check=True)
+            samples["floor"] += [float(line) for line in done.stdout.split()]
+            for kind in ("native", "python"):
+                samples[kind] += timed(lambda kind=kind: bare(kind), per)
+    return samples
 
 
 def gate_floor() -> str:
@@ -408,23 +423,13 @@ def row(rows, name, samples, floor_median=None, note=""):
 def bench(n: int) -> list[tuple[str, ...]]:
     python = sys.executable
     rows: list[tuple[str, ...]] = []
-    floor_samples = floor(n)
-    floor_median = summary(floor_samples)[0]
-    row(rows, "floor: C bare device check (raw ioctls)", floor_samples, None, f"n={n}")
+    bare = bare_samples(n)
+    floor_median = summary(bare["floor"])[0]
+    row(rows, "floor: C bare device check (raw ioctls)", bare["floor"], None, f"n={n}")
     for backend in ("native", "python"):
-
-        def bare(kind: str = backend) -> None:
-            b.SystemCheck.run(backend=kind, engine=None).close()
-
-        bare()  # warm: library loaded, imports done
         target = "1.10x" if backend == "native" else "1.25x"
-        row(
-            rows,
-            f"SystemCheck.run(engine=None) {backend}",
-            timed(bare, n),
-            floor_median,
-            f"target {target}",
-        )
+        note = f"target {target}; interleaved with the C"
+        row(rows, f"SystemCheck.run(engine=None) {backend}", bare[backend], floor_median, note)
 
     def gate() -> None:
         try:
@@ -445,7 +450,7 @@ def bench(n: int) -> list[tuple[str, ...]]:
     )
     exe = gate_floor()
     for backend in ("native", "python"):
-        gate_ms, floor_ms, exits = floor_ratio(exe, backend, rounds=10)
+        gate_ms, floor_ms, exits = floor_ratio(exe, backend, rounds=30)
         if backend == "native":
             rows.append(
                 (
