@@ -605,6 +605,111 @@ def stress(count: int, threads: int) -> int:
     return 1 if failures else 0
 
 
+COUNTED = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+engine = None if sys.argv[3] == "none" else b.DEFAULT_ENGINE
+for _ in range(2 + int(sys.argv[4])):  # two to warm up, then the counted ones
+    try:
+        b.SystemCheck.run(backend=sys.argv[2], engine=engine).close()
+    except b.BoxliteError:
+        pass
+b._wait_for_closes()
+"""
+
+
+def _instructions(where: str, backend: str, engine: str, gates: int) -> int | None:
+    """User-space instructions of ``gates`` checks (callgrind, whatever the
+    host's noise): a run with them less a run without."""
+    valgrind = shutil.which("valgrind")
+    if valgrind is None:
+        return None
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)  # the module's bytecode, cached
+    subprocess.run([sys.executable, "-m", "py_compile", f"{where}/boxlite_syscheck.py"], check=True)
+    total = []
+    for count in (0, gates):
+        with tempfile.NamedTemporaryFile() as out:
+            argv = [valgrind, "--tool=callgrind", f"--callgrind-out-file={out.name}"]
+            argv += [sys.executable, "-c", COUNTED, where, backend, engine, str(count)]
+            subprocess.run(argv, capture_output=True, env=env, check=True)
+            summary = next(
+                line
+                for line in Path(out.name).read_text().splitlines()
+                if line.startswith("summary:")
+            )
+            total.append(int(summary.split()[1]))
+    return (total[1] - total[0]) // gates
+
+
+ALTERNATE = """
+import importlib.util, statistics, sys, time
+mods = []
+for name, where in (("old", sys.argv[1]), ("new", sys.argv[2])):
+    spec = importlib.util.spec_from_file_location(f"syscheck_{name}", f"{where}/boxlite_syscheck.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    mods.append(mod)
+backend, n = sys.argv[3], int(sys.argv[5])
+times = [[], []]
+for i in range(n + 5):
+    for mod, got in zip(mods, times):
+        engine = None if sys.argv[4] == "none" else mod.DEFAULT_ENGINE
+        start = time.perf_counter_ns()
+        try:
+            mod.SystemCheck.run(backend=backend, engine=engine).close()
+        except mod.BoxliteError:
+            pass
+        if i >= 5:
+            got.append(time.perf_counter_ns() - start)
+        mod._wait_for_closes()  # each waits for its own VMs, off the clock
+print(statistics.median(times[0]), statistics.median(times[1]))
+"""
+
+
+def against(revision: str) -> int:
+    """This module against the one at ``revision``: both loaded side by side
+    in one process, alternating check by check (the host's drift falls on
+    both alike), and the instructions each runs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "old"
+        old.mkdir()
+        source = subprocess.run(
+            ["git", "show", f"{revision}:boxlite_syscheck.py"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        (old / "boxlite_syscheck.py").write_text(source)
+        shutil.copy(ROOT / "libkvmsmoke.so", old / "libkvmsmoke.so")
+        new = Path(tmp) / "new"
+        new.mkdir()
+        shutil.copy(ROOT / "boxlite_syscheck.py", new / "boxlite_syscheck.py")
+        shutil.copy(ROOT / "libkvmsmoke.so", new / "libkvmsmoke.so")
+        print(f"{revision} against the working tree")
+        for backend in ("native", "python"):
+            for engine, n in (("libkrun", 200), ("none", 600)):
+                what = f"{'default gate' if engine == 'libkrun' else 'bare check'}, {backend}"
+                done = subprocess.run(
+                    [sys.executable, "-c", ALTERNATE, str(old), str(new), backend, engine, str(n)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
+                was, now = (float(x) / 1e6 for x in done.stdout.split())
+                counts = [_instructions(str(d), backend, engine, 20) for d in (old, new)]
+                counted = (
+                    f"{counts[0]:,} -> {counts[1]:,} instructions ({counts[1] / counts[0] - 1:+.0%})"
+                    if None not in counts
+                    else "no valgrind: no instruction counts"
+                )
+                print(f"  {what}: {was:.3f} -> {now:.3f} ms ({now / was - 1:+.1%}); {counted}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", type=int, default=2000, help="repetitions of in-process figures")
@@ -614,7 +719,12 @@ def main() -> int:
     )
     parser.add_argument("--count", type=int, default=10000)
     parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument(
+        "--against", metavar="REV", help="compare with the module at a git revision instead"
+    )
     args = parser.parse_args()
+    if args.against:
+        return against(args.against)
     if args.stress:
         return stress(args.count, args.threads)
     quiet = bench(args.n)
