@@ -2060,13 +2060,14 @@ def _interpreter_abi() -> str:
 
 
 def _syscall_numbers() -> tuple[int, int, int, int]:
-    numbers: tuple[int, int, int, int] | None = _CACHE.get("syscalls")
-    if numbers is None:
+    def look_up() -> tuple[int, int, int, int]:
         abi = _interpreter_abi()
         try:
-            numbers = _CACHE["syscalls"] = _SYSCALLS[abi]
+            return _SYSCALLS[abi]
         except KeyError:
             raise _SysError(errno.ENOSYS, f"no timer syscall numbers for the {abi} ABI") from None
+
+    numbers: tuple[int, int, int, int] = _cached("syscalls", look_up)
     return numbers
 
 
@@ -2713,7 +2714,7 @@ def _read_cpuid(session: _Session) -> None:
     count = min(session.cpuid.nent, _MAX_CPUID_ENTRIES)
     raw = ctypes.string_at(ctypes.addressof(session.cpuid.entries), count * _CPUID_ENTRY_SIZE)
     words = memoryview(raw).cast("I")  # each entry is ten 32-bit words
-    wanted = _cached("cpuid-leaves", lambda: {leaf for leaf, _, _ in CPUID_FEATURES.values()})
+    wanted = _CPUID_LEAVES
     first: dict[int, int] = {}  # leaf: the word offset of its first entry at index 0
     for offset in range(0, count * 10, 10):
         leaf = words[offset]
@@ -2731,6 +2732,7 @@ def _read_cpuid(session: _Session) -> None:
 # struct kvm_cpuid_entry2: function, index, flags, eax, ebx, ecx, edx, padding[3].
 _CPUID_ENTRY_SIZE = 40
 _CPUID_REGISTERS = {"eax": 3, "ebx": 4, "ecx": 5, "edx": 6}  # word offsets
+_CPUID_LEAVES = frozenset(leaf for leaf, _, _ in CPUID_FEATURES.values())
 
 
 def _read_msrs(session: _Session) -> None:
