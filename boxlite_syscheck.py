@@ -3048,12 +3048,13 @@ class Evidence:
     file_max: str | None
 
     def __init__(self, path: str = KVM_DEVICE, *, gather: bool = True, **values: Any) -> None:
-        unknown = set(values) - set(_GATHER)
-        if unknown:
-            raise TypeError(f"Evidence has no field {', '.join(sorted(unknown))}")
+        if values:
+            unknown = set(values).difference(_GATHER)
+            if unknown:
+                raise TypeError(f"Evidence has no field {', '.join(sorted(unknown))}")
+            self.__dict__.update(values)
         self.path = path
         self._gather = gather
-        self.__dict__.update(values)
 
     def __getattr__(self, name: str) -> Any:
         gather = _GATHER.get(name)
@@ -3474,9 +3475,6 @@ _GATHER: dict[str, Callable[[Evidence], Any]] = {
 # ── Facts: what the probes answered, with the evidence ──────────────────────
 
 
-_NOT_PINNED = object()
-
-
 class Facts:
     """Everything the diagnosis reads, as one value.
 
@@ -3535,7 +3533,8 @@ class Facts:
         self.durations: dict[str, float] = {}
         #: macOS: what hv_vm_create answered when the report asked for it.
         self.probe_hvf: tuple[int, int | None] | str | None = None
-        self._pinned: object = _NOT_PINNED
+        #: (failure, missing) while the rules read them (pin), else None.
+        self._pinned: tuple[tuple[int, int] | None, list[str]] | None = None
 
     def copy(self) -> Facts:
         """A shallow copy: the stages' values are shared, never changed."""
@@ -3565,7 +3564,13 @@ class Facts:
     @property
     def missing(self) -> list[str]:
         """The capabilities the engine needs that KVM reports absent (0)."""
-        caps = self.caps or {}
+        pinned = self._pinned
+        return self._missing() if pinned is None else pinned[1]
+
+    def _missing(self) -> list[str]:
+        caps = self.caps
+        if not caps:
+            return []
         return [name for name in self.engine_caps if caps.get(name) == 0]
 
     @property
@@ -3574,26 +3579,30 @@ class Facts:
         gate makes them: open, the engine's capabilities, its start-up
         ioctls, the guest's steps.  None when none failed."""
         pinned = self._pinned
-        return self._first_failure() if pinned is _NOT_PINNED else pinned  # type: ignore[return-value]
+        return self._first_failure() if pinned is None else pinned[0]
 
     def pin(self) -> None:
-        """Keep ``failure`` as it is now while the rules read it (see _diagnose)."""
-        self._pinned = self._first_failure()
+        """Keep ``failure`` and ``missing`` as they are now while the rules
+        read them, many times over (see _diagnose)."""
+        self._pinned = (self._first_failure(), self._missing())
 
     def unpin(self) -> None:
-        self._pinned = _NOT_PINNED
+        self._pinned = None
 
     def _first_failure(self) -> tuple[int, int] | None:
         if self.open_errno is not None:
             return STEP_OPEN, self.open_errno
-        caps = self.caps or {}
-        refused = [caps[n] for n in self.engine_caps if caps.get(n, 0) < 0]
-        if refused:
-            return STEP_CHECK_EXTENSION, -refused[0]
-        ioctls = self.ioctls or {}
-        for name in self.engine_ioctls:
-            if ioctls.get(name, -1) > 0:
-                return _STARTUP_STEPS[name], ioctls[name]
+        caps = self.caps
+        if caps:
+            for name in self.engine_caps:
+                value = caps.get(name, 0)
+                if value < 0:
+                    return STEP_CHECK_EXTENSION, -value
+        ioctls = self.ioctls
+        if ioctls:
+            for name in self.engine_ioctls:
+                if ioctls.get(name, -1) > 0:
+                    return _STARTUP_STEPS[name], ioctls[name]
         smoke = self.smoke
         if smoke is not None and smoke.step != STEP_DONE and not smoke.timed_out:
             return smoke.step, smoke.error
@@ -4872,26 +4881,36 @@ RULES: tuple[tuple[str, Callable[[Facts], bool]], ...] = (
 )
 
 
-#: Blocks of RULES (first and last key) whose every predicate needs a fact
-#: that a check can lack: macOS's answers, an OS call that failed, the
-#: guest's result, the deep boot's.
-_RULE_BLOCKS = {
-    "macos": ("rosetta", "hv-engine-error"),
-    "failure": ("fd-limit", "kvm-open-failed"),
-    "guest": ("smoke-timeout/arm64", "msr-arch-capabilities-refused"),
-    "deep": ("deep-boot-failed", "deep-boot-timeout"),
+#: Runs of RULES (first and last key) whose every predicate needs a fact
+#: that a check can lack: macOS's answers, an OS call that failed, a
+#: capability KVM answered, the guest's result, the deep boot's, and the
+#: last question (Facts.complete, every stage answered).  A block whose
+#: fact is absent cannot hold, so _diagnose does not ask it.
+_RULE_BLOCKS: dict[str, tuple[tuple[str, str], ...]] = {
+    "macos": (("rosetta", "hv-engine-error"),),
+    "failure": (("fd-limit", "kvm-busy"), ("startup-ioctl-failed", "kvm-step-failed")),
+    "caps": (("kvm-capability-missing/seccomp", "kvm-capability-missing"),),
+    "guest": (("smoke-timeout/arm64", "msr-arch-capabilities-refused"),),
+    "deep": (("deep-boot-failed", "deep-boot-timeout"),),
+    "complete": (("engine-error-decoded", "engine-error-decoded"),),
 }
+
+
+def _block_indices(name: str) -> set[int]:
+    """The positions in RULES of a block's rules."""
+    keys = [key for key, _ in RULES]
+    return {
+        i
+        for first, last in _RULE_BLOCKS[name]
+        for i in range(keys.index(first), keys.index(last) + 1)
+    }
 
 
 def _rules_without(*blocks: str) -> tuple[tuple[str, Callable[[Facts], bool]], ...]:
     """RULES in order, less the named blocks (made once per combination)."""
 
     def make() -> tuple[tuple[str, Callable[[Facts], bool]], ...]:
-        keys = [key for key, _ in RULES]
-        skipped: set[int] = set()
-        for name in blocks:
-            first, last = _RULE_BLOCKS[name]
-            skipped.update(range(keys.index(first), keys.index(last) + 1))
+        skipped = set().union(*map(_block_indices, blocks))
         return tuple(rule for i, rule in enumerate(RULES) if i not in skipped)
 
     rules: tuple[tuple[str, Callable[[Facts], bool]], ...] = _cached(
@@ -4900,21 +4919,40 @@ def _rules_without(*blocks: str) -> tuple[tuple[str, Callable[[Facts], bool]], .
     return rules
 
 
-def _diagnose(facts: Facts) -> BoxliteError | None:
+def _rules_of(block: str) -> tuple[tuple[str, Callable[[Facts], bool]], ...]:
+    """Only a block's rules, in order."""
+    rules: tuple[tuple[str, Callable[[Facts], bool]], ...] = _cached(
+        "rules-of:" + block,
+        lambda: tuple(RULES[i] for i in sorted(_block_indices(block))),
+    )
+    return rules
+
+
+def _diagnose(
+    facts: Facts, rules: tuple[tuple[str, Callable[[Facts], bool]], ...] | None = None
+) -> BoxliteError | None:
     """The one door to a cause: the first rule of RULES that holds, rendered.
-    A block of rules whose facts are absent is not asked (it cannot hold)."""
+    A block of rules whose facts are absent is not asked (it cannot hold).
+    ``rules`` narrows the question further, for a caller that knows the
+    other rules' answer (_diagnose_staged's last question)."""
     facts.pin()  # the rules read the first failure many times: find it once
     try:
-        absent = []
-        if not facts.mac and facts.hv is None:
-            absent.append("macos")
-        if facts.failure is None:
-            absent.append("failure")
-        if facts.smoke is None:
-            absent.append("guest")
-        if facts.deep is None:
-            absent.append("deep")
-        for key, holds in _rules_without(*absent):
+        if rules is None:
+            absent = []
+            if not facts.mac and facts.hv is None:
+                absent.append("macos")
+            if facts.failure is None:
+                absent.append("failure")
+            if not facts.caps:
+                absent.append("caps")
+            if facts.smoke is None:
+                absent.append("guest")
+            if facts.deep is None:
+                absent.append("deep")
+            if not facts.complete:
+                absent.append("complete")
+            rules = _rules_without(*absent)
+        for key, holds in rules:
             if holds(facts):
                 return _render(key, facts)
         return None
@@ -4972,8 +5010,10 @@ def _diagnose_staged(facts: Facts, after: str | None = None) -> BoxliteError | N
             setattr(partial, name, value)
             error = _diagnose(partial)
     if error is None and facts.complete:
+        # The same facts as the question just answered, but for complete:
+        # only the rules that read it can answer differently.
         partial.complete = True
-        error = _diagnose(partial)
+        error = _diagnose(partial, _rules_of("complete"))
     return error
 
 

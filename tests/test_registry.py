@@ -194,45 +194,135 @@ def test_the_readme_engine_table_is_engine_requirements():
         assert ioctls.split(", ") == list(row["ioctls"]), name
 
 
+def _block(name: str) -> tuple[tuple[str, object], ...]:
+    keys = [key for key, _ in b.RULES]
+    spans = [range(keys.index(first), keys.index(last) + 1) for first, last in b._RULE_BLOCKS[name]]
+    return tuple(b.RULES[i] for span in spans for i in span)
+
+
+def test_the_blocks_are_runs_of_rules_in_order_and_never_overlap():
+    seen: set[str] = set()
+    for name in b._RULE_BLOCKS:
+        keys = [key for key, _ in _block(name)]
+        assert keys, name
+        assert not seen & set(keys), name
+        seen |= set(keys)
+        assert b._rules_of(name) == tuple(rule for rule in b.RULES if rule[0] in keys)
+    without = b._rules_without(*b._RULE_BLOCKS)
+    assert [key for key, _ in without] == [key for key, _ in b.RULES if key not in seen]
+
+
 @pytest.mark.parametrize("block", sorted(b._RULE_BLOCKS))
 def test_a_skipped_block_of_rules_cannot_hold_without_its_facts(block):
     # _diagnose leaves out the macOS block on Linux, the failure block when
-    # no OS call failed, the guest's and the deep boot's blocks when they did
-    # not run; each of their rules must then be false, whatever else the
-    # facts say (here: everything else a cause can show).
-    first, last = b._RULE_BLOCKS[block]
-    keys = [key for key, _ in b.RULES]
-    rules = b.RULES[keys.index(first) : keys.index(last) + 1]
-    assert len(rules) >= 5
+    # no OS call failed, the capabilities' when none was asked, the guest's
+    # and the deep boot's blocks when they did not run, and the last
+    # question's before every stage has answered; each of their rules must
+    # then be false, whatever else the facts say (here: everything else a
+    # cause can show).
+    rules = _block(block)
     full = sample()
     facts = sample()
     facts.platform, facts.machine = "linux", "x86_64"
     facts.open_errno, facts.caps, facts.ioctls, facts.smoke = None, None, None, None
     facts.hv = None
+    facts.complete = True
+    facts.decoded = ["kvm: the engine said so"]
     if block != "failure":
         facts.open_errno = errno.EACCES  # a Linux failure: still not macOS's
-    if block == "guest":
+    if block == "caps":
+        facts.smoke = full.smoke  # a failed guest, but no capability asked
+    elif block == "guest":
         facts.smoke = None
     elif block == "deep":
         facts.deep = None
         facts.smoke = full.smoke  # a failed guest: its own rules, not the deep boot's
+    elif block == "complete":
+        facts.complete = False
+        facts.smoke = full.smoke
     else:
         facts.smoke = full.smoke
+    if block == "failure":
+        facts.caps = {name: 1 for name in facts.engine_caps}  # all there: no failure
+        facts.smoke.step, facts.smoke.error = b.STEP_DONE, 0
     assert facts.mac is False and (facts.failure is None) == (block == "failure")
     held = [key for key, holds in rules if holds(facts)]
     assert held == []
     # and the block does hold for the facts it needs: it is not dead
     if block == "failure":
         facts.open_errno = errno.ENOENT
+    elif block == "caps":
+        facts.caps = {name: 0 for name in facts.engine_caps}
     elif block == "guest":
         facts.smoke = full.smoke
     elif block == "deep":
         facts.deep = full.deep
         facts.deep.outcome = b.BOOT_PANICKED
+    elif block == "complete":
+        facts.complete = True
     else:
         facts.platform, facts.machine = "darwin", "arm64"
         facts.sysctls = {"kern.hv_support": 0}
     assert any(holds(facts) for _, holds in rules)
+
+
+def _reads(code: object, seen: set[int]) -> set[str]:
+    """Every attribute and global name a function's code reaches: its own,
+    its nested functions', and those of the module's functions and of the
+    Facts, Evidence and SmokeResult members it names (transitively)."""
+    import types
+
+    assert isinstance(code, types.CodeType)
+    if id(code) in seen:
+        return set()
+    seen.add(id(code))
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _reads(const, seen)
+    for name in list(names):
+        targets = [getattr(b, name, None)]
+        targets += [vars(cls).get(name) for cls in (b.Facts, b.Evidence, b.SmokeResult)]
+        for target in targets:
+            if isinstance(target, property):
+                target = target.fget
+            if isinstance(target, types.FunctionType) and target.__module__ == b.__name__:
+                names |= _reads(target.__code__, seen)
+    return names
+
+
+def test_only_the_last_questions_rules_read_whether_every_stage_answered():
+    # _diagnose_staged's last question differs from the one before it only
+    # in Facts.complete, so it asks only the "complete" block: every other
+    # rule must not read it, or the gate would miss its answer.
+    last = {key for key, _ in _block("complete")}
+    for key, holds in b.RULES:
+        reads = "complete" in _reads(holds.__code__, set())
+        assert reads == (key in last), key
+
+
+def test_the_last_question_asks_only_its_block(mocker):
+    facts = sample()
+    facts.complete, facts.deep = True, None
+    facts.open_errno, facts.caps, facts.ioctls, facts.smoke = None, {}, {}, None
+    facts.hv = None  # a Linux host where every stage passed
+    asked = []
+    real = b._diagnose
+
+    def spy(partial, rules=None):
+        asked.append((partial.complete, rules))
+        return real(partial, rules)
+
+    mocker.patch.object(b, "_diagnose", side_effect=spy)
+    b._diagnose_staged(facts)
+    assert [complete for complete, _ in asked][-1] is True
+    assert asked[-1][1] == b._rules_of("complete")
+    assert all(rules is None and not complete for complete, rules in asked[:-1])
+    # and it is the answer the whole table gives for the same facts
+    facts.decoded = ["kvm: the engine said so"]
+    whole = real(facts)
+    staged = b._diagnose_staged(facts)
+    assert whole is not None and staged is not None and staged.cause == whole.cause
 
 
 def _question(partial: b.Facts) -> tuple[bool, ...]:
@@ -251,7 +341,9 @@ def test_the_gate_asking_as_it_goes_asks_what_the_report_asks(mocker, deep):
     if not deep:
         facts.deep = None
     asked: list[tuple[bool, ...]] = []
-    mocker.patch.object(b, "_diagnose", side_effect=lambda p: asked.append(_question(p)))
+    mocker.patch.object(
+        b, "_diagnose", side_effect=lambda p, rules=None: asked.append(_question(p))
+    )
     assert b._diagnose_staged(facts) is None
     whole, asked[:] = list(asked), []
     early = facts.copy()
@@ -277,7 +369,7 @@ def test_a_cause_found_part_way_stops_both_ways_at_the_same_question(mocker):
     for stop in range(4):  # Q0, Q1 (caps), Q2 (ioctls), Q3 (smoke)
         asked: list[tuple[bool, ...]] = []
 
-        def answer(partial, stop=stop, asked=asked):
+        def answer(partial, rules=None, stop=stop, asked=asked):
             asked.append(_question(partial))
             return cause if len(asked) == stop + 1 else None
 
@@ -307,3 +399,10 @@ def test_one_cause_parsed_alone_is_the_registrys_own():
         b._cause("no-such-cause")
     with pytest.raises(KeyError):
         b._cause("kvm-missing")  # a prefix of real keys is not a key
+
+
+def test_evidence_takes_only_the_fields_it_has():
+    assert b.Evidence(gather=False, euid=5, runtime="podman").runtime == "podman"
+    with pytest.raises(TypeError, match="no field nonsense"):
+        b.Evidence(gather=False, euid=5, nonsense=1)
+    assert b.Evidence(gather=False).node is None  # unset and not gathered
