@@ -86,7 +86,7 @@ __version__ = "0.2.0"
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ctypes
-    from collections.abc import Callable, Iterable, Mapping, Sequence
+    from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
     from typing import Any
 
 # ── Constants and kernel ABI ────────────────────────────────────────────────
@@ -1551,8 +1551,8 @@ class _Plan:
         import struct
 
         count = len(self.ops)
-        pack = struct.Struct("=8iq4Q").pack  # struct kvmsmoke_op, 64 bytes
-        raw = b"".join([pack(*op) for op in self.ops]) or bytes(64)
+        layout = struct.Struct("=8iq4Q")  # struct kvmsmoke_op, 72 bytes
+        raw = b"".join([layout.pack(*op) for op in self.ops]) or bytes(layout.size)
         return (_abi().Op * max(1, count)).from_buffer_copy(raw), count
 
 
@@ -2485,8 +2485,9 @@ class _Kit:
         self.sregs = abi.KvmSregs()
         self.regs = abi.KvmRegs()  # what KVM_GET_REGS reads back
         self.blocks: dict[tuple[tuple[str, int], ...], Any] = {}  # what KVM_SET_REGS writes
-        self.arrays: dict[tuple[tuple[int, ...], ...], tuple[Any, int, tuple[int, ...]]] = {}
+        self.arrays: dict[Hashable, tuple[Any, int, tuple[int, ...]]] = {}
         self.releasers: dict[str, Callable[[], None]] = {}
+        self.last: tuple[Any, int, tuple[int, ...]] = (None, 0, ())  # the array run last
         # The buffers of one architecture's plans (None on the other).
         self.vcpu_init: Any = None
         self.pc: Any = None
@@ -2545,15 +2546,22 @@ class _Kit:
             block = self.blocks[key] = _abi().KvmRegs(**values)
         return block
 
-    def array(self, plan: _Plan) -> tuple[Any, int, tuple[int, ...]]:
+    def array(
+        self, plan: _Plan | Callable[[], _Plan], key: Hashable = None
+    ) -> tuple[Any, int, tuple[int, ...]]:
         """The plan as an operation array, its count and the indices of its
         runs: built once per plan in a kept kit (its operations point only
-        into the kit's own buffers)."""
-        key = tuple(plan.ops)
+        into the kit's own buffers).  ``plan`` may be the function that
+        makes it, and ``key`` then names everything it depends on beyond
+        the kit and its guest: a kept kit does not even make it again."""
+        if key is None:
+            assert isinstance(plan, _Plan)
+            key = tuple(plan.ops)
         built = self.arrays.get(key) if self.pooled else None
         if built is None:
-            runs = tuple(i for i, op in enumerate(key) if op[1] == _OP_RUN)
-            built = (*plan.build(), runs)
+            made = plan if isinstance(plan, _Plan) else plan()
+            runs = tuple(i for i, op in enumerate(made.ops) if op[1] == _OP_RUN)
+            built = (*made.build(), runs)
             if self.pooled and len(self.arrays) < _KIT_ARRAYS:
                 self.arrays[key] = built
         # Each run gets a cookie of its own, so that a timer signal of an
@@ -2561,6 +2569,7 @@ class _Kit:
         ops = built[0]
         for index in built[2]:
             ops[index].src = _cookie()
+        self.last = built
         return built
 
 
@@ -2620,9 +2629,10 @@ class _Session:
 
         return ctypes.addressof(obj)
 
-    def execute(self, plan: _Plan) -> bool:
-        """Run a plan; record a failure in the result; return whether all ran."""
-        ops, count, _ = self.kit.array(plan)
+    def execute(self, plan: _Plan | Callable[[], _Plan], key: Hashable = None) -> bool:
+        """Run a plan (see _Kit.array for ``key``); record a failure in the
+        result; return whether all ran."""
+        ops, count, _ = self.kit.array(plan, key)
         self.backend.execute(ops, count, self.state, self.out)
         self.result.runs = self.out.runs
         self.result.bound = BOUND_NAMES.get(self.out.bound, self.result.bound)
@@ -2634,6 +2644,17 @@ class _Session:
                 self.result.api_version = self.out.values[_V_API]
             return False
         return True
+
+    def key(self, name: str, *depends: Hashable) -> Hashable:
+        """The key of a plan that depends only on the kit and its guest,
+        the bound, and ``depends`` (see _Kit.array)."""
+        return (name, self.timeout_ns, self.signo, *depends)
+
+    @property
+    def warm_up_at(self) -> int:
+        """The index of the warm-up's first operation in the vCPU's array:
+        its KVM_SET_REGS, just before its first run."""
+        return self.kit.last[2][0] - 1
 
     def run_plan(self, plan: _Plan, rip: int, value: int, **regs: int) -> None:
         """Append: set the registers, then run the vCPU once, bounded.
@@ -2824,11 +2845,25 @@ def _measure_speed(session: _Session) -> bool:
     return True
 
 
-def _warm_up(session: _Session, plan: _Plan) -> None:
+def _warm_up(session: _Session, plan: _Plan) -> _Plan:
     """Append the speed probe's first run (one iteration, which faults the
     guest's pages in) and the registers it ended with."""
     session.run_plan(plan, session.guest.loop, _V_T_WARM, rcx=1)
     plan.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, session.addr(session.regs))
+    return plan
+
+
+# The speed probe's runs of the guest loop: (value slot of the time, iterations).
+_SLOPE_SHORT = ((_V_T_BASE, 1), (_V_T_BASE2, 1), (_V_T_SHORT, _SPEED_SHORT))
+_SLOPE_LONG = ((_V_T_LONG, _SPEED_LONG), (_V_T_LONG2, _SPEED_LONG))
+
+
+def _runs(session: _Session, runs: tuple[tuple[int, int], ...]) -> _Plan:
+    """Runs of the guest loop, each bounded, each timed into its slot."""
+    plan = _Plan()
+    for slot, iterations in runs:
+        session.run_plan(plan, session.guest.loop, slot, rcx=iterations)
+    return plan
 
 
 def _guest_slope(session: _Session) -> tuple[float, int] | None:
@@ -2837,19 +2872,12 @@ def _guest_slope(session: _Session) -> tuple[float, int] | None:
     for slot in (_V_T_BASE, _V_T_BASE2, _V_T_SHORT, _V_T_LONG, _V_T_LONG2):
         values[slot] = 0  # run times add up across resumed runs
     # Noise only ever adds time: the minimum of two runs of each size.
-    plan = _Plan()
-    session.run_plan(plan, session.guest.loop, _V_T_BASE, rcx=1)
-    session.run_plan(plan, session.guest.loop, _V_T_BASE2, rcx=1)
-    session.run_plan(plan, session.guest.loop, _V_T_SHORT, rcx=_SPEED_SHORT)
-    if not session.execute(plan):
+    if not session.execute(lambda: _runs(session, _SLOPE_SHORT), session.key("short")):
         return None
     base = min(int(values[_V_T_BASE]), int(values[_V_T_BASE2]))
     extra, iterations = int(values[_V_T_SHORT]) - base, _SPEED_SHORT
     if extra < _SPEED_SLOW_NS:  # not yet above the noise of entry and exit
-        plan = _Plan()
-        session.run_plan(plan, session.guest.loop, _V_T_LONG, rcx=_SPEED_LONG)
-        session.run_plan(plan, session.guest.loop, _V_T_LONG2, rcx=_SPEED_LONG)
-        if not session.execute(plan):
+        if not session.execute(lambda: _runs(session, _SLOPE_LONG), session.key("long")):
             return None
         longest = min(int(values[_V_T_LONG]), int(values[_V_T_LONG2]))
         extra, iterations = longest - base, _SPEED_LONG
@@ -2868,6 +2896,21 @@ def _aarch64_plan(session: _Session) -> _Plan:
     return plan
 
 
+def _final_plan(session: _Session) -> _Plan:
+    """Run the guest from its entry, bounded, and read its registers."""
+    plan = _Plan()
+    session.run_plan(plan, session.guest.entry, _V_T_GUEST)
+    plan.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, session.addr(session.regs))
+    return plan
+
+
+def _trivial_plan(session: _Session) -> _Plan:
+    """The whole real-mode smoke test as one array of operations."""
+    plan = _setup_plan(session)
+    plan.ops += _vcpu_plan(session).ops + _final_plan(session).ops
+    return plan
+
+
 def _run_guest(session: _Session) -> None:
     """The whole smoke test for one guest; failures land in the result.
 
@@ -2878,37 +2921,34 @@ def _run_guest(session: _Session) -> None:
     """
     result = session.result
     if session.guest.arch == "aarch64":
-        ran = session.execute(_aarch64_plan(session))
+        ran = session.execute(lambda: _aarch64_plan(session), session.key("whole"))
         result.api_version = int(session.out.values[_V_API])
         if ran:
             _decode_run(result, bytes(session.out.run_head))
             result.proof = int(session.x0.value) & 0xFFFFFFFF
             result.step = STEP_DONE
         return
-    final = _Plan()
-    session.run_plan(final, session.guest.entry, _V_T_GUEST)
-    final.ioctl(STEP_GET_REGS, _VCPU, KVM_GET_REGS, session.addr(session.regs))
     if not session.guest.long_mode:
-        plan = _setup_plan(session)
-        plan.ops += _vcpu_plan(session).ops + final.ops
-        ran = session.execute(plan)
+        ran = session.execute(lambda: _trivial_plan(session), session.key("whole"))
         result.api_version = int(session.out.values[_V_API])
         if ran:
             _read_guest(session)
             result.step = STEP_DONE
         return
-    if not session.execute(_setup_plan(session)):
+    if not session.execute(lambda: _setup_plan(session), session.key("setup")):
         return
     result.api_version = int(session.out.values[_V_API])
     _read_cpuid(session)
-    plan = _vcpu_plan(session)
-    setup = len(plan.ops)
-    _warm_up(session, plan)  # the same array: one foreign call fewer
-    ran = session.execute(plan)
-    if not ran and session.out.op_index < setup:
+    # The vCPU's set-up depends on one CPUID answer; the warm-up run goes in
+    # the same array, one foreign call fewer.
+    arch = bool(result.cpuid.get("arch_capabilities"))
+    ran = session.execute(lambda: _warm_up(session, _vcpu_plan(session)), session.key("vcpu", arch))
+    if not ran and session.out.op_index < session.warm_up_at:
         return  # the vCPU's set-up failed
     _read_msrs(session)
-    if not ran or not _measure_speed(session) or not session.execute(final):
+    if not ran or not _measure_speed(session):
+        return
+    if not session.execute(lambda: _final_plan(session), session.key("final")):
         return
     _read_guest(session)
     result.step = STEP_DONE

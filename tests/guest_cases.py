@@ -256,33 +256,41 @@ def gate_spec(engine: str | None = b.DEFAULT_ENGINE) -> str:
     import ctypes
 
     lines: list[str] = [f"timeout {int(b.DEFAULT_TIMEOUT * 1e9)}"]
-    pending: dict[int, list[str]] = {}
     saved = (
         b._capability_values,
-        b._Session.run_plan,
+        b._Kit.array,
         b._Session.execute,
         b._host_ns_per_iteration,
         b._probe_startup_ioctls,
     )
     caps, session_seen = [], []
+    regs_type = b._abi().KvmRegs
 
     def capability_values(fd, names):
         names = list(names)
         caps.extend(b.KVM_CAPS[name] for name in names)
         return saved[0](fd, names)
 
-    def run_plan(session, plan, rip, value, **regs):
-        session_seen.append(session)
-        pending.setdefault(id(plan), []).append(f"run {rip} {regs.get('rcx', 0)}")
-        saved[1](session, plan, rip, value, **regs)
-
-    def execute(session, plan):
-        events = pending.pop(id(plan), [])
-        # A plan's runs, then its KVM_GET_REGS when it ends with one.
-        lines.extend(events)
-        if plan.ops and plan.ops[-1][9] == b.KVM_GET_REGS:
+    def array(kit, plan, key=None):
+        # Read off the array as it is about to run (kept or made now): each
+        # run with the registers its KVM_SET_REGS gives it, then its
+        # KVM_GET_REGS when the array ends with one.
+        built = saved[1](kit, plan, key)
+        ops, count, _ = built
+        regs = None
+        for op in ops[:count]:
+            if op.kind == b._OP_IOCTL and op.request == b.KVM_SET_REGS:
+                regs = regs_type.from_address(op.arg)
+            elif op.kind == b._OP_RUN:
+                lines.append(f"run {regs.rip} {regs.rcx}")
+        last = ops[count - 1]
+        if last.kind == b._OP_IOCTL and last.request == b.KVM_GET_REGS:
             lines.append("getregs")
-        return saved[2](session, plan)
+        return built
+
+    def execute(session, plan, key=None):
+        session_seen.append(session)
+        return saved[2](session, plan, key)
 
     def host_ns(iterations):
         lines.extend([f"hostloop {b._HOST_LOOP.hex()} {iterations}"] * 2)  # it takes the best of 2
@@ -301,9 +309,9 @@ def gate_spec(engine: str | None = b.DEFAULT_ENGINE) -> str:
                 lines.append(f"startupbuf {request} {bytes(buffer).hex()}")
         return saved[4](fd, names, backend)
 
-    b._capability_values, b._Session.run_plan, b._Session.execute = (
+    b._capability_values, b._Kit.array, b._Session.execute = (
         capability_values,
-        run_plan,
+        array,
         execute,
     )
     b._host_ns_per_iteration, b._probe_startup_ioctls = host_ns, startup
@@ -315,7 +323,7 @@ def gate_spec(engine: str | None = b.DEFAULT_ENGINE) -> str:
     finally:
         (
             b._capability_values,
-            b._Session.run_plan,
+            b._Kit.array,
             b._Session.execute,
             b._host_ns_per_iteration,
             b._probe_startup_ioctls,
@@ -329,7 +337,6 @@ def gate_spec(engine: str | None = b.DEFAULT_ENGINE) -> str:
     head += [f"msr {index} {value}" for _, index, value in b.BOOT_MSRS]
     smoke = session_seen[0].result if session_seen else None
     head.append(f"arch {int(bool(smoke and smoke.cpuid.get('arch_capabilities')))}")
-    regs_type = b._abi().KvmRegs
     for name, value in guest.regs.items():
         if name not in ("rip", "rcx"):
             head.append(f"regs {getattr(regs_type, name).offset} {value}")

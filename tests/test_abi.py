@@ -41,6 +41,21 @@ def test_structure_sizes_match_the_kernel():
     assert abi.KvmSregs.cs.offset == 0 and abi.KvmSegment.selector.offset == 12
 
 
+def test_a_plan_packs_into_the_librarys_operation_layout():
+    # The packed bytes must land in struct kvmsmoke_op's fields, and an
+    # empty plan is still an array (of one zeroed operation, count 0).
+    empty, count = b._Plan().build()
+    assert count == 0 and len(empty) == 1 and bytes(empty) == bytes(ctypes.sizeof(b._abi().Op))
+    plan = b._Plan()
+    plan.ioctl(b.STEP_CREATE_VM, b._KVM, b.KVM_CREATE_VM, 7, fd_out=b._VM, soft=True)
+    plan.copy(b.STEP_SET_SREGS, 0x1000, 0x2000, 24)
+    ops, count = plan.build()
+    assert count == 2
+    assert (ops[0].step, ops[0].kind, ops[0].fd_out) == (b.STEP_CREATE_VM, b._OP_IOCTL, b._VM)
+    assert (ops[0].request, ops[0].arg, ops[0].flags) == (b.KVM_CREATE_VM, 7, b._OPF_SOFT)
+    assert (ops[1].kind, ops[1].arg, ops[1].src, ops[1].len) == (b._OP_COPY, 0x1000, 0x2000, 24)
+
+
 HEADER_PROGRAM = r"""
 #include <stdio.h>
 #include <stddef.h>

@@ -241,8 +241,8 @@ def test_every_run_has_a_cookie_of_its_own_across_kept_arrays(kvm_fd, backend, m
     cookies: list[int] = []
     array = b._Kit.array
 
-    def recorded(kit, plan):
-        built = array(kit, plan)
+    def recorded(kit, plan, key=None):
+        built = array(kit, plan, key)
         cookies.extend(int(built[0][i].src) for i in built[2])
         return built
 
@@ -250,6 +250,41 @@ def test_every_run_has_a_cookie_of_its_own_across_kept_arrays(kvm_fd, backend, m
     for _ in range(2):
         assert b.smoke_test(kvm_fd, backend=backend, guest="long-mode").step == b.STEP_DONE
     assert len(cookies) >= 10 and len(set(cookies)) == len(cookies)
+
+
+@needs_kvm
+def test_a_kept_one_array_plan_is_the_plan_its_session_would_build(kvm_fd, backend):
+    # The trivial guest's array is kept under (guest, bound, signal), not
+    # under its operations: it must hold what building it afresh gives, and
+    # a new bound must give a new array, never the old one.
+    import struct
+
+    def ops(array, count):
+        raw = ctypes.string_at(ctypes.addressof(array), ctypes.sizeof(b._abi().Op) * count)
+        fields = [list(op) for op in struct.iter_unpack("=8iq4Q", raw)]
+        for op in fields:
+            if op[1] == b._OP_RUN:
+                op[11] = 0  # the cookie, stamped afresh for each run
+        return fields
+
+    ctypes = pytest.importorskip("ctypes")
+    for timeout in (1.0, 2.5, 1.0):
+        result = b.smoke_test(kvm_fd, timeout=timeout, backend=backend)
+        assert result.ok, result
+        kit = kept_kit("real-mode")
+        session = b._Session.__new__(b._Session)
+        session.__dict__.update(kit=kit, guest=b._guest("real-mode"), timeout_ns=int(timeout * 1e9))
+        session.signo = b._timer_signal()
+        session.region, session.sregs, session.regs = kit.region, kit.sregs, kit.regs
+        session.wanted, session.spans = session.guest.wanted()
+        session.result = result
+        key = session.key("whole")
+        kept, count, _ = kit.arrays[key]
+        fresh = b._trivial_plan(session)
+        assert ops(kept, count) == ops(*fresh.build())
+        runs = [op for op in ops(kept, count) if op[1] == b._OP_RUN]
+        assert [op[9] for op in runs] == [int(timeout * 1e9)]
+    assert len([k for k in kit.arrays if isinstance(k[0], str)]) == 2
 
 
 @needs_kvm
