@@ -1627,7 +1627,9 @@ class _PythonBackend:
     def _one(self, op: Any, state: Any, out: Any) -> None:
         import ctypes
 
-        if op.kind == _OP_IOCTL:
+        kind = op.kind  # each field read of a ctypes structure is a call
+        if kind == _OP_IOCTL:
+            value_out = op.value_out
             try:
                 if op.fd_out >= 0:  # a descriptor: owned by the state at once
                     ret = self._owned(op, state)
@@ -1635,22 +1637,23 @@ class _PythonBackend:
                     ret = _ioctl(state.fds[op.fd], op.request, op.arg)
             except _SysError as err:
                 if op.flags & _OPF_SOFT:
-                    if op.value_out >= 0:
-                        out.values[op.value_out] = -(err.errno or 0)
+                    if value_out >= 0:
+                        out.values[value_out] = -(err.errno or 0)
                     return
                 raise _StepFailed(op.step, err.errno or 0) from err
-            if op.value_out >= 0:
-                out.values[op.value_out] = ret
-            if op.check == _CHECK_EQ and ret != op.check_value:
+            if value_out >= 0:
+                out.values[value_out] = ret
+            check = op.check
+            if check == _CHECK_EQ and ret != op.check_value:
                 raise _StepFailed(op.step, 0)
-            if op.check == _CHECK_GE and ret < op.check_value:
+            if check == _CHECK_GE and ret < op.check_value:
                 raise _StepFailed(op.step, errno.EPROTO)
-        elif op.kind == _OP_COPY:
+        elif kind == _OP_COPY:
             ctypes.memmove(op.arg, op.src, op.len)
-        elif op.kind == _OP_MAP_RUN:
+        elif kind == _OP_MAP_RUN:
             if self._owned(op, state, size=int(out.values[op.src])) < 0:
                 raise _StepFailed(op.step, ctypes.get_errno())
-        elif op.kind == _OP_RUN:
+        elif kind == _OP_RUN:
             if not state.run_addr:
                 raise _StepFailed(op.step, errno.EFAULT)
             failed: _StepFailed | None = None
@@ -1742,52 +1745,53 @@ class _SysError(OSError):
 
 def _sys_libc() -> ctypes.CDLL:
     """The C library with the calls the Python backend makes, declared."""
+    libc: ctypes.CDLL = _cached("libc", _declared_libc)
+    return libc
+
+
+def _declared_libc() -> ctypes.CDLL:
     import ctypes
 
-    def load() -> ctypes.CDLL:
-        libc = _libc()
-        c_int, c_long, c_size_t, c_void_p = (
-            ctypes.c_int,
-            ctypes.c_long,
-            ctypes.c_size_t,
-            ctypes.c_void_p,
-        )
-        libc.ioctl.argtypes = [c_int, ctypes.c_ulong, ctypes.c_ulong]
-        libc.ioctl.restype = c_int
-        libc.mmap.argtypes = [c_void_p, c_size_t, c_int, c_int, c_int, c_long]
-        libc.mmap.restype = c_void_p
-        libc.munmap.argtypes = [c_void_p, c_size_t]
-        libc.munmap.restype = c_int
-        libc.mprotect.argtypes = [c_void_p, c_size_t, c_int]
-        libc.mprotect.restype = c_int
-        # long syscall(long number, ...); the rest are passed as typed values.
-        libc.syscall.argtypes = [c_long]
-        libc.syscall.restype = c_long
-        libc.sigemptyset.argtypes = [c_void_p]
-        libc.sigemptyset.restype = c_int
-        libc.sigaddset.argtypes = [c_void_p, c_int]
-        libc.sigaddset.restype = c_int
-        libc.sigtimedwait.argtypes = [c_void_p, c_void_p, c_void_p]
-        libc.sigtimedwait.restype = c_int
-        libc.pthread_sigmask.argtypes = [c_int, c_void_p, c_void_p]
-        libc.pthread_sigmask.restype = c_int
-        return libc
-
-    libc: ctypes.CDLL = _cached("libc", load)
+    libc = _libc()
+    c_int, c_long, c_size_t, c_void_p = (
+        ctypes.c_int,
+        ctypes.c_long,
+        ctypes.c_size_t,
+        ctypes.c_void_p,
+    )
+    libc.ioctl.argtypes = [c_int, ctypes.c_ulong, ctypes.c_ulong]
+    libc.ioctl.restype = c_int
+    libc.mmap.argtypes = [c_void_p, c_size_t, c_int, c_int, c_int, c_long]
+    libc.mmap.restype = c_void_p
+    libc.munmap.argtypes = [c_void_p, c_size_t]
+    libc.munmap.restype = c_int
+    libc.mprotect.argtypes = [c_void_p, c_size_t, c_int]
+    libc.mprotect.restype = c_int
+    # long syscall(long number, ...); the rest are passed as typed values.
+    libc.syscall.argtypes = [c_long]
+    libc.syscall.restype = c_long
+    libc.sigemptyset.argtypes = [c_void_p]
+    libc.sigemptyset.restype = c_int
+    libc.sigaddset.argtypes = [c_void_p, c_int]
+    libc.sigaddset.restype = c_int
+    libc.sigtimedwait.argtypes = [c_void_p, c_void_p, c_void_p]
+    libc.sigtimedwait.restype = c_int
+    libc.pthread_sigmask.argtypes = [c_int, c_void_p, c_void_p]
+    libc.pthread_sigmask.restype = c_int
     return libc
 
 
 def _all_signals() -> Any:
     """A sigset with every signal (the kernel ignores SIGKILL and SIGSTOP)."""
+    return _cached("all-signals", _every_signal)
 
-    def make() -> Any:
-        import ctypes
 
-        every = _abi().SigSet()
-        ctypes.memset(ctypes.addressof(every), 0xFF, ctypes.sizeof(every))
-        return every
+def _every_signal() -> Any:
+    import ctypes
 
-    return _cached("all-signals", make)
+    every = _abi().SigSet()
+    ctypes.memset(ctypes.addressof(every), 0xFF, ctypes.sizeof(every))
+    return every
 
 
 def _ioctl(fd: int, request: int, arg: int = 0, *, retry: bool = True) -> int:
@@ -1833,14 +1837,14 @@ def _ioctl_masked(libc: ctypes.CDLL, fd: int, request: int, arg: int) -> int:
 def _cookie() -> int:
     """A value no one else puts in our timer signal's si_value: a random
     per-process base and a counter (thread-safe: next() on a count is atomic)."""
-
-    def make() -> Any:
-        import itertools
-
-        return itertools.count(int.from_bytes(os.urandom(6), "little") << 16)
-
-    cookie: int = next(_cached("cookie", make)) & 0x7FFFFFFFFFFFFFFF
+    cookie: int = next(_cached("cookie", _cookie_counter)) & 0x7FFFFFFFFFFFFFFF
     return cookie
+
+
+def _cookie_counter() -> Any:
+    import itertools
+
+    return itertools.count(int.from_bytes(os.urandom(6), "little") << 16)
 
 
 def _timer_signal() -> int:
@@ -1941,7 +1945,11 @@ def _take_pending(signo: int, cookie: int, stash: list[Any]) -> bool:
     import ctypes
 
     abi, libc = _abi(), _sys_libc()
-    only, zero = _cached(f"sigwait-{signo}", lambda: _sigwait_args(signo))  # read-only
+    waits: dict[int, tuple[Any, Any]] = _cached("sigwait", dict)
+    args = waits.get(signo)
+    if args is None:
+        args = waits[signo] = _sigwait_args(signo)  # read-only once made
+    only, zero = args
     mine = False
     while True:
         info = abi.SigInfo()
@@ -2060,15 +2068,16 @@ def _interpreter_abi() -> str:
 
 
 def _syscall_numbers() -> tuple[int, int, int, int]:
-    def look_up() -> tuple[int, int, int, int]:
-        abi = _interpreter_abi()
-        try:
-            return _SYSCALLS[abi]
-        except KeyError:
-            raise _SysError(errno.ENOSYS, f"no timer syscall numbers for the {abi} ABI") from None
-
-    numbers: tuple[int, int, int, int] = _cached("syscalls", look_up)
+    numbers: tuple[int, int, int, int] = _cached("syscalls", _timer_syscalls)
     return numbers
+
+
+def _timer_syscalls() -> tuple[int, int, int, int]:
+    abi = _interpreter_abi()
+    try:
+        return _SYSCALLS[abi]
+    except KeyError:
+        raise _SysError(errno.ENOSYS, f"no timer syscall numbers for the {abi} ABI") from None
 
 
 def _timer_start(libc: ctypes.CDLL, signo: int, tid: int, deadline_ns: int, cookie: int) -> int:
