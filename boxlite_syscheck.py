@@ -6731,7 +6731,10 @@ class HypervisorProbe:
         facts = self._asked(engine, timeout, deep)
         error = _diagnose(facts)
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                del error  # see KvmProbe.acquire
         return None, None
 
     def startup_check(
@@ -6919,7 +6922,13 @@ class KvmProbe(HypervisorProbe):
         facts = self._asked(engine, timeout, deep)
         facts, device, error = self.gate(engine, timeout, backend, facts)
         if error is not None:
-            raise error
+            try:
+                raise error
+            finally:
+                # The traceback holds this frame: were the error still in
+                # it, each refusal would be a cycle (and its facts garbage
+                # until the next collection) instead of freed when dropped.
+                del error
         if facts.smoke is None:
             _log(
                 "debug",

@@ -551,3 +551,24 @@ def test_the_releasing_thread_survives_a_failing_release_and_join_waits():
     jobs.put(lambda: done.append(50))
     jobs.join()
     assert done[-1] == 50
+
+
+def test_a_refusal_is_freed_when_dropped_not_left_for_the_collector(mocker, tmp_path):
+    # A caller that retries the gate in a loop must not pile up cycles of
+    # refusals (each holding its facts, evidence and guest result) until
+    # the next garbage collection.
+    import gc
+    import weakref
+
+    mocker.patch.object(b, "_PROBE", b.KvmProbe("x86_64", str(tmp_path / "kvm")))
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.raises(b.BoxliteError) as caught:
+            b.SystemCheck.run(engine=None)
+        assert caught.value.cause.startswith("kvm-"), caught.value  # no node at that path
+        dropped = weakref.ref(caught.value)
+        del caught
+        assert dropped() is None, "the refusal outlived its last reference"
+    finally:
+        gc.enable()
