@@ -4932,14 +4932,17 @@ RULES: tuple[tuple[str, Callable[[Facts], bool]], ...] = (
 
 #: Runs of RULES (first and last key) whose every predicate needs a fact
 #: that a check can lack: macOS's answers, an OS call that failed, a
-#: capability KVM answered, the guest's result, the deep boot's, and the
-#: last question (Facts.complete, every stage answered).  A block whose
-#: fact is absent cannot hold, so _diagnose does not ask it.
+#: capability KVM answered, a guest that did not pass (timed out, ran
+#: emulated, or failed to prove itself), the MSRs a guest set, the deep
+#: boot's result, and the last question (Facts.complete, every stage
+#: answered).  A block whose fact is absent cannot hold, so _diagnose does
+#: not ask it.
 _RULE_BLOCKS: dict[str, tuple[tuple[str, str], ...]] = {
     "macos": (("rosetta", "hv-engine-error"),),
     "failure": (("fd-limit", "kvm-busy"), ("startup-ioctl-failed", "kvm-step-failed")),
     "caps": (("kvm-capability-missing/seccomp", "kvm-capability-missing"),),
-    "guest": (("smoke-timeout/arm64", "msr-arch-capabilities-refused"),),
+    "guest": (("smoke-timeout/arm64", "guest-instruction-failed"),),
+    "msrs": (("msr-refused", "msr-arch-capabilities-refused"),),
     "deep": (("deep-boot-failed", "deep-boot-timeout"),),
     "complete": (("engine-error-decoded", "engine-error-decoded"),),
 }
@@ -4994,8 +4997,11 @@ def _diagnose(
                 absent.append("failure")
             if not facts.caps:
                 absent.append("caps")
-            if facts.smoke is None:
+            smoke = facts.smoke
+            if smoke is None or (smoke.ok and not smoke.timed_out and not smoke.emulated):
                 absent.append("guest")
+            if smoke is None or not smoke.msrs:
+                absent.append("msrs")
             if facts.deep is None:
                 absent.append("deep")
             if not facts.complete:

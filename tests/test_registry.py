@@ -212,37 +212,44 @@ def test_the_blocks_are_runs_of_rules_in_order_and_never_overlap():
     assert [key for key, _ in without] == [key for key, _ in b.RULES if key not in seen]
 
 
+def passed_guest() -> b.SmokeResult:
+    """A real-mode guest that ran, halted and proved itself."""
+    smoke = b.SmokeResult("native", guest="real-mode")
+    smoke.step, smoke.proof, smoke.exit_reason = b.STEP_DONE, b.PROOF_VALUE, b.KVM_EXIT_HLT
+    assert smoke.ok
+    return smoke
+
+
 @pytest.mark.parametrize("block", sorted(b._RULE_BLOCKS))
 def test_a_skipped_block_of_rules_cannot_hold_without_its_facts(block):
     # _diagnose leaves out the macOS block on Linux, the failure block when
     # no OS call failed, the capabilities' when none was asked, the guest's
-    # and the deep boot's blocks when they did not run, and the last
-    # question's before every stage has answered; each of their rules must
-    # then be false, whatever else the facts say (here: everything else a
-    # cause can show).
+    # when it passed (or did not run), the MSRs' when none was set, the
+    # deep boot's when it did not run, and the last question's before every
+    # stage has answered; each of their rules must then be false, whatever
+    # else the facts say (here: everything else a cause can show).
     rules = _block(block)
     full = sample()
     facts = sample()
     facts.platform, facts.machine = "linux", "x86_64"
-    facts.open_errno, facts.caps, facts.ioctls, facts.smoke = None, None, None, None
+    facts.open_errno, facts.caps, facts.ioctls = None, None, None
     facts.hv = None
     facts.complete = True
     facts.decoded = ["kvm: the engine said so"]
+    facts.smoke = full.smoke  # a failed guest, with the MSRs it set
+    msrs = dict(full.smoke.msrs)
     if block != "failure":
         facts.open_errno = errno.EACCES  # a Linux failure: still not macOS's
-    if block == "caps":
-        facts.smoke = full.smoke  # a failed guest, but no capability asked
-    elif block == "guest":
-        facts.smoke = None
+    if block == "guest":
+        facts.smoke = passed_guest()
+        facts.smoke.msrs = msrs  # another block's fact: present
+    elif block == "msrs":
+        facts.smoke.msrs = {}
     elif block == "deep":
         facts.deep = None
-        facts.smoke = full.smoke  # a failed guest: its own rules, not the deep boot's
     elif block == "complete":
         facts.complete = False
-        facts.smoke = full.smoke
-    else:
-        facts.smoke = full.smoke
-    if block == "failure":
+    elif block == "failure":
         facts.caps = {name: 1 for name in facts.engine_caps}  # all there: no failure
         facts.smoke.step, facts.smoke.error = b.STEP_DONE, 0
     assert facts.mac is False and (facts.failure is None) == (block == "failure")
@@ -255,6 +262,8 @@ def test_a_skipped_block_of_rules_cannot_hold_without_its_facts(block):
         facts.caps = {name: 0 for name in facts.engine_caps}
     elif block == "guest":
         facts.smoke = full.smoke
+    elif block == "msrs":
+        facts.smoke.msrs = msrs
     elif block == "deep":
         facts.deep = full.deep
         facts.deep.outcome = b.BOOT_PANICKED
@@ -264,6 +273,25 @@ def test_a_skipped_block_of_rules_cannot_hold_without_its_facts(block):
         facts.platform, facts.machine = "darwin", "arm64"
         facts.sysctls = {"kern.hv_support": 0}
     assert any(holds(facts) for _, holds in rules)
+
+
+@pytest.mark.parametrize("how", ["timed out", "emulated", "no proof"])
+def test_a_guest_that_did_not_pass_is_always_asked_about(how):
+    # The guest block is skipped for a guest that passed, so each way a
+    # guest can fall short must still reach its rule through _diagnose.
+    facts = b.Facts("linux", "x86_64", engine=None, evidence=b.Evidence(gather=False))
+    smoke = facts.smoke = passed_guest()
+    if how == "timed out":
+        smoke.timed_out = True
+    elif how == "emulated":
+        smoke.speed = b.Speed(1500.0, 0.5, 1024)
+    else:
+        smoke.proof = 0
+    error = b._diagnose(facts)
+    assert error is not None, how
+    assert error.cause in {key.split("/")[0] for key, _ in _block("guest")}, error.cause
+    smoke.timed_out, smoke.speed, smoke.proof = False, None, b.PROOF_VALUE
+    assert b._diagnose(facts) is None  # and once it passes, nothing
 
 
 def _reads(code: object, seen: set[int]) -> set[str]:
