@@ -2477,14 +2477,22 @@ def _decode_run(result: SmokeResult, head: bytes) -> None:
 
 
 class _Kit:
-    """The buffers a session's operations point into, and the operation
-    arrays built over them.  A cached guest's kit is kept for its next
-    session, so a check builds and allocates only what changes (the guest
-    memory); whatever KVM or a run writes is reset when a session takes it."""
+    """The guest memory and buffers a session's operations point into, and
+    the operation arrays built over them.  A cached guest's kit is kept for
+    its next session, so a warm check maps, builds and allocates nothing;
+    whatever KVM, a run or the guest writes is reset when a session takes
+    it.  The caller turns a failed mapping into the guest-memory step."""
 
     def __init__(self, guest: _Guest) -> None:
         import ctypes
+        import mmap
 
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        self.mem = mmap.mmap(-1, guest.mem_size, flags)
+        anchor = ctypes.c_char.from_buffer(self.mem)
+        self.mem_addr = ctypes.addressof(anchor)
+        del anchor  # the mapping stays; the export must go before close()
+        self.image, self.used = guest.image, False
         abi = _abi()
         self.pooled = guest.pooled
         self.state, self.out = abi.State(), abi.Outcome()
@@ -2525,14 +2533,19 @@ class _Kit:
             self.arch_msrs = abi.KvmMsrs(nmsrs=1)
             self.arch_msrs.entries[0].index = MSR_IA32_ARCH_CAPABILITIES
 
-    def reset(self, fd: int, mem_addr: int) -> None:
-        """Ready for a session on ``fd`` whose guest memory is at ``mem_addr``."""
+    def reset(self, fd: int) -> None:
+        """Ready for a session on ``fd``: the guest memory as a fresh mapping
+        holding the guest's image, the buffers as the plans expect them."""
         import ctypes
 
+        if self.used:  # a fresh mapping is zeros already
+            ctypes.memset(self.mem_addr, 0, len(self.mem))
+        self.mem[: len(self.image)] = self.image
+        self.used = True
         for struct in (self.state, self.out):
             ctypes.memset(ctypes.addressof(struct), 0, ctypes.sizeof(struct))
         self.state.fds[:] = [fd, -1, -1, -1]
-        self.region.userspace_addr = mem_addr
+        self.region.userspace_addr = self.mem_addr
         if self.cpuid is not None:  # the counts KVM shrinks to what it filled
             self.cpuid.nent = _MAX_CPUID_ENTRIES
             self.msr_list.nmsrs = self.feature_list.nmsrs = _MAX_MSR_INDICES
@@ -2591,15 +2604,19 @@ def _take_kit(guest: _Guest) -> _Kit:
     try:
         return kits.get(id(guest), []).pop()  # atomic: no two sessions share one
     except IndexError:
-        return _Kit(guest)
+        kit: _Kit = _as_step(STEP_GUEST_MEMORY, _Kit, guest)
+        return kit
 
 
 def _give_back(guest: _Guest, kit: _Kit) -> None:
-    """Keep a kit for the guest's next session (cached guests only)."""
+    """Keep a kit for the guest's next session (cached guests only); one
+    not kept has its guest memory unmapped now."""
     if kit.pooled:
         kept = _cached("kits", dict).setdefault(id(guest), [])
         if len(kept) < _KITS_KEPT:
             kept.append(kit)
+            return
+    kit.mem.close()
 
 
 class _Session:
@@ -2608,22 +2625,14 @@ class _Session:
     def __init__(
         self, fd: int, guest: _Guest, backend: Any, result: SmokeResult, timeout_ns: int
     ) -> None:
-        import ctypes
-        import mmap
-
         self.guest, self.backend, self.result = guest, backend, result
         self.timeout_ns = timeout_ns
         self.signo = _timer_signal()
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-        self.mem = _as_step(STEP_GUEST_MEMORY, mmap.mmap, -1, guest.mem_size, flags)
-        self.mem[: len(guest.image)] = guest.image
-        anchor = ctypes.c_char.from_buffer(self.mem)
-        self.mem_addr = ctypes.addressof(anchor)
-        del anchor  # the mapping stays; the export must go before close()
-        # Every buffer whose address goes into an operation is held by the
-        # kit until the session closes.
+        # The guest memory and every buffer whose address goes into an
+        # operation are held by the kit until the session closes.
         kit = self.kit = _take_kit(guest)
-        kit.reset(fd, self.mem_addr)
+        kit.reset(fd)
+        self.mem, self.mem_addr = kit.mem, kit.mem_addr
         self.state, self.out, self.region = kit.state, kit.out, kit.region
         self.sregs, self.regs = kit.sregs, kit.regs
         self.release = kit.releaser(backend)
@@ -3027,7 +3036,6 @@ def _in_session(session: _Session, work: Callable[[_Session], None]) -> None:
                 break
             except BaseException as err:
                 late = err
-        session.mem.close()
         _give_back(session.guest, session.kit)
         if late is not None:
             raise late

@@ -227,13 +227,28 @@ def test_a_kept_kit_is_reset_before_its_next_session(kvm_fd, backend):
     kit.cpuid.nent = 1  # too small: KVM_GET_SUPPORTED_CPUID would say E2BIG
     kit.msr_list.nmsrs = kit.feature_list.nmsrs = 0
     kit.arch_msrs.entries[0].data = 0xDEAD
+    ctypes.memset(kit.mem_addr, 0xCC, len(kit.mem))  # the guest memory: int3 everywhere
     second = b.smoke_test(kvm_fd, backend=backend, guest="long-mode")
     assert kept_kit("long-mode") is kit, "the same kit came back"
     assert b._outcome(second) == b._outcome(first)
     assert second.runs == first.runs and not second.timed_out
     assert second.speed is not None and first.speed is not None
     assert second.speed.guest_ns < 10 * first.speed.guest_ns + 1000  # no time added up
+    assert second.cx16_value == first.cx16_value
     os.fstat(kvm_fd)  # still open
+    # The trivial guest's kept memory too, and a mapping not kept is unmapped.
+    assert b.smoke_test(kvm_fd, backend=backend).ok
+    trivial = kept_kit("real-mode")
+    ctypes.memset(trivial.mem_addr, 0xCC, len(trivial.mem))
+    assert b.smoke_test(kvm_fd, backend=backend).ok
+    assert kept_kit("real-mode") is trivial
+    image = b._guest("real-mode").image  # the rest as a fresh mapping leaves it: zeros
+    assert trivial.mem[: len(image)] == image and not any(trivial.mem[len(image) :])
+    spare = b._Kit(b._guest("real-mode"))
+    for _ in range(b._KITS_KEPT):
+        b._give_back(b._guest("real-mode"), b._Kit(b._guest("real-mode")))
+    b._give_back(b._guest("real-mode"), spare)
+    assert spare.mem.closed and not trivial.mem.closed
 
 
 @needs_kvm
