@@ -353,6 +353,71 @@ def test_the_last_question_asks_only_its_block(mocker):
     assert whole is not None and staged is not None and staged.cause == whole.cause
 
 
+def staged_in_full(facts: b.Facts) -> b.BoxliteError | None:
+    """The staged questions as the gate asks them, each asked of the whole
+    table (none narrowed to the rules its new fact can change)."""
+    partial = facts.copy()
+    for name in b._STAGES:
+        setattr(partial, name, None)
+    partial.complete = False
+    error = b._diagnose(partial)
+    for name in b._STAGES:
+        if error is not None:
+            return error
+        if getattr(facts, name) is not None:
+            setattr(partial, name, getattr(facts, name))
+            error = b._diagnose(partial)
+    if error is None and facts.complete:
+        partial.complete = True
+        error = b._diagnose(partial)
+    return error
+
+
+def guests() -> dict[str, b.SmokeResult | None]:
+    emulated, msr, timed_out = passed_guest(), passed_guest(), passed_guest()
+    emulated.speed = b.Speed(1500.0, 0.5, 1024)
+    msr.msrs = {"boot_msrs_set": 3, "boot_msr_refused": "STAR"}
+    timed_out.timed_out = True
+    return {
+        "none": None,
+        "passed": passed_guest(),
+        "failed": sample().smoke,
+        "emulated": emulated,
+        "msr refused": msr,
+        "timed out": timed_out,
+    }
+
+
+def test_the_staged_questions_answer_as_every_question_in_full():
+    # For facts that differ in every stage and in how far they got, the
+    # staged questions as _diagnose_staged narrows them (the last one asks
+    # only the rules that read Facts.complete) must name the same cause as
+    # every question asked of every rule.
+    import itertools
+
+    answers = set()
+    for opened, caps, ioctls, guest, deep, complete in itertools.product(
+        (None, errno.EACCES),
+        (None, {"IRQCHIP": 1, "SET_TSS_ADDR": 1}, {"IRQCHIP": 0}, {"IRQCHIP": -errno.EPERM}),
+        (None, {}, {"KVM_CREATE_IRQCHIP": errno.EINVAL}),
+        sorted(guests()),
+        (False, True),
+        (False, True),
+    ):
+        facts = sample()
+        facts.hv, facts.sysctls, facts.message = None, {}, None
+        facts.open_errno, facts.caps, facts.ioctls = opened, caps, ioctls
+        facts.smoke, facts.complete = guests()[guest], complete
+        if deep:
+            facts.deep.outcome = b.BOOT_PANICKED
+        else:
+            facts.deep = None
+        got, want = b._diagnose_staged(facts), staged_in_full(facts)
+        assert (got and got.cause) == (want and want.cause), (opened, caps, ioctls, guest, deep)
+        answers.add(want and want.cause)
+    assert len(answers) >= 8, answers  # the combinations reach many causes, and none
+
+
 def _question(partial: b.Facts) -> tuple[bool, ...]:
     stages = [getattr(partial, name) is not None for name in b._STAGES]
     return (*stages, partial.complete)
