@@ -4979,43 +4979,28 @@ def _rules_without(*blocks: str) -> tuple[tuple[str, Callable[[Facts], bool]], .
     return rules
 
 
-def _rules_of(block: str) -> tuple[tuple[str, Callable[[Facts], bool]], ...]:
-    """Only a block's rules, in order."""
-    rules: tuple[tuple[str, Callable[[Facts], bool]], ...] = _cached(
-        "rules-of:" + block,
-        lambda: tuple(RULES[i] for i in sorted(_block_indices(block))),
-    )
-    return rules
-
-
-def _diagnose(
-    facts: Facts, rules: tuple[tuple[str, Callable[[Facts], bool]], ...] | None = None
-) -> BoxliteError | None:
+def _diagnose(facts: Facts) -> BoxliteError | None:
     """The one door to a cause: the first rule of RULES that holds, rendered.
-    A block of rules whose facts are absent is not asked (it cannot hold).
-    ``rules`` narrows the question further, for a caller that knows the
-    other rules' answer (_diagnose_staged's last question)."""
+    A block of rules whose facts are absent is not asked (it cannot hold)."""
     facts.pin()  # the rules read the first failure many times: find it once
     try:
-        if rules is None:
-            absent = []
-            if not facts.mac and facts.hv is None:
-                absent.append("macos")
-            if facts.failure is None:
-                absent.append("failure")
-            if not facts.caps:
-                absent.append("caps")
-            smoke = facts.smoke
-            if smoke is None or (smoke.ok and not smoke.timed_out and not smoke.emulated):
-                absent.append("guest")
-            if smoke is None or not smoke.msrs:
-                absent.append("msrs")
-            if facts.deep is None:
-                absent.append("deep")
-            if not facts.complete:
-                absent.append("complete")
-            rules = _rules_without(*absent)
-        for key, holds in rules:
+        absent = []
+        if not facts.mac and facts.hv is None:
+            absent.append("macos")
+        if facts.failure is None:
+            absent.append("failure")
+        if not facts.caps:
+            absent.append("caps")
+        smoke = facts.smoke
+        if smoke is None or (smoke.ok and not smoke.timed_out and not smoke.emulated):
+            absent.append("guest")
+        if smoke is None or not smoke.msrs:
+            absent.append("msrs")
+        if facts.deep is None:
+            absent.append("deep")
+        if not facts.complete:
+            absent.append("complete")
+        for key, holds in _rules_without(*absent):
             if holds(facts):
                 return _render(key, facts)
         return None
@@ -5054,29 +5039,32 @@ _STAGES = ("caps", "ioctls", "smoke", "deep")
 def _diagnose_staged(facts: Facts, after: str | None = None) -> BoxliteError | None:
     """What the gate would say of these facts: it asks after each stage
     (open, capabilities, start-up ioctls, guest, deep boot) and stops at the
-    first cause, so a report that gathered everything says the same.  A
-    stage without facts changes nothing, so it is not asked about again.
+    first cause, so a report that gathered everything says the same.
     ``after`` names the last stage a caller (the gate, as it goes) has
     already asked about with these same facts and found no cause: the
     questions up to it have their answer and are not asked twice."""
+    if facts.failure is None:
+        # Then the rules that can hold each read only their own stage, and
+        # RULES lists them in the order of the stages: the first to hold in
+        # one question of all the facts is the first the stages would meet.
+        return _diagnose(facts)
+    # An OS call failed, so a rule of the failure block (kvm-step-failed
+    # at the least) holds at the stage that made it, if no earlier stage's
+    # cause comes first: the questions end there, before the last question
+    # (Facts.complete), whose rules are never asked here.
     done = 0 if after is None else _STAGES.index(after) + 1
     partial = facts.copy()
     for name in _STAGES[done:]:
         setattr(partial, name, None)
-    partial.complete = False  # the last question: asked once every stage has answered
+    partial.complete = False
     error = _diagnose(partial) if after is None else None
     for name in _STAGES[done:]:
         if error is not None:
-            return error
+            break
         value = getattr(facts, name)
-        if value is not None:
+        if value is not None:  # a stage without facts changes nothing
             setattr(partial, name, value)
             error = _diagnose(partial)
-    if error is None and facts.complete:
-        # The same facts as the question just answered, but for complete:
-        # only the rules that read it can answer differently.
-        partial.complete = True
-        error = _diagnose(partial, _rules_of("complete"))
     return error
 
 

@@ -207,7 +207,6 @@ def test_the_blocks_are_runs_of_rules_in_order_and_never_overlap():
         assert keys, name
         assert not seen & set(keys), name
         seen |= set(keys)
-        assert b._rules_of(name) == tuple(rule for rule in b.RULES if rule[0] in keys)
     without = b._rules_without(*b._RULE_BLOCKS)
     assert [key for key, _ in without] == [key for key, _ in b.RULES if key not in seen]
 
@@ -329,30 +328,6 @@ def test_only_the_last_questions_rules_read_whether_every_stage_answered():
         assert reads == (key in last), key
 
 
-def test_the_last_question_asks_only_its_block(mocker):
-    facts = sample()
-    facts.complete, facts.deep = True, None
-    facts.open_errno, facts.caps, facts.ioctls, facts.smoke = None, {}, {}, None
-    facts.hv = None  # a Linux host where every stage passed
-    asked = []
-    real = b._diagnose
-
-    def spy(partial, rules=None):
-        asked.append((partial.complete, rules))
-        return real(partial, rules)
-
-    mocker.patch.object(b, "_diagnose", side_effect=spy)
-    b._diagnose_staged(facts)
-    assert [complete for complete, _ in asked][-1] is True
-    assert asked[-1][1] == b._rules_of("complete")
-    assert all(rules is None and not complete for complete, rules in asked[:-1])
-    # and it is the answer the whole table gives for the same facts
-    facts.decoded = ["kvm: the engine said so"]
-    whole = real(facts)
-    staged = b._diagnose_staged(facts)
-    assert whole is not None and staged is not None and staged.cause == whole.cause
-
-
 def staged_in_full(facts: b.Facts) -> b.BoxliteError | None:
     """The staged questions as the gate asks them, each asked of the whole
     table (none narrowed to the rules its new fact can change)."""
@@ -418,6 +393,53 @@ def test_the_staged_questions_answer_as_every_question_in_full():
     assert len(answers) >= 8, answers  # the combinations reach many causes, and none
 
 
+#: The stage each block's rules may read (the failure block's: any).
+BLOCK_STAGES = {
+    None: set(),  # outside every block
+    "macos": set(),
+    "caps": {"caps"},
+    "guest": {"smoke"},
+    "msrs": {"smoke"},
+    "deep": {"deep"},
+    "complete": {"complete"},
+}
+
+
+def test_without_a_failure_each_rule_reads_its_own_stage_in_the_stages_order():
+    # Where no OS call failed, _diagnose_staged asks one question of all
+    # the facts.  That is the staged answer only when each rule that can
+    # then hold reads its own stage alone, and RULES lists the stage-free
+    # rules first and the others in the order the stages come.
+    stages = {*b._STAGES, "complete"}
+    block_of = {key: name for name in b._RULE_BLOCKS for key, _ in _block(name)}
+    at: dict[str | None, list[int]] = {}
+    for index, (key, holds) in enumerate(b.RULES):
+        block = block_of.get(key)
+        if block == "failure":
+            continue
+        assert stages & _reads(holds.__code__, set()) <= BLOCK_STAGES[block], key
+        at.setdefault(block, []).append(index)
+    free = at.pop(None) + at.pop("macos")
+    order = ["caps", "guest", "msrs", "deep", "complete"]
+    assert set(at) == set(order)
+    assert max(free) < min(at["caps"])
+    for earlier, later in zip(order, order[1:]):
+        assert max(at[earlier]) < min(at[later]), (earlier, later)
+
+
+def test_a_host_where_no_call_failed_is_asked_one_question(mocker):
+    facts = b.Facts("linux", "x86_64", engine=None, evidence=b.Evidence(gather=False))
+    facts.smoke, facts.complete = guests()["emulated"], True
+    spy = mocker.spy(b, "_diagnose")
+    assert b._diagnose_staged(facts).cause == "guest-emulated"
+    assert spy.call_count == 1 and spy.call_args.args[0] is facts
+    spy.reset_mock()
+    facts.smoke = sample().smoke
+    facts.smoke.step, facts.smoke.error = b.STEP_CREATE_VCPU, errno.EINVAL
+    assert b._diagnose_staged(facts).cause == "kvm-step-failed"  # asked stage by stage
+    assert spy.call_count == 2
+
+
 def _question(partial: b.Facts) -> tuple[bool, ...]:
     stages = [getattr(partial, name) is not None for name in b._STAGES]
     return (*stages, partial.complete)
@@ -434,9 +456,7 @@ def test_the_gate_asking_as_it_goes_asks_what_the_report_asks(mocker, deep):
     if not deep:
         facts.deep = None
     asked: list[tuple[bool, ...]] = []
-    mocker.patch.object(
-        b, "_diagnose", side_effect=lambda p, rules=None: asked.append(_question(p))
-    )
+    mocker.patch.object(b, "_diagnose", side_effect=lambda p: asked.append(_question(p)))
     assert b._diagnose_staged(facts) is None
     whole, asked[:] = list(asked), []
     early = facts.copy()
@@ -447,11 +467,11 @@ def test_the_gate_asking_as_it_goes_asks_what_the_report_asks(mocker, deep):
     fast.deep = None
     b._diagnose_staged(fast, after="caps")
     if deep:
-        before_deep = asked[-1]  # the gate asks once more before the deep boot
         b._diagnose_staged(facts, after="smoke")
-        asked.remove(before_deep)
     assert asked == whole
-    assert whole[0] == (False,) * 5 and whole[-1][-1] is True
+    # from no stage to every stage the facts have (an OS call failed, so the
+    # last question, Facts.complete, is never reached: a failure rule holds)
+    assert whole[0] == (False,) * 5 and whole[-1] == (True, True, True, deep, False)
     assert len(set(whole)) == len(whole)
 
 
@@ -462,7 +482,7 @@ def test_a_cause_found_part_way_stops_both_ways_at_the_same_question(mocker):
     for stop in range(4):  # Q0, Q1 (caps), Q2 (ioctls), Q3 (smoke)
         asked: list[tuple[bool, ...]] = []
 
-        def answer(partial, rules=None, stop=stop, asked=asked):
+        def answer(partial, stop=stop, asked=asked):
             asked.append(_question(partial))
             return cause if len(asked) == stop + 1 else None
 
