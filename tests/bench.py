@@ -8,6 +8,7 @@ reported, never asserted.  `--stress` runs the stress test instead.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import statistics
@@ -62,16 +63,22 @@ def bare_samples(n: int, rounds: int = 10) -> dict[str, list[float]]:
     def bare(kind: str) -> None:
         b.SystemCheck.run(backend=kind, engine=None).close()
 
-    samples: dict[str, list[float]] = {"floor": [], "native": [], "python": []}
+    samples: dict[str, list[float]] = {"floor": [], "in-process": [], "native": [], "python": []}
     per = max(1, n // rounds)
+    source = str(ROOT / "tests" / "bench_floor.c")
     with tempfile.TemporaryDirectory() as tmp:
-        exe = os.path.join(tmp, "floor")
-        subprocess.run([cc, "-O2", "-o", exe, str(ROOT / "tests" / "bench_floor.c")], check=True)
+        exe, lib = os.path.join(tmp, "floor"), os.path.join(tmp, "libfloor.so")
+        subprocess.run([cc, "-O2", "-o", exe, source], check=True)
+        shared = ["-O2", "-shared", "-fPIC", "-Dmain=bench_floor_main", "-o", lib]
+        subprocess.run([cc, *shared, source], check=True)
+        in_process = ctypes.CDLL(lib).bench_floor_once
+        in_process()
         for kind in ("native", "python"):
             bare(kind)  # warm: library loaded, imports done
         for _ in range(rounds):
             done = subprocess.run([exe, str(per)], capture_output=True, text=True, check=True)
             samples["floor"] += [float(line) for line in done.stdout.split()]
+            samples["in-process"] += timed(in_process, per)
             for kind in ("native", "python"):
                 samples[kind] += timed(lambda kind=kind: bare(kind), per)
     return samples
@@ -426,9 +433,13 @@ def bench(n: int) -> list[tuple[str, ...]]:
     bare = bare_samples(n)
     floor_median = summary(bare["floor"])[0]
     row(rows, "floor: C bare device check (raw ioctls)", bare["floor"], None, f"n={n}")
+    note = "the same C, called in this interpreter: what its process costs the kernel's calls"
+    row(rows, "floor: the same C inside this process", bare["in-process"], floor_median, note)
+    inside = summary(bare["in-process"])[0]
     for backend in ("native", "python"):
         target = "1.10x" if backend == "native" else "1.25x"
-        note = f"target {target}; interleaved with the C"
+        ours = summary(bare[backend])[0] / inside
+        note = f"target {target}; interleaved with the C; {ours:.2f}x the C inside this process"
         row(rows, f"SystemCheck.run(engine=None) {backend}", bare[backend], floor_median, note)
 
     def gate() -> None:
