@@ -3626,7 +3626,7 @@ class Facts:
 
     def _missing(self) -> list[str]:
         caps = self.caps
-        if not caps:
+        if not caps or 0 not in caps.values():  # one pass in C, for the usual answer
             return []
         return [name for name in self.engine_caps if caps.get(name) == 0]
 
@@ -3649,14 +3649,15 @@ class Facts:
     def _first_failure(self) -> tuple[int, int] | None:
         if self.open_errno is not None:
             return STEP_OPEN, self.open_errno
+        # Most hosts refuse nothing: one pass in C over the answers says so.
         caps = self.caps
-        if caps:
+        if caps and min(caps.values()) < 0:
             for name in self.engine_caps:
                 value = caps.get(name, 0)
                 if value < 0:
                     return STEP_CHECK_EXTENSION, -value
         ioctls = self.ioctls
-        if ioctls:
+        if ioctls and max(ioctls.values()) > 0:
             for name in self.engine_ioctls:
                 if ioctls.get(name, -1) > 0:
                     return _STARTUP_STEPS[name], ioctls[name]
