@@ -1616,15 +1616,16 @@ class _PythonBackend:
 
     def execute(self, ops: Any, count: int, state: Any, out: Any) -> None:
         out.step, out.error, out.timed_out = -1, 0, 0
+        libc = _sys_libc()  # looked up once per array, not once per ioctl
         for index in range(count):
             out.op_index = index
             try:
-                self._one(ops[index], state, out)
+                self._one(ops[index], state, out, libc)
             except _StepFailed as failed:
                 out.step, out.error = failed.step, failed.error
                 return
 
-    def _one(self, op: Any, state: Any, out: Any) -> None:
+    def _one(self, op: Any, state: Any, out: Any, libc: ctypes.CDLL) -> None:
         import ctypes
 
         kind = op.kind  # each field read of a ctypes structure is a call
@@ -1634,7 +1635,7 @@ class _PythonBackend:
                 if op.fd_out >= 0:  # a descriptor: owned by the state at once
                     ret = self._owned(op, state)
                 else:
-                    ret = _ioctl(state.fds[op.fd], op.request, op.arg)
+                    ret = _ioctl(state.fds[op.fd], op.request, op.arg, libc=libc)
             except _SysError as err:
                 if op.flags & _OPF_SOFT:
                     if value_out >= 0:
@@ -1794,18 +1795,22 @@ def _every_signal() -> Any:
     return every
 
 
-def _ioctl(fd: int, request: int, arg: int = 0, *, retry: bool = True) -> int:
+def _ioctl(
+    fd: int, request: int, arg: int = 0, *, retry: bool = True, libc: ctypes.CDLL | None = None
+) -> int:
     """ioctl(2) through the C library; raise _SysError.
 
     A call a signal interrupted (EINTR) is retried with every signal blocked
     (a caller's fast interval timer cannot starve it; the signals wait, and
     arrive when the mask is restored) for _EINTR_RETRY_NS at most: a policy
     that answers EINTR forever must not hang the check.  ``retry`` false
-    returns EINTR as it came (KVM_RUN, whose bound is a signal).
+    returns EINTR as it came (KVM_RUN, whose bound is a signal).  ``libc``
+    is _sys_libc(), for a caller that already has it.
     """
     import ctypes
 
-    libc = _sys_libc()
+    if libc is None:
+        libc = _sys_libc()
     ret = int(libc.ioctl(fd, request, arg))
     if ret >= 0:
         return ret
@@ -2004,7 +2009,7 @@ def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
         while True:
             out.runs += 1
             try:
-                _ioctl(vcpu, KVM_RUN, 0, retry=False)
+                _ioctl(vcpu, KVM_RUN, 0, retry=False, libc=libc)
             except _SysError as err:
                 if err.errno != errno.EINTR:
                     raise _StepFailed(STEP_RUN, err.errno or 0) from err
