@@ -544,7 +544,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("target", choices=["x86-nested", "aarch64"])
     parser.add_argument("--build-dir")
-    parser.add_argument("--timeout", type=float, default=600.0)
+    # Each QEMU run's cap. The x86 nested run takes 3-5 minutes on this kind
+    # of host, but once took over 10 on a slow day with nothing else running.
+    parser.add_argument("--timeout", type=float, default=1200.0)
     parser.add_argument("--box-only", action="store_true", help="x86-nested: only the BoxLite box")
     args = parser.parse_args()
     build = Path(
