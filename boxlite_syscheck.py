@@ -2509,7 +2509,6 @@ class _Kit:
         self.blocks: dict[tuple[tuple[str, int], ...], Any] = {}  # what KVM_SET_REGS writes
         self.arrays: dict[Hashable, tuple[Any, int, tuple[int, ...]]] = {}
         self.releasers: dict[str, Callable[[], None]] = {}
-        self.last: tuple[Any, int, tuple[int, ...]] = (None, 0, ())  # the array run last
         # The buffers of one architecture's plans (None on the other).
         self.vcpu_init: Any = None
         self.pc: Any = None
@@ -2596,7 +2595,6 @@ class _Kit:
         ops = built[0]
         for index in built[2]:
             ops[index].src = _cookie()
-        self.last = built
         return built
 
 
@@ -2638,6 +2636,7 @@ class _Session:
         kit = self.kit = _take_kit(guest)
         kit.reset(fd)
         self.mem, self.mem_addr = kit.mem, kit.mem_addr
+        self.run_indices: tuple[int, ...] = ()  # of the array run last
         self.state, self.out, self.region = kit.state, kit.out, kit.region
         self.sregs, self.regs = kit.sregs, kit.regs
         self.release = kit.releaser(backend)
@@ -2655,7 +2654,7 @@ class _Session:
     def execute(self, plan: _Plan | Callable[[], _Plan], key: Hashable = None) -> bool:
         """Run a plan (see _Kit.array for ``key``); record a failure in the
         result; return whether all ran."""
-        ops, count, _ = self.kit.array(plan, key)
+        ops, count, self.run_indices = self.kit.array(plan, key)
         self.backend.execute(ops, count, self.state, self.out)
         self.result.runs = self.out.runs
         self.result.bound = BOUND_NAMES.get(self.out.bound, self.result.bound)
@@ -2675,9 +2674,9 @@ class _Session:
 
     @property
     def warm_up_at(self) -> int:
-        """The index of the warm-up's first operation in the vCPU's array:
-        its KVM_SET_REGS, just before its first run."""
-        return self.kit.last[2][0] - 1
+        """The index of the warm-up's first operation in the array just run
+        (the vCPU's): its KVM_SET_REGS, just before its first run."""
+        return self.run_indices[0] - 1
 
     def run_plan(self, plan: _Plan, rip: int, value: int, **regs: int) -> None:
         """Append: set the registers, then run the vCPU once, bounded.
@@ -3580,7 +3579,7 @@ class Facts:
         self.entitled: bool | None = None
         #: The engine's error message, for diagnose_create_failure.
         self.message: str | None = None
-        #: Whether every stage of the gate ran (the last question asked).
+        #: Whether every stage of the gate ran (engine-error-decoded needs it).
         self.complete = False
         self.decoded: list[str] = []
         #: The deep boot: asked for, the kernel to boot (None: BoxLite's
@@ -4948,8 +4947,7 @@ RULES: tuple[tuple[str, Callable[[Facts], bool]], ...] = (
 #: that a check can lack: macOS's answers, an OS call that failed, a
 #: capability KVM answered, a guest that did not pass (timed out, ran
 #: emulated, or failed to prove itself), the MSRs a guest set, the deep
-#: boot's result, and the last question (Facts.complete, every stage
-#: answered).  A block whose fact is absent cannot hold, so _diagnose does
+#: boot's result, and every stage answered (Facts.complete).  A block whose fact is absent cannot hold, so _diagnose does
 #: not ask it.
 _RULE_BLOCKS: dict[str, tuple[tuple[str, str], ...]] = {
     "macos": (("rosetta", "hv-engine-error"),),
@@ -5056,8 +5054,8 @@ def _diagnose_staged(facts: Facts, after: str | None = None) -> BoxliteError | N
         return _diagnose(facts)
     # An OS call failed, so a rule of the failure block (kvm-step-failed
     # at the least) holds at the stage that made it, if no earlier stage's
-    # cause comes first: the questions end there, before the last question
-    # (Facts.complete), whose rules are never asked here.
+    # cause comes first: the questions end there, and the rule that needs
+    # every stage answered (Facts.complete) is never asked here.
     done = 0 if after is None else _STAGES.index(after) + 1
     partial = facts.copy()
     for name in _STAGES[done:]:

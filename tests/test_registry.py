@@ -224,7 +224,7 @@ def test_a_skipped_block_of_rules_cannot_hold_without_its_facts(block):
     # _diagnose leaves out the macOS block on Linux, the failure block when
     # no OS call failed, the capabilities' when none was asked, the guest's
     # when it passed (or did not run), the MSRs' when none was set, the
-    # deep boot's when it did not run, and the last question's before every
+    # deep boot's when it did not run, and the complete block's before every
     # stage has answered; each of their rules must then be false, whatever
     # else the facts say (here: everything else a cause can show).
     rules = _block(block)
@@ -318,10 +318,10 @@ def _reads(code: object, seen: set[int]) -> set[str]:
     return names
 
 
-def test_only_the_last_questions_rules_read_whether_every_stage_answered():
-    # _diagnose_staged's last question differs from the one before it only
-    # in Facts.complete, so it asks only the "complete" block: every other
-    # rule must not read it, or the gate would miss its answer.
+def test_only_the_complete_block_reads_whether_every_stage_answered():
+    # The block is skipped until every stage has answered (and never asked
+    # stage by stage): a rule elsewhere that read Facts.complete could hold
+    # in one way in and not in another.
     last = {key for key, _ in _block("complete")}
     for key, holds in b.RULES:
         reads = "complete" in _reads(holds.__code__, set())
@@ -476,8 +476,8 @@ def test_the_gate_asking_as_it_goes_asks_what_the_report_asks(mocker, deep):
     if deep:
         b._diagnose_staged(facts, after="smoke")
     assert asked == whole
-    # from no stage to every stage the facts have (an OS call failed, so the
-    # last question, Facts.complete, is never reached: a failure rule holds)
+    # from no stage to every stage the facts have (an OS call failed, so a
+    # failure rule holds before Facts.complete would matter)
     assert whole[0] == (False,) * 5 and whole[-1] == (True, True, True, deep, False)
     assert len(set(whole)) == len(whole)
 
