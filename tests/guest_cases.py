@@ -6,6 +6,7 @@ library only: the guest has Debian's Python and nothing else.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import platform
@@ -18,9 +19,21 @@ sys.path.insert(0, HERE)
 
 import boxlite_syscheck as b  # noqa: E402
 
+# The longest a case may go without a word: longer than any bound a case
+# sets itself (a subprocess's 300 s), shorter than vmhost's silence cap.
+# Past it the process prints every thread's stack and exits, and /init goes
+# on to "vmhost-guest: done": a hang of ours is told from the emulated host
+# itself stopping, which never gets that far.
+CASE_LIMIT = 400.0
+
+
+def report(name: str, status: str, detail: str) -> None:
+    print(f"CASE {name} {status} {detail}", flush=True)
+    faulthandler.dump_traceback_later(CASE_LIMIT, exit=True)
+
 
 def case(name: str, ok: bool, detail: str) -> None:
-    print(f"CASE {name} {'PASS' if ok else 'FAIL'} {detail}", flush=True)
+    report(name, "PASS" if ok else "FAIL", detail)
 
 
 def guarded(name: str, body) -> None:
@@ -89,7 +102,7 @@ def with_svm() -> None:
         if LONG_MODE:
             case("engines", set(runs) == set(b.ENGINES), detail)
         else:  # arm64 capabilities depend on the emulated GIC: reported, not judged
-            print(f"CASE engines INFO {detail}", flush=True)
+            report("engines", "INFO", detail)
 
     guarded("engines", engines)
 
@@ -409,21 +422,17 @@ def bench() -> None:
         for backend in ("native", "python"):
             gate_ms, floor_ms, exits = floor_ratio(floor, backend)
             target = "1.10x" if backend == "native" else "1.25x"
-            print(
-                f"CASE bench-floor-{backend} INFO default gate ({backend}) {gate_ms:.2f} ms, "
+            report(
+                f"bench-floor-{backend}",
+                "INFO",
+                f"default gate ({backend}) {gate_ms:.2f} ms, "
                 f"C doing the same work {floor_ms:.2f} ms: {gate_ms / floor_ms:.2f}x "
                 f"(target {target}; C's runs ended: {exits})",
-                flush=True,
             )
     ms, ratio = gate_ratio(20)
-    print(
-        f"CASE bench INFO gate {ms:.2f} ms, {ratio:.2f}x its native work (target 1.15x)", flush=True
-    )
+    report("bench", "INFO", f"gate {ms:.2f} ms, {ratio:.2f}x its native work (target 1.15x)")
     ms, ratio = gate_ratio(50, engine=None)
-    print(
-        f"CASE bench-bare INFO bare device check {ms:.2f} ms, {ratio:.2f}x its native work",
-        flush=True,
-    )
+    report("bench-bare", "INFO", f"bare device check {ms:.2f} ms, {ratio:.2f}x its native work")
     gate_ns = check_ns = 0
     for _ in range(10):
         start = time.perf_counter_ns()
@@ -433,10 +442,11 @@ def bench() -> None:
         b.check()
         check_ns += time.perf_counter_ns() - start
         b._wait_for_closes()
-    print(
-        f"CASE bench-report INFO check() with every engine {check_ns / 1e7:.2f} ms, "
+    report(
+        "bench-report",
+        "INFO",
+        f"check() with every engine {check_ns / 1e7:.2f} ms, "
         f"{check_ns / gate_ns:.2f}x the gate (target 1.6x)",
-        flush=True,
     )
 
 
@@ -521,10 +531,10 @@ def box_cases() -> None:
     env = {**os.environ, "XDG_DATA_HOME": "/xdg", "HOME": "/tmp"}
     try:  # its progress goes to the console as it happens
         done = subprocess.run(
-            [sys.executable, "-c", BOX], stdout=subprocess.PIPE, text=True, env=env, timeout=420
+            [sys.executable, "-c", BOX], stdout=subprocess.PIPE, text=True, env=env, timeout=300
         )
     except subprocess.TimeoutExpired:
-        case("box-echo", False, "the box did not answer within 420 s")
+        case("box-echo", False, "the box did not answer within 300 s")
         return
     said = [line for line in done.stdout.splitlines() if line.startswith("BOX-SAID ")]
     ok = bool(said) and "'hello-from-guest' exit 0" in said[0]
@@ -535,6 +545,7 @@ def box_cases() -> None:
 
 
 def main() -> None:
+    faulthandler.dump_traceback_later(CASE_LIMIT, exit=True)
     if sys.argv[1:] == ["box"]:
         box_cases()
         return

@@ -35,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -505,38 +506,125 @@ def boot_arm(vmlinuz: Path, initrd: Path, machine: str, log: Path, limit: float)
     return run_qemu(command, machine, log, limit)
 
 
+# A line the guest's own cases print: anything else on the console is the
+# kernel's (a soft lockup repeats its warning, and is no progress).
+PROGRESS = re.compile(r"CASE |vmhost-guest:|BOX-STEP |DEEP-BOOT |REPORT-SPEED ")
+# Past this long without progress QEMU is stopped: the guest's own watchdog
+# (guest_cases.CASE_LIMIT, 400 s) speaks first when a case of ours hangs.
+SILENCE = 600.0
+
+
 def run_qemu(command: list[str], what: str, log: Path, limit: float) -> str:
+    """Run QEMU to its end, ``limit`` seconds in all or SILENCE seconds
+    without progress, whichever comes first; return its console."""
     started = time.monotonic()
-    try:
-        done = subprocess.run(
-            command, capture_output=True, text=True, timeout=limit, errors="replace"
-        )
-        output = done.stdout + done.stderr
-    except subprocess.TimeoutExpired as expired:
-        raw = expired.stdout or b""
-        output = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
-        output += f"\nvmhost: QEMU did not finish within {limit:.0f} s\n"
+    output = stream(command, limit, SILENCE)
     log.write_text(output)
     say(f"{what}: QEMU ran {time.monotonic() - started:.1f} s (log {log})")
     return output
 
 
-def collect(output: str, name: str, expected: list[str]) -> int:
-    """Print each case's line; return how many failed or were missing."""
+def stream(command: list[str], limit: float, silence: float) -> str:
+    """The output of ``command`` (stdout and stderr), killed at ``limit``
+    seconds or after ``silence`` seconds without a PROGRESS line; a note at
+    the end says which."""
+    import codecs
+    import selectors
+
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    started = last = time.monotonic()
+    chunks: list[str] = []
+    pending = ""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            stopped = ""
+            while True:
+                now = time.monotonic()
+                if now - started >= limit:
+                    stopped = f"QEMU did not finish within {limit:.0f} s"
+                elif now - last >= silence:
+                    stopped = f"QEMU's guest made no progress for {silence:.0f} s"
+                if stopped:
+                    proc.kill()
+                    break
+                if not sel.select(timeout=min(1.0, limit, silence)):
+                    continue
+                data = os.read(proc.stdout.fileno(), 65536)
+                if not data:
+                    break
+                text = decoder.decode(data)
+                chunks.append(text)
+                lines = (pending + text).split("\n")
+                pending = lines.pop()
+                if any(PROGRESS.search(line) for line in lines):
+                    last = time.monotonic()
+        proc.wait()
+    output = "".join(chunks)
+    if stopped:
+        output += f"\nvmhost: {stopped}\n"
+    return output
+
+
+def collect(output: str, name: str, expected: list[str], quiet: bool = False) -> int:
+    """Print each case's line (unless ``quiet``); return how many failed or
+    were missing."""
     seen: dict[str, tuple[str, str]] = {}
     for line in output.splitlines():
         match = re.search(r"CASE (\S+) (PASS|FAIL|INFO)(.*)", line)  # escapes may precede
         if match:
             seen[match.group(1)] = (match.group(2), match.group(3).strip())
     failures = 0
+    lines = []
     for case in expected:
-        status, detail = seen.get(case, ("FAIL", "not reported (see the log)"))
-        print(f"{status} {name}/{case}: {detail}", flush=True)
+        status, detail = seen.get(case, ("FAIL", "not reported"))
+        lines.append(f"{status} {name}/{case}: {detail}")
         failures += status == "FAIL"
     for case, (status, detail) in seen.items():
         if case not in expected:
-            print(f"{status} {name}/{case}: {detail}", flush=True)
+            lines.append(f"{status} {name}/{case}: {detail}")
             failures += status == "FAIL"
+    if not quiet:
+        print("\n".join(lines), flush=True)
+    return failures
+
+
+def host_stopped(output: str) -> bool:
+    """Whether the emulated host itself stopped before its cases were done:
+    /init never got past them (its kernel hung, panicked or reset, or QEMU
+    was stopped). A case of ours that hangs or crashes does not count:
+    the guest's watchdog ends it and /init goes on to say it is done."""
+    return "vmhost-guest: done" not in output
+
+
+def tail(output: str, lines: int = 30) -> str:
+    """The console's last lines that are not the cases' own reports: the
+    kernel's words, a traceback, the watchdog's stacks."""
+    kept = [line for line in output.splitlines() if not re.search(r"CASE \S+ (PASS|INFO)", line)]
+    return "\n".join(f"    | {line[:300]}" for line in kept[-lines:])
+
+
+def attempt(run: Callable[[Path], str], name: str, expected: list[str], log: Path) -> int:
+    """Boot one emulated host and collect its cases; return the failures.
+
+    When the emulated host itself stops before its cases are done (under
+    TCG its kernel has soft-locked or reset on a loaded machine), that boot
+    says nothing about the check: it is booted once more, and every case
+    must pass in that second boot. A case that fails or hangs in a host
+    that ran to its end is a failure, and is not retried."""
+    output = run(log)
+    if host_stopped(output) and collect(output, name, expected, quiet=True):
+        say(f"{name}: the emulated host stopped before its cases were done; its console ended:")
+        print(tail(output), flush=True)
+        collect(output, name, expected)
+        say(f"{name}: booting it once more (the first boot's log is {log}.first)")
+        log.rename(log.with_name(log.name + ".first"))
+        output = run(log)
+    failures = collect(output, name, expected)
+    if failures:
+        say(f"{name}: {failures} failed; the console ended:")
+        print(tail(output), flush=True)
     return failures
 
 
@@ -560,8 +648,11 @@ def main() -> int:
         say(f"initramfs {initrd.stat().st_size / 1e6:.1f} MB, kernel {vmlinuz.name}")
         failures = 0
         for name, spec in ARM_BOOTS.items():
-            output = boot_arm(vmlinuz, initrd, spec["machine"], build / f"{name}.log", args.timeout)
-            failures += collect(output, name, spec["cases"])
+
+            def run_arm(log: Path, machine: str = spec["machine"]) -> str:
+                return boot_arm(vmlinuz, initrd, machine, log, args.timeout)
+
+            failures += attempt(run_arm, name, spec["cases"], build / f"{name}.log")
         print(f"{'PASS' if not failures else 'FAIL'}: aarch64, {failures} failed", flush=True)
         return 1 if failures else 0
     ensure_tools()
@@ -574,8 +665,11 @@ def main() -> int:
     say(f"initramfs {initrd.stat().st_size / 1e6:.1f} MB, kernel {vmlinuz.name}")
     failures = 0
     for name, spec in {} if args.box_only else BOOTS.items():
-        output = boot(vmlinuz, initrd, spec["cpu"], build / f"{name}.log", args.timeout)
-        failures += collect(output, name, spec["cases"])
+
+        def run_x86(log: Path, cpu: str = spec["cpu"]) -> str:
+            return boot(vmlinuz, initrd, cpu, log, args.timeout)
+
+        failures += attempt(run_x86, name, spec["cases"], build / f"{name}.log")
     # The real engine: a BoxLite box in the same kind of host (3 GiB, 2 vCPUs:
     # its rootfs tmpfs is half the memory, and the box has a vCPU of its own).
     extra = build / "initrd-box-extra.gz"
@@ -583,9 +677,11 @@ def main() -> int:
     box_initrd = build / "initrd-box.gz"
     box_initrd.write_bytes(initrd.read_bytes() + extra.read_bytes())
     say(f"box initramfs {box_initrd.stat().st_size / 1e6:.1f} MB")
-    log = build / "svm-box.log"
-    output = boot(vmlinuz, box_initrd, "EPYC", log, args.timeout, memory=3072, cpus=2)
-    failures += collect(output, "svm-box", ["box-gate", "box-echo"])
+
+    def run_box(log: Path) -> str:
+        return boot(vmlinuz, box_initrd, "EPYC", log, args.timeout, memory=3072, cpus=2)
+
+    failures += attempt(run_box, "svm-box", ["box-gate", "box-echo"], build / "svm-box.log")
     print(f"{'PASS' if not failures else 'FAIL'}: x86-nested, {failures} failed", flush=True)
     return 1 if failures else 0
 
