@@ -27,13 +27,13 @@ import boxlite_syscheck as b  # noqa: E402
 CASE_LIMIT = 400.0
 
 
-def report(name: str, status: str, detail: str) -> None:
+def announce(name: str, status: str, detail: str) -> None:
     print(f"CASE {name} {status} {detail}", flush=True)
     faulthandler.dump_traceback_later(CASE_LIMIT, exit=True)
 
 
 def case(name: str, ok: bool, detail: str) -> None:
-    report(name, "PASS" if ok else "FAIL", detail)
+    announce(name, "PASS" if ok else "FAIL", detail)
 
 
 def guarded(name: str, body) -> None:
@@ -102,7 +102,7 @@ def with_svm() -> None:
         if LONG_MODE:
             case("engines", set(runs) == set(b.ENGINES), detail)
         else:  # arm64 capabilities depend on the emulated GIC: reported, not judged
-            report("engines", "INFO", detail)
+            announce("engines", "INFO", detail)
 
     guarded("engines", engines)
 
@@ -422,7 +422,7 @@ def bench() -> None:
         for backend in ("native", "python"):
             gate_ms, floor_ms, exits = floor_ratio(floor, backend)
             target = "1.10x" if backend == "native" else "1.25x"
-            report(
+            announce(
                 f"bench-floor-{backend}",
                 "INFO",
                 f"default gate ({backend}) {gate_ms:.2f} ms, "
@@ -430,9 +430,9 @@ def bench() -> None:
                 f"(target {target}; C's runs ended: {exits})",
             )
     ms, ratio = gate_ratio(20)
-    report("bench", "INFO", f"gate {ms:.2f} ms, {ratio:.2f}x its native work (target 1.15x)")
+    announce("bench", "INFO", f"gate {ms:.2f} ms, {ratio:.2f}x its native work (target 1.15x)")
     ms, ratio = gate_ratio(50, engine=None)
-    report("bench-bare", "INFO", f"bare device check {ms:.2f} ms, {ratio:.2f}x its native work")
+    announce("bench-bare", "INFO", f"bare device check {ms:.2f} ms, {ratio:.2f}x its native work")
     gate_ns = check_ns = 0
     for _ in range(10):
         start = time.perf_counter_ns()
@@ -442,7 +442,7 @@ def bench() -> None:
         b.check()
         check_ns += time.perf_counter_ns() - start
         b._wait_for_closes()
-    report(
+    announce(
         "bench-report",
         "INFO",
         f"check() with every engine {check_ns / 1e7:.2f} ms, "
