@@ -1484,6 +1484,9 @@ def _kept(guest: _Guest) -> _Guest:
 _OP_IOCTL, _OP_COPY, _OP_MAP_RUN, _OP_RUN = 1, 2, 3, 4
 _CHECK_NONE, _CHECK_EQ, _CHECK_GE = 0, 1, 2
 _OPF_SOFT = 1  # a failure stores -errno in the value slot and goes on
+# struct kvmsmoke_op, packed: step kind fd fd_out value_out check flags pad,
+# check_value, then request arg src len.
+_OP_FORMAT, _OP_SIZE = "=8iq4Q", 72
 _KVM, _VM, _VCPU = 0, 1, 2  # descriptor slots
 # Value slots.
 _V_API, _V_RUN_SIZE, _V_CPUID, _V_BOOT_MSRS, _V_MSR_LIST, _V_FEATURE_LIST = range(6)
@@ -1551,7 +1554,7 @@ class _Plan:
         import struct
 
         count = len(self.ops)
-        layout = struct.Struct("=8iq4Q")  # struct kvmsmoke_op, 72 bytes
+        layout = struct.Struct(_OP_FORMAT)
         raw = b"".join([layout.pack(*op) for op in self.ops]) or bytes(layout.size)
         return (_abi().Op * max(1, count)).from_buffer_copy(raw), count
 
@@ -1575,13 +1578,11 @@ class _NativeBackend:
         keeps its deadline in ``state``, so resuming never extends the bound.
         """
         import ctypes
-        import time
 
         start = 0
-        size = ctypes.sizeof(_abi().Op)
         while True:
             self.lib.kvmsmoke_exec(
-                ctypes.byref(ops, start * size),
+                ctypes.byref(ops, start * _OP_SIZE),
                 count - start,
                 ctypes.byref(state),
                 ctypes.byref(out),
@@ -1589,6 +1590,8 @@ class _NativeBackend:
             out.op_index += start
             if not out.interrupted:
                 return
+            import time
+
             if state.deadline_ns and time.monotonic_ns() >= state.deadline_ns:
                 # KVM_RUN keeps answering EINTR with no signal of ours (a
                 # policy, say): the bound has passed all the same.
@@ -1615,94 +1618,111 @@ class _PythonBackend:
     name = "python"
 
     def execute(self, ops: Any, count: int, state: Any, out: Any) -> None:
+        import ctypes
+        import struct
+
         out.step, out.error, out.timed_out = -1, 0, 0
         libc = _sys_libc()  # looked up once per array, not once per ioctl
-        for index in range(count):
-            out.op_index = index
-            try:
-                self._one(ops[index], state, out, libc)
-            except _StepFailed as failed:
-                out.step, out.error = failed.step, failed.error
-                return
+        # The operations as tuples, in one pass in C: each field read of a
+        # ctypes structure is a call of its own.  Nothing changes an array
+        # while it runs.
+        raw = ctypes.string_at(ctypes.addressof(ops), count * _OP_SIZE)
+        index = -1
+        try:
+            for op in struct.iter_unpack(_OP_FORMAT, raw):
+                index += 1
+                self._one(op, state, out, libc)
+        except _StepFailed as failed:
+            out.step, out.error = failed.step, failed.error
+        finally:
+            if index >= 0:
+                out.op_index = index  # where it stopped, whatever stopped it
 
-    def _one(self, op: Any, state: Any, out: Any, libc: ctypes.CDLL) -> None:
-        import ctypes
-
-        kind = op.kind  # each field read of a ctypes structure is a call
+    def _one(self, op: tuple[int, ...], state: Any, out: Any, libc: ctypes.CDLL) -> None:
+        step, kind, fd, fd_out, value_out, check, flags, _, expect, request, arg, src, size = op
         if kind == _OP_IOCTL:
-            value_out = op.value_out
             try:
-                if op.fd_out >= 0:  # a descriptor: owned by the state at once
-                    ret = self._owned(op, state)
+                if fd_out >= 0:  # a descriptor: owned by the state at once
+                    ret = self._owned(libc, state, fd, request, arg, fd_out)
                 else:
-                    ret = _ioctl(state.fds[op.fd], op.request, op.arg, libc=libc)
+                    ret = _ioctl(state.fds[fd], request, arg, libc=libc)
             except _SysError as err:
-                if op.flags & _OPF_SOFT:
+                if flags & _OPF_SOFT:
                     if value_out >= 0:
                         out.values[value_out] = -(err.errno or 0)
                     return
-                raise _StepFailed(op.step, err.errno or 0) from err
+                raise _StepFailed(step, err.errno or 0) from err
             if value_out >= 0:
                 out.values[value_out] = ret
-            check = op.check
-            if check == _CHECK_EQ and ret != op.check_value:
-                raise _StepFailed(op.step, 0)
-            if check == _CHECK_GE and ret < op.check_value:
-                raise _StepFailed(op.step, errno.EPROTO)
+            if check == _CHECK_EQ and ret != expect:
+                raise _StepFailed(step, 0)
+            if check == _CHECK_GE and ret < expect:
+                raise _StepFailed(step, errno.EPROTO)
         elif kind == _OP_COPY:
-            ctypes.memmove(op.arg, op.src, op.len)
+            import ctypes  # here, not above: most operations are ioctls
+
+            ctypes.memmove(arg, src, size)
         elif kind == _OP_MAP_RUN:
-            if self._owned(op, state, size=int(out.values[op.src])) < 0:
-                raise _StepFailed(op.step, ctypes.get_errno())
+            if self._owned(libc, state, fd, 0, int(out.values[src]), -1) < 0:
+                import ctypes
+
+                raise _StepFailed(step, ctypes.get_errno())
         elif kind == _OP_RUN:
+            import ctypes
+
             if not state.run_addr:
-                raise _StepFailed(op.step, errno.EFAULT)
+                raise _StepFailed(step, errno.EFAULT)
             failed: _StepFailed | None = None
             try:
-                elapsed = _python_run(state.fds[op.fd], state, op, out)
+                elapsed = _python_run(state.fds[fd], state, out, request, arg, src, expect)
             except _StepFailed as err:
                 failed, elapsed = err, 0
             ctypes.memmove(out.run_head, state.run_addr, min(state.run_size, _RUN_HEAD))
-            if op.value_out >= 0:
-                out.values[op.value_out] += elapsed
+            if value_out >= 0:
+                out.values[value_out] += elapsed
             if failed is not None:
                 raise failed
             if out.timed_out:
-                raise _StepFailed(op.step, 0)
+                raise _StepFailed(step, 0)
         else:
-            raise _StepFailed(op.step, errno.EINVAL)
+            raise _StepFailed(step, errno.EINVAL)
 
-    def _owned(self, op: Any, state: Any, size: int = 0) -> int:
-        """Make a descriptor (an ioctl with fd_out) or the run area's mapping
-        and store it in the state, with every signal blocked in between: a
-        handler of the caller's that raised between the kernel's answer and
-        the store would leak it.  The caller's mask is kept in C memory with
-        a sentinel (SIGKILL, which no mask holds), so it is restored exactly
-        when it was changed, wherever an exception comes."""
+    def _owned(
+        self, libc: ctypes.CDLL, state: Any, fd: int, request: int, arg: int, fd_out: int
+    ) -> int:
+        """Make a descriptor (the ioctl ``request`` on slot ``fd``, into slot
+        ``fd_out``) or, with ``fd_out`` -1, map ``arg`` bytes of the run
+        area, and store it in the state, with every signal blocked in
+        between: a handler of the caller's that raised between the kernel's
+        answer and the store would leak it.  The caller's mask is kept in C
+        memory with a sentinel (SIGKILL, which no mask holds), so it is
+        restored exactly when it was changed, wherever an exception comes."""
         import ctypes
-        import time
 
-        libc, abi = _sys_libc(), _abi()
-        block, saved = _all_signals(), abi.SigSet()
+        block, saved = _all_signals(), _abi().SigSet()
         saved.bits[0] = 1 << 8  # SIGKILL's bit: "not changed yet"
         try:
             libc.pthread_sigmask(0, ctypes.byref(block), ctypes.byref(saved))  # SIG_BLOCK
-            if op.kind == _OP_MAP_RUN:
+            if fd_out < 0:
                 prot, flags = _PROT_READ | _PROT_WRITE, _MAP_SHARED
-                addr = libc.mmap(None, size, prot, flags, state.fds[op.fd], 0)
+                addr = libc.mmap(None, arg, prot, flags, state.fds[fd], 0)
                 if addr in (None, ctypes.c_void_p(-1).value):
                     return -1
-                state.run_addr, state.run_size = addr, size
+                state.run_addr, state.run_size = addr, arg
                 return 0
             deadline = 0
             while True:  # EINTR: a policy's, the signals being blocked (see _ioctl)
-                ret = int(libc.ioctl(state.fds[op.fd], op.request, op.arg))
+                ret = int(libc.ioctl(state.fds[fd], request, arg))
                 if ret >= 0:
-                    state.fds[op.fd_out] = ret  # KVM sets O_CLOEXEC on its descriptors
+                    state.fds[fd_out] = ret  # KVM sets O_CLOEXEC on its descriptors
                     return ret
                 err = ctypes.get_errno()
+                if err != errno.EINTR:
+                    raise _SysError(err, os.strerror(err))
+                import time
+
                 deadline = deadline or time.monotonic_ns() + _EINTR_RETRY_NS
-                if err != errno.EINTR or time.monotonic_ns() >= deadline:
+                if time.monotonic_ns() >= deadline:
                     raise _SysError(err, os.strerror(err))
         finally:
             if not saved.bits[0] & 1 << 8:
@@ -1807,13 +1827,13 @@ def _ioctl(
     returns EINTR as it came (KVM_RUN, whose bound is a signal).  ``libc``
     is _sys_libc(), for a caller that already has it.
     """
-    import ctypes
-
     if libc is None:
         libc = _sys_libc()
     ret = int(libc.ioctl(fd, request, arg))
     if ret >= 0:
         return ret
+    import ctypes  # here: a call that worked needs nothing more
+
     err = ctypes.get_errno()
     if err == errno.EINTR and retry:
         return _ioctl_masked(libc, fd, request, arg)
@@ -1966,7 +1986,9 @@ def _take_pending(signo: int, cookie: int, stash: list[Any]) -> bool:
             stash.append(info)
 
 
-def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
+def _python_run(
+    vcpu: int, state: Any, out: Any, bound_ns: int, signo: int, cookie: int, arm_step: int
+) -> int:
     """KVM_RUN bounded as kvm_smoke.c bounds it; return the nanoseconds it took.
 
     A handler that raises (KeyboardInterrupt, say) propagates from here
@@ -1980,9 +2002,8 @@ def _python_run(vcpu: int, state: Any, op: Any, out: Any) -> int:
     # a set of enum members (microseconds per call, twice per run).
     signal: Any = __import__("_signal")
     libc = _sys_libc()
-    signo, cookie, arm_step = int(op.arg), int(op.src), int(op.check_value)
     if not state.deadline_ns:
-        state.deadline_ns = time.monotonic_ns() + int(op.request)
+        state.deadline_ns = time.monotonic_ns() + bound_ns
     saved = _as_step(arm_step, signal.pthread_sigmask, signal.SIG_BLOCK, {signo})
     stash: list[Any] = []
     timer = watchdog = None

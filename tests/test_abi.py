@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import shutil
+import struct
 import subprocess
 
 import pytest
@@ -54,6 +55,25 @@ def test_a_plan_packs_into_the_librarys_operation_layout():
     assert (ops[0].step, ops[0].kind, ops[0].fd_out) == (b.STEP_CREATE_VM, b._OP_IOCTL, b._VM)
     assert (ops[0].request, ops[0].arg, ops[0].flags) == (b.KVM_CREATE_VM, 7, b._OPF_SOFT)
     assert (ops[1].kind, ops[1].arg, ops[1].src, ops[1].len) == (b._OP_COPY, 0x1000, 0x2000, 24)
+
+
+def test_the_python_backend_reads_an_array_back_as_the_plan_wrote_it():
+    # It reads each operation as one packed tuple (_OP_FORMAT), not field
+    # by field: the layout must be struct kvmsmoke_op's, a field moved in
+    # the structure or the format shows here.
+    assert struct.calcsize(b._OP_FORMAT) == b._OP_SIZE == ctypes.sizeof(b._abi().Op)
+    plan = b._Plan()
+    plan.ioctl(b.STEP_CREATE_VCPU, b._VM, b.KVM_CREATE_VCPU, 3, fd_out=b._VCPU, value=5)
+    plan.run(123_456, 40, b._V_T_GUEST)
+    ops, count = plan.build()
+    ops[1].src = 0xC00C1E
+    raw = ctypes.string_at(ctypes.addressof(ops), count * b._OP_SIZE)
+    back = list(struct.iter_unpack(b._OP_FORMAT, raw))
+    for op, fields in zip(ops, back):
+        named = [getattr(op, name) for name, *_ in b._abi().Op._fields_]
+        assert tuple(named) == fields
+    assert back[0][:5] == (b.STEP_CREATE_VCPU, b._OP_IOCTL, b._VM, b._VCPU, 5)
+    assert back[1][9:12] == (123_456, 40, 0xC00C1E)
 
 
 HEADER_PROGRAM = r"""
