@@ -2474,29 +2474,30 @@ def _host_ns_per_iteration(iterations: int) -> tuple[float | None, str]:
 
 def _decode_run(result: SmokeResult, head: bytes) -> None:
     """Fill the exit fields from the copied head of struct kvm_run."""
+    import struct
 
-    def u(offset: int, size: int) -> int:
-        return int.from_bytes(head[offset : offset + size], "little")
-
-    result.exit_reason = u(_RUN_EXIT_REASON, 4)
-    if result.exit_reason == KVM_EXIT_FAIL_ENTRY:
-        result.hardware_entry_failure_reason = u(_RUN_FAIL_ENTRY_REASON, 8)
-        result.fail_entry_cpu = u(_RUN_FAIL_ENTRY_CPU, 4)
-    elif result.exit_reason == KVM_EXIT_INTERNAL_ERROR:
-        result.internal_suberror = u(_RUN_INTERNAL_SUBERROR, 4)
-        ndata = min(u(_RUN_INTERNAL_NDATA, 4), 16)
-        result.internal_data = tuple(u(_RUN_INTERNAL_DATA + 8 * i, 8) for i in range(ndata))
-        flags = u(_RUN_INTERNAL_DATA, 8) if ndata else 0
+    unpack = struct.unpack_from  # little-endian, as on both architectures KVM runs here
+    (reason,) = unpack("<I", head, _RUN_EXIT_REASON)
+    result.exit_reason = reason
+    if reason == KVM_EXIT_FAIL_ENTRY:
+        (result.hardware_entry_failure_reason,) = unpack("<Q", head, _RUN_FAIL_ENTRY_REASON)
+        (result.fail_entry_cpu,) = unpack("<I", head, _RUN_FAIL_ENTRY_CPU)
+    elif reason == KVM_EXIT_INTERNAL_ERROR:
+        suberror, ndata = unpack("<II", head, _RUN_INTERNAL_SUBERROR)  # ndata follows
+        result.internal_suberror, ndata = suberror, min(ndata, 16)
+        result.internal_data = unpack(f"<{ndata}Q", head, _RUN_INTERNAL_DATA)
+        flags = result.internal_data[0] if ndata else 0
         has_bytes = flags & _EMULATION_FLAG_INSTRUCTION_BYTES
-        if result.internal_suberror == 1 and ndata >= 3 and has_bytes:
-            size = min(u(_RUN_EMULATION_INSN_SIZE, 1), 15)
+        if suberror == 1 and ndata >= 3 and has_bytes:
+            size = min(head[_RUN_EMULATION_INSN_SIZE], 15)
             start = _RUN_EMULATION_INSN_BYTES
             result.insn_bytes = bytes(head[start : start + size])
-    elif result.exit_reason == KVM_EXIT_MMIO:
-        length = u(_RUN_MMIO_LEN, 4)
+    elif reason == KVM_EXIT_MMIO:
+        (length,) = unpack("<I", head, _RUN_MMIO_LEN)
+        data = int.from_bytes(head[_RUN_MMIO_DATA : _RUN_MMIO_DATA + min(length, 8)], "little")
         result.mmio = {
-            "phys_addr": u(_RUN_MMIO_ADDR, 8),
-            "data": u(_RUN_MMIO_DATA, min(length, 8)),
+            "phys_addr": unpack("<Q", head, _RUN_MMIO_ADDR)[0],
+            "data": data,
             "len": length,
             "is_write": bool(head[_RUN_MMIO_WRITE]),
         }
@@ -2777,6 +2778,19 @@ def _read_cpuid(session: _Session) -> None:
 
     count = min(session.cpuid.nent, _MAX_CPUID_ENTRIES)
     raw = ctypes.string_at(ctypes.addressof(session.cpuid.entries), count * _CPUID_ENTRY_SIZE)
+    # KVM answers the same on every check: what it said is read once.
+    seen: dict[bytes, dict[str, bool]] = _cached("cpuid-features", dict)
+    known = seen.get(raw)
+    if known is None:
+        known = _cpuid_features(raw)
+        if len(seen) < 4:
+            seen[raw] = known
+    session.result.cpuid = dict(known)
+
+
+def _cpuid_features(raw: bytes) -> dict[str, bool]:
+    """Which CPUID_FEATURES the entries in ``raw`` (kvm_cpuid_entry2s) show."""
+    count = len(raw) // _CPUID_ENTRY_SIZE
     words = memoryview(raw).cast("I")  # each entry is ten 32-bit words
     wanted = _CPUID_LEAVES
     first: dict[int, int] = {}  # leaf: the word offset of its first entry at index 0
@@ -2790,7 +2804,7 @@ def _read_cpuid(session: _Session) -> None:
     for feature, (leaf, register, bit) in CPUID_FEATURES.items():
         at = first.get(leaf)
         found[feature] = at is not None and bool(words[at + _CPUID_REGISTERS[register]] >> bit & 1)
-    session.result.cpuid = found
+    return found
 
 
 # struct kvm_cpuid_entry2: function, index, flags, eax, ebx, ecx, edx, padding[3].

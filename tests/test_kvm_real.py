@@ -348,3 +348,7 @@ def test_the_cpuid_features_come_from_each_leafs_first_index_0_entry():
     cpuid.nent = 10**6  # more than the buffer holds: only the buffer is read
     b._read_cpuid(session)
     assert session.result.cpuid == {"cx16": True, "xsave": False, "arch_capabilities": True}
+    # The same answer from KVM is read once; each result is its own dict.
+    session.result.cpuid["cx16"] = False
+    b._read_cpuid(session)
+    assert session.result.cpuid == {"cx16": True, "xsave": False, "arch_capabilities": True}
