@@ -1644,8 +1644,10 @@ class _PythonBackend:
             try:
                 if fd_out >= 0:  # a descriptor: owned by the state at once
                     ret = self._owned(libc, state, fd, request, arg, fd_out)
-                else:
-                    ret = _ioctl(state.fds[fd], request, arg, libc=libc)
+                else:  # _ioctl, its call made here: most operations are these
+                    ret = int(libc.ioctl(state.fds[fd], request, arg))
+                    if ret < 0:
+                        ret = _ioctl_failed(libc, state.fds[fd], request, arg, True)
             except _SysError as err:
                 if flags & _OPF_SOFT:
                     if value_out >= 0:
@@ -1832,7 +1834,12 @@ def _ioctl(
     ret = int(libc.ioctl(fd, request, arg))
     if ret >= 0:
         return ret
-    import ctypes  # here: a call that worked needs nothing more
+    return _ioctl_failed(libc, fd, request, arg, retry)
+
+
+def _ioctl_failed(libc: ctypes.CDLL, fd: int, request: int, arg: int, retry: bool) -> int:
+    """After an ioctl answered -1: retry it as _ioctl says, or raise its errno."""
+    import ctypes
 
     err = ctypes.get_errno()
     if err == errno.EINTR and retry:
