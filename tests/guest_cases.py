@@ -523,6 +523,9 @@ asyncio.run(attempt())
 def box_cases() -> None:
     """The ground truth with the real engine: a BoxLite box starts here and
     runs echo, and the gate says usable; both with the same KVM."""
+    # Progress on the console: a host that stops from here on is seen to
+    # have run Python, and whether it stopped in the gate or in the box.
+    print("BOX-STEP the cases started; the gate runs", flush=True)
     try:
         with b.SystemCheck.run() as host:
             case("box-gate", True, host.describe())

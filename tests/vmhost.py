@@ -353,7 +353,9 @@ def boot(
         "-no-reboot",
         "-nographic",
         "-append",
-        "console=ttyS0 panic=-1 quiet loglevel=3",
+        # loglevel=4: the kernel's errors too (an RCU stall report is one),
+        # so that a host that stops says why on the console.
+        "console=ttyS0 panic=-1 quiet loglevel=4",
     ]
     return run_qemu(command, cpu, log, limit)
 
