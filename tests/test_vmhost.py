@@ -75,14 +75,26 @@ def test_a_host_that_stopped_before_its_cases_were_done_is_booted_once_more(
     assert boots.calls == 2
     said = capsys.readouterr().out
     assert "soft lockup" in said  # the first boot's evidence is shown
-    assert (tmp_path / "svm.log.first").read_text() == stopped
+    assert (tmp_path / "svm.log.1").read_text() == stopped
 
 
-def test_the_second_boot_must_pass_every_case(tmp_path: Path) -> None:
+def test_the_boot_after_a_stop_must_pass_every_case(tmp_path: Path) -> None:
     stopped = "CASE a PASS ok\n"
     boots = Boots(stopped, "CASE a FAIL broke\n" + DONE)
     assert vmhost.attempt(boots, "svm", ["a", "b"], tmp_path / "svm.log") == 2
     assert boots.calls == 2
+
+
+def test_a_host_that_keeps_stopping_is_booted_at_most_three_times(tmp_path: Path) -> None:
+    stopped = "CASE a PASS ok\n"
+    boots = Boots(*[stopped] * 3, "CASE a PASS ok\nCASE b PASS ok\n" + DONE)
+    assert vmhost.attempt(boots, "svm", ["a", "b"], tmp_path / "svm.log") == 1
+    assert boots.calls == vmhost.BOOTS_PER_HOST == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["svm.log", "svm.log.1", "svm.log.2"]
+    # Stopped twice, then a boot that ran to its end: that one counts.
+    boots = Boots(stopped, stopped, "CASE a PASS ok\nCASE b PASS ok\n" + DONE)
+    assert vmhost.attempt(boots, "svm", ["a", "b"], tmp_path / "again.log") == 0
+    assert boots.calls == 3
 
 
 def test_a_case_that_hung_in_a_host_that_ran_to_its_end_is_not_retried(
