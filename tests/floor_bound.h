@@ -1,7 +1,8 @@
 /* The bound both C floors arm around KVM_RUN, as the gate arms it: the
  * signal blocked in the thread and let through only inside KVM_RUN
  * (KVM_SET_SIGNAL_MASK), a one-shot timer aimed at this thread, deleted
- * after the run.  The including file defines die(const char *). */
+ * after the run, the run timed on the thread's CPU clock.  The including
+ * file defines die(const char *). */
 #ifndef FLOOR_BOUND_H
 #define FLOOR_BOUND_H
 
@@ -32,7 +33,11 @@ static void floor_bounded_run(int vcpu, long long timeout_ns)
     if (syscall(SYS_timer_create, CLOCK_MONOTONIC, &sev, &timer) < 0) die("timer_create");
     struct itimerspec when = {.it_value = {timeout_ns / 1000000000LL, timeout_ns % 1000000000LL}};
     if (syscall(SYS_timer_settime, timer, 0, &when, NULL) < 0) die("timer_settime");
+    /* Timed on the thread's CPU clock, as the gate times each run. */
+    struct timespec cpu[2];
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu[0]);
     if (ioctl(vcpu, KVM_RUN, 0) < 0) die("KVM_RUN");
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu[1]);
     if (syscall(SYS_timer_delete, timer) < 0) die("timer_delete");
     if (pthread_sigmask(SIG_SETMASK, &saved, NULL) != 0) die("pthread_sigmask");
 }

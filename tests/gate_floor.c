@@ -251,9 +251,13 @@ static void once(void)
         case GETREGS:
             if (ioctl(vcpu, KVM_GET_REGS, &regs) < 0) die("KVM_GET_REGS");
             break;
-        case HOSTLOOP:
+        case HOSTLOOP: {
+            struct timespec cpu[2]; /* timed as the gate times it */
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu[0]);
             host_loop((uint32_t)act->a);
+            clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu[1]);
             break;
+        }
         case VM:
             if (vcpu >= 0) { /* the guest's VM goes first, synchronously */
                 munmap(run, (size_t)size);
