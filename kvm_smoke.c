@@ -135,13 +135,30 @@ static int fail(struct kvmsmoke_result *out, int step, int err)
 static uint64_t clock_ns(clockid_t clock)
 {
     struct timespec ts;
-    clock_gettime(clock, &ts);
+    if (clock_gettime(clock, &ts) != 0)
+        return 0;  /* the caller chose a clock that answered (run_clock) */
     return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
 static uint64_t now_ns(void)
 {
     return clock_ns(CLOCK_MONOTONIC);
+}
+
+/* The clock a run is timed on, and its first reading: the thread's CPU
+ * time (guest time counts as the thread's), so that a task or a thread of
+ * ours that takes the CPU in the middle of the run, on a host with one
+ * CPU, is not charged to the guest.  Where that clock is refused (a
+ * seccomp policy can refuse it), CLOCK_MONOTONIC, read in the vDSO. */
+static clockid_t run_clock(uint64_t *start)
+{
+    struct timespec ts;
+    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) {
+        *start = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+        return CLOCK_THREAD_CPUTIME_ID;
+    }
+    *start = now_ns();
+    return CLOCK_MONOTONIC;
 }
 
 /* ioctl(2), for every request but KVM_RUN.  A call a signal interrupted is
@@ -271,7 +288,8 @@ static int run_bounded(int vcpu, struct kvmsmoke_state *st, uint64_t bound_ns,
     int theirs_classic = 0;
     struct watchdog w;
     pthread_t watcher;
-    uint64_t start;
+    uint64_t start, end;
+    clockid_t clock;
 
     *arming = 0;
     if (st->deadline_ns == 0)
@@ -341,10 +359,7 @@ static int run_bounded(int vcpu, struct kvmsmoke_state *st, uint64_t bound_ns,
             out->bound = BOUND_NONE;  /* the result still counts, unbounded */
         }
     }
-    /* A run's time is this thread's CPU time (guest time counts as the
-     * thread's): a task or a thread of ours that takes the CPU in the middle
-     * of the run, on a host with one CPU, is not charged to the guest. */
-    start = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+    clock = run_clock(&start);
     for (;;) {
         out->runs++;
         if (ioctl(vcpu, KVM_RUN, 0) == 0)
@@ -365,7 +380,8 @@ static int run_bounded(int vcpu, struct kvmsmoke_state *st, uint64_t bound_ns,
             break;
         }
     }
-    *elapsed = clock_ns(CLOCK_THREAD_CPUTIME_ID) - start;
+    end = clock_ns(clock);
+    *elapsed = end > start ? end - start : 0;
 out:
     if (armed)
         syscall(SYS_timer_delete, timer_id);

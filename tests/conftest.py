@@ -291,14 +291,16 @@ def fault_env():
 # seccomp_data is nr (0), arch (4), ip (8), args[6] (16 + 8 * i).
 SECCOMP_INSTALL = r"""
 import ctypes, struct
-def _install_seccomp(request, errno_value, arg=-1):
+# Refuse an ioctl (args[1] == request), or with nr and first another system
+# call whose argument at that offset is request (args[0] is at 16).
+def _install_seccomp(request, errno_value, arg=-1, nr=16, first=24):
     def stmt(code, k): return struct.pack("HBBI", code, 0, 0, k)
     def jeq(k, jt, jf): return struct.pack("HBBI", 0x15, jt, jf, k)
     deny = stmt(0x06, 0x00050000 | errno_value)   # SECCOMP_RET_ERRNO | errno
     allow = stmt(0x06, 0x7FFF0000)                # SECCOMP_RET_ALLOW
     body = [stmt(0x20, 4), jeq(0xC000003E, 0, 5 if arg < 0 else 7),  # AUDIT_ARCH_X86_64
-            stmt(0x20, 0), jeq(16, 0, 3 if arg < 0 else 5),          # __NR_ioctl
-            stmt(0x20, 24), jeq(request, 0, 1 if arg < 0 else 3)]    # args[1], low word
+            stmt(0x20, 0), jeq(nr, 0, 3 if arg < 0 else 5),          # the call (ioctl)
+            stmt(0x20, first), jeq(request, 0, 1 if arg < 0 else 3)] # its argument, low word
     if arg >= 0:
         body += [stmt(0x20, 32), jeq(arg, 0, 1)]                     # args[2], low word
     prog = b"".join(body + [deny, allow])

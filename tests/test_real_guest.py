@@ -447,6 +447,45 @@ def test_an_impossible_speed_is_never_a_pass(kvm_fd, mocker):
     assert result.speed.guest_ns == 3.2 and result.emulated is False
 
 
+CPU_CLOCK_REFUSED = (
+    SECCOMP_INSTALL
+    + r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+backends = ("native", "python")
+before = [b.smoke_test(fd, backend=k, guest="long-mode").emulated for k in backends]
+# clock_gettime (228) of CLOCK_THREAD_CPUTIME_ID (3) answers EPERM from now on.
+_install_seccomp(3, 1, nr=228, first=16)
+try:
+    time.thread_time_ns()
+    raise SystemExit("the filter let the CPU clock through")
+except PermissionError:
+    pass
+after = [b.smoke_test(fd, backend=k, guest="long-mode").speed for k in backends]
+print(json.dumps({"before": before, "after": [[s.ratio, s.emulated] for s in after]}))
+"""
+)
+
+
+@needs_root
+def test_a_refused_cpu_clock_times_the_runs_on_the_monotonic_one():
+    """A policy may refuse the thread's CPU clock: the runs are then timed
+    on CLOCK_MONOTONIC, and the speed verdict is the same as before."""
+    done = subprocess.run(
+        [SYSTEM_PYTHON, "-c", CPU_CLOCK_REFUSED, str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.splitlines()[-1])
+    for (ratio, emulated), was in zip(out["after"], out["before"]):
+        assert ratio is not None and ratio > b._IMPLAUSIBLE_RATIO
+        assert emulated == was
+
+
 CONTENDED = """
 import json, os, sys
 sys.path.insert(0, sys.argv[1])

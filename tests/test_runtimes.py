@@ -211,17 +211,16 @@ def test_a_services_device_policy_gets_deviceallow(env):
 
 # ── seccomp ─────────────────────────────────────────────────────────────────
 
-SECCOMP_OPEN = SECCOMP_INSTALL.replace("jeq(16, 0", "jeq(257, 0").replace(
-    "stmt(0x20, 24), jeq(request", "stmt(0x20, 32), jeq(request"
-)
-
 
 @needs("sh")
 def test_seccomp_eperm_on_open_is_seccomp_and_never_landlock(env, monkeypatch):
     # openat(..., O_RDWR | O_CLOEXEC) answers EPERM, as Docker's profile
     # answers what it refuses; reading /proc still works.
     extra = (
-        SECCOMP_OPEN + "\n_install_seccomp(os.O_RDWR | os.O_CLOEXEC, errno.EPERM)\nVMM = vmm()\n"
+        SECCOMP_INSTALL
+        # openat (257), its flags (args[2], at 32)
+        + "\n_install_seccomp(os.O_RDWR | os.O_CLOEXEC, errno.EPERM, nr=257, first=32)"
+        + "\nVMM = vmm()\n"
     )
     script = SCRIPT.replace("VMM = vmm()\n", extra, 1)
     monkeypatch.setattr(env, "argv", lambda: [SYSTEM_PYTHON, "-c", script, str(env.app)])
