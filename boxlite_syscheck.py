@@ -2480,7 +2480,6 @@ def _run_clock() -> tuple[Callable[[], int], int]:
 
 def _host_ns_per_iteration(iterations: int) -> tuple[float | None, str]:
     """Time the speed loop on the host CPU: (ns per iteration or None, why not)."""
-
     try:
         loop = _host_loop()
     except OSError as err:
