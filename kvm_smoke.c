@@ -132,31 +132,32 @@ static int fail(struct kvmsmoke_result *out, int step, int err)
     return -1;
 }
 
-static uint64_t clock_ns(clockid_t clock)
+/* One clock's reading in ns; -1 when the clock is refused. */
+static int read_ns(clockid_t clock, uint64_t *ns)
 {
     struct timespec ts;
     if (clock_gettime(clock, &ts) != 0)
-        return 0;  /* the caller chose a clock that answered (run_clock) */
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+        return -1;
+    *ns = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    return 0;
 }
 
 static uint64_t now_ns(void)
 {
-    return clock_ns(CLOCK_MONOTONIC);
+    uint64_t ns = 0;
+    read_ns(CLOCK_MONOTONIC, &ns);  /* read in the vDSO: it does not fail */
+    return ns;
 }
 
 /* The clock a run is timed on, and its first reading: the thread's CPU
  * time (guest time counts as the thread's), so that a task or a thread of
  * ours that takes the CPU in the middle of the run, on a host with one
  * CPU, is not charged to the guest.  Where that clock is refused (a
- * seccomp policy can refuse it), CLOCK_MONOTONIC, read in the vDSO. */
+ * seccomp policy can refuse it), CLOCK_MONOTONIC. */
 static clockid_t run_clock(uint64_t *start)
 {
-    struct timespec ts;
-    if (clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts) == 0) {
-        *start = (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+    if (read_ns(CLOCK_THREAD_CPUTIME_ID, start) == 0)
         return CLOCK_THREAD_CPUTIME_ID;
-    }
     *start = now_ns();
     return CLOCK_MONOTONIC;
 }
@@ -380,7 +381,8 @@ static int run_bounded(int vcpu, struct kvmsmoke_state *st, uint64_t bound_ns,
             break;
         }
     }
-    end = clock_ns(clock);
+    end = start;
+    read_ns(clock, &end);  /* it answered run_clock */
     *elapsed = end > start ? end - start : 0;
 out:
     if (armed)
