@@ -2541,12 +2541,25 @@ class _Kit:
         anchor = ctypes.c_char.from_buffer(self.mem)
         self.mem_addr = ctypes.addressof(anchor)
         del anchor  # the mapping stays; the export must go before close()
-        self.image, self.used = guest.image, False
+        # What reset() copies in, as buffer copies rather than foreign calls
+        # (each of those is a libffi round trip): the image, a blank state
+        # and outcome.  A kept kit's image spans its whole memory, zeros
+        # after the code, so the copy also wipes what the last guest wrote.
+        self.page = guest.image.ljust(guest.mem_size, b"\0") if guest.pooled else guest.image
+        self.used = False
         abi = _abi()
         self.pooled = guest.pooled
         self.state, self.out = abi.State(), abi.Outcome()
+        self.state.fds[:] = [-1] * _FD_SLOTS
+        self.blank_state, self.blank_out = bytes(self.state), bytes(self.out)
+        self.state_bytes = memoryview(self.state).cast("B")
+        self.out_bytes = memoryview(self.out).cast("B")
         self.region = abi.KvmUserspaceMemoryRegion(
-            slot=0, flags=0, guest_phys_addr=guest.base, memory_size=guest.mem_size
+            slot=0,
+            flags=0,
+            guest_phys_addr=guest.base,
+            memory_size=guest.mem_size,
+            userspace_addr=self.mem_addr,
         )
         self.sregs = abi.KvmSregs()
         self.regs = abi.KvmRegs()  # what KVM_GET_REGS reads back
@@ -2586,14 +2599,13 @@ class _Kit:
         holding the guest's image, the buffers as the plans expect them."""
         import ctypes
 
-        if self.used:  # a fresh mapping is zeros already
+        if self.used and len(self.page) < len(self.mem):  # a fresh mapping is zeros
             ctypes.memset(self.mem_addr, 0, len(self.mem))
-        self.mem[: len(self.image)] = self.image
+        self.mem[: len(self.page)] = self.page
         self.used = True
-        for struct in (self.state, self.out):
-            ctypes.memset(ctypes.addressof(struct), 0, ctypes.sizeof(struct))
-        self.state.fds[:] = [fd, -1, -1, -1]
-        self.region.userspace_addr = self.mem_addr
+        self.state_bytes[:] = self.blank_state
+        self.out_bytes[:] = self.blank_out
+        self.state.fds[0] = fd
         if self.cpuid is not None:  # the counts KVM shrinks to what it filled
             self.cpuid.nent = _MAX_CPUID_ENTRIES
             self.msr_list.nmsrs = self.feature_list.nmsrs = _MAX_MSR_INDICES
