@@ -196,7 +196,7 @@ def per_ioctl_rows() -> list[tuple[str, ...]]:
 
 
 COLD = """
-import time
+import sys, time
 t0 = time.perf_counter_ns()
 import boxlite_syscheck as b
 t1 = time.perf_counter_ns()
@@ -205,12 +205,13 @@ t2 = time.perf_counter_ns()
 b._abi()
 t3 = time.perf_counter_ns()
 b._load_native()
+before = set(sys.modules)
 t4 = time.perf_counter_ns()
 b.SystemCheck.run(engine=None).close()
 t5 = time.perf_counter_ns()
 b.SystemCheck.run(engine=None).close()
 t6 = time.perf_counter_ns()
-print(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5)
+print(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, ",".join(sorted(set(sys.modules) - before)))
 """
 
 FIRST = """
@@ -230,6 +231,7 @@ def cold_rows(python: str, n: int) -> list[tuple[str, ...]]:
     (site included, bytecode cached, as users run it)."""
     subprocess.run([python, "-m", "py_compile", str(ROOT / "boxlite_syscheck.py")], check=True)
     pieces: list[list[float]] = [[] for _ in range(6)]
+    first_imports = ""
     # With site, as this interpreter starts; with -S, a lean start such as
     # Debian's python3, whose site loads none of the modules a check uses
     # (this host's site loads certifi, threading, functools and more).
@@ -240,7 +242,8 @@ def cold_rows(python: str, n: int) -> list[tuple[str, ...]]:
         done = subprocess.run(
             [python, "-c", COLD], cwd=ROOT, capture_output=True, text=True, check=True
         )
-        for piece, value in zip(pieces, done.stdout.split()):
+        *values, first_imports = done.stdout.split()
+        for piece, value in zip(pieces, values):
             piece.append(float(value))
         for (flags, args), got in firsts.items():
             done = subprocess.run(
@@ -262,7 +265,10 @@ def cold_rows(python: str, n: int) -> list[tuple[str, ...]]:
     rows = []
     for name, samples in zip(names, pieces):
         med, lo, hi = summary(samples)
-        rows.append((name, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", "fresh interpreter"))
+        note = "fresh interpreter"
+        if name.startswith("cold: first"):
+            note += f"; it imports {first_imports.replace(',', ', ')}"
+        rows.append((name, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", note))
     for (flags, args), samples in firsts.items():
         med, lo, hi = summary(samples)
         what = f"first SystemCheck.run({args}), fresh process" + (
