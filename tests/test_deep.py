@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PVM_HOST, ROOT, boxlite_kernel, needs_kvm
+from conftest import PVM_HOST, ROOT, SECCOMP_INSTALL, boxlite_kernel, needs_kvm
 
 import boxlite_syscheck as b
 
@@ -216,6 +216,153 @@ def test_the_ports_answer_as_the_kernel_needs():
     assert ports.read(0x3D5, 1) == b"\x07"
     ports.write(0x3F8, b"hi")
     assert bytes(ports.uart) == b"hi"
+
+
+def ring_with(first: int, writes: list[tuple[int, bytes]]) -> ctypes.Array:
+    """A struct kvm_coalesced_mmio_ring page holding ``writes`` from slot
+    ``first`` on, wrapping past its last slot as KVM's does."""
+    page = ctypes.create_string_buffer(b._RING_PAGE)
+    at = first
+    for port, data in writes:
+        entry = port.to_bytes(8, "little") + len(data).to_bytes(4, "little")
+        entry += (1).to_bytes(4, "little") + data.ljust(8, b"\0")
+        offset = ctypes.addressof(page) + b._RING_HEAD + at * b._RING_ENTRY
+        ctypes.memmove(offset, entry, len(entry))
+        at = (at + 1) % b._RING_ENTRIES
+    head = first.to_bytes(4, "little") + at.to_bytes(4, "little")
+    ctypes.memmove(page, head, len(head))
+    return page
+
+
+def test_the_writes_kvm_kept_are_applied_oldest_first_and_the_ring_emptied():
+    # Seven writes from two slots before the ring's end: they wrap to its start.
+    first = b._RING_ENTRIES - 2
+    writes = [(0x3D4, b"\x0e"), (0x3D5, b"\x01"), (0x3D4, b"\x0f\x90")]
+    writes += [(0x3C8, b"\x00"), (0x3C9, b"\x2a"), (0x3D4, b"\x0f\x9a"), (0x3D4, b"\x0c")]
+    page = ring_with(first, writes)
+    ports, result = b._BootPorts(), b.BootResult("native")
+    b._drain_ring(ctypes.addressof(page), ports, result)
+    # The later write to the cursor's low byte wins, and the index written
+    # last is the one a read of 0x3d5 would now see.
+    assert (ports.crtc[0x0E], ports.crtc[0x0F], ports.crtc_index) == (0x01, 0x9A, 0x0C)
+    assert result.ports == {0x3D4: 4, 0x3D5: 1, 0x3C8: 1, 0x3C9: 1} and result.coalesced == 7
+    head = bytes(page[: b._RING_HEAD])
+    assert head[:4] == head[4:8] == (5).to_bytes(4, "little"), "first caught up with last"
+    b._drain_ring(ctypes.addressof(page), ports, result)  # an empty ring changes nothing
+    assert result.coalesced == 7
+
+
+def vga_text(row: int, line: str) -> bytes:
+    """Code writing ``line`` on VGA text row ``row``, rdi holding 0xb8000."""
+    cells = b"".join(bytes([ord(c), 0x07]) for c in line.ljust(len(line) + len(line) % 2))
+    out = b""
+    for i in range(0, len(cells), 4):  # mov dword [rdi + disp32], imm32
+        out += b"\xc7\x87" + (row * 160 + i).to_bytes(4, "little") + cells[i : i + 4]
+    return out
+
+
+def crtc_kernel(where: Path, writes: int) -> tuple[Path, int]:
+    """A kernel that moves the VGA cursor ``writes`` times with outw to
+    0x3d4, then to row 5, reads the cursor's high byte back through 0x3d5,
+    and writes a decoy on row 10 (the buffer's last written row) and, on
+    row 5, "LAST LINE MARK" if the read gave what it wrote (else "READ BACK
+    WRONG"), then stops with ud2 (no IDT: a triple fault).  Its port
+    accesses, for the counts: the writes, two more outw, one outb, one inb."""
+    text = vga_text
+    cursor = 80 * 5 + 10
+    code = b"\x66\xba\xd4\x03" + b"\xb9" + writes.to_bytes(4, "little")  # mov dx, 0x3d4; mov ecx
+    code += b"\x88\xcc\xb0\x0f\x66\xef\xe2\xf8"  # 1: mov ah, cl; mov al, 0xf; out dx, ax; loop 1b
+    code += b"\x66\xb8\x0e" + bytes([cursor >> 8]) + b"\x66\xef"  # the cursor's high byte
+    code += b"\x66\xb8\x0f" + bytes([cursor & 0xFF]) + b"\x66\xef"  # and its low byte
+    code += b"\xb0\x0e\xee" + b"\x66\xba\xd5\x03\xec"  # index 0xe alone; mov dx, 0x3d5; in al, dx
+    code += b"\x48\xc7\xc7\x00\x80\x0b\x00" + text(10, "DECOY ROW")  # mov rdi, 0xb8000
+    good, bad = text(5, "LAST LINE MARK"), text(5, "READ BACK WRONG")
+    code += b"\x3c" + bytes([cursor >> 8]) + b"\x75" + bytes([len(good) + 2])  # cmp al; jne bad
+    code += good + b"\xeb" + bytes([len(bad)]) + bad + b"\x0f\x0b"  # jmp over bad; ud2
+    entry = b._START_KERNEL_MAP + 0x1000000
+    return elf_vmlinux(where, [(0x1000000, code, len(code))], entry=entry), writes + 4
+
+
+@needs_kvm
+@pytest.mark.parametrize("coalesced", [True, False], ids=["coalesced", "kvm-says-no"])
+@pytest.mark.parametrize("backend", ["native", "python"])
+def test_the_consoles_port_writes_stay_in_kvm_and_reach_the_ports_in_order(
+    backend, coalesced, tmp_path, monkeypatch
+):
+    if not coalesced:  # a capability KVM does not know: it answers 0
+        monkeypatch.setattr(b, "_KVM_CAP_COALESCED_PIO", 0x7FFF)
+    path, accesses = crtc_kernel(tmp_path / "vmlinux", 500)
+    kernel = b.open_kernel(str(path))
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        result = b.deep_boot(fd, kernel, timeout=60, backend=backend)
+    finally:
+        os.close(fd)
+        kernel.close()
+    assert result.outcome == b.BOOT_RESET and result.instruction == "ud2", result.as_dict()
+    # The cursor the ports hold names row 5, and the read saw the index
+    # the kernel wrote just before it, so every write came, in order.
+    assert result.console == "LAST LINE MARK", result.as_dict()
+    assert sum(result.ports.values()) == accesses and result.ports[0x3D5] == 1
+    io_exits = result.exits["IO"]
+    if coalesced:
+        assert result.coalescing == "on"
+        # An exit only where the ring was full, and for the one read.
+        assert io_exits <= accesses // (b._RING_ENTRIES - 1) + 1, result.as_dict()
+        assert result.coalesced == accesses - io_exits
+    else:
+        assert result.coalescing == "off: KVM_CAP_COALESCED_PIO is 0"
+        assert (io_exits, result.coalesced) == (accesses, 0)
+
+
+COALESCING_REFUSED = (
+    SECCOMP_INSTALL
+    + r"""
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+_install_seccomp(b.KVM_REGISTER_COALESCED_MMIO, 1)  # EPERM, as a policy might answer
+kernel = b.open_kernel(sys.argv[2])
+fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+result = b.deep_boot(fd, kernel, timeout=60)
+print(json.dumps(result.as_dict()))
+"""
+)
+
+
+@needs_kvm
+def test_a_refused_registration_boots_with_every_write_exiting(tmp_path, run_json):
+    path, accesses = crtc_kernel(tmp_path / "vmlinux", 300)
+    out = run_json(COALESCING_REFUSED, str(path), timeout=60)
+    said = "off: KVM_REGISTER_COALESCED_MMIO 0x3d4 answered EPERM (Operation not permitted)"
+    assert out["coalescing"] == said, out
+    assert out["console"] == "LAST LINE MARK" and out["coalesced_writes"] == 0, out
+    assert out["exits"] == {"IO": accesses, "SHUTDOWN": 1}, out
+
+
+@needs_kvm
+def test_the_console_is_read_while_the_kernel_runs_without_exits(tmp_path):
+    # "Linux version" on the screen, then 1.5 billion TSC cycles (about
+    # 0.5-0.8 s) of a loop that makes no exit at all, then a triple fault.
+    code = b"\x48\xc7\xc7\x00\x80\x0b\x00" + vga_text(0, "Linux version 6.1.0-test")
+    tsc = b"\x0f\x31\x48\xc1\xe2\x20\x48\x09\xd0"  # rdtsc; shl rdx, 32; or rax, rdx
+    code += tsc + b"\x48\x89\xc3"  # mov rbx, rax
+    spin = tsc + b"\x48\x29\xd8" + b"\x48\x3d" + (1_500_000_000).to_bytes(4, "little")
+    code += spin + b"\x72" + bytes([256 - len(spin) - 2]) + b"\x0f\x0b"  # jb 1b; ud2
+    entry = b._START_KERNEL_MAP + 0x1000000
+    path = elf_vmlinux(tmp_path / "vmlinux", [(0x1000000, code, len(code))], entry=entry)
+    kernel = b.open_kernel(str(path))
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        result = b.deep_boot(fd, kernel, timeout=60)
+    finally:
+        os.close(fd)
+        kernel.close()
+    milestones = result.milestones
+    assert result.outcome == b.BOOT_RESET and "version" in milestones, result.as_dict()
+    # Seen within a slice of the boot's runs, not when the kernel next exited.
+    assert milestones["reset"] - milestones["version"] >= 0.25, milestones
+    assert result.exits == {"SHUTDOWN": 1}, result.exits
 
 
 def vga_with(lines: list[str]) -> ctypes.Array:
