@@ -471,7 +471,8 @@ EMULATION_RATIO = 50.0
 # hardware speed: it is measured again, and never counted as a pass.
 _IMPLAUSIBLE_RATIO = 0.1
 # Loop sizes: a longer run only when the shorter one's loop time is still
-# within the noise of KVM_RUN's entry and exit.
+# within the noise of KVM_RUN's entry and exit.  Each sample after the first
+# doubles its short run (_measure_speed).
 _SPEED_SHORT = 1024
 _SPEED_LONG = 1 << 17
 _SPEED_SLOW_NS = 200_000  # loop time that already measures well
@@ -2900,11 +2901,14 @@ def _measure_speed(session: _Session) -> bool:
     short one already does, so the probe stays within a few milliseconds.
 
     Noise only ever adds time, and a stall inside the short run (the host
-    of an emulated KVM descheduling it, an interrupt handled in the middle)
-    is divided by its 1,023 iterations, not by the long run's 131,071: one
-    stalled sample can look emulated.  So "emulated" needs two samples that
-    agree (within _SPEED_AGREE of each other), the faster kept: a host that
-    emulates is slow every time by the same amount, stalls are not.  Any
+    of an emulated KVM descheduling it, an interrupt that costs the run one
+    more exit and entry) is divided by its 1,023 iterations, not by the long
+    run's 131,071: one stalled sample can look emulated.  So "emulated"
+    needs two samples that agree (within _SPEED_AGREE of each other), the
+    faster kept, and each sample's short run has twice the iterations of
+    the one before: emulation costs the same per iteration at any length,
+    while a stall, a fixed time, is spread over twice as many (two stalls
+    of one size agree with each other; at two lengths they do not).  Any
     sample under the threshold passes at once; after _SPEED_TRIES samples
     the fastest one decides.  It starts from the warm-up run (_warm_up),
     which faulted the pages in.
@@ -2917,8 +2921,8 @@ def _measure_speed(session: _Session) -> bool:
     host_ns, note = _host_ns_per_iteration(1 << 16)
     samples: list[tuple[float, int]] = []
     implausible: tuple[float, int] | None = None
-    for _ in range(_SPEED_TRIES):
-        measured = _guest_slope(session)
+    for attempt in range(_SPEED_TRIES):
+        measured = _guest_slope(session, _SPEED_SHORT << attempt)
         if measured is None:
             return False
         if host_ns is None:
@@ -2955,7 +2959,6 @@ def _warm_up(session: _Session, plan: _Plan) -> _Plan:
 
 
 # The speed probe's runs of the guest loop: (value slot of the time, iterations).
-_SLOPE_SHORT = ((_V_T_BASE, 1), (_V_T_BASE2, 1), (_V_T_SHORT, _SPEED_SHORT))
 _SLOPE_LONG = ((_V_T_LONG, _SPEED_LONG), (_V_T_LONG2, _SPEED_LONG))
 
 
@@ -2967,16 +2970,20 @@ def _runs(session: _Session, runs: tuple[tuple[int, int], ...]) -> _Plan:
     return plan
 
 
-def _guest_slope(session: _Session) -> tuple[float, int] | None:
-    """(ns per loop iteration, iterations of the longer run), or None on failure."""
+def _guest_slope(session: _Session, short: int) -> tuple[float, int] | None:
+    """(ns per loop iteration, iterations of the longer run), or None on
+    failure: two 1-iteration runs, one of ``short`` iterations, and two long
+    ones when that one's loop time is still within the noise."""
     values = session.out.values
     for slot in (_V_T_BASE, _V_T_BASE2, _V_T_SHORT, _V_T_LONG, _V_T_LONG2):
         values[slot] = 0  # run times add up across resumed runs
-    # Noise only ever adds time: the minimum of two runs of each size.
-    if not session.execute(lambda: _runs(session, _SLOPE_SHORT), session.key("short")):
+    # Noise only ever adds time: the minimum of two runs where the short
+    # one's size alone decides (see _measure_speed).
+    runs = ((_V_T_BASE, 1), (_V_T_BASE2, 1), (_V_T_SHORT, short))
+    if not session.execute(lambda: _runs(session, runs), session.key("short", short)):
         return None
     base = min(int(values[_V_T_BASE]), int(values[_V_T_BASE2]))
-    extra, iterations = int(values[_V_T_SHORT]) - base, _SPEED_SHORT
+    extra, iterations = int(values[_V_T_SHORT]) - base, short
     if extra < _SPEED_SLOW_NS:  # not yet above the noise of entry and exit
         if not session.execute(lambda: _runs(session, _SLOPE_LONG), session.key("long")):
             return None
@@ -6110,7 +6117,7 @@ def _drain_ring(ring: int, ports: _BootPorts, result: BootResult) -> None:
     import struct
 
     first, last = struct.unpack("<II", ctypes.string_at(ring, _RING_HEAD))
-    if first == last or max(first, last) >= _RING_ENTRIES:
+    if first == last or max(first, last) >= _RING_ENTRIES:  # empty (KVM writes no other)
         return
     page = ctypes.string_at(ring, _RING_PAGE)
     counts = result.ports

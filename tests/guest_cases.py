@@ -13,6 +13,7 @@ import platform
 import subprocess
 import sys
 import time
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -468,7 +469,16 @@ def speed_under_load(runs: int = 100) -> None:
         for _ in range(os.cpu_count() or 1)
     ]
     verdicts: dict[str, int] = {}
+    # How many speed samples each gate took: more than one where the first
+    # looked emulated (a stall), which the later, longer runs must undo.
+    slope, taken = b._guest_slope, [0]
+
+    def counted(session: Any, short: int) -> Any:
+        taken[-1] += 1
+        return slope(session, short)
+
     start = time.monotonic()
+    b._guest_slope = counted
     try:
         time.sleep(0.2)
         for _ in range(runs):
@@ -478,16 +488,19 @@ def speed_under_load(runs: int = 100) -> None:
             except b.BoxliteError as err:
                 said = err.cause
             verdicts[said] = verdicts.get(said, 0) + 1
+            taken.append(0)
     finally:
+        b._guest_slope = slope
         for loop in loops:
             loop.kill()
             loop.wait()
     emulated = sum(n for cause, n in verdicts.items() if cause.startswith("guest-emulated"))
+    per_gate = {n: taken[:-1].count(n) for n in sorted(set(taken[:-1]))}
     case(
         "speed-under-load",
         verdicts == {"usable": runs},
         f"{runs} gates beside {len(loops)} busy loop(s) in {time.monotonic() - start:.1f} s: "
-        f"{verdicts}; {emulated} called emulated",
+        f"{verdicts}; {emulated} called emulated; speed samples per gate {per_gate}",
     )
 
 

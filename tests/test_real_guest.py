@@ -429,6 +429,35 @@ def test_a_slow_host_stays_slow_when_measured_again(kvm_fd, mocker):
 
 
 @needs_kvm
+@pytest.mark.parametrize("backend", ["native", "python"])
+def test_a_stall_in_each_short_run_is_not_taken_for_emulation(kvm_fd, mocker, backend):
+    """The nested host's failure: an interrupt costs a short run one more
+    exit and entry, a fixed time, in two samples running.  Here the real
+    runs are made, the host loop is said to be as slow as this host's
+    emulated guest (so the guest alone would pass), and each short run gets
+    the same stall added: enough to make 1,023 iterations look 60 times the
+    host's.  Emulation would cost the same per iteration in the second
+    sample's twice longer run; the stall does not, so the host passes."""
+    guest_ns = b.smoke_test(kvm_fd, guest="long-mode", backend=backend).speed.guest_ns
+    host_ns = guest_ns / 0.8  # the guest loop alone: 0.8x the host's
+    stall = int(60 * host_ns * (b._SPEED_SHORT - 1))
+    mocker.patch.object(b, "_host_ns_per_iteration", return_value=(host_ns, ""))
+    execute, shorts = b._Session.execute, []
+
+    def stalled(session, plan, key=None):
+        ran = execute(session, plan, key)
+        if key is not None and key[0] == "short":
+            shorts.append(key[-1])
+            session.out.values[b._V_T_SHORT] += stall
+        return ran
+
+    mocker.patch.object(b._Session, "execute", stalled)
+    result = b.smoke_test(kvm_fd, guest="long-mode", backend=backend)
+    assert shorts[:2] == [b._SPEED_SHORT, 2 * b._SPEED_SHORT], shorts
+    assert result.emulated is False and result.speed.ratio < b.EMULATION_RATIO, result.speed
+
+
+@needs_kvm
 def test_samples_that_never_agree_stop_after_the_last_try(kvm_fd, mocker):
     """However noisy the host, the probe stops: the fastest of its samples decides."""
     spread = [(100.0 * 3**k, 1024) for k in range(b._SPEED_TRIES)]
@@ -492,13 +521,14 @@ sys.path.insert(0, sys.argv[1])
 os.sched_setaffinity(0, {int(sys.argv[2])})
 os.nice(int(sys.argv[3]))
 import boxlite_syscheck as b
-# Runs long enough that the busy loop's turns fall inside them: the short
-# run of the guest loop is made 40,000 iterations (about 0.1 s here, where
-# the guest's kernel code is emulated), the host loop 2**27.
+# Runs long enough that the busy loop's turns fall inside them: the first
+# short run of the guest loop is made 40,000 iterations (about 0.1 s here,
+# where the guest's kernel code is emulated; the second sample's twice
+# that), the host loop 2**27.  With a tenth of the CPU the second one takes
+# about 2 s of wall time: the bound is 20 s.
 b._SPEED_SHORT = 40_000
-b._SLOPE_SHORT = ((b._V_T_BASE, 1), (b._V_T_BASE2, 1), (b._V_T_SHORT, b._SPEED_SHORT))
 fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-speed = b.smoke_test(fd, backend=sys.argv[4], guest="long-mode").speed
+speed = b.smoke_test(fd, backend=sys.argv[4], guest="long-mode", timeout=20).speed
 print(json.dumps([speed.guest_ns, b._host_ns_per_iteration(1 << 27)[0]]))
 """
 
