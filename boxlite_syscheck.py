@@ -1497,7 +1497,7 @@ _KVM, _VM, _VCPU = 0, 1, 2  # descriptor slots
 # Value slots.
 _V_API, _V_RUN_SIZE, _V_CPUID, _V_BOOT_MSRS, _V_MSR_LIST, _V_FEATURE_LIST = range(6)
 _V_ARCH_GET, _V_ARCH_SET, _V_T_WARM, _V_T_BASE, _V_T_SHORT, _V_T_LONG = range(6, 12)
-_V_T_GUEST, _V_T_BASE2, _V_T_LONG2 = range(12, 15)
+_V_T_GUEST, _V_T_BASE2, _V_T_LONG2, _V_T_SHORT2 = range(12, 16)
 
 
 class _Plan:
@@ -2908,10 +2908,12 @@ def _measure_speed(session: _Session) -> bool:
     faster kept, and each sample's short run has twice the iterations of
     the one before: emulation costs the same per iteration at any length,
     while a stall, a fixed time, is spread over twice as many (two stalls
-    of one size agree with each other; at two lengths they do not).  Any
-    sample under the threshold passes at once; after _SPEED_TRIES samples
-    the fastest one decides.  It starts from the warm-up run (_warm_up),
-    which faulted the pages in.
+    of one size agree with each other; at two lengths they do not).  After
+    a slow sample the short run is made twice and the faster counts, as
+    the other runs are: one stall twice the size of the first can no
+    longer agree with it.  Any sample under the threshold passes at once;
+    after _SPEED_TRIES samples the fastest one decides.  It starts from
+    the warm-up run (_warm_up), which faulted the pages in.
     """
     result = session.result
     _decode_run(result, bytes(session.out.run_head))  # the warm-up run, just made
@@ -2922,7 +2924,7 @@ def _measure_speed(session: _Session) -> bool:
     samples: list[tuple[float, int]] = []
     implausible: tuple[float, int] | None = None
     for attempt in range(_SPEED_TRIES):
-        measured = _guest_slope(session, _SPEED_SHORT << attempt)
+        measured = _guest_slope(session, _SPEED_SHORT << attempt, twice=attempt > 0)
         if measured is None:
             return False
         if host_ns is None:
@@ -2970,20 +2972,25 @@ def _runs(session: _Session, runs: tuple[tuple[int, int], ...]) -> _Plan:
     return plan
 
 
-def _guest_slope(session: _Session, short: int) -> tuple[float, int] | None:
+def _guest_slope(session: _Session, short: int, twice: bool = False) -> tuple[float, int] | None:
     """(ns per loop iteration, iterations of the longer run), or None on
-    failure: two 1-iteration runs, one of ``short`` iterations, and two long
-    ones when that one's loop time is still within the noise."""
+    failure: two 1-iteration runs, one of ``short`` iterations (two with
+    ``twice``), and two long ones when that loop time is still within the
+    noise."""
     values = session.out.values
-    for slot in (_V_T_BASE, _V_T_BASE2, _V_T_SHORT, _V_T_LONG, _V_T_LONG2):
+    for slot in (_V_T_BASE, _V_T_BASE2, _V_T_SHORT, _V_T_SHORT2, _V_T_LONG, _V_T_LONG2):
         values[slot] = 0  # run times add up across resumed runs
-    # Noise only ever adds time: the minimum of two runs where the short
-    # one's size alone decides (see _measure_speed).
-    runs = ((_V_T_BASE, 1), (_V_T_BASE2, 1), (_V_T_SHORT, short))
-    if not session.execute(lambda: _runs(session, runs), session.key("short", short)):
+    # Noise only ever adds time: the minimum of two runs of each size (of
+    # the short one after a slow sample, see _measure_speed).
+    runs: tuple[tuple[int, int], ...] = ((_V_T_BASE, 1), (_V_T_BASE2, 1), (_V_T_SHORT, short))
+    runs += ((_V_T_SHORT2, short),) if twice else ()
+    if not session.execute(lambda: _runs(session, runs), session.key("short", short, twice)):
         return None
     base = min(int(values[_V_T_BASE]), int(values[_V_T_BASE2]))
-    extra, iterations = int(values[_V_T_SHORT]) - base, short
+    short_ns = int(values[_V_T_SHORT])
+    if twice:
+        short_ns = min(short_ns, int(values[_V_T_SHORT2]))
+    extra, iterations = short_ns - base, short
     if extra < _SPEED_SLOW_NS:  # not yet above the noise of entry and exit
         if not session.execute(lambda: _runs(session, _SLOPE_LONG), session.key("long")):
             return None

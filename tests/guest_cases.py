@@ -473,9 +473,9 @@ def speed_under_load(runs: int = 100) -> None:
     # looked emulated (a stall), which the later, longer runs must undo.
     slope, taken = b._guest_slope, [0]
 
-    def counted(session: Any, short: int) -> Any:
+    def counted(*args: Any, **kwargs: Any) -> Any:
         taken[-1] += 1
-        return slope(session, short)
+        return slope(*args, **kwargs)
 
     start = time.monotonic()
     b._guest_slope = counted
