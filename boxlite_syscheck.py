@@ -180,7 +180,7 @@ ARM64_REG_X0 = 0x6030000000100000
 ARM64_REG_PC = 0x6030000000100040
 
 #: KVM_CAP_* numbers by name (include/uapi/linux/kvm.h), for the
-#: capabilities the engines ask about.
+#: capabilities the engines ask about and the deep boot's coalesced ring.
 KVM_CAPS = {
     name: int(number)
     for name, number in (
@@ -194,7 +194,7 @@ KVM_CAPS = {
             "GET_TSC_KHZ=61 MAX_VCPUS=66 ONE_REG=70 TSC_DEADLINE_TIMER=72 SIGNAL_MSI=77 "
             "DEVICE_CTRL=89 ARM_PSCI_0_2=102 SPLIT_IRQCHIP=121 IOEVENTFD_ANY_LENGTH=122 "
             "X2APIC_API=129 IMMEDIATE_EXIT=136 ARM_VM_IPA_SIZE=165 XSAVE2=208 "
-            "COUNTER_OFFSET=227"
+            "COUNTER_OFFSET=227 COALESCED_MMIO=15 COALESCED_PIO=162"
         ).split()
     )
 }
@@ -2547,8 +2547,8 @@ class _Kit:
         # (each of those is a libffi round trip): the image, a blank state
         # and outcome.  A kept kit's image spans its whole memory, zeros
         # after the code, so the copy also wipes what the last guest wrote.
+        # A kit that is not kept is reset once, on its fresh mapping (zeros).
         self.page = guest.image.ljust(guest.mem_size, b"\0") if guest.pooled else guest.image
-        self.used = False
         abi = _abi()
         self.pooled = guest.pooled
         self.state, self.out = abi.State(), abi.Outcome()
@@ -2601,10 +2601,7 @@ class _Kit:
         holding the guest's image, the buffers as the plans expect them."""
         import ctypes
 
-        if self.used and len(self.page) < len(self.mem):  # a fresh mapping is zeros
-            ctypes.memset(self.mem_addr, 0, len(self.mem))
         self.mem[: len(self.page)] = self.page
-        self.used = True
         self.state_bytes[:] = self.blank_state
         self.out_bytes[:] = self.blank_out
         self.state.fds[0] = fd
@@ -6076,7 +6073,6 @@ class _BootPorts:
 #: and scrolling write about 5,300 times in a libkrunfw boot, and the
 #: attribute and palette registers.  (port, count) zones.
 _BOOT_COALESCED_PORTS = ((0x3D4, 2), (0x3C0, 10))
-_KVM_CAP_COALESCED_MMIO, _KVM_CAP_COALESCED_PIO = 15, 162
 #: struct kvm_coalesced_mmio_ring: first, last, then entries of
 #: struct kvm_coalesced_mmio (phys_addr, len, pio, data[8]) filling its page.
 _RING_HEAD, _RING_ENTRY, _RING_PAGE = 8, 24, 4096
@@ -6097,9 +6093,9 @@ def _coalesce_console(session: _Session) -> tuple[int, str]:
     state = session.state
     kvm, vm = int(state.fds[_KVM]), int(state.fds[_VM])
     try:
-        if _ioctl(kvm, KVM_CHECK_EXTENSION, _KVM_CAP_COALESCED_PIO) <= 0:
+        if _ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAPS["COALESCED_PIO"]) <= 0:
             return 0, "off: KVM_CAP_COALESCED_PIO is 0"
-        page = _ioctl(kvm, KVM_CHECK_EXTENSION, _KVM_CAP_COALESCED_MMIO)
+        page = _ioctl(kvm, KVM_CHECK_EXTENSION, KVM_CAPS["COALESCED_MMIO"])
     except _SysError as err:
         return 0, f"off: KVM_CHECK_EXTENSION answered {errno_name(err.errno or 0)}"
     if page <= 0 or (page + 1) * _RING_PAGE > state.run_size:

@@ -53,7 +53,9 @@ def wall(argv: list[str], n: int, **kwargs) -> tuple[list[float], subprocess.Com
     return out, done
 
 
-def bare_samples(n: int, rounds: int = 10) -> dict[str, list[float]]:
+def bare_samples(
+    floor: tuple[str, Callable[[], None]], n: int, rounds: int = 10
+) -> dict[str, list[float]]:
     """The bare device check in C (tests/bench_floor.c) and with each backend,
     interleaved: ``rounds`` rounds of n/rounds each, so that the host's drift
     (large here) falls on all three alike."""
@@ -63,7 +65,7 @@ def bare_samples(n: int, rounds: int = 10) -> dict[str, list[float]]:
 
     samples: dict[str, list[float]] = {"floor": [], "in-process": [], "native": [], "python": []}
     per = max(1, n // rounds)
-    exe, in_process = bare_floor()
+    exe, in_process = floor
     in_process()
     for kind in ("native", "python"):
         bare(kind)  # warm: library loaded, imports done
@@ -93,14 +95,13 @@ def bare_floor() -> tuple[str, Callable[[], None]]:
     return exe, once
 
 
-def own_python_rows(n: int) -> list[tuple[str, ...]]:
+def own_python_rows(in_process: Callable[[], None], n: int) -> list[tuple[str, ...]]:
     """Where the native bare check's time beyond the C goes.  Its one
     foreign call that does the device's work is replayed (the outcome and
     registers a real run left, copied back), so what is timed is the
     check's own Python and its descriptor's open and close: back to back,
     and right after the C inside this process has made, run and torn down
     a real VM, as every real check comes after one."""
-    _, in_process = bare_floor()
     real = b._NativeBackend.execute
 
     def check() -> None:
@@ -505,7 +506,8 @@ def row(rows, name, samples, floor_median=None, note=""):
 def bench(n: int) -> list[tuple[str, ...]]:
     python = sys.executable
     rows: list[tuple[str, ...]] = []
-    bare = bare_samples(n)
+    floor = bare_floor()
+    bare = bare_samples(floor, n)
     floor_median = summary(bare["floor"])[0]
     row(rows, "floor: C bare device check (raw ioctls)", bare["floor"], None, f"n={n}")
     note = "the same C, called in this interpreter: what its process costs the kernel's calls"
@@ -516,7 +518,7 @@ def bench(n: int) -> list[tuple[str, ...]]:
         ours = summary(bare[backend])[0] / inside
         note = f"target {target}; interleaved with the C; {ours:.2f}x the C inside this process"
         row(rows, f"SystemCheck.run(engine=None) {backend}", bare[backend], floor_median, note)
-    rows += own_python_rows(n // 5)
+    rows += own_python_rows(floor[1], n // 5)
 
     def gate() -> None:
         try:

@@ -290,7 +290,7 @@ def test_the_consoles_port_writes_stay_in_kvm_and_reach_the_ports_in_order(
     backend, coalesced, tmp_path, monkeypatch
 ):
     if not coalesced:  # a capability KVM does not know: it answers 0
-        monkeypatch.setattr(b, "_KVM_CAP_COALESCED_PIO", 0x7FFF)
+        monkeypatch.setitem(b.KVM_CAPS, "COALESCED_PIO", 0x7FFF)
     path, accesses = crtc_kernel(tmp_path / "vmlinux", 500)
     kernel = b.open_kernel(str(path))
     fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
