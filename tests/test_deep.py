@@ -261,16 +261,19 @@ def vga_text(row: int, line: str) -> bytes:
     return out
 
 
-def crtc_kernel(where: Path, writes: int) -> tuple[Path, int]:
-    """A kernel that moves the VGA cursor ``writes`` times with outw to
-    0x3d4, then to row 5, reads the cursor's high byte back through 0x3d5,
+def crtc_kernel(where: Path, writes: int, palette: int = 0) -> tuple[Path, int]:
+    """A kernel that writes the DAC's palette index (0x3c8) ``palette``
+    times, moves the VGA cursor ``writes`` times with outw to 0x3d4, then to row 5, reads the cursor's high byte back through 0x3d5,
     and writes a decoy on row 10 (the buffer's last written row) and, on
     row 5, "LAST LINE MARK" if the read gave what it wrote (else "READ BACK
     WRONG"), then stops with ud2 (no IDT: a triple fault).  Its port
     accesses, for the counts: the writes, two more outw, one outb, one inb."""
     text = vga_text
     cursor = 80 * 5 + 10
-    code = b"\x66\xba\xd4\x03" + b"\xb9" + writes.to_bytes(4, "little")  # mov dx, 0x3d4; mov ecx
+    code = b""
+    if palette:  # mov dx, 0x3c8; mov ecx; 1: out dx, al; loop 1b
+        code += b"\x66\xba\xc8\x03\xb9" + palette.to_bytes(4, "little") + b"\xee\xe2\xfd"
+    code += b"\x66\xba\xd4\x03" + b"\xb9" + writes.to_bytes(4, "little")  # mov dx, 0x3d4; mov ecx
     code += b"\x88\xcc\xb0\x0f\x66\xef\xe2\xf8"  # 1: mov ah, cl; mov al, 0xf; out dx, ax; loop 1b
     code += b"\x66\xb8\x0e" + bytes([cursor >> 8]) + b"\x66\xef"  # the cursor's high byte
     code += b"\x66\xb8\x0f" + bytes([cursor & 0xFF]) + b"\x66\xef"  # and its low byte
@@ -280,7 +283,18 @@ def crtc_kernel(where: Path, writes: int) -> tuple[Path, int]:
     code += b"\x3c" + bytes([cursor >> 8]) + b"\x75" + bytes([len(good) + 2])  # cmp al; jne bad
     code += good + b"\xeb" + bytes([len(bad)]) + bad + b"\x0f\x0b"  # jmp over bad; ud2
     entry = b._START_KERNEL_MAP + 0x1000000
-    return elf_vmlinux(where, [(0x1000000, code, len(code))], entry=entry), writes + 4
+    return elf_vmlinux(where, [(0x1000000, code, len(code))], entry=entry), writes + 4 + palette
+
+
+def boot_file(path: Path, backend: str | None = None) -> b.BootResult:
+    """Boot the kernel at ``path`` on this host's KVM, within a minute."""
+    kernel = b.open_kernel(str(path))
+    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        return b.deep_boot(fd, kernel, timeout=60, backend=backend)
+    finally:
+        os.close(fd)
+        kernel.close()
 
 
 @needs_kvm
@@ -292,13 +306,7 @@ def test_the_consoles_port_writes_stay_in_kvm_and_reach_the_ports_in_order(
     if not coalesced:  # a capability KVM does not know: it answers 0
         monkeypatch.setitem(b.KVM_CAPS, "COALESCED_PIO", 0x7FFF)
     path, accesses = crtc_kernel(tmp_path / "vmlinux", 500)
-    kernel = b.open_kernel(str(path))
-    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        result = b.deep_boot(fd, kernel, timeout=60, backend=backend)
-    finally:
-        os.close(fd)
-        kernel.close()
+    result = boot_file(path, backend)
     assert result.outcome == b.BOOT_RESET and result.instruction == "ud2", result.as_dict()
     # The cursor the ports hold names row 5, and the read saw the index
     # the kernel wrote just before it, so every write came, in order.
@@ -313,6 +321,35 @@ def test_the_consoles_port_writes_stay_in_kvm_and_reach_the_ports_in_order(
     else:
         assert result.coalescing == "off: KVM_CAP_COALESCED_PIO is 0"
         assert (io_exits, result.coalesced) == (accesses, 0)
+
+
+@needs_kvm
+def test_a_zone_kvm_refuses_exits_while_the_one_it_took_stays_in_the_ring(tmp_path, monkeypatch):
+    real = b._ioctl
+    registered: list[int] = []
+
+    def second_refused(fd, request, arg=0, *rest, **named):
+        if request == b.KVM_REGISTER_COALESCED_MMIO:
+            registered.append(ctypes.c_uint64.from_address(arg).value)
+            if len(registered) == 2:  # as the kernel answers when its memory cgroup is full
+                raise b._SysError(errno.ENOMEM, os.strerror(errno.ENOMEM))
+        return real(fd, request, arg, *rest, **named)
+
+    monkeypatch.setattr(b, "_ioctl", second_refused)
+    path, accesses = crtc_kernel(tmp_path / "vmlinux", 400, palette=40)
+    result = boot_file(path)
+    assert registered == [0x3D4, 0x3C0]
+    said = "partly: KVM_REGISTER_COALESCED_MMIO 0x3c0 answered ENOMEM (Cannot allocate memory)"
+    assert result.coalescing == said, result.as_dict()
+    # The CRTC's zone was taken: its writes were kept and applied (a ring
+    # left unread would leave the cursor where the read finds it wrong).
+    assert result.console == "LAST LINE MARK", result.as_dict()
+    assert result.ports[0x3C8] == 40 and sum(result.ports.values()) == accesses
+    io_exits = result.exits["IO"]
+    crtc_writes = accesses - 40 - 1
+    assert result.coalesced >= crtc_writes - crtc_writes // (b._RING_ENTRIES - 1), result.as_dict()
+    assert io_exits == accesses - result.coalesced, result.as_dict()
+    assert io_exits >= 41, "each palette write and the read exited"
 
 
 COALESCING_REFUSED = (
@@ -351,13 +388,7 @@ def test_the_console_is_read_while_the_kernel_runs_without_exits(tmp_path):
     code += spin + b"\x72" + bytes([256 - len(spin) - 2]) + b"\x0f\x0b"  # jb 1b; ud2
     entry = b._START_KERNEL_MAP + 0x1000000
     path = elf_vmlinux(tmp_path / "vmlinux", [(0x1000000, code, len(code))], entry=entry)
-    kernel = b.open_kernel(str(path))
-    fd = os.open("/dev/kvm", os.O_RDWR | os.O_CLOEXEC)
-    try:
-        result = b.deep_boot(fd, kernel, timeout=60)
-    finally:
-        os.close(fd)
-        kernel.close()
+    result = boot_file(path)
     milestones = result.milestones
     assert result.outcome == b.BOOT_RESET and "version" in milestones, result.as_dict()
     # Seen within a slice of the boot's runs, not when the kernel next exited.
