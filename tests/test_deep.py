@@ -572,7 +572,8 @@ b.SystemCheck.run(engine=None, backend=sys.argv[2]).close()  # warm: libraries l
 before = held()
 out = {}
 try:
-    b.SystemCheck.run(engine=None, backend=sys.argv[2], deep=True, kernel=sys.argv[3]).close()
+    limit = float(sys.argv[4])
+    b.SystemCheck.run(engine=None, backend=sys.argv[2], deep=True, kernel=sys.argv[3], deep_timeout=limit).close()
     out["raised"] = None
 except b.BoxliteError as err:
     out["raised"], out["cause"], out["message"] = type(err).__name__, err.cause, str(err)
@@ -584,20 +585,26 @@ print(json.dumps(out))
 )
 
 
+#: The bound these tests give BoxLite's kernel on this host: it stops after
+#: 6-27 s of emulated kernel code, past the default 30 s under heavy load
+#: (where the right verdict is the timeout), so they allow it three times that.
+BOXLITE_STOP_LIMIT = 3 * b.DEEP_TIMEOUT
+
+
 @on_pvm
 @needs_kvm
 @pytest.mark.parametrize("backend", ["native", "python"])
 def test_boxlites_kernel_stops_here_where_real_boxes_die(backend, run_json):
     kernel = boxlite_kernel()
     started = time.monotonic()
-    out = run_json(DEEP_GATE, backend, str(kernel), timeout=120)
+    out = run_json(DEEP_GATE, backend, str(kernel), str(BOXLITE_STOP_LIMIT), timeout=240)
     took = time.monotonic() - started
     # The bare device check passes here; the deep boot is the gate's refusal.
     assert out["raised"] == "UnsupportedError" and out["cause"] == "deep-boot-stopped", out
     message = out["message"]
     assert "KVM_EXIT_INTERNAL_ERROR" in message and "suberror EMULATION" in message
     assert "RIP 0xffffffff812a7652" in message and "lock cmpxchg16b" in message
-    assert took < b.DEEP_TIMEOUT + 10  # it ended by itself, within the bound
+    assert took < BOXLITE_STOP_LIMIT + 10  # it ended by itself, within the bound
     assert out["released"] and out["maps"][1] == out["maps"][0], out
 
 
@@ -614,10 +621,10 @@ def test_the_cli_reports_the_boot_in_every_format(tmp_path):
             cwd=ROOT,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=240,
         )
 
-    done = cli("--json")
+    done = cli("--json", "--deep-timeout", str(BOXLITE_STOP_LIMIT))
     assert done.returncode == 1, done.stderr
     document = json.loads(done.stdout)
     # The fast gate refused (emulated guest code): the verdict keeps that cause.
@@ -631,7 +638,9 @@ def test_the_cli_reports_the_boot_in_every_format(tmp_path):
     from conftest import valid_document
 
     valid_document(document)
-    text = cli("--format", "prometheus", "--engine", "none", "--deep-timeout", "60")
+    text = cli(
+        "--format", "prometheus", "--engine", "none", "--deep-timeout", str(BOXLITE_STOP_LIMIT)
+    )
     assert text.returncode == 0
     assert "boxlite_syscheck_deep_boot_success 0" in text.stdout
     assert 'boxlite_syscheck_deep_boot_outcome{outcome="stopped"} 1' in text.stdout
