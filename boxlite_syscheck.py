@@ -2921,7 +2921,7 @@ def _measure_speed(session: _Session) -> bool:
     samples: list[tuple[float, int]] = []
     implausible: tuple[float, int] | None = None
     for attempt in range(_SPEED_TRIES):
-        measured = _guest_slope(session, _SPEED_SHORT << attempt, twice=attempt > 0)
+        measured = _guest_slope(session, attempt)
         if measured is None:
             return False
         if host_ns is None:
@@ -2969,11 +2969,12 @@ def _runs(session: _Session, runs: tuple[tuple[int, int], ...]) -> _Plan:
     return plan
 
 
-def _guest_slope(session: _Session, short: int, twice: bool = False) -> tuple[float, int] | None:
-    """(ns per loop iteration, iterations of the longer run), or None on
-    failure: two 1-iteration runs, one of ``short`` iterations (two with
-    ``twice``), and two long ones when that loop time is still within the
-    noise."""
+def _guest_slope(session: _Session, attempt: int) -> tuple[float, int] | None:
+    """Sample ``attempt`` (from 0): (ns per loop iteration, iterations of
+    the longer run), or None on failure.  Two 1-iteration runs, a short one
+    of _SPEED_SHORT << attempt iterations (made twice after the first
+    sample), and two long ones when that loop time is still within the noise."""
+    short, twice = _SPEED_SHORT << attempt, attempt > 0
     values = session.out.values
     for slot in (_V_T_BASE, _V_T_BASE2, _V_T_SHORT, _V_T_SHORT2, _V_T_LONG, _V_T_LONG2):
         values[slot] = 0  # run times add up across resumed runs

@@ -214,16 +214,16 @@ def kept_kit(kind: str) -> b._Kit:
 
 
 def speed_runs(monkeypatch) -> list[int]:
-    """Count the KVM_RUNs each speed sample makes: how many samples a probe
-    takes depends on the host's noise, so the rest of a session is what
-    two sessions can be compared on."""
+    """The KVM_RUNs each speed sample made, by the session's own count:
+    how many samples a probe takes depends on the host's noise, so the
+    rest of a session is what two sessions can be compared on."""
     made: list[int] = []
     slope = b._guest_slope
 
-    def counted(session, short, twice=False):
-        measured = slope(session, short, twice)
-        longer = measured is not None and measured[1] == b._SPEED_LONG
-        made.append(3 + twice + 2 * longer)  # 1 + 1 + short (twice) + the two long runs
+    def counted(session, attempt):
+        before = session.out.runs
+        measured = slope(session, attempt)
+        made.append(session.out.runs - before)
         return measured
 
     monkeypatch.setattr(b, "_guest_slope", counted)
