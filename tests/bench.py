@@ -81,18 +81,24 @@ def bare_samples(
 def bare_floor() -> tuple[str, Callable[[], None]]:
     """tests/bench_floor.c built in build/: the program, and the same C as a
     library function called inside this interpreter."""
+    exe = build_c("bench_floor.c", "bench_floor")
+    lib = build_c(
+        "bench_floor.c", "libbench_floor.so", "-shared", "-fPIC", "-Dmain=bench_floor_main"
+    )
+    once: Callable[[], None] = ctypes.CDLL(lib).bench_floor_once
+    return exe, once
+
+
+def build_c(source: str, name: str, *flags: str) -> str:
+    """Compile tests/``source`` to build/``name``; return its path."""
     cc = shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise SystemExit("bench: needs a C compiler for the floor")
-    source = str(ROOT / "tests" / "bench_floor.c")
-    out = ROOT / "build"
-    out.mkdir(exist_ok=True)
-    exe, lib = str(out / "bench_floor"), str(out / "libbench_floor.so")
-    subprocess.run([cc, "-O2", "-o", exe, source], check=True)
-    shared = ["-O2", "-shared", "-fPIC", "-Dmain=bench_floor_main", "-o", lib]
-    subprocess.run([cc, *shared, source], check=True)
-    once: Callable[[], None] = ctypes.CDLL(lib).bench_floor_once
-    return exe, once
+    out = ROOT / "build" / name
+    out.parent.mkdir(exist_ok=True)
+    argv = [cc, "-O2", "-Wall", "-Wextra", *flags, "-o", str(out), str(ROOT / "tests" / source)]
+    subprocess.run(argv, check=True)
+    return str(out)
 
 
 def own_python_rows(in_process: Callable[[], None], n: int) -> list[tuple[str, ...]]:
@@ -156,14 +162,7 @@ def own_python_rows(in_process: Callable[[], None], n: int) -> list[tuple[str, .
 
 def gate_floor() -> str:
     """tests/gate_floor.c built in build/ (the C doing the default gate's work)."""
-    cc = shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise SystemExit("bench: needs a C compiler for the floor")
-    out = ROOT / "build" / "gate_floor"
-    out.parent.mkdir(exist_ok=True)
-    source = ROOT / "tests" / "gate_floor.c"
-    subprocess.run([cc, "-O2", "-Wall", "-Wextra", "-o", str(out), str(source)], check=True)
-    return str(out)
+    return build_c("gate_floor.c", "gate_floor")
 
 
 def per_ioctl_rows() -> list[tuple[str, ...]]:
