@@ -263,11 +263,13 @@ def vga_text(row: int, line: str) -> bytes:
 
 def crtc_kernel(where: Path, writes: int, palette: int = 0) -> tuple[Path, int]:
     """A kernel that writes the DAC's palette index (0x3c8) ``palette``
-    times, moves the VGA cursor ``writes`` times with outw to 0x3d4, then to row 5, reads the cursor's high byte back through 0x3d5,
-    and writes a decoy on row 10 (the buffer's last written row) and, on
-    row 5, "LAST LINE MARK" if the read gave what it wrote (else "READ BACK
-    WRONG"), then stops with ud2 (no IDT: a triple fault).  Its port
-    accesses, for the counts: the writes, two more outw, one outb, one inb."""
+    times, moves the VGA cursor ``writes`` times with outw to 0x3d4, then
+    to row 5, reads the cursor's high byte back through 0x3d5, and writes a
+    decoy on row 10 (the buffer's last written row) and, on row 5, "LAST
+    LINE MARK" if the read gave what it wrote (else "READ BACK WRONG"),
+    then stops with ud2 (no IDT: a triple fault).  Its port accesses, for
+    the counts: the palette and cursor writes, two more outw, one outb,
+    one inb."""
     text = vga_text
     cursor = 80 * 5 + 10
     code = b""
@@ -573,7 +575,10 @@ before = held()
 out = {}
 try:
     limit = float(sys.argv[4])
-    b.SystemCheck.run(engine=None, backend=sys.argv[2], deep=True, kernel=sys.argv[3], deep_timeout=limit).close()
+    with b.SystemCheck.run(
+        engine=None, backend=sys.argv[2], deep=True, kernel=sys.argv[3], deep_timeout=limit
+    ):
+        pass
     out["raised"] = None
 except b.BoxliteError as err:
     out["raised"], out["cause"], out["message"] = type(err).__name__, err.cause, str(err)
