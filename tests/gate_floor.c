@@ -28,6 +28,14 @@
  * after the clock stops, as the gate hands their teardown to the background.
  * The first pass's exit reasons go to stderr ("exits 5 5 ... 17"), so the
  * caller can check that the runs ended as the gate's did.
+ *
+ * Built with -shared -Dmain=gate_floor_main it is the same work inside the
+ * interpreter (guest_cases.floor_ratio): gate_floor_load(SPEC) once, then
+ * gate_floor_once_ns() per pass, alternating with the gate pass by pass, so
+ * that both see the same moment of a noisy host and the same process.
+ * A failed call still exits the process (die), as the program does: the
+ * floor is a measuring tool, and a floor that cannot do the gate's work
+ * has nothing to report.
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -289,14 +297,26 @@ static void once(void)
     close(kvm);
 }
 
-int main(int argc, char **argv)
+/* Forget the last spec: a process may load several (one per backend). */
+static void unload(void)
 {
-    if (argc != 3) {
-        fprintf(stderr, "usage: gate_floor SPEC N\n");
-        return 2;
-    }
-    read_spec(argv[1]);
-    int n = atoi(argv[2]);
+    for (size_t i = 0; i < n_actions; i++) free(actions[i].bytes);
+    for (size_t i = 0; i < n_patches; i++) free(patches[i].bytes);
+    free(image);
+    image = NULL;
+    image_len = mem_size = n_actions = n_patches = n_msrs = n_regs = 0;
+    arch_caps = 0;
+    timeout_ns = 2000000000LL;
+    if (host_loop != NULL && munmap((void *)host_loop, 4096) != 0) die("munmap host loop");
+    host_loop = NULL;
+}
+
+/* Read the spec and make the speed probe's host loop executable, before
+ * any pass. */
+void gate_floor_load(const char *path)
+{
+    unload();
+    read_spec(path);
     for (size_t i = 0; i < n_actions; i++) {
         if (actions[i].kind != HOSTLOOP || host_loop != NULL) continue;
         /* The loop's bytes in a page mapped writable, then executable. */
@@ -306,20 +326,47 @@ int main(int argc, char **argv)
         if (mprotect(page, 4096, PROT_READ | PROT_EXEC) != 0) die("mprotect");
         host_loop = (void (*)(uint32_t))page;
     }
+}
+
+/* One pass, timed from opening /dev/kvm to closing it; the start-up VMs
+ * are closed after the clock stops.  Its exit reasons replace the last
+ * pass's (gate_floor_exits). */
+long long gate_floor_once_ns(void)
+{
     struct timespec a, b;
+    n_exits = 0;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    once();
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    for (size_t k = 0; k < n_startup; k++) close(startup_fds[k]);
+    n_startup = 0;
+    return (long long)(b.tv_sec - a.tv_sec) * 1000000000LL + (b.tv_nsec - a.tv_nsec);
+}
+
+/* The last pass's exit reasons, up to cap of them into out; their count. */
+size_t gate_floor_exits(unsigned *out, size_t cap)
+{
+    size_t n = n_exits < cap ? n_exits : cap;
+    memcpy(out, exits, n * sizeof(exits[0]));
+    return n;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 3) {
+        fprintf(stderr, "usage: gate_floor SPEC N\n");
+        return 2;
+    }
+    gate_floor_load(argv[1]);
+    int n = atoi(argv[2]);
     for (int i = 0; i < n; i++) {
-        clock_gettime(CLOCK_MONOTONIC, &a);
-        once();
-        clock_gettime(CLOCK_MONOTONIC, &b);
-        for (size_t k = 0; k < n_startup; k++) close(startup_fds[k]);
-        n_startup = 0;
+        long long ns = gate_floor_once_ns();
         if (i == 0) {
             fprintf(stderr, "exits");
             for (size_t k = 0; k < n_exits; k++) fprintf(stderr, " %u", exits[k]);
             fprintf(stderr, "\n");
         }
-        n_exits = 0;
-        printf("%lld\n", (long long)(b.tv_sec - a.tv_sec) * 1000000000LL + (b.tv_nsec - a.tv_nsec));
+        printf("%lld\n", ns);
     }
     return 0;
 }

@@ -366,42 +366,45 @@ def gate_spec(engine: str | None = b.DEFAULT_ENGINE) -> str:
     return "\n".join(head + lines) + "\n"
 
 
-def floor_ratio(
-    floor: str, backend: str = "native", rounds: int = 6, per_round: int = 10
-) -> tuple[float, float, str]:
-    """(gate ms, C floor ms, the floor's exit reasons): medians over
-    interleaved rounds of the default gate and tests/gate_floor.c doing the
-    work the gate did here (its spec recorded from this host's own gate).
-    Each side waits for its VMs' teardown outside its clock."""
+def floor_ratio(floor: str, backend: str = "native", runs: int = 60) -> tuple[float, float, str]:
+    """(gate ms, C floor ms, the floor's exit reasons): medians of ``runs``
+    default gates and as many passes of tests/gate_floor.c doing the work
+    the gate did here (its spec recorded from this host's own gate), the C
+    built as a library (``floor``) and called in this process, alternating
+    with the gate pass by pass: a noisy host's slow swings fall on both
+    alike.  Each side's start-up VMs are torn down outside its clock."""
+    import ctypes
     import statistics
     import tempfile
+
+    lib = ctypes.CDLL(os.path.abspath(floor))
+    lib.gate_floor_load.argtypes = [ctypes.c_char_p]
+    lib.gate_floor_load.restype = None
+    lib.gate_floor_once_ns.restype = ctypes.c_longlong
+    lib.gate_floor_exits.restype = ctypes.c_size_t
+
+    def gate() -> int:
+        start = time.perf_counter_ns()
+        try:
+            b.SystemCheck.run(backend=backend).close()
+        except b.BoxliteError:
+            pass  # a refusal is the gate's work too
+        took = time.perf_counter_ns() - start
+        b._wait_for_closes()
+        return took
 
     with tempfile.NamedTemporaryFile("w", suffix=".spec") as spec:
         spec.write(gate_spec())
         spec.flush()
-        gates: list[int] = []
-        floors: list[int] = []
-        exits = ""
-
-        def gate() -> None:
-            try:
-                b.SystemCheck.run(backend=backend).close()
-            except b.BoxliteError:
-                pass  # a refusal is the gate's work too
-
-        gate()
-        b._wait_for_closes()
-        for _ in range(rounds):
-            done = subprocess.run(
-                [floor, spec.name, str(per_round + 1)], capture_output=True, text=True, check=True
-            )
-            floors += [int(line) for line in done.stdout.split()[1:]]  # the first warms up
-            exits = done.stderr.strip()
-            for _ in range(per_round):
-                start = time.perf_counter_ns()
-                gate()
-                gates.append(time.perf_counter_ns() - start)
-                b._wait_for_closes()
+        lib.gate_floor_load(spec.name.encode())
+    gate(), lib.gate_floor_once_ns()  # both warm
+    gates, floors = [], []
+    for _ in range(runs):
+        floors.append(lib.gate_floor_once_ns())
+        gates.append(gate())
+    reasons = (ctypes.c_uint * 64)()
+    count = lib.gate_floor_exits(reasons, len(reasons))
+    exits = "exits " + " ".join(str(reason) for reason in reasons[:count])
     return statistics.median(gates) / 1e6, statistics.median(floors) / 1e6, exits
 
 
@@ -427,7 +430,7 @@ def gate_ratio(runs: int, engine: str | None = b.DEFAULT_ENGINE) -> tuple[float,
 def bench() -> None:
     """The gate against C doing the same work, and against the native work it
     does (all under the same emulator)."""
-    floor = os.path.join(HERE, "gate_floor")
+    floor = os.path.join(HERE, "libgate_floor.so")
     if os.path.exists(floor):
         for backend in ("native", "python"):
             gate_ms, floor_ms, exits = floor_ratio(floor, backend)
