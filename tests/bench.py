@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from guest_cases import floor_ratio, gate_ratio  # noqa: E402
+from vmhost import GATE_FLOOR_LIBRARY  # noqa: E402
 
 import boxlite_syscheck as b  # noqa: E402
 
@@ -163,7 +164,7 @@ def own_python_rows(in_process: Callable[[], None], n: int) -> list[tuple[str, .
 def gate_floor() -> str:
     """tests/gate_floor.c built in build/ as a library (the C doing the
     default gate's work, called in this process: guest_cases.floor_ratio)."""
-    return build_c("gate_floor.c", "libgate_floor.so", "-shared", "-fPIC", "-Dmain=gate_floor_main")
+    return build_c("gate_floor.c", "libgate_floor.so", *GATE_FLOOR_LIBRARY)
 
 
 def per_ioctl_rows() -> list[tuple[str, ...]]:

@@ -71,7 +71,8 @@ static size_t n_msrs;
 static struct { size_t offset; uint64_t value; } regs_init[32];
 static size_t n_regs;
 static int arch_caps;
-static long long timeout_ns = 2000000000LL;
+#define DEFAULT_TIMEOUT_NS 2000000000LL /* until the spec says */
+static long long timeout_ns = DEFAULT_TIMEOUT_NS;
 
 static void die(const char *what)
 {
@@ -306,7 +307,7 @@ static void unload(void)
     image = NULL;
     image_len = mem_size = n_actions = n_patches = n_msrs = n_regs = 0;
     arch_caps = 0;
-    timeout_ns = 2000000000LL;
+    timeout_ns = DEFAULT_TIMEOUT_NS;
     if (host_loop != NULL && munmap((void *)host_loop, 4096) != 0) die("munmap host loop");
     host_loop = NULL;
 }

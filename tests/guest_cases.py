@@ -397,7 +397,8 @@ def floor_ratio(floor: str, backend: str = "native", runs: int = 60) -> tuple[fl
         spec.write(gate_spec())
         spec.flush()
         lib.gate_floor_load(spec.name.encode())
-    gate(), lib.gate_floor_once_ns()  # both warm
+    gate()  # both sides warm
+    lib.gate_floor_once_ns()
     gates, floors = [], []
     for _ in range(runs):
         floors.append(lib.gate_floor_once_ns())
