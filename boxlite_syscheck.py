@@ -87,7 +87,9 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ctypes
     from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-    from typing import Any
+    from typing import Any, TypeVar
+
+    _T = TypeVar("_T")
 
 # ── Constants and kernel ABI ────────────────────────────────────────────────
 
@@ -3224,6 +3226,16 @@ class Evidence:
         self.__dict__[name] = value
         return value
 
+    def once(self, read: Callable[..., _T], *args: Any) -> _T:
+        """``read(*args)``, asked of the host once for this evidence: several
+        fields read the same file (the cgroups, the mounts, the status)."""
+        memo: dict[tuple[Any, ...], Any] = self.__dict__.setdefault("_once", {})
+        key = (read, *args)
+        if key not in memo:
+            memo[key] = read(*args)
+        value: _T = memo[key]
+        return value
+
     def as_dict(self) -> dict[str, object]:
         out = {name: getattr(self, name) for name in _GATHER}
         out["cpu_flags"] = sorted({"vmx", "svm", "hypervisor"} & (self.cpu_flags or set()))
@@ -3275,7 +3287,7 @@ def _ev_node(ev: Evidence) -> dict[str, Any] | None:
         (stat.S_ISREG, "regular file"),
     )
     kind = next((name for test, name in kinds if test(st.st_mode)), "special file")
-    group = _group_entry(st.st_gid)
+    group = ev.once(_group_entry, st.st_gid)
     return {
         "kind": kind,
         "major": os.major(st.st_rdev) if device else None,
@@ -3283,7 +3295,7 @@ def _ev_node(ev: Evidence) -> dict[str, Any] | None:
         "uid": st.st_uid,
         "gid": st.st_gid,
         "mode": stat.S_IMODE(st.st_mode),
-        "owner": _user_name(st.st_uid),
+        "owner": ev.once(_user_name, st.st_uid),
         "group": group[0] if group else None,
     }
 
@@ -3306,7 +3318,8 @@ def _ev_acl(ev: Evidence) -> list[dict[str, Any]] | None:
 
 
 def _mounts() -> list[dict[str, Any]]:
-    """This mount namespace's mounts, from /proc/self/mountinfo, in order."""
+    """This mount namespace's mounts, from /proc/self/mountinfo, in order
+    (Evidence.once: several fields look mounts up)."""
     found = []
     for line in (_read_text("/proc/self/mountinfo", 1 << 20) or "").splitlines():
         head, _, tail = line.partition(" - ")
@@ -3326,10 +3339,10 @@ def _mounts() -> list[dict[str, Any]]:
     return found
 
 
-def _mount_of(path: str) -> dict[str, Any] | None:
+def _mount_of(ev: Evidence, path: str) -> dict[str, Any] | None:
     """The mount holding ``path`` (the last one mounted over it wins)."""
     best: dict[str, Any] | None = None
-    for mount in _mounts():
+    for mount in ev.once(_mounts):
         point = mount["point"]
         inside = path == point or path.startswith(point.rstrip("/") + "/")
         if inside and (best is None or len(point) >= len(best["point"])):
@@ -3338,7 +3351,7 @@ def _mount_of(path: str) -> dict[str, Any] | None:
 
 
 def _ev_mount(ev: Evidence) -> dict[str, Any] | None:
-    return _mount_of(ev.path)
+    return _mount_of(ev, ev.path)
 
 
 def _ev_bind_mounted(ev: Evidence) -> bool | None:
@@ -3348,7 +3361,7 @@ def _ev_bind_mounted(ev: Evidence) -> bool | None:
 
 
 def _ev_user(ev: Evidence) -> str | None:
-    return _user_name(ev.euid) if ev.euid is not None else None
+    return ev.once(_user_name, ev.euid) if ev.euid is not None else None
 
 
 def _ev_group_listed(ev: Evidence) -> bool | None:
@@ -3362,7 +3375,7 @@ def _ev_group_listed(ev: Evidence) -> bool | None:
         entry = pwd.getpwuid(ev.euid)
     except KeyError:
         return False
-    group = _group_entry(node["gid"])
+    group = ev.once(_group_entry, node["gid"])
     return entry.pw_gid == node["gid"] or (group is not None and entry.pw_name in group[1])
 
 
@@ -3384,8 +3397,8 @@ def _ev_userns(ev: Evidence) -> dict[str, Any] | None:
     }
 
 
-def _status_field(name: str) -> str | None:
-    for line in (_read_text("/proc/self/status") or "").splitlines():
+def _status_field(ev: Evidence, name: str) -> str | None:
+    for line in (ev.once(_read_text, "/proc/self/status") or "").splitlines():
         if line.startswith(name + ":"):
             return line.split(":", 1)[1].strip()
     return None
@@ -3442,13 +3455,13 @@ _RUNTIME_MARKERS: tuple[tuple[str, str, Callable[[dict[str, Any]], bool]], ...] 
 
 def _ev_runtime(ev: Evidence) -> str | None:
     """The container runtime or sandbox, by name (runtime_evidence: what showed it)."""
-    root = _mount_of("/")
+    root = _mount_of(ev, "/")
     overlay = root is not None and root["fstype"] in ("overlay", "fuse-overlayfs")
     pid1 = _read_text("/proc/1/cgroup") or ""
     markers = {
         "kube_env": bool(os.environ.get("KUBERNETES_SERVICE_HOST")),
         "kube_token": _exists("/var/run/secrets/kubernetes.io/serviceaccount"),
-        "cgroups": pid1 + (_read_text("/proc/self/cgroup") or ""),
+        "cgroups": pid1 + (ev.once(_read_text, "/proc/self/cgroup") or ""),
         "flatpak": _exists("/.flatpak-info"),
         "snap": ev.snap,
         "container": os.environ.get("container", ""),
@@ -3472,14 +3485,14 @@ def _ev_runtime_evidence(ev: Evidence) -> list[str]:
 
 
 def _ev_private_dev(ev: Evidence) -> bool | None:
-    dev = _mount_of("/dev")
+    dev = _mount_of(ev, "/dev")
     return None if dev is None else dev["fstype"] == "tmpfs"
 
 
 def _ev_cgroup(ev: Evidence) -> dict[str, Any] | None:
     """The device cgroup: the v1 ``devices`` path and its allowlist where
     readable, the v2 path (where a device policy is a BPF program)."""
-    text = _read_text("/proc/self/cgroup")
+    text = ev.once(_read_text, "/proc/self/cgroup")
     if text is None:
         return None
     paths = _cgroups(text)
@@ -3499,7 +3512,7 @@ def _ev_cgroup(ev: Evidence) -> dict[str, Any] | None:
 
 def _ev_systemd_unit(ev: Evidence) -> str | None:
     """The systemd service or scope this process runs in, from its cgroups."""
-    paths = _cgroups(_read_text("/proc/self/cgroup"))
+    paths = _cgroups(ev.once(_read_text, "/proc/self/cgroup"))
     for key in ("", "name=systemd", "devices"):
         leaf = (paths.get(key) or "").rstrip("/").rsplit("/", 1)[-1]
         if leaf.endswith((".service", ".scope")) and not leaf.startswith("session-"):
@@ -3509,11 +3522,11 @@ def _ev_systemd_unit(ev: Evidence) -> str | None:
 
 def _ev_wsl(ev: Evidence) -> str | None:
     release = (ev.kernel or "").lower()
-    if "microsoft-standard" in release or (_exists(_WSL_INTEROP) and "wsl2" in release):
+    if "microsoft-standard" in release or (ev.once(_exists, _WSL_INTEROP) and "wsl2" in release):
         return "2"
     if (ev.kernel or "").endswith("-Microsoft"):
         return "1"
-    return "2" if _exists(_WSL_INTEROP) else None
+    return "2" if ev.once(_exists, _WSL_INTEROP) else None
 
 
 def _ev_landlock_abi(ev: Evidence) -> int | None:
@@ -3558,14 +3571,14 @@ _DRIVERS = _KVM_MODULES[:3]
 
 def _ev_kvm_modules(ev: Evidence) -> list[str]:
     """KVM modules loaded now, from /sys/module (built-in ones show too)."""
-    return [name for name in _KVM_MODULES if _exists(f"/sys/module/{name}")]
+    return [name for name in _KVM_MODULES if ev.once(_exists, f"/sys/module/{name}")]
 
 
 def _ev_kvm_provider(ev: Evidence) -> str | None:
     """The KVM module that drives the CPU ("kvm_pvm", "kvm_intel", ...)."""
-    if "kvm_modules" in ev.__dict__:  # already read
+    if "kvm_modules" in ev.__dict__:  # already read, or given
         return next((m for m in ev.kvm_modules if m != "kvm"), None)
-    return next((m for m in _DRIVERS if _exists(f"/sys/module/{m}")), None)
+    return next((m for m in _DRIVERS if ev.once(_exists, f"/sys/module/{m}")), None)
 
 
 def _ev_module_available(ev: Evidence) -> dict[str, bool]:
@@ -3601,8 +3614,8 @@ _GATHER: dict[str, Callable[[Evidence], Any]] = {
     "systemd_unit": _ev_systemd_unit,
     "wsl": _ev_wsl,
     "snap": lambda ev: os.environ.get("SNAP_NAME"),
-    "no_new_privs": lambda ev: _status_field("NoNewPrivs") == "1",
-    "seccomp": lambda ev: _status_field("Seccomp"),
+    "no_new_privs": lambda ev: _status_field(ev, "NoNewPrivs") == "1",
+    "seccomp": lambda ev: _status_field(ev, "Seccomp"),
     "landlock_abi": _ev_landlock_abi,
     "lsm": _ev_lsm,
     "lsm_context": _ev_lsm_context,
@@ -5484,7 +5497,9 @@ def _verdict(facts: Facts, error: BoxliteError | None) -> dict[str, object]:
         "failed_ioctls": failed,
         "untested_ioctls": untested,
         "boot": row["boot"],
-        "devices": {purpose: _exists(node) for purpose, node in row["devices"].items()},
+        "devices": {
+            purpose: facts.ev.once(_exists, node) for purpose, node in row["devices"].items()
+        },
         "limits": {name.lower(): caps.get(name) for name in _LIMIT_CAPS},
     }
 

@@ -410,3 +410,47 @@ def test_diagnose_create_failure_returns_the_hosts_precise_error(mocker):
     engine_said = b.EngineError("Error creating the Kvm object: Error(13)")
     precise = b.KvmProbe("x86_64").diagnose_create_failure(engine_said)
     assert precise.cause == "kvm-not-in-group" and precise.__cause__ is engine_said
+
+
+SEAMS = (
+    "_stat",
+    "_read_text",
+    "_exists",
+    "_getxattr",
+    "_user_name",
+    "_group_entry",
+    "_group_named",
+)
+
+
+def test_a_report_asks_the_host_each_thing_once(mocker):
+    """Several fields read the same file (the cgroups for the runtime, the
+    device cgroup and the unit; the mounts for the node, the root and /dev;
+    the status for NoNewPrivs and seccomp): one report reads each once."""
+    b.check(engine=None)  # what only a first check does is not in the count
+    calls = []
+    for name in SEAMS:
+        real = getattr(b, name)
+
+        def seam(*args, _name=name, _real=real):
+            calls.append((_name, args))
+            return _real(*args)
+
+        mocker.patch.object(b, name, side_effect=seam)
+    report = b.check()
+    asked = [call for call in calls if call[0] != "_stat" or call[1] != (b.KVM_DEVICE,)]
+    assert len(asked) == len(set(asked)), sorted(c for c in asked if asked.count(c) > 1)
+    read = {args[0] for name, args in calls if name == "_read_text"}
+    assert {"/proc/self/cgroup", "/proc/self/mountinfo", "/proc/self/status"} <= read
+    assert report.findings and report.host
+
+
+def test_what_the_evidence_shares_is_per_evidence(mocker):
+    read = mocker.patch.object(b, "_read_text", return_value="Seccomp:\t2\nNoNewPrivs:\t1\n")
+    first = b.Evidence()
+    assert (first.seccomp, first.no_new_privs) == ("2", True)
+    assert read.call_count == 1
+    read.return_value = "Seccomp:\t0\nNoNewPrivs:\t0\n"
+    second = b.Evidence()  # a new check reads the host again
+    assert (second.seccomp, second.no_new_privs) == ("0", False)
+    assert read.call_count == 2
