@@ -22,7 +22,17 @@
  *   vm                     a fresh VM for the start-up ioctls that follow
  *   startup REQUEST ARG    an ioctl on that VM, its argument a number
  *   startupbuf REQUEST HEX ... or a pointer to these bytes
+ *   open PATH              open PATH read-write and close it
+ *   stat PATH              stat(2) PATH
+ *   read PATH [LIMIT]      open PATH, read up to LIMIT bytes (64 KiB), close it
+ *   xattr PATH NAME        getxattr(2) NAME of PATH
+ *   user UID               the user database's entry for UID (getpwuid_r)
+ *   group GID              the group database's entry for GID (getgrgid_r)
+ *   groupname NAME         the group database's entry named NAME (getgrnam_r)
  *
+ * The last seven are the host reads the module makes through its OS seams
+ * (evidence; a report makes dozens), each once: whatever the OS answers,
+ * ENOENT included, the attempt is the work.
  * Usage: gate_floor SPEC N.  Prints N durations in nanoseconds, one a line,
  * each from opening /dev/kvm to closing it; the start-up VMs are closed
  * after the clock stops, as the gate hands their teardown to the background.
@@ -39,7 +49,9 @@
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
+#include <grp.h>
 #include <linux/kvm.h>
+#include <pwd.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -47,17 +59,20 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/xattr.h>
 #include <time.h>
 #include <unistd.h>
 
-enum kind { CAP, RUN, GETREGS, HOSTLOOP, VM, STARTUP, STARTUPBUF };
+enum kind { CAP, RUN, GETREGS, HOSTLOOP, VM, STARTUP, STARTUPBUF, OPEN, STAT, READ, XATTR, USER, GROUP, GROUPNAME };
 
 struct action {
     enum kind kind;
     uint64_t a, b;
-    unsigned char *bytes;
+    unsigned char *bytes; /* a buffer, or a path or name (NUL-terminated) */
     size_t len;
+    char *name;           /* xattr: the attribute's name */
 };
 
 static struct action actions[4096];
@@ -103,6 +118,41 @@ static struct action *add(enum kind kind)
     memset(act, 0, sizeof(*act));
     act->kind = kind;
     return act;
+}
+
+static unsigned char *copy_text(const char *text)
+{
+    unsigned char *out = (unsigned char *)strdup(text);
+    if (out == NULL) die("strdup");
+    return out;
+}
+
+/* A host-read line of the spec (open, stat, read, xattr, user, group,
+ * groupname) into an action; 0 when the line is none of them. */
+static int host_read(const char *line, const char *word, char *text)
+{
+    static const struct { const char *word; enum kind kind; } verbs[] = {
+        {"open", OPEN}, {"stat", STAT}, {"read", READ}, {"xattr", XATTR},
+        {"user", USER}, {"group", GROUP}, {"groupname", GROUPNAME},
+    };
+    static char second[4096];
+    for (size_t i = 0; i < sizeof(verbs) / sizeof(verbs[0]); i++) {
+        if (strcmp(word, verbs[i].word) != 0) continue;
+        unsigned long long limit = 1 << 16;
+        int got = sscanf(line, "%*s %4095s %4095s", text, second);
+        if (got < 1) die("spec: a host read without its argument");
+        struct action *act = add(verbs[i].kind);
+        act->bytes = copy_text(text);
+        if (act->kind == READ && got == 2 && sscanf(second, "%llu", &limit) != 1)
+            die("spec: bad read limit");
+        if (act->kind == XATTR) {
+            if (got != 2) die("spec: xattr without its name");
+            act->name = (char *)copy_text(second);
+        }
+        act->a = act->kind == READ ? limit : strtoull(text, NULL, 10);
+        return 1;
+    }
+    return 0;
 }
 
 static void read_spec(const char *path)
@@ -155,6 +205,8 @@ static void read_spec(const char *path)
             struct action *act = add(STARTUPBUF);
             act->a = a;
             act->bytes = hex(text, &act->len);
+        } else if (host_read(line, word, text)) {
+            continue;
         } else {
             fprintf(stderr, "spec: cannot read: %s", line);
             exit(1);
@@ -173,6 +225,54 @@ static void bounded_run(int vcpu, struct kvm_run *run)
 {
     floor_bounded_run(vcpu, timeout_ns);
     if (n_exits < sizeof(exits) / sizeof(exits[0])) exits[n_exits++] = run->exit_reason;
+}
+
+/* One host read, as the module's seam makes it; the OS's answer, a
+ * missing file's ENOENT included, is not a failure of the floor. */
+static void do_host_read(const struct action *act)
+{
+    static char buf[1 << 20];
+    static char db[1 << 16];
+    const char *path = (const char *)act->bytes;
+    struct stat st;
+    struct passwd pw, *pwp;
+    struct group gr, *grp;
+    int fd;
+    switch (act->kind) {
+    case OPEN:
+        fd = open(path, O_RDWR | O_CLOEXEC);
+        if (fd >= 0) close(fd);
+        break;
+    case STAT:
+        stat(path, &st);
+        break;
+    case READ: {
+        fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0) break;
+        size_t want = act->a < sizeof(buf) ? act->a : sizeof(buf), got = 0;
+        while (got < want) {
+            ssize_t n = read(fd, buf + got, want - got);
+            if (n <= 0) break;
+            got += (size_t)n;
+        }
+        close(fd);
+        break;
+    }
+    case XATTR:
+        getxattr(path, act->name, buf, sizeof(buf));
+        break;
+    case USER:
+        getpwuid_r((uid_t)act->a, &pw, db, sizeof(db), &pwp);
+        break;
+    case GROUP:
+        getgrgid_r((gid_t)act->a, &gr, db, sizeof(db), &grp);
+        break;
+    case GROUPNAME:
+        getgrnam_r(path, &gr, db, sizeof(db), &grp);
+        break;
+    default:
+        die("not a host read");
+    }
 }
 
 static int startup_fds[8];
@@ -285,6 +385,15 @@ static void once(void)
         case STARTUPBUF:
             if (ioctl(vmfd, act->a, act->bytes) < 0) die("start-up ioctl");
             break;
+        case OPEN:
+        case STAT:
+        case READ:
+        case XATTR:
+        case USER:
+        case GROUP:
+        case GROUPNAME:
+            do_host_read(act);
+            break;
         case CAP:
             die("spec: cap after the guest");
         }
@@ -301,7 +410,10 @@ static void once(void)
 /* Forget the last spec: a process may load several (one per backend). */
 static void unload(void)
 {
-    for (size_t i = 0; i < n_actions; i++) free(actions[i].bytes);
+    for (size_t i = 0; i < n_actions; i++) {
+        free(actions[i].bytes);
+        free(actions[i].name);
+    }
     for (size_t i = 0; i < n_patches; i++) free(patches[i].bytes);
     free(image);
     image = NULL;

@@ -272,33 +272,66 @@ class NativeShare:
         self.ns += time.perf_counter_ns() - start
 
 
-def gate_spec(engine: str | None = b.DEFAULT_ENGINE) -> str:
-    """What one real gate did, as tests/gate_floor.c's spec: the guest, its
-    special registers and MSRs, every bounded run with its registers in the
-    order they ran, the host loop, the start-up ioctls."""
+#: The seams whose host work tests/gate_floor.c replays, and its spec verb
+#: for each: a report reads files and the user database as well as KVM.
+_OS_SEAMS = {
+    "_open_device": "open",
+    "_stat": "stat",
+    "_exists": "stat",
+    "_read_text": "read",
+    "_getxattr": "xattr",
+    "_user_name": "user",
+    "_group_entry": "group",
+    "_group_named": "groupname",
+}
+
+
+def _work(work: str, backend: str) -> None:
+    """One pass of the work a floor stands for: the default gate, or check()."""
+    if work == "check":
+        b.check(backend=backend)
+        return
+    try:
+        b.SystemCheck.run(backend=backend).close()
+    except b.BoxliteError:
+        pass  # a refusal is the gate's work too
+
+
+def gate_spec(work: str = "gate") -> str:
+    """What one real gate (or, ``work`` "check", one check()) did, as
+    tests/gate_floor.c's spec: the guest, its special registers and MSRs,
+    every bounded run with its registers in the order they ran, the host
+    loop, the start-up ioctls, and each host read through the module's OS
+    seams.  A read is recorded once, however often the module made it: the
+    floor is C doing the work, and a second read of the same file is ours.
+    The pass recorded is a warm one: what only a first pass does (loading
+    the library, say) is not the work of every pass."""
     import ctypes
 
+    _work(work, "native")
+
     lines: list[str] = [f"timeout {int(b.DEFAULT_TIMEOUT * 1e9)}"]
-    saved = (
-        b._capability_values,
-        b._Kit.array,
-        b._Session.execute,
-        b._host_ns_per_iteration,
-        b._probe_startup_ioctls,
+    names = (
+        "_capability_values",
+        "_host_ns_per_iteration",
+        "_probe_startup_ioctls",
+        *_OS_SEAMS,
     )
-    caps, session_seen = [], []
+    saved = {name: getattr(b, name) for name in names}
+    saved_array, saved_execute = b._Kit.array, b._Session.execute
+    caps, sessions, reads = [], [], set()
     regs_type = b._abi().KvmRegs
 
     def capability_values(fd, names):
         names = list(names)
         caps.extend(b.KVM_CAPS[name] for name in names)
-        return saved[0](fd, names)
+        return saved["_capability_values"](fd, names)
 
     def array(kit, plan, key=None):
         # Read off the array as it is about to run (kept or made now): each
         # run with the registers its KVM_SET_REGS gives it, then its
         # KVM_GET_REGS when the array ends with one.
-        built = saved[1](kit, plan, key)
+        built = saved_array(kit, plan, key)
         ops, count, _ = built
         regs = None
         for op in ops[:count]:
@@ -312,12 +345,12 @@ def gate_spec(engine: str | None = b.DEFAULT_ENGINE) -> str:
         return built
 
     def execute(session, plan, key=None):
-        session_seen.append(session)
-        return saved[2](session, plan, key)
+        sessions.append(session)
+        return saved_execute(session, plan, key)
 
     def host_ns(iterations):
         lines.extend([f"hostloop {b._HOST_LOOP.hex()} {iterations}"] * 2)  # it takes the best of 2
-        return saved[3](iterations)
+        return saved["_host_ns_per_iteration"](iterations)
 
     def startup(fd, names, backend=None):
         wanted = [name for name in b._STARTUP_STEPS if name in set(names)]
@@ -330,35 +363,51 @@ def gate_spec(engine: str | None = b.DEFAULT_ENGINE) -> str:
                 lines.append(f"startup {request} {arg}")
             else:
                 lines.append(f"startupbuf {request} {bytes(buffer).hex()}")
-        return saved[4](fd, names, backend)
+        return saved["_probe_startup_ioctls"](fd, names, backend)
 
-    b._capability_values, b._Kit.array, b._Session.execute = (
-        capability_values,
-        array,
-        execute,
-    )
-    b._host_ns_per_iteration, b._probe_startup_ioctls = host_ns, startup
+    def seam(name):
+        verb, call = _OS_SEAMS[name], saved[name]
+
+        def recorded(*args):
+            line = " ".join([verb, *map(str, args)])
+            if len(line.split()) != len(args) + 1:
+                raise ValueError(f"the floor's spec cannot hold {args!r}")
+            if line not in reads:
+                reads.add(line)
+                lines.append(line)
+            return call(*args)
+
+        return recorded
+
+    patched = {
+        "_capability_values": capability_values,
+        "_host_ns_per_iteration": host_ns,
+        "_probe_startup_ioctls": startup,
+        **{name: seam(name) for name in _OS_SEAMS},
+    }
+    for name, value in patched.items():
+        setattr(b, name, value)
+    b._Kit.array, b._Session.execute = array, execute
     try:
-        try:
-            b.SystemCheck.run(backend="native", engine=engine).close()
-        except b.BoxliteError:
-            pass  # a refusal is the gate's work too
+        _work(work, "native")
     finally:
-        (
-            b._capability_values,
-            b._Kit.array,
-            b._Session.execute,
-            b._host_ns_per_iteration,
-            b._probe_startup_ioctls,
-        ) = saved
+        for name, value in saved.items():
+            setattr(b, name, value)
+        b._Kit.array, b._Session.execute = saved_array, saved_execute
     guest = b._guest("long-mode")
+    if any(session.guest is not guest for session in sessions):
+        raise ValueError(f"{work} ran a guest other than the long-mode one: no spec holds it")
+    # The C opens the device itself, first: the work's first open is that one.
+    first_open = f"open {b.KVM_DEVICE}"
+    if first_open in lines:
+        lines.remove(first_open)
     wanted, spans = guest.wanted()
     raw = ctypes.string_at(ctypes.addressof(wanted), ctypes.sizeof(wanted))
     head = [f"cap {cap}" for cap in caps]
     head += [f"mem {guest.mem_size}", f"image {guest.image.hex()}"]
     head += [f"sregs {offset} {raw[offset : offset + size].hex()}" for offset, size in spans]
     head += [f"msr {index} {value}" for _, index, value in b.BOOT_MSRS]
-    smoke = session_seen[0].result if session_seen else None
+    smoke = sessions[0].result if sessions else None
     head.append(f"arch {int(bool(smoke and smoke.cpuid.get('arch_capabilities')))}")
     for name, value in guest.regs.items():
         if name not in ("rip", "rcx"):
@@ -366,13 +415,16 @@ def gate_spec(engine: str | None = b.DEFAULT_ENGINE) -> str:
     return "\n".join(head + lines) + "\n"
 
 
-def floor_ratio(floor: str, backend: str = "native", runs: int = 60) -> tuple[float, float, str]:
-    """(gate ms, C floor ms, the floor's exit reasons): medians of ``runs``
-    default gates and as many passes of tests/gate_floor.c doing the work
-    the gate did here (its spec recorded from this host's own gate), the C
-    built as a library (``floor``) and called in this process, alternating
-    with the gate pass by pass: a noisy host's slow swings fall on both
-    alike.  Each side's start-up VMs are torn down outside its clock."""
+def floor_ratio(
+    floor: str, backend: str = "native", runs: int = 60, work: str = "gate"
+) -> tuple[float, float, str]:
+    """(work ms, C floor ms, the floor's exit reasons): medians of ``runs``
+    passes of the work (the default gate, or check()) and as many passes of
+    tests/gate_floor.c doing what it did here (its spec recorded from this
+    host's own pass), the C built as a library (``floor``) and called in
+    this process, alternating with the work pass by pass: a noisy host's
+    slow swings fall on both alike.  Each side's start-up VMs are torn down
+    outside its clock."""
     import ctypes
     import statistics
     import tempfile
@@ -383,30 +435,27 @@ def floor_ratio(floor: str, backend: str = "native", runs: int = 60) -> tuple[fl
     lib.gate_floor_once_ns.restype = ctypes.c_longlong
     lib.gate_floor_exits.restype = ctypes.c_size_t
 
-    def gate() -> int:
+    def timed() -> int:
         start = time.perf_counter_ns()
-        try:
-            b.SystemCheck.run(backend=backend).close()
-        except b.BoxliteError:
-            pass  # a refusal is the gate's work too
+        _work(work, backend)
         took = time.perf_counter_ns() - start
         b._wait_for_closes()
         return took
 
     with tempfile.NamedTemporaryFile("w", suffix=".spec") as spec:
-        spec.write(gate_spec())
+        spec.write(gate_spec(work))
         spec.flush()
         lib.gate_floor_load(spec.name.encode())
-    gate()  # both sides warm
+    timed()  # both sides warm
     lib.gate_floor_once_ns()
-    gates, floors = [], []
+    passes, floors = [], []
     for _ in range(runs):
         floors.append(lib.gate_floor_once_ns())
-        gates.append(gate())
+        passes.append(timed())
     reasons = (ctypes.c_uint * 64)()
     count = lib.gate_floor_exits(reasons, len(reasons))
     exits = "exits " + " ".join(str(reason) for reason in reasons[:count])
-    return statistics.median(gates) / 1e6, statistics.median(floors) / 1e6, exits
+    return statistics.median(passes) / 1e6, statistics.median(floors) / 1e6, exits
 
 
 def gate_ratio(runs: int, engine: str | None = b.DEFAULT_ENGINE) -> tuple[float, float]:
@@ -442,6 +491,15 @@ def bench() -> None:
                 f"default gate ({backend}) {gate_ms:.2f} ms, "
                 f"C doing the same work {floor_ms:.2f} ms: {gate_ms / floor_ms:.2f}x "
                 f"(target {target}; C's runs ended: {exits})",
+            )
+        for backend in ("native", "python"):
+            check_ms, floor_ms, exits = floor_ratio(floor, backend, runs=30, work="check")
+            announce(
+                f"bench-floor-check-{backend}",
+                "INFO",
+                f"check() ({backend}) {check_ms:.2f} ms, "
+                f"C doing its KVM work and host reads {floor_ms:.2f} ms: "
+                f"{check_ms / floor_ms:.2f}x (no target; C's runs ended: {exits})",
             )
     ms, ratio = gate_ratio(20)
     announce("bench", "INFO", f"gate {ms:.2f} ms, {ratio:.2f}x its native work (target 1.15x)")

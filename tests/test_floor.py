@@ -1,0 +1,133 @@
+"""The C floor `make bench` and the nested host measure against
+(tests/gate_floor.c): it must do the work it stands for, or every ratio
+against it says nothing."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import guest_cases
+import pytest
+from conftest import ROOT, needs_kvm
+from vmhost import GATE_FLOOR_LIBRARY
+
+import boxlite_syscheck as b
+
+SOURCE = ROOT / "tests" / "gate_floor.c"
+HOST_VERBS = ("open", "stat", "read", "xattr", "user", "group", "groupname")
+
+
+def build(where: Path, *flags: str) -> Path:
+    out = where / ("libgate_floor.so" if flags else "gate_floor")
+    subprocess.run(
+        ["cc", "-O2", "-Wall", "-Wextra", "-Werror", *flags, str(SOURCE), "-o", str(out)],
+        check=True,
+    )
+    return out
+
+
+def host_reads(spec: str) -> list[str]:
+    return [line for line in spec.splitlines() if line.split()[0] in HOST_VERBS]
+
+
+@needs_kvm
+def test_the_floor_makes_the_gates_runs_and_ends_them_as_the_gate_did(tmp_path, kvm_fd):
+    spec = guest_cases.gate_spec("gate")
+    runs = [line for line in spec.splitlines() if line.startswith("run ")]
+    (tmp_path / "gate.spec").write_text(spec)
+    lib = ctypes.CDLL(str(build(tmp_path, *GATE_FLOOR_LIBRARY)))
+    lib.gate_floor_load.argtypes = [ctypes.c_char_p]
+    lib.gate_floor_once_ns.restype = ctypes.c_longlong
+    lib.gate_floor_exits.restype = ctypes.c_size_t
+    lib.gate_floor_load(str(tmp_path / "gate.spec").encode())
+    assert lib.gate_floor_once_ns() > 0
+    exits = (ctypes.c_uint * 64)()
+    count = lib.gate_floor_exits(exits, len(exits))
+    # The gate's own guest, run here by the module: the floor's last run
+    # must stop where it stopped (HLT on a good host, here the emulation
+    # failure at the stock kernel's instruction).
+    smoke = b.smoke_test(kvm_fd, guest="long-mode")
+    assert count == len(runs) > 0
+    assert exits[count - 1] == smoke.exit_reason
+
+
+@needs_kvm
+def test_a_reports_floor_reads_what_check_reads_each_once(mocker):
+    b.check()  # warm, as the recording is
+    read = mocker.patch.object(b, "_read_text", side_effect=b._read_text)
+    exists = mocker.patch.object(b, "_exists", side_effect=b._exists)
+    b.check()
+    read_paths = {call.args[0] for call in read.call_args_list}
+    stat_paths = {call.args[0] for call in exists.call_args_list}
+    mocker.stopall()
+    seams = {name: getattr(b, name) for name in guest_cases._OS_SEAMS}
+
+    spec = guest_cases.gate_spec("check")
+
+    assert {name: getattr(b, name) for name in guest_cases._OS_SEAMS} == seams  # restored
+    reads = host_reads(spec)
+    assert len(reads) == len(set(reads))
+    assert {line.split()[1] for line in reads if line.startswith("read ")} == read_paths
+    assert stat_paths <= {line.split()[1] for line in reads if line.startswith("stat ")}
+    # The device is the floor's own first open, not a host read of its own.
+    assert f"open {b.KVM_DEVICE}" not in reads
+    # check() asks every engine's capabilities, more than the gate.
+    caps = [line for line in spec.splitlines() if line.startswith("cap ")]
+    gate_caps = [line for line in guest_cases.gate_spec().splitlines() if line.startswith("cap ")]
+    assert len(caps) > len(gate_caps)
+
+
+@needs_kvm
+def test_the_floor_really_reads_what_its_spec_names(tmp_path):
+    fifo = tmp_path / "evidence"
+    os.mkfifo(fifo)
+    spec = guest_cases.gate_spec("gate") + f"read {fifo}\n"
+    (tmp_path / "gate.spec").write_text(spec)
+    floor = subprocess.Popen(
+        [str(build(tmp_path)), str(tmp_path / "gate.spec"), "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    opened = False
+    deadline = time.monotonic() + 30
+    while floor.poll() is None and not opened and time.monotonic() < deadline:
+        try:  # succeeds only once the floor has the FIFO open for reading
+            writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as err:
+            assert err.errno == errno.ENXIO
+            time.sleep(0.001)
+            continue
+        os.write(writer, b"evidence\n")
+        os.close(writer)
+        opened = True
+    out, err = floor.communicate(timeout=30)
+    assert opened, err.decode()
+    assert floor.returncode == 0, err.decode()
+    assert int(out.split()[0]) > 0
+
+
+def test_a_spec_the_floor_cannot_read_stops_it(tmp_path):
+    (tmp_path / "bad.spec").write_text("mem 4096\nimage f4\nfetch /etc/hostname\n")
+    done = subprocess.run(
+        [str(build(tmp_path)), str(tmp_path / "bad.spec"), "1"], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "cannot read: fetch /etc/hostname" in done.stderr
+
+
+def test_a_recorded_argument_the_spec_cannot_hold_is_refused(mocker):
+    mocker.patch.object(guest_cases, "_work")
+    seam = b._read_text
+
+    def work(work: str, backend: str) -> None:
+        b._read_text("/tmp/a path with spaces")
+
+    guest_cases._work.side_effect = work
+    with pytest.raises(ValueError, match="cannot hold"):
+        guest_cases.gate_spec("gate")
+    assert b._read_text is seam
