@@ -55,11 +55,15 @@ def wall(argv: list[str], n: int, **kwargs) -> tuple[list[float], subprocess.Com
 
 
 def bare_samples(
-    floor: tuple[str, Callable[[], None]], n: int, rounds: int = 10
+    floor: tuple[str, Callable[[], None]], n: int, rounds: int = 40
 ) -> dict[str, list[float]]:
     """The bare device check in C (tests/bench_floor.c) and with each backend,
-    interleaved: ``rounds`` rounds of n/rounds each, so that the host's drift
-    (large here) falls on all three alike."""
+    interleaved so that the host's drift (large here) falls on all alike:
+    ``rounds`` rounds, each n/rounds runs of the C program, then as many
+    passes of the C inside this process, the native and the Python check,
+    one of each in turn.  (Under load this host's VM teardown stalls for
+    seconds at a time, 0.9 ms becoming 4 ms: in blocks of 200 one kind
+    could take a stall the next one missed.)"""
 
     def bare(kind: str) -> None:
         b.SystemCheck.run(backend=kind, engine=None).close()
@@ -67,15 +71,21 @@ def bare_samples(
     samples: dict[str, list[float]] = {"floor": [], "in-process": [], "native": [], "python": []}
     per = max(1, n // rounds)
     exe, in_process = floor
-    in_process()
-    for kind in ("native", "python"):
-        bare(kind)  # warm: library loaded, imports done
+    calls: dict[str, Callable[[], None]] = {
+        "in-process": in_process,
+        "native": lambda: bare("native"),
+        "python": lambda: bare("python"),
+    }
+    for call in calls.values():
+        call()  # warm: library loaded, imports done
     for _ in range(rounds):
         done = subprocess.run([exe, str(per)], capture_output=True, text=True, check=True)
         samples["floor"] += [float(line) for line in done.stdout.split()]
-        samples["in-process"] += timed(in_process, per)
-        for kind in ("native", "python"):
-            samples[kind] += timed(lambda kind=kind: bare(kind), per)
+        for _ in range(per):
+            for kind, call in calls.items():
+                start = time.perf_counter_ns()
+                call()
+                samples[kind].append(time.perf_counter_ns() - start)
     return samples
 
 
