@@ -86,7 +86,11 @@ def test_a_reports_floor_reads_what_check_reads_each_once(mocker):
 def test_the_floor_really_reads_what_its_spec_names(tmp_path):
     fifo = tmp_path / "evidence"
     os.mkfifo(fifo)
-    spec = guest_cases.gate_spec("gate") + f"read {fifo}\n"
+    # check()'s own reads, then one of each verb its spec can hold, the FIFO last.
+    spec = guest_cases.gate_spec("check")
+    spec += f"xattr {b.KVM_DEVICE} system.posix_acl_access\ngroupname kvm\nopen /dev/null\n"
+    spec += f"read {fifo}\n"
+    assert {line.split()[0] for line in host_reads(spec)} == set(HOST_VERBS)
     (tmp_path / "gate.spec").write_text(spec)
     floor = subprocess.Popen(
         [str(build(tmp_path)), str(tmp_path / "gate.spec"), "1"],
