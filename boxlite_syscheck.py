@@ -3209,6 +3209,7 @@ class Evidence:
             self.__dict__.update(values)
         self.path = path
         self._gather = gather
+        self._once: dict[tuple[Any, ...], Any] = {}  # Evidence.once's reads
 
     def __getattr__(self, name: str) -> Any:
         gather = _GATHER.get(name)
@@ -3229,11 +3230,10 @@ class Evidence:
     def once(self, read: Callable[..., _T], *args: Any) -> _T:
         """``read(*args)``, asked of the host once for this evidence: several
         fields read the same file (the cgroups, the mounts, the status)."""
-        memo: dict[tuple[Any, ...], Any] = self.__dict__.setdefault("_once", {})
         key = (read, *args)
-        if key not in memo:
-            memo[key] = read(*args)
-        value: _T = memo[key]
+        if key not in self._once:
+            self._once[key] = read(*args)
+        value: _T = self._once[key]
         return value
 
     def as_dict(self) -> dict[str, object]:

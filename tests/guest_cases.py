@@ -482,25 +482,21 @@ def bench() -> None:
     does (all under the same emulator)."""
     floor = os.path.join(HERE, "libgate_floor.so")
     if os.path.exists(floor):
-        for backend in ("native", "python"):
-            gate_ms, floor_ms, exits = floor_ratio(floor, backend)
-            target = "1.10x" if backend == "native" else "1.25x"
-            announce(
-                f"bench-floor-{backend}",
-                "INFO",
-                f"default gate ({backend}) {gate_ms:.2f} ms, "
-                f"C doing the same work {floor_ms:.2f} ms: {gate_ms / floor_ms:.2f}x "
-                f"(target {target}; C's runs ended: {exits})",
-            )
-        for backend in ("native", "python"):
-            check_ms, floor_ms, exits = floor_ratio(floor, backend, runs=30, work="check")
-            announce(
-                f"bench-floor-check-{backend}",
-                "INFO",
-                f"check() ({backend}) {check_ms:.2f} ms, "
-                f"C doing its KVM work and host reads {floor_ms:.2f} ms: "
-                f"{check_ms / floor_ms:.2f}x (no target; C's runs ended: {exits})",
-            )
+        gate_targets = {"native": "target 1.10x", "python": "target 1.25x"}
+        works = (
+            ("gate", "default gate", "", 60, "C doing the same work", gate_targets),
+            ("check", "check()", "-check", 30, "C doing its KVM work and host reads", {}),
+        )
+        for work, what, suffix, runs, floor_is, targets in works:
+            for backend in ("native", "python"):
+                ms, floor_ms, exits = floor_ratio(floor, backend, runs=runs, work=work)
+                target = targets.get(backend, "no target")
+                announce(
+                    f"bench-floor{suffix}-{backend}",
+                    "INFO",
+                    f"{what} ({backend}) {ms:.2f} ms, {floor_is} {floor_ms:.2f} ms: "
+                    f"{ms / floor_ms:.2f}x ({target}; C's runs ended: {exits})",
+                )
     ms, ratio = gate_ratio(20)
     announce("bench", "INFO", f"gate {ms:.2f} ms, {ratio:.2f}x its native work (target 1.15x)")
     ms, ratio = gate_ratio(50, engine=None)
