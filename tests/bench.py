@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import shutil
 import statistics
@@ -243,6 +244,62 @@ t6 = time.perf_counter_ns()
 print(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, ",".join(sorted(set(sys.modules) - before)))
 """
 
+# The first call's own pieces, timed inside it: each named function of the
+# module wrapped with a clock, in a fresh interpreter whose ctypes, ctypes
+# structures and library are already loaded (the rows above), then the
+# same for the second call.  "the rest" is the call's time less the pieces:
+# its Python, the device's open and close, the diagnosis.
+PIECES = """
+import json, sys, threading, time
+import boxlite_syscheck as b
+import ctypes
+b._abi()
+b._load_native()
+spent = {}
+
+caller = threading.get_ident()
+
+def clocked(name, call):
+    def timed(*args, **kwargs):
+        start = time.perf_counter_ns()
+        try:
+            return call(*args, **kwargs)
+        finally:
+            if threading.get_ident() == caller:  # the releasing thread is off the clock
+                spent[name] = spent.get(name, 0) + time.perf_counter_ns() - start
+    return timed
+
+def releasing(make):
+    def releaser(self, state):
+        return clocked("the VMs' release (C)", make(self, state))
+    return releaser
+
+N = b._NativeBackend
+N.execute = clocked("the device work (C)", N.execute)
+N.releaser = releasing(N.releaser)
+b._Kit.__init__ = clocked("guest memory and buffers (a kit)", b._Kit.__init__)
+b._Kit.array = clocked("operation arrays", b._Kit.array)
+b._guest = clocked("the guest's image", b._guest)
+b._host_ns_per_iteration = clocked("the host loop", b._host_ns_per_iteration)
+b._cpuid_features = clocked("CPUID features decoded", b._cpuid_features)
+args = {"engine": None} if sys.argv[1] == "bare" else {}
+calls = []
+for _ in range(2):
+    spent.clear()
+    start = time.perf_counter_ns()
+    if not calls:
+        import mmap  # what the first call imports (the cold row above names it)
+        spent["import mmap"] = time.perf_counter_ns() - start
+    try:
+        b.SystemCheck.run(**args).close()
+    except b.BoxliteError:
+        pass
+    spent["the rest"] = time.perf_counter_ns() - start - sum(spent.values())
+    calls.append(dict(spent))
+print(json.dumps(calls))
+"""
+
+
 FIRST = """
 import time
 t0 = time.perf_counter_ns()
@@ -298,6 +355,7 @@ def cold_rows(python: str, n: int) -> list[tuple[str, ...]]:
         if name.startswith("cold: first"):
             note += f"; it imports {first_imports.replace(',', ', ')}"
         rows.append((name, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", note))
+    rows += first_call_rows(python, n)
     for (flags, args), samples in firsts.items():
         med, lo, hi = summary(samples)
         what = f"first SystemCheck.run({args}), fresh process" + (
@@ -306,6 +364,30 @@ def cold_rows(python: str, n: int) -> list[tuple[str, ...]]:
         note = "import included; target 5 ms (BoxLite 0.9.1's runtime constructor, cold)"
         rows.append((what, f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", note))
     rows += boxlite_rows(n)
+    return rows
+
+
+def first_call_rows(python: str, n: int) -> list[tuple[str, ...]]:
+    """The first call's pieces (PIECES), each beside the second call's."""
+    rows = []
+    for kind, what in (("bare", "SystemCheck.run(engine=None)"), ("gate", "SystemCheck.run()")):
+        firsts: dict[str, list[float]] = {}
+        seconds: dict[str, list[float]] = {}
+        for _ in range(n):
+            done = subprocess.run(
+                [python, "-c", PIECES, kind], cwd=ROOT, capture_output=True, text=True, check=True
+            )
+            first, second = json.loads(done.stdout)
+            for piece, ns in first.items():
+                firsts.setdefault(piece, []).append(ns)
+                seconds.setdefault(piece, []).append(second.get(piece, 0))
+        for piece, samples in firsts.items():
+            med, lo, hi = summary(samples)
+            warm = summary(seconds[piece])[0]
+            note = f"the second call: {warm:.3f} ms"
+            rows.append(
+                (f"cold: first {what}: {piece}", f"{med:.3f}", f"{lo:.3f}", f"{hi:.3f}", "", note)
+            )
     return rows
 
 
