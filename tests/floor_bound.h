@@ -1,8 +1,8 @@
 /* The bound both C floors arm around KVM_RUN, as the gate arms it: the
  * signal blocked in the thread and let through only inside KVM_RUN
  * (KVM_SET_SIGNAL_MASK), a one-shot timer aimed at this thread, deleted
- * after the run, the run timed on the thread's CPU clock.  The including
- * file defines die(const char *). */
+ * after the run, the run timed on the thread's CPU clock (its nanoseconds
+ * returned).  The including file defines die(const char *). */
 #ifndef FLOOR_BOUND_H
 #define FLOOR_BOUND_H
 
@@ -14,7 +14,7 @@
 #include <time.h>
 #include <unistd.h>
 
-static void floor_bounded_run(int vcpu, long long timeout_ns)
+static long long floor_bounded_run(int vcpu, long long timeout_ns)
 {
     int sig = SIGRTMAX - 1, timer;
     sigset_t block, saved;
@@ -40,6 +40,7 @@ static void floor_bounded_run(int vcpu, long long timeout_ns)
     clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu[1]);
     if (syscall(SYS_timer_delete, timer) < 0) die("timer_delete");
     if (pthread_sigmask(SIG_SETMASK, &saved, NULL) != 0) die("pthread_sigmask");
+    return (cpu[1].tv_sec - cpu[0].tv_sec) * 1000000000LL + (cpu[1].tv_nsec - cpu[0].tv_nsec);
 }
 
 #endif

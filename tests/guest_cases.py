@@ -417,14 +417,17 @@ def gate_spec(work: str = "gate") -> str:
 
 def floor_ratio(
     floor: str, backend: str = "native", runs: int = 60, work: str = "gate"
-) -> tuple[float, float, str]:
-    """(work ms, C floor ms, the floor's exit reasons): medians of ``runs``
-    passes of the work (the default gate, or check()) and as many passes of
+) -> tuple[float, float, str, float, float]:
+    """(work ms, C floor ms, the floor's exit reasons, the work's KVM_RUN
+    ms, the floor's KVM_RUN ms): medians of ``runs`` passes of the work
+    (the default gate, or check()) and as many passes of
     tests/gate_floor.c doing what it did here (its spec recorded from this
     host's own pass), the C built as a library (``floor``) and called in
     this process, alternating with the work pass by pass: a noisy host's
     slow swings fall on both alike.  Each side's start-up VMs are torn down
-    outside its clock."""
+    outside its clock.  The KVM_RUN times (each side's runs on the thread's
+    CPU clock, RunTime) tell a swing of the guest's runs, the same work on
+    both sides, from one of the rest."""
     import ctypes
     import statistics
     import tempfile
@@ -434,12 +437,16 @@ def floor_ratio(
     lib.gate_floor_load.restype = None
     lib.gate_floor_once_ns.restype = ctypes.c_longlong
     lib.gate_floor_exits.restype = ctypes.c_size_t
+    lib.gate_floor_run_ns.restype = ctypes.c_longlong
+    run_ns: list[int] = []
 
     def timed() -> int:
-        start = time.perf_counter_ns()
-        _work(work, backend)
-        took = time.perf_counter_ns() - start
+        with RunTime() as clock:
+            start = time.perf_counter_ns()
+            _work(work, backend)
+            took = time.perf_counter_ns() - start
         b._wait_for_closes()
+        run_ns.append(clock.ns)
         return took
 
     with tempfile.NamedTemporaryFile("w", suffix=".spec") as spec:
@@ -448,14 +455,51 @@ def floor_ratio(
         lib.gate_floor_load(spec.name.encode())
     timed()  # both sides warm
     lib.gate_floor_once_ns()
-    passes, floors = [], []
+    passes, floors, floor_runs = [], [], []
+    del run_ns[:]
     for _ in range(runs):
         floors.append(lib.gate_floor_once_ns())
+        floor_runs.append(lib.gate_floor_run_ns())
         passes.append(timed())
     reasons = (ctypes.c_uint * 64)()
     count = lib.gate_floor_exits(reasons, len(reasons))
     exits = "exits " + " ".join(str(reason) for reason in reasons[:count])
-    return statistics.median(passes) / 1e6, statistics.median(floors) / 1e6, exits
+    ms, floor_ms = statistics.median(passes) / 1e6, statistics.median(floors) / 1e6
+    return ms, floor_ms, exits, statistics.median(run_ns) / 1e6, statistics.median(floor_runs) / 1e6
+
+
+class RunTime:
+    """The KVM_RUNs' time in the checks made inside it, as each backend
+    times them (the thread's CPU clock, into each run's value slot): an
+    array's run slots are read as soon as it has run, before the next
+    array zeroes or reuses them."""
+
+    def __init__(self) -> None:
+        self.ns = 0
+
+    def __enter__(self) -> RunTime:
+        self.saved = b._Kit.array, b._Session.execute
+        array, execute = self.saved
+        taken: dict[int, Any] = {}  # id(kit) -> the array it gave out last
+        clock = self
+
+        def remembered(kit: Any, *args: Any) -> Any:
+            built = array(kit, *args)
+            taken[id(kit)] = built[0]
+            return built
+
+        def counted(session: Any, *args: Any) -> bool:
+            done: bool = execute(session, *args)
+            ops, values = taken[id(session.kit)], session.out.values
+            slots = (ops[i].value_out for i in session.run_indices)
+            clock.ns += sum(int(values[slot]) for slot in slots if slot >= 0)
+            return done
+
+        b._Kit.array, b._Session.execute = remembered, counted
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        b._Kit.array, b._Session.execute = self.saved
 
 
 def gate_ratio(runs: int, engine: str | None = b.DEFAULT_ENGINE) -> tuple[float, float]:
@@ -489,13 +533,16 @@ def bench() -> None:
         )
         for work, what, suffix, runs, floor_is, targets in works:
             for backend in ("native", "python"):
-                ms, floor_ms, exits = floor_ratio(floor, backend, runs=runs, work=work)
+                ms, floor_ms, exits, run_ms, floor_run_ms = floor_ratio(
+                    floor, backend, runs=runs, work=work
+                )
                 target = targets.get(backend, "no target")
                 announce(
                     f"bench-floor{suffix}-{backend}",
                     "INFO",
                     f"{what} ({backend}) {ms:.2f} ms, {floor_is} {floor_ms:.2f} ms: "
-                    f"{ms / floor_ms:.2f}x ({target}; C's runs ended: {exits})",
+                    f"{ms / floor_ms:.2f}x ({target}; C's runs ended: {exits}; "
+                    f"KVM_RUN {run_ms:.2f} ms, the C's {floor_run_ms:.2f} ms)",
                 )
     ms, ratio = gate_ratio(20)
     announce("bench", "INFO", f"gate {ms:.2f} ms, {ratio:.2f}x its native work (target 1.15x)")

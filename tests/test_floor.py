@@ -135,3 +135,43 @@ def test_a_recorded_argument_the_spec_cannot_hold_is_refused(mocker):
     with pytest.raises(ValueError, match="cannot hold"):
         guest_cases.gate_spec("gate")
     assert b._read_text is seam
+
+
+@needs_kvm
+def test_the_floors_run_clock_times_only_its_last_pass(tmp_path):
+    (tmp_path / "gate.spec").write_text(guest_cases.gate_spec("gate"))
+    lib = ctypes.CDLL(str(build(tmp_path, *GATE_FLOOR_LIBRARY)))
+    lib.gate_floor_load.argtypes = [ctypes.c_char_p]
+    lib.gate_floor_once_ns.restype = ctypes.c_longlong
+    lib.gate_floor_run_ns.restype = ctypes.c_longlong
+    lib.gate_floor_load(str(tmp_path / "gate.spec").encode())
+    for _ in range(3):
+        wall = lib.gate_floor_once_ns()
+        # One thread's CPU time inside its runs cannot exceed the pass's
+        # wall time; a clock that kept the last passes' runs would.
+        assert 0 < lib.gate_floor_run_ns() <= wall
+
+
+@needs_kvm
+def test_the_gates_run_clock_counts_each_run_once(mocker):
+    def gate() -> None:
+        try:
+            b.SystemCheck.run(backend="python").close()
+        except b.BoxliteError:
+            pass
+
+    gate()  # warm: the arrays are built and kept
+    real, took = b._python_run, []
+
+    def each_run(*args: object) -> int:
+        elapsed: int = real(*args)
+        took.append(elapsed)
+        return elapsed
+
+    mocker.patch.object(b, "_python_run", side_effect=each_run)
+    with guest_cases.RunTime() as clock:
+        gate()
+    # What each run added to its slot, against what the slots held when
+    # their arrays had run: a slot read twice, or an array missed, differs.
+    assert len(took) > 2
+    assert clock.ns == sum(took) > 0
