@@ -502,6 +502,83 @@ class RunTime:
         b._Kit.array, b._Session.execute = self.saved
 
 
+def gate_pieces(runs: int, backend: str = "native") -> dict[str, float]:
+    """Where a warm default gate's time goes, as medians over ``runs``
+    gates (ms): each piece timed on the calling thread, "the rest" its
+    Python and the system calls no piece names, and beside them the
+    releasing thread's teardowns that ran inside the gate's clock (on a
+    one-vCPU host they share its CPU)."""
+    import statistics
+    import threading
+
+    caller, spent = threading.get_ident(), {}
+    busy = threading.Lock()  # the releasing thread's job in progress, inside the clock
+    clocking = [False]
+
+    def clocked(name: str, call: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter_ns()
+            try:
+                return call(*args, **kwargs)
+            finally:
+                took = time.perf_counter_ns() - start
+                if threading.get_ident() == caller:
+                    spent[name] = spent.get(name, 0) + took
+                elif clocking[0]:
+                    with busy:
+                        spent["releasing thread"] = spent.get("releasing thread", 0) + took
+
+        return timed
+
+    native = b._NativeBackend if backend == "native" else b._PythonBackend
+    saved = {
+        "execute": native.execute,
+        "releaser": native.releaser,
+        "release_later": b._release_later,
+        "loop": b._host_loop(),
+        **{name: getattr(b, name) for name in _OS_SEAMS},
+    }
+
+    def later(release: Any, fds: Any = ()) -> None:
+        saved["release_later"](clocked("start-up VMs' release", release), fds)
+
+    native.execute = clocked("device work (the arrays)", saved["execute"])
+    native.releaser = lambda self, state: clocked(
+        "the VM's release (C)", saved["releaser"](self, state)
+    )
+    b._release_later = later
+    b._CACHE["host_loop"] = clocked("host loop", saved["loop"])
+    for name in _OS_SEAMS:
+        what = "device open" if name == "_open_device" else "host reads"
+        setattr(b, name, clocked(what, saved[name]))
+    pieces: dict[str, list[float]] = {}
+    try:
+        for _ in range(runs):
+            spent.clear()
+            clocking[0] = True
+            start = time.perf_counter_ns()
+            try:
+                b.SystemCheck.run(backend=backend).close()
+            except b.BoxliteError:
+                pass
+            wall = time.perf_counter_ns() - start
+            clocking[0] = False
+            b._wait_for_closes()
+            mine = sum(ns for name, ns in spent.items() if name != "releasing thread")
+            spent["the rest"] = wall - mine
+            spent["total"] = wall
+            for name, ns in spent.items():
+                pieces.setdefault(name, []).append(ns)
+    finally:
+        native.execute, native.releaser = saved["execute"], saved["releaser"]
+        b._release_later, b._CACHE["host_loop"] = saved["release_later"], saved["loop"]
+        for name in _OS_SEAMS:
+            setattr(b, name, saved[name])
+    return {
+        name: statistics.median(ns + [0] * (runs - len(ns))) / 1e6 for name, ns in pieces.items()
+    }
+
+
 def gate_ratio(runs: int, engine: str | None = b.DEFAULT_ENGINE) -> tuple[float, float]:
     """(gate ms per run, gate time / native time) with the native backend."""
     try:
@@ -546,6 +623,9 @@ def bench() -> None:
                 )
     ms, ratio = gate_ratio(20)
     announce("bench", "INFO", f"gate {ms:.2f} ms, {ratio:.2f}x its native work (target 1.15x)")
+    pieces = gate_pieces(20)
+    said = ", ".join(f"{name} {ms:.2f}" for name, ms in pieces.items())
+    announce("bench-pieces", "INFO", f"a warm gate's time (ms, medians of 20): {said}")
     ms, ratio = gate_ratio(50, engine=None)
     announce("bench-bare", "INFO", f"bare device check {ms:.2f} ms, {ratio:.2f}x its native work")
     gate_ns = check_ns = 0

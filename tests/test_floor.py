@@ -175,3 +175,18 @@ def test_the_gates_run_clock_counts_each_run_once(mocker):
     # their arrays had run: a slot read twice, or an array missed, differs.
     assert len(took) > 2
     assert clock.ns == sum(took) > 0
+
+
+@needs_kvm
+@pytest.mark.parametrize("backend", ["native", "python"])
+def test_the_gates_pieces_are_timed_once_and_the_module_is_left_as_it_was(backend):
+    kept = {name: getattr(b, name) for name in (*guest_cases._OS_SEAMS, "_release_later")}
+    kept_backends = [(k, k.execute, k.releaser) for k in (b._NativeBackend, b._PythonBackend)]
+    pieces = guest_cases.gate_pieces(3, backend)
+    assert {name: getattr(b, name) for name in kept} == kept
+    assert all((k.execute, k.releaser) == (e, r) for k, e, r in kept_backends)
+    # "the rest" is the gate's time less its pieces: a piece timed twice
+    # (one nested in another) would drive it below zero.
+    assert pieces["device work (the arrays)"] > 0 and pieces["device open"] > 0
+    assert pieces["the rest"] > 0
+    assert pieces["total"] > pieces["device work (the arrays)"]
