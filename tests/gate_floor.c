@@ -220,6 +220,14 @@ static void (*host_loop)(uint32_t);
 static unsigned exits[4096];
 static size_t n_exits;
 static long long run_ns; /* the last pass's KVM_RUNs, on the thread's CPU clock */
+static long long release_ns; /* the last pass's teardown of the guest's VM */
+
+static long long now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (long long)t.tv_sec * 1000000000LL + t.tv_nsec;
+}
 
 /* One bounded KVM_RUN (floor_bound.h), its exit reason and time noted. */
 static void bounded_run(int vcpu, struct kvm_run *run)
@@ -370,10 +378,12 @@ static void once(void)
         }
         case VM:
             if (vcpu >= 0) { /* the guest's VM goes first, synchronously */
+                long long began = now_ns();
                 munmap(run, (size_t)size);
                 close(vcpu);
                 close(vm);
                 munmap(mem, mem_size);
+                release_ns += now_ns() - began;
                 vcpu = -1;
             }
             vmfd = ioctl(kvm, KVM_CREATE_VM, 0);
@@ -400,10 +410,12 @@ static void once(void)
         }
     }
     if (vcpu >= 0) {
+        long long began = now_ns();
         munmap(run, (size_t)size);
         close(vcpu);
         close(vm);
         munmap(mem, mem_size);
+        release_ns += now_ns() - began;
     }
     close(kvm);
 }
@@ -449,7 +461,7 @@ long long gate_floor_once_ns(void)
 {
     struct timespec a, b;
     n_exits = 0;
-    run_ns = 0;
+    run_ns = release_ns = 0;
     clock_gettime(CLOCK_MONOTONIC, &a);
     once();
     clock_gettime(CLOCK_MONOTONIC, &b);
@@ -461,6 +473,10 @@ long long gate_floor_once_ns(void)
 /* The last pass's KVM_RUNs: their nanoseconds on the thread's CPU clock,
  * as the gate times each of its own. */
 long long gate_floor_run_ns(void) { return run_ns; }
+
+/* The last pass's teardown of the guest's VM (its vCPU, VM and memory),
+ * on the monotonic clock, as gate_pieces times the gate's. */
+long long gate_floor_release_ns(void) { return release_ns; }
 
 /* The last pass's exit reasons, up to cap of them into out; their count. */
 size_t gate_floor_exits(unsigned *out, size_t cap)
