@@ -667,9 +667,8 @@ def bench(n: int) -> list[tuple[str, ...]]:
     )
     for work, what, name, runs, targets in works:
         for backend in ("native", "python"):
-            ms, floor_ms, exits, run_ms, floor_run_ms = floor_ratio(
-                exe, backend, runs=runs, work=work
-            )
+            got = floor_ratio(exe, backend, runs=runs, work=work)
+            ms, floor_ms, exits = got.ms, got.floor_ms, got.exits
             if backend == "native":
                 rows.append(
                     (
@@ -691,7 +690,7 @@ def bench(n: int) -> list[tuple[str, ...]]:
                     "",
                     f"{ms / floor_ms:.2f}x",
                     f"vs the C above, alternating pass by pass; {target}; "
-                    f"KVM_RUN {run_ms:.2f} ms, the C's {floor_run_ms:.2f} ms",
+                    f"KVM_RUN {got.run_ms:.2f} ms, the C's {got.floor_run_ms:.2f} ms",
                 )
             )
     rows += per_ioctl_rows()

@@ -13,7 +13,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -415,16 +415,19 @@ def gate_spec(work: str = "gate") -> str:
     return "\n".join(head + lines) + "\n"
 
 
-#: The C floor's teardown of its guest's VM in the last floor_ratio, by
-#: (work, backend): median ms, beside gate_pieces' "the VM's release".
-FLOOR_RELEASE_MS: dict[tuple[str, str], float] = {}
+class Floored(NamedTuple):
+    """floor_ratio's answer: medians in ms, and the floor's exit reasons."""
+
+    ms: float  # the work's pass
+    floor_ms: float  # the C's pass
+    exits: str
+    run_ms: float  # the work's KVM_RUNs (RunTime)
+    floor_run_ms: float  # the C's KVM_RUNs
+    floor_release_ms: float  # the C's teardown of its guest's VM
 
 
-def floor_ratio(
-    floor: str, backend: str = "native", runs: int = 60, work: str = "gate"
-) -> tuple[float, float, str, float, float]:
-    """(work ms, C floor ms, the floor's exit reasons, the work's KVM_RUN
-    ms, the floor's KVM_RUN ms): medians of ``runs`` passes of the work
+def floor_ratio(floor: str, backend: str = "native", runs: int = 60, work: str = "gate") -> Floored:
+    """Medians of ``runs`` passes of the work
     (the default gate, or check()) and as many passes of
     tests/gate_floor.c doing what it did here (its spec recorded from this
     host's own pass), the C built as a library (``floor``) and called in
@@ -468,12 +471,11 @@ def floor_ratio(
         floor_runs.append(lib.gate_floor_run_ns())
         floor_releases.append(lib.gate_floor_release_ns())
         passes.append(timed())
-    FLOOR_RELEASE_MS[work, backend] = statistics.median(floor_releases) / 1e6
     reasons = (ctypes.c_uint * 64)()
     count = lib.gate_floor_exits(reasons, len(reasons))
     exits = "exits " + " ".join(str(reason) for reason in reasons[:count])
-    ms, floor_ms = statistics.median(passes) / 1e6, statistics.median(floors) / 1e6
-    return ms, floor_ms, exits, statistics.median(run_ns) / 1e6, statistics.median(floor_runs) / 1e6
+    ms = [statistics.median(got) / 1e6 for got in (passes, floors, run_ns, floor_runs)]
+    return Floored(ms[0], ms[1], exits, ms[2], ms[3], statistics.median(floor_releases) / 1e6)
 
 
 class RunTime:
@@ -616,6 +618,7 @@ def bench() -> None:
     """The gate against C doing the same work, and against the native work it
     does (all under the same emulator)."""
     floor = os.path.join(HERE, "libgate_floor.so")
+    released: float | None = None
     if os.path.exists(floor):
         gate_targets = {"native": "target 1.10x", "python": "target 1.25x"}
         works = (
@@ -624,22 +627,21 @@ def bench() -> None:
         )
         for work, what, suffix, runs, floor_is, targets in works:
             for backend in ("native", "python"):
-                ms, floor_ms, exits, run_ms, floor_run_ms = floor_ratio(
-                    floor, backend, runs=runs, work=work
-                )
+                got = floor_ratio(floor, backend, runs=runs, work=work)
+                if (work, backend) == ("gate", "native"):
+                    released = got.floor_release_ms  # beside gate_pieces' own, below
                 target = targets.get(backend, "no target")
                 announce(
                     f"bench-floor{suffix}-{backend}",
                     "INFO",
-                    f"{what} ({backend}) {ms:.2f} ms, {floor_is} {floor_ms:.2f} ms: "
-                    f"{ms / floor_ms:.2f}x ({target}; C's runs ended: {exits}; "
-                    f"KVM_RUN {run_ms:.2f} ms, the C's {floor_run_ms:.2f} ms)",
+                    f"{what} ({backend}) {got.ms:.2f} ms, {floor_is} {got.floor_ms:.2f} ms: "
+                    f"{got.ms / got.floor_ms:.2f}x ({target}; C's runs ended: {got.exits}; "
+                    f"KVM_RUN {got.run_ms:.2f} ms, the C's {got.floor_run_ms:.2f} ms)",
                 )
     ms, ratio = gate_ratio(20)
     announce("bench", "INFO", f"gate {ms:.2f} ms, {ratio:.2f}x its native work (target 1.15x)")
     pieces = gate_pieces(20)
     said = ", ".join(f"{name} {ms:.2f}" for name, ms in pieces.items())
-    released = FLOOR_RELEASE_MS.get(("gate", "native"))
     if released is not None:
         said += f"; the C floor's release of its guest's VM {released:.2f}"
     announce("bench-pieces", "INFO", f"a warm gate's time (ms, medians of 20): {said}")
