@@ -221,6 +221,7 @@ static unsigned exits[4096];
 static size_t n_exits;
 static long long run_ns; /* the last pass's KVM_RUNs, on the thread's CPU clock */
 static long long release_ns; /* the last pass's teardown of the guest's VM */
+static long long pause_ns; /* a wait before that teardown (gate_floor_pause_us) */
 
 static long long now_ns(void)
 {
@@ -282,6 +283,13 @@ static void do_host_read(const struct action *act)
     default:
         die("not a host read");
     }
+}
+
+/* Wait pause_ns before the guest VM's teardown, off its clock. */
+static void wait_before_release(void)
+{
+    struct timespec wait = {pause_ns / 1000000000LL, pause_ns % 1000000000LL};
+    while (pause_ns > 0 && nanosleep(&wait, &wait) != 0) continue;
 }
 
 static int startup_fds[8];
@@ -378,6 +386,7 @@ static void once(void)
         }
         case VM:
             if (vcpu >= 0) { /* the guest's VM goes first, synchronously */
+                wait_before_release();
                 long long began = now_ns();
                 munmap(run, (size_t)size);
                 close(vcpu);
@@ -410,6 +419,7 @@ static void once(void)
         }
     }
     if (vcpu >= 0) {
+        wait_before_release();
         long long began = now_ns();
         munmap(run, (size_t)size);
         close(vcpu);
@@ -477,6 +487,12 @@ long long gate_floor_run_ns(void) { return run_ns; }
 /* The last pass's teardown of the guest's VM (its vCPU, VM and memory),
  * on the monotonic clock, as gate_pieces times the gate's. */
 long long gate_floor_release_ns(void) { return release_ns; }
+
+/* From now on, wait US microseconds between a pass's last use of its
+ * guest's VM and the VM's teardown (0: none).  On Linux 6.1 the teardown
+ * costs about 10 ms more once a few milliseconds have passed since the VM
+ * was made: this shows how much of the floor's release is that timing. */
+void gate_floor_pause_us(long long us) { pause_ns = us * 1000; }
 
 /* The last pass's exit reasons, up to cap of them into out; their count. */
 size_t gate_floor_exits(unsigned *out, size_t cap)

@@ -478,6 +478,41 @@ def floor_ratio(floor: str, backend: str = "native", runs: int = 60, work: str =
     return Floored(ms[0], ms[1], exits, ms[2], ms[3], statistics.median(floor_releases) / 1e6)
 
 
+def floor_release_paused(floor: str, pause_us: int, passes: int = 10) -> tuple[float, float]:
+    """The C floor's teardown of its guest's VM (median ms over ``passes``),
+    as it runs and then with ``pause_us`` more between the VM's last use and
+    its teardown (one run of passes each: a pass's teardown depends on the
+    last pass's timing, so the two are not interleaved).  On Linux 6.1 a VM's teardown stops its
+    NX huge page recovery thread, whose exit joins its cgroups again and
+    waits for an RCU grace period unless one of the VM's creation is still
+    under way: a teardown soon after the creation is cheaper by that wait."""
+    import ctypes
+    import statistics
+    import tempfile
+
+    lib = ctypes.CDLL(os.path.abspath(floor))
+    lib.gate_floor_load.argtypes = [ctypes.c_char_p]
+    lib.gate_floor_load.restype = None
+    lib.gate_floor_pause_us.argtypes = [ctypes.c_longlong]
+    lib.gate_floor_pause_us.restype = None
+    lib.gate_floor_release_ns.restype = ctypes.c_longlong
+    with tempfile.NamedTemporaryFile("w", suffix=".spec") as spec:
+        spec.write(gate_spec("gate"))
+        spec.flush()
+        lib.gate_floor_load(spec.name.encode())
+    took: dict[int, list[int]] = {0: [], pause_us: []}
+    try:
+        for pause, releases in took.items():
+            lib.gate_floor_pause_us(pause)
+            lib.gate_floor_once_ns()  # its first pass follows another timing
+            for _ in range(passes):
+                lib.gate_floor_once_ns()
+                releases.append(lib.gate_floor_release_ns())
+    finally:
+        lib.gate_floor_pause_us(0)
+    return statistics.median(took[0]) / 1e6, statistics.median(took[pause_us]) / 1e6
+
+
 class RunTime:
     """The KVM_RUNs' time in the checks made inside it, as each backend
     times them (the thread's CPU clock, into each run's value slot): an
@@ -645,6 +680,14 @@ def bench() -> None:
     if released is not None:
         said += f"; the C floor's release of its guest's VM {released:.2f}"
     announce("bench-pieces", "INFO", f"a warm gate's time (ms, medians of 20): {said}")
+    if os.path.exists(floor):
+        now, paused = floor_release_paused(floor, 2000)
+        announce(
+            "bench-teardown",
+            "INFO",
+            f"the C floor's release of its guest's VM {now:.2f} ms; "
+            f"{paused:.2f} ms with 2 ms more between the VM's last use and its teardown",
+        )
     ms, ratio = gate_ratio(50, engine=None)
     announce("bench-bare", "INFO", f"bare device check {ms:.2f} ms, {ratio:.2f}x its native work")
     gate_ns = check_ns = 0

@@ -182,6 +182,27 @@ def test_the_gates_run_clock_counts_each_run_once(mocker):
 
 
 @needs_kvm
+def test_the_floors_pause_comes_before_its_teardown_and_off_its_clock(tmp_path):
+    (tmp_path / "gate.spec").write_text(guest_cases.gate_spec("gate"))
+    lib = ctypes.CDLL(str(build(tmp_path, *GATE_FLOOR_LIBRARY)))
+    lib.gate_floor_load.argtypes = [ctypes.c_char_p]
+    lib.gate_floor_pause_us.argtypes = [ctypes.c_longlong]
+    lib.gate_floor_once_ns.restype = ctypes.c_longlong
+    lib.gate_floor_run_ns.restype = ctypes.c_longlong
+    lib.gate_floor_release_ns.restype = ctypes.c_longlong
+    lib.gate_floor_load(str(tmp_path / "gate.spec").encode())
+    pause_ns = 20_000_000  # far beyond a pass here
+    lib.gate_floor_pause_us(pause_ns // 1000)
+    wall = lib.gate_floor_once_ns()
+    runs, release = lib.gate_floor_run_ns(), lib.gate_floor_release_ns()
+    # The pause is inside the pass but in neither clock: a pause not made
+    # leaves the pass shorter than it, one timed as the teardown overflows.
+    assert wall >= pause_ns + runs + release and release > 0
+    lib.gate_floor_pause_us(0)
+    assert lib.gate_floor_once_ns() < pause_ns  # and it can be taken back
+
+
+@needs_kvm
 @pytest.mark.parametrize("backend", ["native", "python"])
 def test_the_gates_pieces_are_timed_once_and_the_module_is_left_as_it_was(backend):
     kept = {name: getattr(b, name) for name in (*guest_cases._OS_SEAMS, "_release_later")}
