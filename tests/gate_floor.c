@@ -48,6 +48,7 @@
  * has nothing to report.
  */
 #define _GNU_SOURCE
+#include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/kvm.h>
@@ -285,11 +286,19 @@ static void do_host_read(const struct action *act)
     }
 }
 
-/* Wait pause_ns before the guest VM's teardown, off its clock. */
-static void wait_before_release(void)
+/* Tear the guest's VM down: unmap its run area, close its vCPU and VM,
+ * unmap its memory.  It waits pause_ns first, off the teardown's clock. */
+static void release_guest(struct kvm_run *run, size_t run_size, int vcpu, int vm, void *mem)
 {
     struct timespec wait = {pause_ns / 1000000000LL, pause_ns % 1000000000LL};
-    while (pause_ns > 0 && nanosleep(&wait, &wait) != 0) continue;
+    while (pause_ns > 0 && nanosleep(&wait, &wait) != 0)
+        if (errno != EINTR) die("nanosleep");
+    long long began = now_ns();
+    if (munmap(run, run_size) != 0) die("munmap run area");
+    if (close(vcpu) != 0) die("close vCPU");
+    if (close(vm) != 0) die("close VM");
+    if (munmap(mem, mem_size) != 0) die("munmap guest memory");
+    release_ns += now_ns() - began;
 }
 
 static int startup_fds[8];
@@ -386,13 +395,7 @@ static void once(void)
         }
         case VM:
             if (vcpu >= 0) { /* the guest's VM goes first, synchronously */
-                wait_before_release();
-                long long began = now_ns();
-                munmap(run, (size_t)size);
-                close(vcpu);
-                close(vm);
-                munmap(mem, mem_size);
-                release_ns += now_ns() - began;
+                release_guest(run, (size_t)size, vcpu, vm, mem);
                 vcpu = -1;
             }
             vmfd = ioctl(kvm, KVM_CREATE_VM, 0);
@@ -418,15 +421,7 @@ static void once(void)
             die("spec: cap after the guest");
         }
     }
-    if (vcpu >= 0) {
-        wait_before_release();
-        long long began = now_ns();
-        munmap(run, (size_t)size);
-        close(vcpu);
-        close(vm);
-        munmap(mem, mem_size);
-        release_ns += now_ns() - began;
-    }
+    if (vcpu >= 0) release_guest(run, (size_t)size, vcpu, vm, mem);
     close(kvm);
 }
 

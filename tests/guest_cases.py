@@ -426,6 +426,27 @@ class Floored(NamedTuple):
     floor_release_ms: float  # the C's teardown of its guest's VM
 
 
+def load_floor(floor: str, spec: str) -> Any:
+    """tests/gate_floor.c built as a library (``floor``), its calls typed,
+    with ``spec`` (gate_spec's text) loaded."""
+    import ctypes
+    import tempfile
+
+    lib = ctypes.CDLL(os.path.abspath(floor))
+    lib.gate_floor_load.argtypes = [ctypes.c_char_p]
+    lib.gate_floor_load.restype = None
+    lib.gate_floor_pause_us.argtypes = [ctypes.c_longlong]
+    lib.gate_floor_pause_us.restype = None
+    lib.gate_floor_exits.restype = ctypes.c_size_t
+    for name in ("once_ns", "run_ns", "release_ns"):
+        getattr(lib, "gate_floor_" + name).restype = ctypes.c_longlong
+    with tempfile.NamedTemporaryFile("w", suffix=".spec") as file:
+        file.write(spec)
+        file.flush()
+        lib.gate_floor_load(file.name.encode())
+    return lib
+
+
 def floor_ratio(floor: str, backend: str = "native", runs: int = 60, work: str = "gate") -> Floored:
     """Medians of ``runs`` passes of the work
     (the default gate, or check()) and as many passes of
@@ -438,15 +459,7 @@ def floor_ratio(floor: str, backend: str = "native", runs: int = 60, work: str =
     both sides, from one of the rest."""
     import ctypes
     import statistics
-    import tempfile
 
-    lib = ctypes.CDLL(os.path.abspath(floor))
-    lib.gate_floor_load.argtypes = [ctypes.c_char_p]
-    lib.gate_floor_load.restype = None
-    lib.gate_floor_once_ns.restype = ctypes.c_longlong
-    lib.gate_floor_exits.restype = ctypes.c_size_t
-    lib.gate_floor_run_ns.restype = ctypes.c_longlong
-    lib.gate_floor_release_ns.restype = ctypes.c_longlong
     run_ns: list[int] = []
 
     def timed() -> int:
@@ -458,10 +471,7 @@ def floor_ratio(floor: str, backend: str = "native", runs: int = 60, work: str =
         run_ns.append(clock.ns)
         return took
 
-    with tempfile.NamedTemporaryFile("w", suffix=".spec") as spec:
-        spec.write(gate_spec(work))
-        spec.flush()
-        lib.gate_floor_load(spec.name.encode())
+    lib = load_floor(floor, gate_spec(work))
     timed()  # both sides warm
     lib.gate_floor_once_ns()
     passes, floors, floor_runs, floor_releases = [], [], [], []
@@ -482,24 +492,14 @@ def floor_release_paused(floor: str, pause_us: int, passes: int = 10) -> tuple[f
     """The C floor's teardown of its guest's VM (median ms over ``passes``),
     as it runs and then with ``pause_us`` more between the VM's last use and
     its teardown (one run of passes each: a pass's teardown depends on the
-    last pass's timing, so the two are not interleaved).  On Linux 6.1 a VM's teardown stops its
-    NX huge page recovery thread, whose exit joins its cgroups again and
-    waits for an RCU grace period unless one of the VM's creation is still
-    under way: a teardown soon after the creation is cheaper by that wait."""
-    import ctypes
+    last pass's timing, so the two are not interleaved).  On Linux 6.1 a
+    VM's teardown stops its NX huge page recovery thread, whose exit joins
+    its cgroups again and waits for an RCU grace period unless one of the
+    VM's creation is still under way: a teardown soon after the creation
+    is cheaper by that wait."""
     import statistics
-    import tempfile
 
-    lib = ctypes.CDLL(os.path.abspath(floor))
-    lib.gate_floor_load.argtypes = [ctypes.c_char_p]
-    lib.gate_floor_load.restype = None
-    lib.gate_floor_pause_us.argtypes = [ctypes.c_longlong]
-    lib.gate_floor_pause_us.restype = None
-    lib.gate_floor_release_ns.restype = ctypes.c_longlong
-    with tempfile.NamedTemporaryFile("w", suffix=".spec") as spec:
-        spec.write(gate_spec("gate"))
-        spec.flush()
-        lib.gate_floor_load(spec.name.encode())
+    lib = load_floor(floor, gate_spec("gate"))
     took: dict[int, list[int]] = {0: [], pause_us: []}
     try:
         for pause, releases in took.items():

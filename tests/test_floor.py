@@ -39,12 +39,7 @@ def host_reads(spec: str) -> list[str]:
 def test_the_floor_makes_the_gates_runs_and_ends_them_as_the_gate_did(tmp_path, kvm_fd):
     spec = guest_cases.gate_spec("gate")
     runs = [line for line in spec.splitlines() if line.startswith("run ")]
-    (tmp_path / "gate.spec").write_text(spec)
-    lib = ctypes.CDLL(str(build(tmp_path, *GATE_FLOOR_LIBRARY)))
-    lib.gate_floor_load.argtypes = [ctypes.c_char_p]
-    lib.gate_floor_once_ns.restype = ctypes.c_longlong
-    lib.gate_floor_exits.restype = ctypes.c_size_t
-    lib.gate_floor_load(str(tmp_path / "gate.spec").encode())
+    lib = guest_cases.load_floor(str(build(tmp_path, *GATE_FLOOR_LIBRARY)), spec)
     assert lib.gate_floor_once_ns() > 0
     exits = (ctypes.c_uint * 64)()
     count = lib.gate_floor_exits(exits, len(exits))
@@ -139,13 +134,8 @@ def test_a_recorded_argument_the_spec_cannot_hold_is_refused(mocker):
 
 @needs_kvm
 def test_the_floors_clocks_time_only_its_last_pass(tmp_path):
-    (tmp_path / "gate.spec").write_text(guest_cases.gate_spec("gate"))
-    lib = ctypes.CDLL(str(build(tmp_path, *GATE_FLOOR_LIBRARY)))
-    lib.gate_floor_load.argtypes = [ctypes.c_char_p]
-    lib.gate_floor_once_ns.restype = ctypes.c_longlong
-    lib.gate_floor_run_ns.restype = ctypes.c_longlong
-    lib.gate_floor_release_ns.restype = ctypes.c_longlong
-    lib.gate_floor_load(str(tmp_path / "gate.spec").encode())
+    spec = guest_cases.gate_spec("gate")
+    lib = guest_cases.load_floor(str(build(tmp_path, *GATE_FLOOR_LIBRARY)), spec)
     for _ in range(3):
         wall = lib.gate_floor_once_ns()
         # One thread's CPU time inside its runs cannot exceed the pass's
@@ -183,14 +173,8 @@ def test_the_gates_run_clock_counts_each_run_once(mocker):
 
 @needs_kvm
 def test_the_floors_pause_comes_before_its_teardown_and_off_its_clock(tmp_path):
-    (tmp_path / "gate.spec").write_text(guest_cases.gate_spec("gate"))
-    lib = ctypes.CDLL(str(build(tmp_path, *GATE_FLOOR_LIBRARY)))
-    lib.gate_floor_load.argtypes = [ctypes.c_char_p]
-    lib.gate_floor_pause_us.argtypes = [ctypes.c_longlong]
-    lib.gate_floor_once_ns.restype = ctypes.c_longlong
-    lib.gate_floor_run_ns.restype = ctypes.c_longlong
-    lib.gate_floor_release_ns.restype = ctypes.c_longlong
-    lib.gate_floor_load(str(tmp_path / "gate.spec").encode())
+    spec = guest_cases.gate_spec("gate")
+    lib = guest_cases.load_floor(str(build(tmp_path, *GATE_FLOOR_LIBRARY)), spec)
     pause_ns = 20_000_000  # far beyond a pass here
     lib.gate_floor_pause_us(pause_ns // 1000)
     wall = lib.gate_floor_once_ns()
