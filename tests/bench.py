@@ -41,7 +41,21 @@ def timed(call, n: int) -> list[float]:
         start = time.perf_counter_ns()
         call()
         out.append(time.perf_counter_ns() - start)
+        settle()
     return out
+
+
+FLOOR_SETTLES: list[Callable[[], None]] = []
+
+
+def settle() -> None:
+    """Tear down the VMs the last call left for later, off the clock: the
+    check leaves its guest's teardown to its releasing thread, and the C
+    floors leave theirs for this (each must wait for its own, or the next
+    call, of either kind, would bear it)."""
+    b._wait_for_closes()
+    for call in FLOOR_SETTLES:
+        call()
 
 
 def wall(argv: list[str], n: int, **kwargs) -> tuple[list[float], subprocess.CompletedProcess[str]]:
@@ -89,6 +103,7 @@ def bare_samples(
     }
     for call in calls.values():
         call()  # warm: library loaded, imports done
+        settle()
     try:
         for _ in range(rounds):
             os.sched_setaffinity(0, {one})
@@ -99,6 +114,7 @@ def bare_samples(
                     start = time.perf_counter_ns()
                     call()
                     samples[kind].append(time.perf_counter_ns() - start)
+                    settle()
             for cpu in others:
                 os.sched_setaffinity(0, {cpu})
                 samples[f"cpu {cpu}"] += timed(in_process, per)
@@ -114,7 +130,9 @@ def bare_floor() -> tuple[str, Callable[[], None]]:
     lib = build_c(
         "bench_floor.c", "libbench_floor.so", "-shared", "-fPIC", "-Dmain=bench_floor_main"
     )
-    once: Callable[[], None] = ctypes.CDLL(lib).bench_floor_once
+    loaded = ctypes.CDLL(lib)
+    once: Callable[[], None] = loaded.bench_floor_once
+    FLOOR_SETTLES.append(loaded.bench_floor_settle)
     return exe, once
 
 
@@ -158,6 +176,7 @@ def own_python_rows(in_process: Callable[[], None], n: int) -> list[tuple[str, .
             alone += timed(check, 10)
             for _ in range(10):
                 in_process()
+                settle()
                 start = time.perf_counter_ns()
                 check()
                 after.append(time.perf_counter_ns() - start)

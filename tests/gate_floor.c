@@ -286,19 +286,38 @@ static void do_host_read(const struct action *act)
     }
 }
 
-/* Tear the guest's VM down: unmap its run area, close its vCPU and VM,
- * unmap its memory.  It waits pause_ns first, off the teardown's clock. */
+/* The guest's VM, closed but not torn down: its run area holds the vCPU,
+ * and through it the VM, as the gate leaves it to its releasing thread. */
+static struct kvm_run *pending_run;
+static size_t pending_run_size;
+static void *pending_mem;
+
+/* What the gate does on its clock when it is done with its guest's VM:
+ * keep the run area out of forks, close the vCPU and the VM. */
 static void release_guest(struct kvm_run *run, size_t run_size, int vcpu, int vm, void *mem)
 {
+    if (madvise(run, run_size, MADV_DONTFORK) != 0) die("madvise run area");
+    if (close(vcpu) != 0) die("close vCPU");
+    if (close(vm) != 0) die("close VM");
+    pending_run = run;
+    pending_run_size = run_size;
+    pending_mem = mem;
+}
+
+/* The guest VM's teardown, after the pass's clock has stopped, as the
+ * gate's thread bears it: unmap the run area (the last reference), then
+ * the guest memory.  It waits pause_ns first, off the teardown's clock. */
+static void settle_guest(void)
+{
+    if (pending_run == NULL) return;
     struct timespec wait = {pause_ns / 1000000000LL, pause_ns % 1000000000LL};
     while (pause_ns > 0 && nanosleep(&wait, &wait) != 0)
         if (errno != EINTR) die("nanosleep");
     long long began = now_ns();
-    if (munmap(run, run_size) != 0) die("munmap run area");
-    if (close(vcpu) != 0) die("close vCPU");
-    if (close(vm) != 0) die("close VM");
-    if (munmap(mem, mem_size) != 0) die("munmap guest memory");
-    release_ns += now_ns() - began;
+    if (munmap(pending_run, pending_run_size) != 0) die("munmap run area");
+    if (munmap(pending_mem, mem_size) != 0) die("munmap guest memory");
+    release_ns = now_ns() - began;
+    pending_run = NULL;
 }
 
 static int startup_fds[8];
@@ -394,7 +413,7 @@ static void once(void)
             break;
         }
         case VM:
-            if (vcpu >= 0) { /* the guest's VM goes first, synchronously */
+            if (vcpu >= 0) { /* the guest's VM is closed first, as in the gate */
                 release_guest(run, (size_t)size, vcpu, vm, mem);
                 vcpu = -1;
             }
@@ -459,9 +478,10 @@ void gate_floor_load(const char *path)
     }
 }
 
-/* One pass, timed from opening /dev/kvm to closing it; the start-up VMs
- * are closed after the clock stops.  Its exit reasons replace the last
- * pass's (gate_floor_exits). */
+/* One pass, timed from opening /dev/kvm to closing it; the guest's VM is
+ * torn down and the start-up VMs closed after the clock stops, as the
+ * gate leaves them to its releasing thread.  Its exit reasons replace the
+ * last pass's (gate_floor_exits). */
 long long gate_floor_once_ns(void)
 {
     struct timespec a, b;
@@ -470,6 +490,7 @@ long long gate_floor_once_ns(void)
     clock_gettime(CLOCK_MONOTONIC, &a);
     once();
     clock_gettime(CLOCK_MONOTONIC, &b);
+    settle_guest();
     for (size_t k = 0; k < n_startup; k++) close(startup_fds[k]);
     n_startup = 0;
     return (long long)(b.tv_sec - a.tv_sec) * 1000000000LL + (b.tv_nsec - a.tv_nsec);
@@ -479,12 +500,12 @@ long long gate_floor_once_ns(void)
  * as the gate times each of its own. */
 long long gate_floor_run_ns(void) { return run_ns; }
 
-/* The last pass's teardown of the guest's VM (its vCPU, VM and memory),
- * on the monotonic clock, as gate_pieces times the gate's. */
+/* The last pass's teardown of the guest's VM (the unmaps of its run area
+ * and memory, after the pass's clock), on the monotonic clock. */
 long long gate_floor_release_ns(void) { return release_ns; }
 
-/* From now on, wait US microseconds between a pass's last use of its
- * guest's VM and the VM's teardown (0: none).  On Linux 6.1 the teardown
+/* From now on, wait US microseconds between the end of a pass's clock
+ * and its guest VM's teardown (0: none).  On Linux 6.1 the teardown
  * costs about 10 ms more once a few milliseconds have passed since the VM
  * was made: this shows how much of the floor's release is that timing. */
 void gate_floor_pause_us(long long us) { pause_ns = us * 1000; }
