@@ -269,24 +269,15 @@ print(t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, ",".join(sorted(set(
 # same for the second call.  "the rest" is the call's time less the pieces:
 # its Python, the device's open and close, the diagnosis.
 PIECES = """
-import json, sys, threading, time
+import json, sys, time
+sys.path.insert(0, "tests")
+from clocks import Pieces
 import boxlite_syscheck as b
 import ctypes
 b._abi()
 b._load_native()
-spent = {}
-
-caller = threading.get_ident()
-
-def clocked(name, call):
-    def timed(*args, **kwargs):
-        start = time.perf_counter_ns()
-        try:
-            return call(*args, **kwargs)
-        finally:
-            if threading.get_ident() == caller:  # the releasing thread is off the clock
-                spent[name] = spent.get(name, 0) + time.perf_counter_ns() - start
-    return timed
+pieces = Pieces()
+clocked, spent = pieces.clocked, pieces.spent
 
 def releasing(make):
     def releaser(self, state):

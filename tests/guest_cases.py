@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
+from clocks import Pieces  # noqa: E402
+
 import boxlite_syscheck as b  # noqa: E402
 
 # The longest a case may go without a word: longer than any bound a case
@@ -554,21 +556,10 @@ def gate_pieces(runs: int, backend: str = "native") -> dict[str, float]:
     releasing thread spent tearing down start-up VMs while the gate's clock
     ran (on a one-vCPU host that shares the gate's CPU)."""
     import statistics
-    import threading
 
-    caller, spent = threading.get_ident(), {}
+    clock = Pieces()
+    clocked, spent = clock.clocked, clock.spent
     jobs: list[tuple[int, int]] = []  # the releasing thread's teardowns: (start, end)
-
-    def clocked(name: str, call: Any) -> Any:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter_ns()
-            try:
-                return call(*args, **kwargs)
-            finally:
-                if threading.get_ident() == caller:
-                    spent[name] = spent.get(name, 0) + time.perf_counter_ns() - start
-
-        return timed
 
     def watched(release: Any) -> Any:
         def job() -> None:

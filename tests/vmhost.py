@@ -250,6 +250,7 @@ def install_app(root: Path, library: Path, init_script: str) -> None:
     shutil.copy2(ROOT / "boxlite_syscheck.py", app / "boxlite_syscheck.py")
     shutil.copy2(library, app / "libkvmsmoke.so")
     shutil.copy2(ROOT / "tests/guest_cases.py", app / "guest_cases.py")
+    shutil.copy2(ROOT / "tests/clocks.py", app / "clocks.py")
     # Bytecode made here with the same Python version: it does not depend on
     # the CPU, and the guest then runs it cached, as users do, instead of
     # compiling under the emulator.
