@@ -71,7 +71,7 @@ def wall(argv: list[str], n: int, **kwargs) -> tuple[list[float], subprocess.Com
 
 def bare_samples(
     floor: tuple[str, Callable[[], None]], n: int, rounds: int = 40
-) -> dict[str, list[float]]:
+) -> tuple[int, dict[str, list[float]]]:
     """The bare device check in C (tests/bench_floor.c) and with each backend,
     interleaved so that the host's drift (large here) falls on all alike:
     ``rounds`` rounds, each n/rounds runs of the C program, then as many
@@ -85,7 +85,8 @@ def bare_samples(
     on one vCPU than on the other, so a C program the scheduler put on the
     other CPU measured the placement, not our overhead.  Each round also
     times the C inside this process on each other CPU, for the rows that
-    show what the placement costs."""
+    show what the placement costs.  Returns the CPU the rows ran on and
+    the samples."""
 
     def bare(kind: str) -> None:
         b.SystemCheck.run(backend=kind, engine=None).close()
@@ -120,7 +121,7 @@ def bare_samples(
                 samples[f"cpu {cpu}"] += timed(in_process, per)
     finally:
         os.sched_setaffinity(0, allowed)
-    return samples
+    return one, samples
 
 
 def bare_floor() -> tuple[str, Callable[[], None]]:
@@ -631,9 +632,8 @@ def bench(n: int) -> list[tuple[str, ...]]:
     python = sys.executable
     rows: list[tuple[str, ...]] = []
     floor = bare_floor()
-    bare = bare_samples(floor, n)
+    cpu, bare = bare_samples(floor, n)
     floor_median = summary(bare["floor"])[0]
-    cpu = min(os.sched_getaffinity(0))
     row(
         rows, "floor: C bare device check (raw ioctls)", bare["floor"], None, f"n={n}; on CPU {cpu}"
     )
