@@ -5386,13 +5386,32 @@ class _Releases:
         self.jobs: list[Callable[[], None]] = []
         self.unfinished = 0
         self.waiters: list[Any] = []  # join()s waiting, each on a held lock
+        self.held = False  # jobs wait for let_go() (see hold())
 
     def put(self, job: Callable[[], None]) -> None:
         with self.mutex:
             self.jobs.append(job)
             self.unfinished += 1
-            if self.wake.locked():
+            if not self.held and self.wake.locked():
                 self.wake.release()
+
+    def hold(self) -> None:
+        """Queue jobs without starting them until let_go(): a check's guest
+        VM stays alive while the check makes its start-up VMs, as C doing
+        the same work would have it, and its teardown does not run beside
+        the check's last steps (on a one-CPU host it would take the CPU).
+        A hold that is never let go lasts until the next check's let_go()
+        or a join(), which both start what waits."""
+        self.held = True
+
+    def let_go(self) -> None:
+        with self.mutex:
+            self._start_held()
+
+    def _start_held(self) -> None:  # with the mutex
+        self.held = False
+        if self.jobs and self.wake.locked():
+            self.wake.release()
 
     def work(self) -> None:
         # Every signal blocked here: a signal meant for the process that
@@ -5425,6 +5444,7 @@ class _Releases:
         with self.mutex:
             if not self.unfinished:
                 return
+            self._start_held()
             waiter = _thread.allocate_lock()
             waiter.acquire()
             self.waiters.append(waiter)
@@ -5441,6 +5461,17 @@ def _start_releaser() -> _Releases | None:
     # A forked child has no such thread: it makes its own on first use.
     os.register_at_fork(after_in_child=lambda: _CACHE.pop("releaser", None))
     return jobs
+
+
+def _holding_releases() -> _Releases | None:
+    """The releasing thread, held until the caller lets it go (see
+    _Releases.hold); None where a check's VMs do not go to it."""
+    if "held-for-exit" in _CACHE:
+        return None
+    releaser: _Releases | None = _cached("releaser", _start_releaser)
+    if releaser is not None:
+        releaser.hold()
+    return releaser
 
 
 def _wait_for_closes() -> None:
@@ -7147,11 +7178,18 @@ class KvmProbe(HypervisorProbe):
             if error is None:
                 # The guest runs before the start-up ioctls: their VMs (with
                 # an irqchip) take the longest to tear down, so they go last
-                # and nothing waits behind their release.  The order of the
-                # causes is kept by asking stage by stage.
-                self._run(facts, fd, backend)
-                if facts.engine_ioctls:
-                    facts.ioctls = _probe_startup_ioctls(fd, facts.engine_ioctls, backend)
+                # and nothing waits behind their release.  The releasing
+                # thread is held meanwhile: the guest's VM is torn down after
+                # theirs are made, not beside it.  The order of the causes is
+                # kept by asking stage by stage.
+                held = _holding_releases()
+                try:
+                    self._run(facts, fd, backend)
+                    if facts.engine_ioctls:
+                        facts.ioctls = _probe_startup_ioctls(fd, facts.engine_ioctls, backend)
+                finally:
+                    if held is not None:
+                        held.let_go()
                 facts.complete = True
                 error = _diagnose_staged(facts, after=asked)
             if error is None and facts.deep_wanted:
@@ -7235,10 +7273,15 @@ class KvmProbe(HypervisorProbe):
                 facts.caps = _capability_values(fd, _all_caps(self.arch))
                 durations["kvm.capabilities"] = time.perf_counter() - start
             start = time.perf_counter()
-            self._run(facts, fd, backend)
-            durations["kvm.smoke"] = time.perf_counter() - start
-            if facts.speaks_kvm and engine is not None and self.arch == "x86_64":
-                facts.ioctls = _probe_startup_ioctls(fd, _STARTUP_STEPS, backend)
+            held = _holding_releases()
+            try:
+                self._run(facts, fd, backend)
+                durations["kvm.smoke"] = time.perf_counter() - start
+                if facts.speaks_kvm and engine is not None and self.arch == "x86_64":
+                    facts.ioctls = _probe_startup_ioctls(fd, _STARTUP_STEPS, backend)
+            finally:
+                if held is not None:
+                    held.let_go()
             if facts.deep_wanted:
                 if facts.speaks_kvm:
                     _deep_stage(fd, facts, backend)
