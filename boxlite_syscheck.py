@@ -5460,6 +5460,13 @@ def _start_releaser() -> _Releases | None:
         return None
     # A forked child has no such thread: it makes its own on first use.
     os.register_at_fork(after_in_child=lambda: _CACHE.pop("releaser", None))
+    # A program that exits right after a check would otherwise finalize with
+    # this thread inside a teardown: where libgcc_s is missing (a minimal
+    # guest image) the daemon thread's exit aborts the process (SIGABRT).
+    import atexit
+
+    atexit.unregister(_wait_for_closes)  # a forked child's second thread: once
+    atexit.register(_wait_for_closes)
     return jobs
 
 

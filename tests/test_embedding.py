@@ -648,6 +648,42 @@ def test_the_guests_vm_outlives_the_start_up_probe_and_no_more(backend, run_json
     assert seen == [1, 0, 1, 0], seen  # during each probe: mapped; after: gone
 
 
+EXIT_SCRIPT = r"""
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+
+mark, held = sys.argv[2], sys.argv[3] == "held"
+try:
+    b.SystemCheck.run().close()
+except b.BoxliteError:
+    pass
+
+
+def slow() -> None:  # a teardown still running when the program ends
+    time.sleep(0.3)
+    with open(mark, "w") as out:
+        out.write("released")
+
+
+if held:
+    b._holding_releases()  # a hold nobody let go
+b._release_later(slow)
+"""
+
+
+@pytest.mark.parametrize("held", ["held", "free"])
+def test_a_program_that_exits_after_a_check_waits_for_its_releases(tmp_path, held):
+    """A program may end right after the gate: its interpreter must not
+    finalize with the releasing thread inside a teardown (in a guest image
+    without libgcc_s that aborted the process), so exit waits for it, even
+    for jobs a hold left waiting."""
+    mark = tmp_path / "mark"
+    done = run_script(EXIT_SCRIPT, str(mark), held)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert mark.read_text() == "released"
+
+
 def test_held_jobs_wait_for_let_go_and_a_join_starts_them():
     jobs = b._start_releaser()
     assert jobs is not None
