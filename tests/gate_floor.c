@@ -16,6 +16,8 @@
  *   msr INDEX VALUE        a boot MSR, all set with one KVM_SET_MSRS
  *   arch 0|1               read IA32_ARCH_CAPABILITIES and set it, as QEMU does
  *   regs OFFSET VALUE      a field of the kvm_regs every run starts from
+ *   guest                  make the guest's VM and vCPU and set them up, where
+ *                          the gate made its own (once; runs need it)
  *   run RIP RCX            set the registers, one bounded KVM_RUN
  *   getregs                KVM_GET_REGS
  *   hostloop HEX N         the host side of the speed probe: the loop's bytes, N turns
@@ -66,7 +68,7 @@
 #include <time.h>
 #include <unistd.h>
 
-enum kind { CAP, RUN, GETREGS, HOSTLOOP, VM, STARTUP, STARTUPBUF, OPEN, STAT, READ, XATTR, USER, GROUP, GROUPNAME };
+enum kind { CAP, GUEST, RUN, GETREGS, HOSTLOOP, VM, STARTUP, STARTUPBUF, OPEN, STAT, READ, XATTR, USER, GROUP, GROUPNAME };
 
 struct action {
     enum kind kind;
@@ -190,6 +192,8 @@ static void read_spec(const char *path)
             struct action *act = add(RUN);
             act->a = a;
             act->b = b;
+        } else if (!strcmp(word, "guest")) {
+            add(GUEST);
         } else if (!strcmp(word, "getregs")) {
             add(GETREGS);
         } else if (!strcmp(word, "hostloop") && sscanf(line, "%*s %s %llu", text, &a) == 2) {
@@ -215,6 +219,9 @@ static void read_spec(const char *path)
     }
     fclose(spec);
     if (mem_size == 0 || image == NULL || image_len > mem_size) die("spec: no guest");
+    size_t guests = 0;
+    for (size_t i = 0; i < n_actions; i++) guests += actions[i].kind == GUEST;
+    if (guests != 1) die("spec: not one guest line");
 }
 
 static void (*host_loop)(uint32_t);
@@ -323,16 +330,16 @@ static void settle_guest(void)
 static int startup_fds[8];
 static size_t n_startup;
 
-static void once(void)
-{
-    int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-    if (kvm < 0) die("open /dev/kvm");
-    if (ioctl(kvm, KVM_GET_API_VERSION, 0) != KVM_API_VERSION) die("KVM_GET_API_VERSION");
-    size_t at = 0;
-    for (; at < n_actions && actions[at].kind == CAP; at++)
-        if (ioctl(kvm, KVM_CHECK_EXTENSION, actions[at].a) < 0) die("KVM_CHECK_EXTENSION");
+/* The long-mode guest's VM, set up as the gate does it. */
+static struct {
+    void *mem;
+    int vm, vcpu;
+    int size;
+    struct kvm_run *run;
+} guest = {.vm = -1, .vcpu = -1};
 
-    /* The long-mode guest's VM, set up as the gate does it. */
+static void make_guest(int kvm)
+{
     if (ioctl(kvm, KVM_GET_API_VERSION, 0) != KVM_API_VERSION) die("KVM_GET_API_VERSION");
     void *mem = mmap(NULL, mem_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED) die("mmap guest memory");
@@ -386,24 +393,52 @@ static void once(void)
         arch.head.entries[0].index = 0x10a; /* IA32_ARCH_CAPABILITIES */
         if (ioctl(kvm, KVM_GET_MSRS, &arch) == 1) ioctl(vcpu, KVM_SET_MSRS, &arch);
     }
+    guest.mem = mem;
+    guest.vm = vm;
+    guest.vcpu = vcpu;
+    guest.size = size;
+    guest.run = run;
+}
 
-    /* The runs: the speed probe's and the guest's own, with their registers. */
+static void drop_guest(void)
+{
+    release_guest(guest.run, (size_t)guest.size, guest.vcpu, guest.vm, guest.mem);
+    guest.vm = guest.vcpu = -1;
+}
+
+static void once(void)
+{
+    int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+    if (kvm < 0) die("open /dev/kvm");
+    if (ioctl(kvm, KVM_GET_API_VERSION, 0) != KVM_API_VERSION) die("KVM_GET_API_VERSION");
+    size_t at = 0;
+    for (; at < n_actions && actions[at].kind == CAP; at++)
+        if (ioctl(kvm, KVM_CHECK_EXTENSION, actions[at].a) < 0) die("KVM_CHECK_EXTENSION");
+
+    /* The rest in the gate's order: the guest's set-up, its runs (the
+     * speed probe's and the guest's own, with their registers), the start-up
+     * VMs and their ioctls, the host reads. */
     struct kvm_regs regs;
     int vmfd = -1;
     for (; at < n_actions; at++) {
         struct action *act = &actions[at];
         switch (act->kind) {
+        case GUEST:
+            make_guest(kvm);
+            break;
         case RUN:
+            if (guest.vcpu < 0) die("spec: a run without the guest");
             memset(&regs, 0, sizeof(regs));
             for (size_t i = 0; i < n_regs; i++)
                 memcpy((unsigned char *)&regs + regs_init[i].offset, &regs_init[i].value, 8);
             regs.rip = act->a;
             regs.rcx = act->b;
-            if (ioctl(vcpu, KVM_SET_REGS, &regs) < 0) die("KVM_SET_REGS");
-            bounded_run(vcpu, run);
+            if (ioctl(guest.vcpu, KVM_SET_REGS, &regs) < 0) die("KVM_SET_REGS");
+            bounded_run(guest.vcpu, guest.run);
             break;
         case GETREGS:
-            if (ioctl(vcpu, KVM_GET_REGS, &regs) < 0) die("KVM_GET_REGS");
+            if (guest.vcpu < 0) die("spec: getregs without the guest");
+            if (ioctl(guest.vcpu, KVM_GET_REGS, &regs) < 0) die("KVM_GET_REGS");
             break;
         case HOSTLOOP: {
             struct timespec cpu[2]; /* timed as the gate times it */
@@ -413,10 +448,7 @@ static void once(void)
             break;
         }
         case VM:
-            if (vcpu >= 0) { /* the guest's VM is closed first, as in the gate */
-                release_guest(run, (size_t)size, vcpu, vm, mem);
-                vcpu = -1;
-            }
+            if (n_startup == sizeof(startup_fds) / sizeof(startup_fds[0])) die("spec: too many VMs");
             vmfd = ioctl(kvm, KVM_CREATE_VM, 0);
             if (vmfd < 0) die("KVM_CREATE_VM");
             startup_fds[n_startup++] = vmfd;
@@ -440,7 +472,7 @@ static void once(void)
             die("spec: cap after the guest");
         }
     }
-    if (vcpu >= 0) release_guest(run, (size_t)size, vcpu, vm, mem);
+    if (guest.vcpu >= 0) drop_guest();
     close(kvm);
 }
 

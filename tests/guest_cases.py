@@ -347,6 +347,8 @@ def gate_spec(work: str = "gate") -> str:
         return built
 
     def execute(session, plan, key=None):
+        if not sessions:  # its first array makes the guest's VM
+            lines.append("guest")
         sessions.append(session)
         return saved_execute(session, plan, key)
 
