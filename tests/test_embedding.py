@@ -220,6 +220,49 @@ def test_both_backends_agree_at_every_descriptor_limit(run_json):
     assert out["6"]["native"][0] == "ok"
 
 
+GATE_DESCRIPTOR_SCRIPT = r"""
+import json, os, resource, sys
+sys.path.insert(0, sys.argv[1])
+import boxlite_syscheck as b
+
+
+def cause(backend):
+    try:
+        b.SystemCheck.run(backend=backend).close()
+        return "ok"
+    except b.BoxliteError as err:
+        return err.cause
+    finally:
+        b._wait_for_closes()  # each limit starts with nothing of ours left
+
+
+unlimited = {backend: cause(backend) for backend in ("native", "python")}
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+out = {}
+for free in range(1, 7):
+    probe = os.open("/dev/null", os.O_RDONLY)
+    os.close(probe)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (probe + free, hard))
+    try:
+        out[free] = {backend: cause(backend) for backend in ("native", "python")}
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print(json.dumps({"unlimited": unlimited, "limited": out}))
+"""
+
+
+@needs_kvm
+def test_the_default_gate_needs_four_descriptors_and_says_so_below(run_json):
+    """The gate holds /dev/kvm, its start-up VM and the guest's VM and vCPU
+    at once (the start-up VM is made just before the guest's, see gate()):
+    with fewer free descriptors it says fd-limit, with four it gives the
+    verdict it gives with no limit, on both backends."""
+    out = run_json(GATE_DESCRIPTOR_SCRIPT)
+    for free, row in out["limited"].items():
+        want = "fd-limit" if int(free) < 4 else out["unlimited"]["native"]
+        assert row == {"native": want, "python": want}, (free, out)
+
+
 # ── Threads ─────────────────────────────────────────────────────────────────
 
 THREADS_SCRIPT = r"""
