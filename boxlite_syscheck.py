@@ -5470,15 +5470,23 @@ def _start_releaser() -> _Releases | None:
     return jobs
 
 
-def _holding_releases() -> _Releases | None:
-    """The releasing thread, held until the caller lets it go (see
-    _Releases.hold); None where a check's VMs do not go to it."""
-    if "held-for-exit" in _CACHE:
-        return None
-    releaser: _Releases | None = _cached("releaser", _start_releaser)
-    if releaser is not None:
-        releaser.hold()
-    return releaser
+class _HeldReleases:
+    """``with _HeldReleases():`` holds the releasing thread for the block
+    (see _Releases.hold) and lets it go however the block ends; nothing
+    where a check's VMs do not go to the thread (the command line's)."""
+
+    __slots__ = ("releaser",)
+
+    def __enter__(self) -> None:
+        self.releaser: _Releases | None = None
+        if "held-for-exit" not in _CACHE:
+            self.releaser = _cached("releaser", _start_releaser)
+            if self.releaser is not None:
+                self.releaser.hold()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.releaser is not None:
+            self.releaser.let_go()
 
 
 def _wait_for_closes() -> None:
@@ -7191,14 +7199,10 @@ class KvmProbe(HypervisorProbe):
                 # guest is done, so no teardown runs beside its runs and the
                 # speed probe.  The order of the causes is kept by asking
                 # stage by stage.
-                held = _holding_releases()
-                try:
+                with _HeldReleases():
                     if facts.engine_ioctls:
                         facts.ioctls = _probe_startup_ioctls(fd, facts.engine_ioctls, backend)
                     self._run(facts, fd, backend)
-                finally:
-                    if held is not None:
-                        held.let_go()
                 facts.complete = True
                 error = _diagnose_staged(facts, after=asked)
             if error is None and facts.deep_wanted:
@@ -7281,16 +7285,12 @@ class KvmProbe(HypervisorProbe):
             if facts.speaks_kvm:
                 facts.caps = _capability_values(fd, _all_caps(self.arch))
                 durations["kvm.capabilities"] = time.perf_counter() - start
-            held = _holding_releases()  # the start-up VMs first, as in gate()
-            try:
+            with _HeldReleases():  # the start-up VMs first, as in gate()
                 if facts.speaks_kvm and engine is not None and self.arch == "x86_64":
                     facts.ioctls = _probe_startup_ioctls(fd, _STARTUP_STEPS, backend)
                 start = time.perf_counter()
                 self._run(facts, fd, backend)
                 durations["kvm.smoke"] = time.perf_counter() - start
-            finally:
-                if held is not None:
-                    held.let_go()
             if facts.deep_wanted:
                 if facts.speaks_kvm:
                     _deep_stage(fd, facts, backend)

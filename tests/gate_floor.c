@@ -293,6 +293,14 @@ static void do_host_read(const struct action *act)
     }
 }
 
+/* The guest's VM and vCPU while a pass has them (make_guest). */
+static struct {
+    void *mem;
+    int vm, vcpu;
+    size_t size;
+    struct kvm_run *run;
+} guest = {.vm = -1, .vcpu = -1};
+
 /* The guest's VM, closed but not torn down: its run area holds the vCPU,
  * and through it the VM, as the gate leaves it to its releasing thread. */
 static struct kvm_run *pending_run;
@@ -301,14 +309,15 @@ static void *pending_mem;
 
 /* What the gate does on its clock when it is done with its guest's VM:
  * keep the run area out of forks, close the vCPU and the VM. */
-static void release_guest(struct kvm_run *run, size_t run_size, int vcpu, int vm, void *mem)
+static void release_guest(void)
 {
-    if (madvise(run, run_size, MADV_DONTFORK) != 0) die("madvise run area");
-    if (close(vcpu) != 0) die("close vCPU");
-    if (close(vm) != 0) die("close VM");
-    pending_run = run;
-    pending_run_size = run_size;
-    pending_mem = mem;
+    if (madvise(guest.run, guest.size, MADV_DONTFORK) != 0) die("madvise run area");
+    if (close(guest.vcpu) != 0) die("close vCPU");
+    if (close(guest.vm) != 0) die("close VM");
+    pending_run = guest.run;
+    pending_run_size = guest.size;
+    pending_mem = guest.mem;
+    guest.vm = guest.vcpu = -1;
 }
 
 /* The guest VM's teardown, after the pass's clock has stopped, as the
@@ -329,14 +338,6 @@ static void settle_guest(void)
 
 static int startup_fds[8];
 static size_t n_startup;
-
-/* The long-mode guest's VM, set up as the gate does it. */
-static struct {
-    void *mem;
-    int vm, vcpu;
-    int size;
-    struct kvm_run *run;
-} guest = {.vm = -1, .vcpu = -1};
 
 static void make_guest(int kvm)
 {
@@ -396,14 +397,8 @@ static void make_guest(int kvm)
     guest.mem = mem;
     guest.vm = vm;
     guest.vcpu = vcpu;
-    guest.size = size;
+    guest.size = (size_t)size;
     guest.run = run;
-}
-
-static void drop_guest(void)
-{
-    release_guest(guest.run, (size_t)guest.size, guest.vcpu, guest.vm, guest.mem);
-    guest.vm = guest.vcpu = -1;
 }
 
 static void once(void)
@@ -472,7 +467,7 @@ static void once(void)
             die("spec: cap after the guest");
         }
     }
-    if (guest.vcpu >= 0) drop_guest();
+    if (guest.vcpu >= 0) release_guest();
     close(kvm);
 }
 

@@ -716,7 +716,7 @@ def slow() -> None:  # a teardown still running when the program ends
 
 
 if held:
-    b._holding_releases()  # a hold nobody let go
+    b._HeldReleases().__enter__()  # a hold nobody let go
 b._release_later(slow)
 """
 
