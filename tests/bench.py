@@ -38,9 +38,10 @@ def summary(samples_ns: list[float]) -> tuple[float, float, float]:
 def timed(call, n: int) -> list[float]:
     out = []
     for _ in range(n):
-        start = time.perf_counter_ns()
-        call()
-        out.append(time.perf_counter_ns() - start)
+        with b._HeldReleases():  # the check's teardowns after the clock (settle)
+            start = time.perf_counter_ns()
+            call()
+            out.append(time.perf_counter_ns() - start)
         settle()
     return out
 
@@ -50,9 +51,9 @@ FLOOR_SETTLES: list[Callable[[], None]] = []
 
 def settle() -> None:
     """Tear down the VMs the last call left for later, off the clock: the
-    check leaves its guest's teardown to its releasing thread, and the C
-    floors leave theirs for this (each must wait for its own, or the next
-    call, of either kind, would bear it)."""
+    check leaves its guest's teardown to its releasing thread, held while
+    the clock runs, and the C floors leave theirs for this (each must wait
+    for its own, or the next call, of either kind, would bear it)."""
     b._wait_for_closes()
     for call in FLOOR_SETTLES:
         call()
@@ -112,9 +113,10 @@ def bare_samples(
             samples["floor"] += [float(line) for line in done.stdout.split()]
             for _ in range(per):
                 for kind, call in calls.items():
-                    start = time.perf_counter_ns()
-                    call()
-                    samples[kind].append(time.perf_counter_ns() - start)
+                    with b._HeldReleases():
+                        start = time.perf_counter_ns()
+                        call()
+                        samples[kind].append(time.perf_counter_ns() - start)
                     settle()
             for cpu in others:
                 os.sched_setaffinity(0, {cpu})
@@ -178,9 +180,10 @@ def own_python_rows(in_process: Callable[[], None], n: int) -> list[tuple[str, .
             for _ in range(10):
                 in_process()
                 settle()
-                start = time.perf_counter_ns()
-                check()
-                after.append(time.perf_counter_ns() - start)
+                with b._HeldReleases():
+                    start = time.perf_counter_ns()
+                    check()
+                    after.append(time.perf_counter_ns() - start)
             b._NativeBackend.execute = real
             floor += timed(in_process, 10)
             real_checks += timed(check, 10)

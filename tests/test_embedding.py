@@ -755,6 +755,34 @@ def test_held_jobs_wait_for_let_go_and_a_join_starts_them():
     assert done == [1, 2, 3]
 
 
+def test_holds_are_counted_and_the_last_let_go_starts_the_jobs():
+    """Two holds at once (two threads checking, or a caller holding across
+    a check that holds inside): the first let-go must not start a teardown
+    beside the other's guest."""
+    jobs = b._start_releaser()
+    assert jobs is not None
+    done: list[int] = []
+    jobs.hold()
+    jobs.hold()  # a check's own hold inside the caller's
+    jobs.put(lambda: done.append(1))
+    jobs.let_go()
+    time.sleep(0.1)
+    assert done == [], "a job ran while a hold was still taken"
+    jobs.let_go()
+    deadline = time.monotonic() + 5
+    while not done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == [1]
+    jobs.let_go()  # one let-go too many takes no hold from the next
+    jobs.hold()
+    jobs.put(lambda: done.append(2))
+    time.sleep(0.1)
+    assert done == [1], "a let-go without a hold ended a later hold"
+    jobs.let_go()
+    jobs.join()
+    assert done == [1, 2]
+
+
 def test_the_releasing_thread_survives_a_failing_release_and_join_waits():
     jobs = b._start_releaser()
     assert jobs is not None
