@@ -3143,6 +3143,7 @@ def _in_session(session: _Session, work: Callable[[_Session], None]) -> None:
 
 _MADV_DONTFORK = 10  # include/uapi/asm-generic/mman-common.h
 _TEARDOWN_BACKLOG = 4  # releases waiting on the thread before a VM is torn down here
+_HELD_MOST = 8  # jobs a hold keeps waiting; one more starts them (see _Releases.put)
 
 
 def _release_session(session: _Session) -> None:
@@ -5392,7 +5393,9 @@ class _Releases:
         with self.mutex:
             self.jobs.append(job)
             self.unfinished += 1
-            if not self.holds and self.wake.locked():
+            # Holds that overlap without end (threads checking back to back)
+            # must not keep the VMs' descriptors waiting without end.
+            if (not self.holds or self.unfinished > _HELD_MOST) and self.wake.locked():
                 self.wake.release()
 
     def hold(self) -> None:
@@ -5404,7 +5407,9 @@ class _Releases:
         let go does not start a teardown beside the other's guest; and a
         caller may hold across a whole check (the benchmarks keep the
         teardown off their clock, as the C floors do).  A join() starts
-        what waits, however many holds are left."""
+        what waits, however many holds are left, and so does a job put
+        beyond _HELD_MOST waiting: threads whose holds overlap without a
+        break must not pile up VMs and their descriptors."""
         with self.mutex:
             self.holds += 1
 

@@ -783,6 +783,26 @@ def test_holds_are_counted_and_the_last_let_go_starts_the_jobs():
     assert done == [1, 2]
 
 
+def test_a_hold_keeps_only_so_many_jobs_waiting():
+    """Threads checking back to back can keep the count of holds above
+    zero for good: the VMs (and their descriptors) they queue must not
+    wait for a moment with no hold that never comes."""
+    jobs = b._start_releaser()
+    assert jobs is not None
+    done: list[int] = []
+    jobs.hold()
+    for i in range(b._HELD_MOST):
+        jobs.put(lambda i=i: done.append(i))
+    time.sleep(0.1)
+    assert done == [], "a held job ran before the limit"
+    jobs.put(lambda: done.append(b._HELD_MOST))
+    deadline = time.monotonic() + 5
+    while len(done) <= b._HELD_MOST and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == list(range(b._HELD_MOST + 1)), "the jobs waited beyond the limit"
+    jobs.let_go()
+
+
 def test_the_releasing_thread_survives_a_failing_release_and_join_waits():
     jobs = b._start_releaser()
     assert jobs is not None
