@@ -5292,7 +5292,11 @@ def _release_later(release: Callable[[], None], fds: Sequence[int] = ()) -> None
         held.append((release, tuple(fds)))
         return
     releaser = _cached("releaser", _start_releaser)
-    if releaser is None:
+    # A backlog means the thread is not keeping up (threads checking at
+    # once, each holding the interpreter's lock in its turn): the VMs wait
+    # for it no longer, or their descriptors would pile up to the caller's
+    # RLIMIT_NOFILE and make our own checks say fd-limit.
+    if releaser is None or releaser.unfinished >= _TEARDOWN_BACKLOG:
         release()
         return
     releaser.put(release)

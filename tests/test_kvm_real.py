@@ -125,6 +125,49 @@ def test_a_thousand_checks_leak_no_descriptor(backend):
 
 
 @needs_kvm
+def test_threads_gating_at_once_keep_the_descriptors_bounded():
+    """Eight threads making default gates back to back: the releasing
+    thread gets the interpreter's lock only in its turn and falls behind.
+    The VMs it has not torn down must not pile up (hundreds of descriptors
+    were seen; under a soft limit of 1024 our own next check would say
+    fd-limit), so past a backlog each gate releases its VMs itself."""
+    b._wait_for_closes()
+    before = len(open_fds())
+    peak, failures, stop = [before], [], threading.Event()
+
+    def gates() -> None:
+        for _ in range(40):
+            try:
+                b.SystemCheck.run().close()
+            except b.UnsupportedError:
+                pass  # this host's refusal is a gate's work too
+            except b.BoxliteError as err:
+                failures.append(err)
+
+    def watch() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], len(open_fds()))
+
+    workers = [threading.Thread(target=gates) for _ in range(8)]
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    stop.set()
+    watcher.join()
+    b._wait_for_closes()
+    assert not failures, failures[:3]
+    # Each thread: the device, its start-up VMs, the guest's VM and vCPU;
+    # the queue: a backlog of jobs (threads may pass the check at once),
+    # each with up to three descriptors; the watcher's own listing.
+    most = before + 8 * 6 + (b._TEARDOWN_BACKLOG + 8) * 3 + 1
+    assert peak[0] <= most, f"{peak[0]} descriptors open at once (bound {most})"
+    assert len(open_fds()) == before
+
+
+@needs_kvm
 def test_timeout_must_be_positive(kvm_fd):
     with pytest.raises(b.InvalidArgumentError):
         b.smoke_test(kvm_fd, timeout=0)
