@@ -3143,7 +3143,6 @@ def _in_session(session: _Session, work: Callable[[_Session], None]) -> None:
 
 _MADV_DONTFORK = 10  # include/uapi/asm-generic/mman-common.h
 _TEARDOWN_BACKLOG = 4  # releases waiting on the thread before a VM is torn down here
-_HELD_MOST = 8  # jobs a hold keeps waiting; one more starts them (see _Releases.put)
 
 
 def _release_session(session: _Session) -> None:
@@ -5391,15 +5390,13 @@ class _Releases:
         self.jobs: list[Callable[[], None]] = []
         self.unfinished = 0
         self.waiters: list[Any] = []  # join()s waiting, each on a held lock
-        self.holds = 0  # holds not yet let go: jobs wait for the last (see hold())
+        self.held = False  # jobs wait for let_go() (see hold())
 
     def put(self, job: Callable[[], None]) -> None:
         with self.mutex:
             self.jobs.append(job)
             self.unfinished += 1
-            # Holds that overlap without end (threads checking back to back)
-            # must not keep the VMs' descriptors waiting without end.
-            if (not self.holds or self.unfinished > _HELD_MOST) and self.wake.locked():
+            if not self.held and self.wake.locked():
                 self.wake.release()
 
     def hold(self) -> None:
@@ -5407,24 +5404,19 @@ class _Releases:
         start-up VMs stay alive while its guest runs, as C doing the same
         work would have it, and no teardown runs beside the guest's runs
         and the speed probe (on a one-CPU host it would take the CPU).
-        Holds are counted: with two threads checking at once, the first to
-        let go does not start a teardown beside the other's guest; and a
-        caller may hold across a whole check (the benchmarks keep the
-        teardown off their clock, as the C floors do).  A join() starts
-        what waits, however many holds are left, and so does a job put
-        beyond _HELD_MOST waiting: threads whose holds overlap without a
-        break must not pile up VMs and their descriptors."""
-        with self.mutex:
-            self.holds += 1
+        A hold that is never let go (a caller's exception between the two)
+        lasts until the next check's let_go() or a join(), which both start
+        what waits.  Holds are not counted for that reason: a count that a
+        caller's exception left one too high would keep VMs alive for good.
+        """
+        self.held = True
 
     def let_go(self) -> None:
         with self.mutex:
-            self.holds = max(0, self.holds - 1)
-            if not self.holds:
-                self._start_held()
+            self._start_held()
 
     def _start_held(self) -> None:  # with the mutex
-        self.holds = 0
+        self.held = False
         if self.jobs and self.wake.locked():
             self.wake.release()
 

@@ -24,6 +24,7 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from clocks import Parked  # noqa: E402
 from guest_cases import floor_ratio, gate_ratio  # noqa: E402
 from vmhost import GATE_FLOOR_LIBRARY  # noqa: E402
 
@@ -38,7 +39,7 @@ def summary(samples_ns: list[float]) -> tuple[float, float, float]:
 def timed(call, n: int) -> list[float]:
     out = []
     for _ in range(n):
-        with b._HeldReleases():  # the check's teardowns after the clock (settle)
+        with Parked(b):  # the check's teardowns after the clock (settle)
             start = time.perf_counter_ns()
             call()
             out.append(time.perf_counter_ns() - start)
@@ -51,9 +52,10 @@ FLOOR_SETTLES: list[Callable[[], None]] = []
 
 def settle() -> None:
     """Tear down the VMs the last call left for later, off the clock: the
-    check leaves its guest's teardown to its releasing thread, held while
-    the clock runs, and the C floors leave theirs for this (each must wait
-    for its own, or the next call, of either kind, would bear it)."""
+    check leaves its guest's teardown to its releasing thread, parked while
+    the clock runs (clocks.Parked), and the C floors leave theirs for this
+    (each must wait for its own, or the next call, of either kind, would
+    bear it)."""
     b._wait_for_closes()
     for call in FLOOR_SETTLES:
         call()
@@ -113,7 +115,7 @@ def bare_samples(
             samples["floor"] += [float(line) for line in done.stdout.split()]
             for _ in range(per):
                 for kind, call in calls.items():
-                    with b._HeldReleases():
+                    with Parked(b):
                         start = time.perf_counter_ns()
                         call()
                         samples[kind].append(time.perf_counter_ns() - start)
@@ -180,7 +182,7 @@ def own_python_rows(in_process: Callable[[], None], n: int) -> list[tuple[str, .
             for _ in range(10):
                 in_process()
                 settle()
-                with b._HeldReleases():
+                with Parked(b):
                     start = time.perf_counter_ns()
                     check()
                     after.append(time.perf_counter_ns() - start)

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from clocks import Pieces  # noqa: E402
+from clocks import Parked, Pieces  # noqa: E402
 
 import boxlite_syscheck as b  # noqa: E402
 
@@ -458,20 +458,21 @@ def floor_ratio(floor: str, backend: str = "native", runs: int = 60, work: str =
     host's own pass), the C built as a library (``floor``) and called in
     this process, alternating with the work pass by pass: a noisy host's
     slow swings fall on both alike.  Each side's VMs are torn down outside
-    its clock (the gate's releasing thread is held across it).  The KVM_RUN times (each side's runs on the thread's
-    CPU clock, RunTime) tell a swing of the guest's runs, the same work on
-    both sides, from one of the rest."""
+    its clock (the gate's releasing thread is parked across it).  The
+    KVM_RUN times (each side's runs on the thread's CPU clock, RunTime)
+    tell a swing of the guest's runs, the same work on both sides, from
+    one of the rest."""
     import ctypes
     import statistics
 
     run_ns: list[int] = []
 
     def timed() -> int:
-        # The releasing thread is held across the clock: its teardowns come
-        # after it, as the C's come after its own.  Let go inside the clock,
-        # on a one-vCPU host the thread took the CPU from the caller's next
-        # lines (the device's close: 1.3-1.6 ms there, 0.07 ms held).
-        with RunTime() as clock, b._HeldReleases():
+        # The releasing thread is parked across the clock: its teardowns
+        # come after it, as the C's come after its own.  Free inside the
+        # clock, on a one-vCPU host the thread took the CPU from the caller's
+        # next lines (the device's close: 1.3-1.6 ms there, 0.07 ms held).
+        with RunTime() as clock, Parked(b):
             start = time.perf_counter_ns()
             _work(work, backend)
             took = time.perf_counter_ns() - start

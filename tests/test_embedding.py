@@ -755,52 +755,22 @@ def test_held_jobs_wait_for_let_go_and_a_join_starts_them():
     assert done == [1, 2, 3]
 
 
-def test_holds_are_counted_and_the_last_let_go_starts_the_jobs():
-    """Two holds at once (two threads checking, or a caller holding across
-    a check that holds inside): the first let-go must not start a teardown
-    beside the other's guest."""
+def test_a_hold_left_by_an_interrupted_check_ends_at_the_next_let_go():
+    """A caller's exception can land between a check's hold and its let-go
+    (inside the hold itself): the next check's let-go must start what
+    waits, or its VMs would stay alive for good (a count of holds did
+    that: the stress test above found run areas left mapped)."""
     jobs = b._start_releaser()
     assert jobs is not None
     done: list[int] = []
-    jobs.hold()
-    jobs.hold()  # a check's own hold inside the caller's
+    jobs.hold()  # the interrupted check's, never let go
+    jobs.hold()  # the next check's
     jobs.put(lambda: done.append(1))
-    jobs.let_go()
-    time.sleep(0.1)
-    assert done == [], "a job ran while a hold was still taken"
     jobs.let_go()
     deadline = time.monotonic() + 5
     while not done and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert done == [1]
-    jobs.let_go()  # one let-go too many takes no hold from the next
-    jobs.hold()
-    jobs.put(lambda: done.append(2))
-    time.sleep(0.1)
-    assert done == [1], "a let-go without a hold ended a later hold"
-    jobs.let_go()
-    jobs.join()
-    assert done == [1, 2]
-
-
-def test_a_hold_keeps_only_so_many_jobs_waiting():
-    """Threads checking back to back can keep the count of holds above
-    zero for good: the VMs (and their descriptors) they queue must not
-    wait for a moment with no hold that never comes."""
-    jobs = b._start_releaser()
-    assert jobs is not None
-    done: list[int] = []
-    jobs.hold()
-    for i in range(b._HELD_MOST):
-        jobs.put(lambda i=i: done.append(i))
-    time.sleep(0.1)
-    assert done == [], "a held job ran before the limit"
-    jobs.put(lambda: done.append(b._HELD_MOST))
-    deadline = time.monotonic() + 5
-    while len(done) <= b._HELD_MOST and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert done == list(range(b._HELD_MOST + 1)), "the jobs waited beyond the limit"
-    jobs.let_go()
+    assert done == [1], "the next let-go did not start the job"
 
 
 def test_the_releasing_thread_survives_a_failing_release_and_join_waits():
