@@ -1739,18 +1739,31 @@ class _PythonBackend:
                 libc.pthread_sigmask(2, ctypes.byref(saved), None)  # SIG_SETMASK
 
     def release(self, state: Any) -> None:
-        """Unmap and close what the state holds; each entry is cleared before
-        its call, so a release a caller's exception cut short can be run
-        again and never closes a descriptor twice."""
-        addr, size = state.run_addr, state.run_size
-        state.run_addr = state.run_size = 0
-        if addr:
-            _sys_libc().munmap(addr, size)
-        for slot in range(_FD_SLOTS - 1, 0, -1):
-            fd = state.fds[slot]
-            state.fds[slot] = -1
-            if fd >= 0:
-                os.close(fd)
+        """Unmap and close what the state holds, with every signal blocked
+        (as in _owned): each entry is cleared before its call, so a release
+        is never made twice, and a caller's handler that raised between the
+        clearing and the call would leak the mapping or the descriptor.
+        An exception before the first step leaves the state whole, to be
+        released again."""
+        import ctypes
+
+        libc = _sys_libc()
+        block, saved = _all_signals(), _abi().SigSet()
+        saved.bits[0] = 1 << 8  # SIGKILL's bit: "not changed yet"
+        try:
+            libc.pthread_sigmask(0, ctypes.byref(block), ctypes.byref(saved))  # SIG_BLOCK
+            addr, size = state.run_addr, state.run_size
+            state.run_addr = state.run_size = 0
+            if addr:
+                libc.munmap(addr, size)
+            for slot in range(_FD_SLOTS - 1, 0, -1):
+                fd = state.fds[slot]
+                state.fds[slot] = -1
+                if fd >= 0:
+                    os.close(fd)
+        finally:
+            if not saved.bits[0] & 1 << 8:
+                libc.pthread_sigmask(2, ctypes.byref(saved), None)  # SIG_SETMASK
 
     def releaser(self, state: Any) -> Callable[[], None]:
         release: Callable[[], None] = _partial()(self.release, state)

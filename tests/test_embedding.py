@@ -8,6 +8,7 @@ what it was before.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import shutil
 import signal
@@ -753,6 +754,53 @@ def test_held_jobs_wait_for_let_go_and_a_join_starts_them():
     while done[-1] != 3 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert done == [1, 2, 3]
+
+
+def test_a_callers_signal_inside_the_python_release_leaks_nothing(mocker):
+    """The Python backend clears each entry of the state before its call
+    (a release is never made twice), so a caller's handler that raised
+    between the two would leak the mapping or the descriptor: the release
+    runs with every signal blocked, and the caller's signal comes after it."""
+    import ctypes
+
+    libc = b._sys_libc()
+    state = b._abi().State()
+    size = mmap.PAGESIZE
+    addr = libc.mmap(None, size, 3, 0x22, -1, 0)  # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    state.run_addr, state.run_size = addr, size
+    fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(2)]
+    state.fds[1], state.fds[2] = fds
+    state.fds[3] = -1
+
+    class SignalledLibc:  # the caller's signal arrives just before the unmap
+        def __getattr__(self, name: str) -> object:
+            if name != "munmap":
+                return getattr(libc, name)
+
+            def munmap(*args: object) -> int:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                return int(libc.munmap(*args))
+
+            return munmap
+
+    def handler(signo: int, frame: object) -> None:
+        raise Caller("the caller's deadline")
+
+    mocker.patch.object(b, "_sys_libc", return_value=SignalledLibc())
+    previous = signal.signal(signal.SIGUSR1, handler)
+    try:
+        with pytest.raises(Caller):
+            b._PythonBackend().release(state)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    for fd in fds:  # before anything else is opened, which could take the number
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    start = f"{addr:x}-"
+    with open("/proc/self/maps") as maps:
+        assert not any(line.startswith(start) for line in maps), "the run area was left mapped"
+    assert (state.run_addr, list(state.fds[1:3])) == (0, [-1, -1])
 
 
 def test_a_hold_left_by_an_interrupted_check_ends_at_the_next_let_go():
