@@ -3189,7 +3189,9 @@ def _release_session(session: _Session) -> None:
 
 
 def _teardown_thread() -> _Releases | None:
-    """The releasing thread, when a VM's teardown may be left to it."""
+    """The releasing thread, when a VM's teardown may be left to it: not
+    in the command line (its VMs go to a helper at exit), not when no
+    thread could be started, not past a backlog."""
     if "held-for-exit" in _CACHE:
         return None
     releaser: _Releases | None = _cached("releaser", _start_releaser)
@@ -5303,12 +5305,12 @@ def _release_later(release: Callable[[], None], fds: Sequence[int] = ()) -> None
     if held is not None:
         held.append((release, tuple(fds)))
         return
-    releaser = _cached("releaser", _start_releaser)
-    # A backlog means the thread is not keeping up (threads checking at
-    # once, each holding the interpreter's lock in its turn): the VMs wait
-    # for it no longer, or their descriptors would pile up to the caller's
+    # Past a backlog the thread is not keeping up (threads checking at once,
+    # each holding the interpreter's lock in its turn): the VMs wait for it
+    # no longer, or their descriptors would pile up to the caller's
     # RLIMIT_NOFILE and make our own checks say fd-limit.
-    if releaser is None or releaser.unfinished >= _TEARDOWN_BACKLOG:
+    releaser = _teardown_thread()
+    if releaser is None:
         release()
         return
     releaser.put(release)

@@ -37,8 +37,7 @@ class Parked:
     """``with Parked(module):`` keeps the module's releasing thread inside a
     job of ours for the block: the check's teardowns queue behind it and
     run after the block, off the clock, as the C floors' come after theirs.
-    Nothing where no thread takes teardowns (the command line's, or none
-    could be started)."""
+    Nothing where no thread takes teardowns (see _teardown_thread)."""
 
     def __init__(self, module: Any) -> None:
         self.module = module
@@ -47,9 +46,8 @@ class Parked:
     def __enter__(self) -> Parked:
         import _thread
 
-        b = self.module
-        releaser = b._cached("releaser", b._start_releaser)
-        if releaser is None or "held-for-exit" in b._CACHE:
+        releaser = self.module._teardown_thread()
+        if releaser is None:
             return self
         self.go, inside = _thread.allocate_lock(), _thread.allocate_lock()
         self.go.acquire()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Callable
 
 import pytest
 from conftest import ROOT, SECCOMP_INSTALL, needs_kvm, needs_root, process_state, run_script, spin
@@ -734,6 +735,17 @@ def test_a_program_that_exits_after_a_check_waits_for_its_releases(tmp_path, hel
     assert mark.read_text() == "released"
 
 
+def within(seconds: float, done: Callable[[], bool]) -> bool:
+    """Whether ``done()`` comes true within ``seconds`` (a job the releasing
+    thread runs in its own time)."""
+    deadline = time.monotonic() + seconds
+    while not done():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_held_jobs_wait_for_let_go_and_a_join_starts_them():
     jobs = b._start_releaser()
     assert jobs is not None
@@ -750,10 +762,7 @@ def test_held_jobs_wait_for_let_go_and_a_join_starts_them():
     jobs.join()  # a hold never let go does not strand its jobs
     assert done == [1, 2]
     jobs.put(lambda: done.append(3))  # and the join ended it
-    deadline = time.monotonic() + 5
-    while done[-1] != 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert done == [1, 2, 3]
+    assert within(5, lambda: done[-1] == 3), done
 
 
 def test_a_callers_signal_inside_the_python_release_leaks_nothing(mocker):
@@ -815,10 +824,8 @@ def test_a_hold_left_by_an_interrupted_check_ends_at_the_next_let_go():
     jobs.hold()  # the next check's
     jobs.put(lambda: done.append(1))
     jobs.let_go()
-    deadline = time.monotonic() + 5
-    while not done and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert done == [1], "the next let-go did not start the job"
+    assert within(5, lambda: bool(done)), "the next let-go did not start the job"
+    assert done == [1]
 
 
 def test_the_releasing_thread_survives_a_failing_release_and_join_waits():
