@@ -1472,6 +1472,9 @@ def _long_mode_sregs(gdt: int, entries: int, pml4: int) -> dict[str, Any]:
 
 def _guest(kind: str) -> _Guest:
     """The guest of a kind: "real-mode", "long-mode" or "aarch64" (made once)."""
+    made: _Guest | None = _CACHE.get(f"guest-{kind}")
+    if made is not None:  # every check after the first
+        return made
     makers = {"real-mode": _real_mode_guest, "long-mode": _long_mode_guest}
     makers["aarch64"] = _aarch64_guest
     if kind not in makers:
@@ -2829,13 +2832,16 @@ def _read_cpuid(session: _Session) -> None:
 
     count = min(session.cpuid.nent, _MAX_CPUID_ENTRIES)
     raw = ctypes.string_at(ctypes.addressof(session.cpuid.entries), count * _CPUID_ENTRY_SIZE)
-    # KVM answers the same on every check: what it said is read once.
-    seen: dict[bytes, dict[str, bool]] = _cached("cpuid-features", dict)
-    known = seen.get(raw)
+    # KVM answers the same on every check: what it said is read once.  The
+    # answers kept are compared, not hashed (a few kilobytes: hashing them
+    # costs more than a comparison, which stops at the length or the first
+    # difference).
+    seen: list[tuple[bytes, dict[str, bool]]] = _cached("cpuid-features", list)
+    known = next((features for answer, features in seen if answer == raw), None)
     if known is None:
         known = _cpuid_features(raw)
         if len(seen) < 4:
-            seen[raw] = known
+            seen.append((raw, known))
     session.result.cpuid = dict(known)
 
 
@@ -2876,7 +2882,7 @@ def _read_msrs(session: _Session) -> None:
     }
     if session.result.cpuid.get("arch_capabilities"):
         count = min(session.feature_list.nmsrs, _MAX_MSR_INDICES)
-        features = [session.feature_list.indices[i] for i in range(count)]
+        features = session.feature_list.indices[:count]  # one list, not a lookup per index
         got, put = int(values[_V_ARCH_GET]), int(values[_V_ARCH_SET])
         listed = MSR_IA32_ARCH_CAPABILITIES in features if values[_V_FEATURE_LIST] >= 0 else None
         msrs["arch_capabilities"] = {
@@ -5155,15 +5161,14 @@ def _block_indices(name: str) -> set[int]:
 
 
 def _rules_without(*blocks: str) -> tuple[tuple[str, Callable[[Facts], bool]], ...]:
-    """RULES in order, less the named blocks (made once per combination)."""
-
-    def make() -> tuple[tuple[str, Callable[[Facts], bool]], ...]:
+    """RULES in order, less the named blocks (made once per combination,
+    kept by the tuple of names: no key string to build and hash per call)."""
+    made: dict[tuple[str, ...], tuple[tuple[str, Callable[[Facts], bool]], ...]]
+    made = _cached("rules-without", dict)
+    rules = made.get(blocks)
+    if rules is None:
         skipped = set().union(*map(_block_indices, blocks))
-        return tuple(rule for i, rule in enumerate(RULES) if i not in skipped)
-
-    rules: tuple[tuple[str, Callable[[Facts], bool]], ...] = _cached(
-        "rules-without:" + ",".join(blocks), make
-    )
+        rules = made[blocks] = tuple(rule for i, rule in enumerate(RULES) if i not in skipped)
     return rules
 
 
@@ -5572,14 +5577,20 @@ def _probe_startup_ioctls(
     exclude each other, so the latter gets a VM of its own.  An operation
     array, so either backend keeps the VMs' descriptors in its state from
     the moment the kernel returns them; they are released in the background."""
-    wanted = [name for name in _STARTUP_STEPS if name in set(names)]
+    asked = set(names)
+    wanted = [name for name in _STARTUP_STEPS if name in asked]
     if not wanted:
         return {}
     abi, runner, args = _abi(), _backend_for(backend), _cached("startup-args", _startup_args)
     state, out = abi.State(), abi.Outcome()
     state.fds[:] = [fd, -1, -1, -1]
     release = runner.releaser(state)
-    ops, count = _cached("startup-ops:" + ",".join(wanted), lambda: _startup_plan(wanted, args))
+    plans: dict[tuple[str, ...], tuple[Any, int]] = _cached("startup-ops", dict)
+    key = tuple(wanted)  # kept by the names themselves: no key string to build
+    built = plans.get(key)
+    if built is None:  # two threads may both make it: either array does
+        built = plans.setdefault(key, _startup_plan(wanted, args))
+    ops, count = built
     late: BaseException | None = None
     try:
         runner.execute(ops, count, state, out)
@@ -5594,7 +5605,8 @@ def _probe_startup_ioctls(
             raise late
     if out.step >= 0:  # no VM: the smoke test will say why
         return dict.fromkeys(wanted, -1)
-    results = {name: max(0, -int(out.values[_V_STARTUP + i])) for i, name in enumerate(wanted)}
+    answers = out.values[_V_STARTUP : _V_STARTUP + len(wanted)]  # one list, not a lookup each
+    results = {name: max(0, -int(answer)) for name, answer in zip(wanted, answers)}
     if results.get("KVM_CREATE_IRQCHIP", 0) and "KVM_CREATE_PIT2" in results:
         results["KVM_CREATE_PIT2"] = -1  # it needs the in-kernel irqchip
     return results
