@@ -986,6 +986,19 @@ def _cached(key: str, make: Callable[[], Any]) -> Any:
             return value
 
 
+def _cached_in(table: str, key: Hashable, make: Callable[..., Any], *args: Any) -> Any:
+    """``make(*args)``, kept under ``key`` in the cache's dict ``table``: for
+    values kept by what they are made of (a tuple of names, say), with no
+    key string to build and hash on each call.  Made without the lock: two
+    threads may both make one, and both get the one kept, so only a value
+    that is the same whoever makes it belongs here."""
+    kept: dict[Hashable, Any] = _cached(table, dict)
+    value = kept.get(key)
+    if value is None:
+        value = kept.setdefault(key, make(*args))
+    return value
+
+
 def _reset_caches() -> None:
     """Forget loaded libraries and cached lookups (for tests)."""
     _CACHE.clear()
@@ -2206,9 +2219,13 @@ def _load_native() -> tuple[ctypes.CDLL | None, str]:
     sizes.restype = ctypes.c_size_t
     # int kvmsmoke_exec(const struct kvmsmoke_op *ops, uint32_t count,
     #                   struct kvmsmoke_state *st, struct kvmsmoke_result *out)
-    execute.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_void_p, ctypes.c_void_p]
+    # void kvmsmoke_release(struct kvmsmoke_state *st)
+    # No argtypes for these two, on purpose: their one caller (_NativeBackend)
+    # passes byref()s, which ctypes passes as the pointers they hold, and a
+    # count below 2**31, passed as an int.  Declared argtypes would run a
+    # converter, a Python-level call, for each argument of each call: four
+    # of them for each operation array, about 4,000 instructions.
     execute.restype = ctypes.c_int
-    release.argtypes = [ctypes.c_void_p]
     release.restype = None
     found = abi_version()
     if found != _NATIVE_ABI_VERSION:
@@ -2832,42 +2849,37 @@ def _read_cpuid(session: _Session) -> None:
 
     count = min(session.cpuid.nent, _MAX_CPUID_ENTRIES)
     raw = ctypes.string_at(ctypes.addressof(session.cpuid.entries), count * _CPUID_ENTRY_SIZE)
-    # KVM answers the same on every check: what it said is read once.  The
-    # answers kept are compared, not hashed (a few kilobytes: hashing them
-    # costs more than a comparison, which stops at the length or the first
-    # difference).
-    seen: list[tuple[bytes, dict[str, bool]]] = _cached("cpuid-features", list)
-    known = next((features for answer, features in seen if answer == raw), None)
-    if known is None:
-        known = _cpuid_features(raw)
-        if len(seen) < 4:
-            seen.append((raw, known))
-    session.result.cpuid = dict(known)
+    session.result.cpuid = _cpuid_features(raw)
 
 
 def _cpuid_features(raw: bytes) -> dict[str, bool]:
-    """Which CPUID_FEATURES the entries in ``raw`` (kvm_cpuid_entry2s) show."""
-    count = len(raw) // _CPUID_ENTRY_SIZE
+    """Which CPUID_FEATURES the entries in ``raw`` (kvm_cpuid_entry2s) show.
+
+    Each leaf's first entry at index 0 is found by a byte search for its
+    (function, index) pair at an entry's start, not by a loop over the
+    entries.  Nothing is cached: KVM's answer is not the same on every
+    call (leaf 1's EBX and leaf 0xB's EDX hold the APIC ID of the CPU the
+    caller runs on), and the search costs less than a comparison of the
+    whole answer with one kept."""
     words = memoryview(raw).cast("I")  # each entry is ten 32-bit words
-    wanted = _CPUID_LEAVES
-    first: dict[int, int] = {}  # leaf: the word offset of its first entry at index 0
-    for offset in range(0, count * 10, 10):
-        leaf = words[offset]
-        if leaf in wanted and leaf not in first and words[offset + 1] == 0:
-            first[leaf] = offset
-            if len(first) == len(wanted):
-                break
     found = {}
-    for feature, (leaf, register, bit) in CPUID_FEATURES.items():
-        at = first.get(leaf)
-        found[feature] = at is not None and bool(words[at + _CPUID_REGISTERS[register]] >> bit & 1)
+    for feature, (at_start, register, bit) in _CPUID_SEARCH.items():
+        at = raw.find(at_start)
+        while at > 0 and at % _CPUID_ENTRY_SIZE:  # inside an entry: search on
+            at = raw.find(at_start, at + 1)
+        found[feature] = at >= 0 and bool(words[at // 4 + register] >> bit & 1)
     return found
 
 
 # struct kvm_cpuid_entry2: function, index, flags, eax, ebx, ecx, edx, padding[3].
 _CPUID_ENTRY_SIZE = 40
 _CPUID_REGISTERS = {"eax": 3, "ebx": 4, "ecx": 5, "edx": 6}  # word offsets
-_CPUID_LEAVES = frozenset(leaf for leaf, _, _ in CPUID_FEATURES.values())
+#: Each feature: the bytes an entry of its leaf at index 0 starts with, the
+#: word offset of its register, and its bit.
+_CPUID_SEARCH = {
+    feature: (leaf.to_bytes(4, "little") + bytes(4), _CPUID_REGISTERS[register], bit)
+    for feature, (leaf, register, bit) in CPUID_FEATURES.items()
+}
 
 
 def _read_msrs(session: _Session) -> None:
@@ -5161,15 +5173,15 @@ def _block_indices(name: str) -> set[int]:
 
 
 def _rules_without(*blocks: str) -> tuple[tuple[str, Callable[[Facts], bool]], ...]:
-    """RULES in order, less the named blocks (made once per combination,
-    kept by the tuple of names: no key string to build and hash per call)."""
-    made: dict[tuple[str, ...], tuple[tuple[str, Callable[[Facts], bool]], ...]]
-    made = _cached("rules-without", dict)
-    rules = made.get(blocks)
-    if rules is None:
-        skipped = set().union(*map(_block_indices, blocks))
-        rules = made[blocks] = tuple(rule for i, rule in enumerate(RULES) if i not in skipped)
+    """RULES in order, less the named blocks (made once per combination)."""
+    rules: tuple[tuple[str, Callable[[Facts], bool]], ...]
+    rules = _cached_in("rules-without", blocks, _rules_less, blocks)
     return rules
+
+
+def _rules_less(blocks: tuple[str, ...]) -> tuple[tuple[str, Callable[[Facts], bool]], ...]:
+    skipped = set().union(*map(_block_indices, blocks))
+    return tuple(rule for i, rule in enumerate(RULES) if i not in skipped)
 
 
 def _diagnose(facts: Facts) -> BoxliteError | None:
@@ -5269,14 +5281,6 @@ def _layer(error: BoxliteError | None) -> str | None:
 # ── Engines: what each needs, probed on this host ───────────────────────────
 
 
-def _speaks_kvm(fd: int) -> bool:
-    """Whether the descriptor answers KVM_GET_API_VERSION with 12."""
-    try:
-        return _ioctl(fd, KVM_GET_API_VERSION) == KVM_API_VERSION
-    except _SysError:
-        return False
-
-
 def _all_caps(arch: str) -> tuple[str, ...]:
     """Every capability some engine asks about on ``arch``, and the limits."""
     names = {
@@ -5288,15 +5292,38 @@ def _all_caps(arch: str) -> tuple[str, ...]:
     return tuple(sorted(names | set(_LIMIT_CAPS), key=lambda n: KVM_CAPS[n]))
 
 
-def _capability_values(fd: int, names: Iterable[str]) -> dict[str, int]:
-    """KVM_CHECK_EXTENSION for each name: its value, or -errno when it failed."""
-    values: dict[str, int] = {}
-    for name in names:
-        try:
-            values[name] = _ioctl(fd, KVM_CHECK_EXTENSION, KVM_CAPS[name])
-        except _SysError as err:
-            values[name] = -(err.errno or errno.EIO)
-    return values
+def _kvm_answers(
+    fd: int, names: Sequence[str], backend: str | None = None
+) -> dict[str, int] | None:
+    """None when the descriptor does not answer KVM_GET_API_VERSION with
+    12; else KVM_CHECK_EXTENSION for each name: its value, or -errno when it
+    failed.  Asked as operation arrays (one foreign call each with the
+    native backend, not one per capability), the version first: each
+    answer lands in a value slot, so an array asks _VALUE_SLOTS at most."""
+    names = tuple(names)
+    abi, runner = _abi(), _backend_for(backend)
+    state, out = abi.State(), abi.Outcome()
+    state.fds[:] = [fd] + [-1] * (_FD_SLOTS - 1)  # the arrays make no descriptors
+    answers: dict[str, int] = {}
+    for start in range(0, max(1, len(names)), _VALUE_SLOTS):
+        chunk = names[start : start + _VALUE_SLOTS]
+        ops, count = _cached_in("caps-ops", (start, chunk), _caps_plan, start == 0, chunk)
+        runner.execute(ops, count, state, out)
+        if out.step >= 0:  # only the version is not asked softly
+            return None
+        answers.update(zip(chunk, out.values[: len(chunk)]))  # one list, not a lookup each
+    return answers
+
+
+def _caps_plan(first: bool, names: tuple[str, ...]) -> tuple[Any, int]:
+    plan = _Plan()
+    if first:
+        version, check = KVM_GET_API_VERSION, _CHECK_EQ
+        plan.ioctl(STEP_API_VERSION, _KVM, version, check=check, expect=KVM_API_VERSION)
+    for slot, name in enumerate(names):
+        cap, step = KVM_CAPS[name], STEP_CHECK_EXTENSION
+        plan.ioctl(step, _KVM, KVM_CHECK_EXTENSION, cap, value=slot, soft=True)
+    return plan.build()
 
 
 def _release_later(release: Callable[[], None], fds: Sequence[int] = ()) -> None:
@@ -5585,12 +5612,9 @@ def _probe_startup_ioctls(
     state, out = abi.State(), abi.Outcome()
     state.fds[:] = [fd, -1, -1, -1]
     release = runner.releaser(state)
-    plans: dict[tuple[str, ...], tuple[Any, int]] = _cached("startup-ops", dict)
-    key = tuple(wanted)  # kept by the names themselves: no key string to build
-    built = plans.get(key)
-    if built is None:  # two threads may both make it: either array does
-        built = plans.setdefault(key, _startup_plan(wanted, args))
-    ops, count = built
+    # The array points only into the start-up buffers, which are made once:
+    # the one a racing thread made and lost is never run.
+    ops, count = _cached_in("startup-ops", tuple(wanted), _startup_plan, wanted, args)
     late: BaseException | None = None
     try:
         runner.execute(ops, count, state, out)
@@ -7220,9 +7244,9 @@ class KvmProbe(HypervisorProbe):
         with _closing_on_error(device):
             fd = device.fileno()
             error, asked = None, None
-            if engine is not None and _speaks_kvm(fd):
-                facts.speaks_kvm = True
-                facts.caps = _capability_values(fd, facts.engine_caps)
+            caps = None if engine is None else _kvm_answers(fd, facts.engine_caps, backend)
+            if caps is not None:
+                facts.speaks_kvm, facts.caps = True, caps
                 error, asked = _diagnose_staged(facts), "caps"
             if error is None:
                 # The start-up VMs are made first, the guest's right after:
@@ -7315,9 +7339,10 @@ class KvmProbe(HypervisorProbe):
             return facts
         with device:
             fd = device.fileno()
-            facts.speaks_kvm = _speaks_kvm(fd)
-            if facts.speaks_kvm:
-                facts.caps = _capability_values(fd, _all_caps(self.arch))
+            caps = _kvm_answers(fd, _all_caps(self.arch), backend)
+            facts.speaks_kvm = caps is not None
+            if caps is not None:
+                facts.caps = caps
                 durations["kvm.capabilities"] = time.perf_counter() - start
             with _HeldReleases():  # the start-up VMs first, as in gate()
                 if facts.speaks_kvm and engine is not None and self.arch == "x86_64":

@@ -314,7 +314,7 @@ def gate_spec(work: str = "gate") -> str:
 
     lines: list[str] = [f"timeout {int(b.DEFAULT_TIMEOUT * 1e9)}"]
     names = (
-        "_capability_values",
+        "_kvm_answers",
         "_host_ns_per_iteration",
         "_probe_startup_ioctls",
         *_OS_SEAMS,
@@ -324,10 +324,10 @@ def gate_spec(work: str = "gate") -> str:
     caps, sessions, reads = [], [], set()
     regs_type = b._abi().KvmRegs
 
-    def capability_values(fd, names):
+    def kvm_answers(fd, names, backend=None):
         names = list(names)
         caps.extend(b.KVM_CAPS[name] for name in names)
-        return saved["_capability_values"](fd, names)
+        return saved["_kvm_answers"](fd, names, backend)
 
     def array(kit, plan, key=None):
         # Read off the array as it is about to run (kept or made now): each
@@ -384,7 +384,7 @@ def gate_spec(work: str = "gate") -> str:
         return recorded
 
     patched = {
-        "_capability_values": capability_values,
+        "_kvm_answers": kvm_answers,
         "_host_ns_per_iteration": host_ns,
         "_probe_startup_ioctls": startup,
         **{name: seam(name) for name in _OS_SEAMS},

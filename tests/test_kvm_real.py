@@ -393,6 +393,7 @@ def test_the_cpuid_features_come_from_each_leafs_first_index_0_entry():
     abi = b._abi()
     cpuid = abi.KvmCpuid2()
     entries = [
+        (9, 0, 1, 0, 0, 0),  # eax 1 then ebx 0: leaf 1 at index 0's bytes, inside an entry
         (7, 1, 0, 0, 0, 1 << 29),  # leaf 7 at index 1: not where ARCH_CAPABILITIES is
         (1, 0, 0, 1 << 13, 0, 0),  # leaf 1: CX16, no XSAVE
         (7, 0, 0, 0, 0, 0),
@@ -406,11 +407,31 @@ def test_the_cpuid_features_come_from_each_leafs_first_index_0_entry():
     session.cpuid, session.result = cpuid, b.SmokeResult("native", guest="long-mode")
     b._read_cpuid(session)
     assert session.result.cpuid == {"cx16": True, "xsave": False, "arch_capabilities": False}
-    cpuid.entries[2].edx = 1 << 29
+    cpuid.nent = 1  # only the entry that holds leaf 1's bytes inside it
+    b._read_cpuid(session)
+    assert session.result.cpuid == {"cx16": False, "xsave": False, "arch_capabilities": False}
+    cpuid.entries[3].edx = 1 << 29
     cpuid.nent = 10**6  # more than the buffer holds: only the buffer is read
     b._read_cpuid(session)
     assert session.result.cpuid == {"cx16": True, "xsave": False, "arch_capabilities": True}
-    # The same answer from KVM is read once; each result is its own dict.
+    # Each result is its own dict.
     session.result.cpuid["cx16"] = False
     b._read_cpuid(session)
     assert session.result.cpuid == {"cx16": True, "xsave": False, "arch_capabilities": True}
+
+
+@needs_kvm
+def test_capabilities_are_asked_in_arrays_as_one_ioctl_each_would(kvm_fd, backend):
+    import fcntl
+
+    names = b._all_caps("x86_64")  # more than one array holds
+    assert len(names) > b._VALUE_SLOTS
+    one_each = {n: fcntl.ioctl(kvm_fd, b.KVM_CHECK_EXTENSION, b.KVM_CAPS[n]) for n in names}
+    assert b._kvm_answers(kvm_fd, names, backend) == one_each
+    assert b._kvm_answers(kvm_fd, names[:3], backend) == {n: one_each[n] for n in names[:3]}
+    assert b._kvm_answers(kvm_fd, (), backend) == {}
+
+
+def test_a_device_that_is_not_kvm_is_asked_nothing_beyond_the_version(backend):
+    with open("/dev/null", "rb") as null:  # its ioctls answer ENOTTY
+        assert b._kvm_answers(null.fileno(), ("IRQCHIP", "USER_MEMORY"), backend) is None

@@ -328,7 +328,7 @@ def test_system_check_holds_and_releases_the_descriptor(mocker):
     device = io.FileIO("/dev/null", "r")
     fd = device.fileno()
     mocker.patch.object(b, "_open_device", return_value=device)
-    mocker.patch.object(b, "_speaks_kvm", return_value=False)  # no capability check
+    mocker.patch.object(b, "_kvm_answers", return_value=None)  # does not speak KVM: no caps
     ok = _smoke_result(exit_reason=b.KVM_EXIT_HLT, proof=b.PROOF_VALUE)
     mocker.patch.object(b, "smoke_test", return_value=ok)
     mocker.patch.object(b, "_PROBE", b.KvmProbe("x86_64"))
@@ -344,9 +344,8 @@ def test_system_check_holds_and_releases_the_descriptor(mocker):
 def test_architecture_without_smoke_test_passes_on_open_but_says_so(mocker):
     device = io.FileIO("/dev/null", "r")
     mocker.patch.object(b, "_open_device", return_value=device)
-    mocker.patch.object(b, "_speaks_kvm", return_value=True)
     mocker.patch.object(
-        b, "_capability_values", side_effect=lambda fd, names: dict.fromkeys(names, 1)
+        b, "_kvm_answers", side_effect=lambda fd, names, backend=None: dict.fromkeys(names, 1)
     )
     smoke = mocker.patch.object(b, "smoke_test")
     mocker.patch.object(b, "_PROBE", b.KvmProbe("riscv64"))
