@@ -1721,14 +1721,13 @@ class _PythonBackend:
         area, and store it in the state, with every signal blocked in
         between: a handler of the caller's that raised between the kernel's
         answer and the store would leak it.  The caller's mask is kept in C
-        memory with a sentinel (SIGKILL, which no mask holds), so it is
-        restored exactly when it was changed, wherever an exception comes."""
+        memory with a sentinel (see _unsaved_mask), so it is restored
+        exactly when it was changed, wherever an exception comes."""
         import ctypes
 
-        block, saved = _all_signals(), _abi().SigSet()
-        saved.bits[0] = 1 << 8  # SIGKILL's bit: "not changed yet"
+        saved = _unsaved_mask()
         try:
-            libc.pthread_sigmask(0, ctypes.byref(block), ctypes.byref(saved))  # SIG_BLOCK
+            _block_signals(libc, saved)
             if fd_out < 0:
                 prot, flags = _PROT_READ | _PROT_WRITE, _MAP_SHARED
                 addr = libc.mmap(None, arg, prot, flags, state.fds[fd], 0)
@@ -1751,8 +1750,7 @@ class _PythonBackend:
                 if time.monotonic_ns() >= deadline:
                     raise _SysError(err, os.strerror(err))
         finally:
-            if not saved.bits[0] & 1 << 8:
-                libc.pthread_sigmask(2, ctypes.byref(saved), None)  # SIG_SETMASK
+            _restore_signals(libc, saved)
 
     def release(self, state: Any) -> None:
         """Unmap and close what the state holds, with every signal blocked
@@ -1761,13 +1759,10 @@ class _PythonBackend:
         clearing and the call would leak the mapping or the descriptor.
         An exception before the first step leaves the state whole, to be
         released again."""
-        import ctypes
-
         libc = _sys_libc()
-        block, saved = _all_signals(), _abi().SigSet()
-        saved.bits[0] = 1 << 8  # SIGKILL's bit: "not changed yet"
+        saved = _unsaved_mask()
         try:
-            libc.pthread_sigmask(0, ctypes.byref(block), ctypes.byref(saved))  # SIG_BLOCK
+            _block_signals(libc, saved)
             addr, size = state.run_addr, state.run_size
             state.run_addr = state.run_size = 0
             if addr:
@@ -1778,8 +1773,7 @@ class _PythonBackend:
                 if fd >= 0:
                     os.close(fd)
         finally:
-            if not saved.bits[0] & 1 << 8:
-                libc.pthread_sigmask(2, ctypes.byref(saved), None)  # SIG_SETMASK
+            _restore_signals(libc, saved)
 
     def releaser(self, state: Any) -> Callable[[], None]:
         release: Callable[[], None] = _partial()(self.release, state)
@@ -1846,6 +1840,31 @@ def _declared_libc() -> ctypes.CDLL:
 def _all_signals() -> Any:
     """A sigset with every signal (the kernel ignores SIGKILL and SIGSTOP)."""
     return _cached("all-signals", _every_signal)
+
+
+# Blocking every signal around a step whose result must be stored: the
+# caller's mask is saved into a sigset that starts out holding SIGKILL, a
+# sentinel no real mask holds, and restored only once the kernel has
+# written it.  The sigsets go by their ``bits`` arrays, which ctypes passes
+# as pointers with no ctypes import or byref() here.
+_UNSAVED = 1 << 8  # SIGKILL (signal 9): bit 8 of the first word
+
+
+def _unsaved_mask() -> Any:
+    """A sigset to save the caller's mask into, marked "not saved yet"."""
+    saved = _abi().SigSet()
+    saved.bits[0] = _UNSAVED
+    return saved
+
+
+def _block_signals(libc: ctypes.CDLL, saved: Any) -> None:
+    libc.pthread_sigmask(0, _all_signals().bits, saved.bits)  # SIG_BLOCK
+
+
+def _restore_signals(libc: ctypes.CDLL, saved: Any) -> None:
+    """Put back the mask _block_signals saved, if it got as far as saving it."""
+    if not saved.bits[0] & _UNSAVED:
+        libc.pthread_sigmask(2, saved.bits, None)  # SIG_SETMASK
 
 
 def _every_signal() -> Any:

@@ -877,3 +877,19 @@ def test_a_refusal_is_freed_when_dropped_not_left_for_the_collector(mocker, tmp_
         assert dropped() is None, "the refusal outlived its last reference"
     finally:
         gc.enable()
+
+
+def test_the_callers_mask_is_put_back_only_once_it_was_saved():
+    libc, usr1 = b._sys_libc(), {signal.SIGUSR1}
+    old = signal.pthread_sigmask(signal.SIG_SETMASK, usr1)
+    try:
+        saved = b._unsaved_mask()
+        b._restore_signals(libc, saved)  # nothing saved yet: the mask is left alone
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == usr1
+        b._block_signals(libc, saved)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        assert blocked == signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+        b._restore_signals(libc, saved)
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == usr1
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
