@@ -5822,9 +5822,13 @@ def decode_engine_message(message: str) -> list[str]:
 DEEP_TIMEOUT = 30.0
 MAX_DEEP_TIMEOUT = 600.0
 #: The kernel's command line: reset at the root-mount panic (a triple-fault
-#: reset, so no keyboard controller is polled), the VGA text console, and no
-#: port-0x80 delays (there is no ISA bus to slow down; each would be an exit).
-BOOT_CMDLINE = "console=tty0 reboot=t panic=-1 io_delay=none"
+#: reset, so no keyboard controller is polled), the VGA text console, no
+#: port-0x80 delays (there is no ISA bus to slow down; each would be an
+#: exit), and no cursor drawn: the console hides its cursor before each
+#: line and draws it after, and each change of its shape reads two CRTC
+#: registers back, about 980 reads in a boot, each an exit to us, where
+#: the console's writes stay in KVM's coalesced ring.
+BOOT_CMDLINE = "console=tty0 reboot=t panic=-1 io_delay=none vt.global_cursor_default=0"
 # Guest physical layout, as Firecracker's: the boot GDT, the zero page
 # (struct boot_params), the stack, identity page tables (2 MiB pages over the
 # first GiB), the command line; the VGA text buffer; the kernel at its load
@@ -6283,8 +6287,8 @@ class _BootPorts:
 #: The port writes KVM keeps in its coalesced ring rather than exiting to
 #: us (writes only: a read still exits, with the ring drained first), as
 #: QEMU asks for VGA: the CRTC index/data pair, which the console's cursor
-#: and scrolling write about 5,300 times in a libkrunfw boot, and the
-#: attribute and palette registers.  (port, count) zones.
+#: position and scrolling write about 1,700 times in a libkrunfw boot, and
+#: the attribute and palette registers.  (port, count) zones.
 _BOOT_COALESCED_PORTS = ((0x3D4, 2), (0x3C0, 10))
 #: struct kvm_coalesced_mmio_ring: first, last, then entries of
 #: struct kvm_coalesced_mmio (phys_addr, len, pio, data[8]) filling its page.
@@ -6554,6 +6558,7 @@ def _boot_loop(session: _Session, result: BootResult, start: int) -> None:
     ops, count = plan.build()
     out, state, run = session.out, session.state, session.state.run_addr
     exits = result.exits
+    now = time.monotonic_ns()
     while True:
         remaining = deadline - time.monotonic_ns()
         if remaining <= 0:
@@ -6598,11 +6603,16 @@ def _boot_loop(session: _Session, result: BootResult, start: int) -> None:
                 ctypes.memmove(run + _RUN_MMIO_DATA, b"\xff" * 8, 8)
         elif reason != KVM_EXIT_INTR:
             _boot_stopped(session, result, reason, head)
+            # What the console shows was printed before the vCPU stopped: its
+            # milestones are seen at that time, before the reset.  (With the
+            # console's writes in the ring, a scan may not have run for up to
+            # a slice.)
+            console.scan(now, force=True)
             if reason in (KVM_EXIT_SHUTDOWN, KVM_EXIT_SYSTEM_EVENT):
                 result.milestones["reset"] = (now - start) / 1e9
             break
         console.scan(now)
-    console.scan(time.monotonic_ns(), force=True)
+    console.scan(now, force=True)  # the vCPU has not run since ``now``
     console.finish()
     if result.outcome in (BOOT_NOT_RUN, BOOT_RESET, BOOT_TIMED_OUT, BOOT_STOPPED):
         if "root-mount" in result.milestones:

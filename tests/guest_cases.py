@@ -183,6 +183,12 @@ def deep_cases() -> None:
         memory = deep.evidence["guest_memory_bytes"] // 1024
         ok = deep.status == "pass" and wanted <= reached and rep.verdict != b.NOT_USABLE
         ok = ok and peak <= 2 * memory + 32 * 1024  # the interpreter's own, and about 2x
+        # Every line was printed before the reset, and seen by then.
+        times = deep.evidence["milestones_s"]
+        ok = ok and all(at <= times["reset"] for at in times.values())
+        # The console's cursor is not drawn: its shape's CRTC reads would be
+        # about 980 exits of a boot's 1,000; a few dozen remain.
+        ok = ok and deep.evidence["kvm_exits"] < 200
         case("deep-report", ok, f"{deep.summary}; peak RSS {peak // 1024} MiB")
         print("DEEP-BOOT " + json.dumps(deep.evidence), flush=True)
 
