@@ -7283,15 +7283,16 @@ class KvmProbe(HypervisorProbe):
                 # unless another VM was made within one, and the guest's runs
                 # between the two would outlast it (10 ms of a 45 ms gate in
                 # the nested host).  The releasing thread is held until the
-                # guest is done, so no teardown runs beside its runs and the
-                # speed probe.  The order of the causes is kept by asking
-                # stage by stage.
+                # answer is made, so no teardown runs beside the guest's runs
+                # and the speed probe, and the thread, woken, does not take
+                # the interpreter's lock from the rules.  The order of the
+                # causes is kept by asking stage by stage.
                 with _HeldReleases():
                     if facts.engine_ioctls:
                         facts.ioctls = _probe_startup_ioctls(fd, facts.engine_ioctls, backend)
                     self._run(facts, fd, backend)
-                facts.complete = True
-                error = _diagnose_staged(facts, after=asked)
+                    facts.complete = True
+                    error = _diagnose_staged(facts, after=asked)
             if error is None and facts.deep_wanted:
                 _deep_stage(fd, facts, backend)
                 if facts.deep is not None and facts.deep.outcome == BOOT_NOT_RUN:
