@@ -1669,7 +1669,7 @@ class _PythonBackend:
                 if fd_out >= 0:  # a descriptor: owned by the state at once
                     ret = self._owned(libc, state, fd, request, arg, fd_out)
                 else:  # _ioctl, its call made here: most operations are these
-                    ret = int(libc.ioctl(state.fds[fd], request, arg))
+                    ret = int(libc.ioctl(state.fds[fd], _wide(request), _wide(arg)))
                     if ret < 0:
                         ret = _ioctl_failed(libc, state.fds[fd], request, arg, True)
             except _SysError as err:
@@ -1737,7 +1737,7 @@ class _PythonBackend:
                 return 0
             deadline = 0
             while True:  # EINTR: a policy's, the signals being blocked (see _ioctl)
-                ret = int(libc.ioctl(state.fds[fd], request, arg))
+                ret = int(libc.ioctl(state.fds[fd], _wide(request), _wide(arg)))
                 if ret >= 0:
                     state.fds[fd_out] = ret  # KVM sets O_CLOEXEC on its descriptors
                     return ret
@@ -1813,7 +1813,10 @@ def _declared_libc() -> ctypes.CDLL:
         ctypes.c_size_t,
         ctypes.c_void_p,
     )
-    libc.ioctl.argtypes = [c_int, ctypes.c_ulong, ctypes.c_ulong]
+    # int ioctl(int fd, unsigned long request, ...): no argtypes, on purpose.
+    # A declared argument costs a converter, a Python-level call, on every
+    # call (about 1,000 instructions each; three per ioctl, the Python
+    # backend's most frequent call).  Its callers pass _wide() values.
     libc.ioctl.restype = c_int
     libc.mmap.argtypes = [c_void_p, c_size_t, c_int, c_int, c_int, c_long]
     libc.mmap.restype = c_void_p
@@ -1832,9 +1835,34 @@ def _declared_libc() -> ctypes.CDLL:
     libc.sigaddset.restype = c_int
     libc.sigtimedwait.argtypes = [c_void_p, c_void_p, c_void_p]
     libc.sigtimedwait.restype = c_int
-    libc.pthread_sigmask.argtypes = [c_int, c_void_p, c_void_p]
+    # int pthread_sigmask(int how, const sigset_t *set, sigset_t *old): no
+    # argtypes either, as ioctl: its callers pass a small int and sigsets as
+    # ctypes arrays, byref()s or None, which go as pointers untouched.
     libc.pthread_sigmask.restype = c_int
     return libc
+
+
+_C_INT_MAX = (1 << 31) - 1
+
+
+def _wide(value: int) -> Any:
+    """``value`` for an unsigned long argument of a call without argtypes
+    (ioctl's): a Python int there goes as a C int, which the ABIs this
+    checker runs on (x86_64, aarch64) widen by sign, so one up to
+    _C_INT_MAX goes as itself and a larger one (an address, a request
+    with its size bits) as a c_ulong.  Those are kept per value: the
+    same requests and buffer addresses come back on every check."""
+    if value <= _C_INT_MAX:
+        return value
+    kept: dict[int, Any] = _cached("wide-values", dict)
+    made = kept.get(value)
+    if made is None:
+        import ctypes
+
+        if len(kept) >= 4096:  # addresses of buffers no longer kept
+            kept.clear()
+        made = kept[value] = ctypes.c_ulong(value)
+    return made
 
 
 def _all_signals() -> Any:
@@ -1889,7 +1917,7 @@ def _ioctl(
     """
     if libc is None:
         libc = _sys_libc()
-    ret = int(libc.ioctl(fd, request, arg))
+    ret = int(libc.ioctl(fd, _wide(request), _wide(arg)))
     if ret >= 0:
         return ret
     return _ioctl_failed(libc, fd, request, arg, retry)
@@ -1914,7 +1942,7 @@ def _ioctl_masked(libc: ctypes.CDLL, fd: int, request: int, arg: int) -> int:
     try:
         deadline = time.monotonic_ns() + _EINTR_RETRY_NS
         while True:
-            ret = int(libc.ioctl(fd, request, arg))
+            ret = int(libc.ioctl(fd, _wide(request), _wide(arg)))
             if ret >= 0:
                 return ret
             err = ctypes.get_errno()

@@ -435,3 +435,26 @@ def test_capabilities_are_asked_in_arrays_as_one_ioctl_each_would(kvm_fd, backen
 def test_a_device_that_is_not_kvm_is_asked_nothing_beyond_the_version(backend):
     with open("/dev/null", "rb") as null:  # its ioctls answer ENOTTY
         assert b._kvm_answers(null.fileno(), ("IRQCHIP", "USER_MEMORY"), backend) is None
+
+
+@needs_kvm
+def test_wide_arguments_reach_the_kernel_whole(kvm_fd):
+    import ctypes
+
+    # ioctl has no argtypes: a value past a C int goes as a c_ulong.
+    assert b._wide(7) == 7 and b._wide(b._C_INT_MAX) == b._C_INT_MAX
+    big = b._wide(1 << 40)
+    assert big.value == 1 << 40 and b._wide(1 << 40) is big
+    sregs = b._abi().KvmSregs()
+    assert ctypes.addressof(sregs) > b._C_INT_MAX  # a heap address: it must not be cut
+    vm = b._ioctl(kvm_fd, b.KVM_CREATE_VM, 0)
+    try:
+        vcpu = b._ioctl(vm, b.KVM_CREATE_VCPU, 0)
+        try:
+            assert b.KVM_GET_SREGS > b._C_INT_MAX
+            assert b._ioctl(vcpu, b.KVM_GET_SREGS, ctypes.addressof(sregs)) == 0
+        finally:
+            os.close(vcpu)
+    finally:
+        os.close(vm)
+    assert sregs.cs.selector == 0xF000  # the reset state, read into our buffer
