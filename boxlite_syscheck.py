@@ -1826,15 +1826,14 @@ def _declared_libc() -> ctypes.CDLL:
     libc.madvise.restype = c_int
     libc.mprotect.argtypes = [c_void_p, c_size_t, c_int]
     libc.mprotect.restype = c_int
-    # long syscall(long number, ...); the rest are passed as typed values.
-    libc.syscall.argtypes = [c_long]
+    # long syscall(long number, ...): no argtypes (as ioctl); the number is
+    # a small int, the rest are passed as typed values or byref()s.
     libc.syscall.restype = c_long
     libc.sigemptyset.argtypes = [c_void_p]
     libc.sigemptyset.restype = c_int
     libc.sigaddset.argtypes = [c_void_p, c_int]
     libc.sigaddset.restype = c_int
-    libc.sigtimedwait.argtypes = [c_void_p, c_void_p, c_void_p]
-    libc.sigtimedwait.restype = c_int
+    libc.sigtimedwait.restype = c_int  # given byref()s only: no argtypes
     # int pthread_sigmask(int how, const sigset_t *set, sigset_t *old): no
     # argtypes either, as ioctl: its callers pass a small int and sigsets as
     # ctypes arrays, byref()s or None, which go as pointers untouched.
