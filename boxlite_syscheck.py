@@ -5346,19 +5346,32 @@ def _kvm_answers(
     failed.  Asked as operation arrays (one foreign call each with the
     native backend, not one per capability), the version first: each
     answer lands in a value slot, so an array asks _VALUE_SLOTS at most."""
-    names = tuple(names)
-    abi, runner = _abi(), _backend_for(backend)
-    state, out = abi.State(), abi.Outcome()
-    state.fds[:] = [fd] + [-1] * (_FD_SLOTS - 1)  # the arrays make no descriptors
-    answers: dict[str, int] = {}
-    for start in range(0, max(1, len(names)), _VALUE_SLOTS):
-        chunk = names[start : start + _VALUE_SLOTS]
-        ops, count = _cached_in("caps-ops", (start, chunk), _caps_plan, start == 0, chunk)
-        runner.execute(ops, count, state, out)
-        if out.step >= 0:  # only the version is not asked softly
-            return None
-        answers.update(zip(chunk, out.values[: len(chunk)]))  # one list, not a lookup each
-    return answers
+    names, runner = tuple(names), _backend_for(backend)
+    # The arrays' state and outcome are kept for the next call, one pair
+    # per thread asking at once: the arrays make no descriptors, write
+    # only the value slots they read back, and the backend resets the
+    # outcome's step.
+    kept: list[tuple[Any, Any]] = _cached("caps-buffers", list)
+    try:
+        state, out = kept.pop()  # atomic: no two calls share a pair
+    except IndexError:
+        abi = _abi()
+        state, out = abi.State(), abi.Outcome()
+        state.fds[:] = [-1] * _FD_SLOTS
+    state.fds[0] = fd
+    try:
+        answers: dict[str, int] = {}
+        for start in range(0, max(1, len(names)), _VALUE_SLOTS):
+            chunk = names[start : start + _VALUE_SLOTS]
+            ops, count = _cached_in("caps-ops", (start, chunk), _caps_plan, start == 0, chunk)
+            runner.execute(ops, count, state, out)
+            if out.step >= 0:  # only the version is not asked softly
+                return None
+            answers.update(zip(chunk, out.values[: len(chunk)]))  # one list, not a lookup each
+        return answers
+    finally:
+        if len(kept) < _KITS_KEPT:
+            kept.append((state, out))
 
 
 def _caps_plan(first: bool, names: tuple[str, ...]) -> tuple[Any, int]:
