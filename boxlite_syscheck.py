@@ -1813,10 +1813,13 @@ def _declared_libc() -> ctypes.CDLL:
         ctypes.c_size_t,
         ctypes.c_void_p,
     )
-    # int ioctl(int fd, unsigned long request, ...): no argtypes, on purpose.
-    # A declared argument costs a converter, a Python-level call, on every
-    # call (about 1,000 instructions each; three per ioctl, the Python
-    # backend's most frequent call).  Its callers pass _wide() values.
+    # The calls a check makes many times (ioctl, syscall, sigtimedwait,
+    # pthread_sigmask) have no argtypes, on purpose: a declared argument
+    # costs a converter, a Python-level call, on every call (about 1,000
+    # instructions each; three per ioctl, the Python backend's most
+    # frequent call).  Their callers pass what ctypes passes as it is:
+    # byref()s, ctypes arrays and values, None, small ints, and _wide()
+    # for an ioctl's request and argument.
     libc.ioctl.restype = c_int
     libc.mmap.argtypes = [c_void_p, c_size_t, c_int, c_int, c_int, c_long]
     libc.mmap.restype = c_void_p
@@ -1826,17 +1829,12 @@ def _declared_libc() -> ctypes.CDLL:
     libc.madvise.restype = c_int
     libc.mprotect.argtypes = [c_void_p, c_size_t, c_int]
     libc.mprotect.restype = c_int
-    # long syscall(long number, ...): no argtypes (as ioctl); the number is
-    # a small int, the rest are passed as typed values or byref()s.
-    libc.syscall.restype = c_long
+    libc.syscall.restype = c_long  # long syscall(long number, ...)
     libc.sigemptyset.argtypes = [c_void_p]
     libc.sigemptyset.restype = c_int
     libc.sigaddset.argtypes = [c_void_p, c_int]
     libc.sigaddset.restype = c_int
-    libc.sigtimedwait.restype = c_int  # given byref()s only: no argtypes
-    # int pthread_sigmask(int how, const sigset_t *set, sigset_t *old): no
-    # argtypes either, as ioctl: its callers pass a small int and sigsets as
-    # ctypes arrays, byref()s or None, which go as pointers untouched.
+    libc.sigtimedwait.restype = c_int
     libc.pthread_sigmask.restype = c_int
     return libc
 
@@ -5346,32 +5344,19 @@ def _kvm_answers(
     failed.  Asked as operation arrays (one foreign call each with the
     native backend, not one per capability), the version first: each
     answer lands in a value slot, so an array asks _VALUE_SLOTS at most."""
-    names, runner = tuple(names), _backend_for(backend)
-    # The arrays' state and outcome are kept for the next call, one pair
-    # per thread asking at once: the arrays make no descriptors, write
-    # only the value slots they read back, and the backend resets the
-    # outcome's step.
-    kept: list[tuple[Any, Any]] = _cached("caps-buffers", list)
-    try:
-        state, out = kept.pop()  # atomic: no two calls share a pair
-    except IndexError:
-        abi = _abi()
-        state, out = abi.State(), abi.Outcome()
-        state.fds[:] = [-1] * _FD_SLOTS
-    state.fds[0] = fd
-    try:
-        answers: dict[str, int] = {}
-        for start in range(0, max(1, len(names)), _VALUE_SLOTS):
-            chunk = names[start : start + _VALUE_SLOTS]
-            ops, count = _cached_in("caps-ops", (start, chunk), _caps_plan, start == 0, chunk)
-            runner.execute(ops, count, state, out)
-            if out.step >= 0:  # only the version is not asked softly
-                return None
-            answers.update(zip(chunk, out.values[: len(chunk)]))  # one list, not a lookup each
-        return answers
-    finally:
-        if len(kept) < _KITS_KEPT:
-            kept.append((state, out))
+    names = tuple(names)
+    abi, runner = _abi(), _backend_for(backend)
+    state, out = abi.State(), abi.Outcome()
+    state.fds[:] = [fd] + [-1] * (_FD_SLOTS - 1)  # the arrays make no descriptors
+    answers: dict[str, int] = {}
+    for start in range(0, max(1, len(names)), _VALUE_SLOTS):
+        chunk, first = names[start : start + _VALUE_SLOTS], start == 0
+        ops, count = _cached_in("caps-ops", (first, chunk), _caps_plan, first, chunk)
+        runner.execute(ops, count, state, out)
+        if out.step >= 0:  # only the version is not asked softly
+            return None
+        answers.update(zip(chunk, out.values[: len(chunk)]))  # one list, not a lookup each
+    return answers
 
 
 def _caps_plan(first: bool, names: tuple[str, ...]) -> tuple[Any, int]:
@@ -6598,7 +6583,7 @@ def _boot_loop(session: _Session, result: BootResult, start: int) -> None:
     ops, count = plan.build()
     out, state, run = session.out, session.state, session.state.run_addr
     exits = result.exits
-    now = time.monotonic_ns()
+    now, reset = time.monotonic_ns(), False
     while True:
         remaining = deadline - time.monotonic_ns()
         if remaining <= 0:
@@ -6643,16 +6628,15 @@ def _boot_loop(session: _Session, result: BootResult, start: int) -> None:
                 ctypes.memmove(run + _RUN_MMIO_DATA, b"\xff" * 8, 8)
         elif reason != KVM_EXIT_INTR:
             _boot_stopped(session, result, reason, head)
-            # What the console shows was printed before the vCPU stopped: its
-            # milestones are seen at that time, before the reset.  (With the
-            # console's writes in the ring, a scan may not have run for up to
-            # a slice.)
-            console.scan(now, force=True)
-            if reason in (KVM_EXIT_SHUTDOWN, KVM_EXIT_SYSTEM_EVENT):
-                result.milestones["reset"] = (now - start) / 1e9
+            reset = reason in (KVM_EXIT_SHUTDOWN, KVM_EXIT_SYSTEM_EVENT)
             break
         console.scan(now)
-    console.scan(now, force=True)  # the vCPU has not run since ``now``
+    # The vCPU has not run since ``now``: what the console shows was printed
+    # by then, and is seen then, before a reset is noted.  (With the
+    # console's writes in the ring, a scan may not have run for a slice.)
+    console.scan(now, force=True)
+    if reset:
+        result.milestones["reset"] = (now - start) / 1e9
     console.finish()
     if result.outcome in (BOOT_NOT_RUN, BOOT_RESET, BOOT_TIMED_OUT, BOOT_STOPPED):
         if "root-mount" in result.milestones:

@@ -430,9 +430,6 @@ def test_capabilities_are_asked_in_arrays_as_one_ioctl_each_would(kvm_fd, backen
     assert b._kvm_answers(kvm_fd, names, backend) == one_each
     assert b._kvm_answers(kvm_fd, names[:3], backend) == {n: one_each[n] for n in names[:3]}
     assert b._kvm_answers(kvm_fd, (), backend) == {}
-    for _ in range(10):  # each call gives back the buffers it took
-        b._kvm_answers(kvm_fd, names[:3], backend)
-    assert 1 <= len(b._CACHE["caps-buffers"]) <= b._KITS_KEPT
 
 
 def test_a_device_that_is_not_kvm_is_asked_nothing_beyond_the_version(backend):
