@@ -2879,11 +2879,13 @@ def _vcpu_plan(session: _Session) -> _Plan:
         )
         for request, buffer, slot in lists:
             plan.ioctl(msrs, _KVM, request, session.addr(buffer), value=slot, soft=True)
-        if session.result.cpuid.get("arch_capabilities"):
-            # What QEMU does with -cpu host: read the feature MSR, set it.
-            arch = session.addr(session.arch_msrs)
-            plan.ioctl(msrs, _KVM, KVM_GET_MSRS, arch, value=_V_ARCH_GET, soft=True)
-            plan.ioctl(msrs, _VCPU, KVM_SET_MSRS, arch, value=_V_ARCH_SET, soft=True)
+        # What QEMU does with -cpu host when CPUID offers ARCH_CAPABILITIES:
+        # read the feature MSR, set it.  Made in any case, soft, so the
+        # array need not wait for the CPUID answer; _read_msrs reports them
+        # only when the CPUID offers the MSR.
+        arch = session.addr(session.arch_msrs)
+        plan.ioctl(msrs, _KVM, KVM_GET_MSRS, arch, value=_V_ARCH_GET, soft=True)
+        plan.ioctl(msrs, _VCPU, KVM_SET_MSRS, arch, value=_V_ARCH_SET, soft=True)
     return plan
 
 
@@ -3097,6 +3099,19 @@ def _final_plan(session: _Session) -> _Plan:
     return plan
 
 
+#: The long-mode guest's _setup_plan: its operations, up to and with the
+#: CPUID's, come first in its array.
+_LONG_SETUP_OPS = 5
+
+
+def _long_mode_plan(session: _Session) -> _Plan:
+    """The long-mode guest's VM and its vCPU's set-up, as one plan."""
+    plan = _setup_plan(session)
+    assert len(plan.ops) == _LONG_SETUP_OPS
+    plan.ops += _vcpu_plan(session).ops
+    return plan
+
+
 def _trivial_plan(session: _Session) -> _Plan:
     """The whole real-mode smoke test as one array of operations."""
     plan = _setup_plan(session)
@@ -3109,8 +3124,7 @@ def _run_guest(session: _Session) -> None:
 
     The real-mode and arm64 guests are one array of operations each (one
     foreign call with the native backend); the long-mode one is several,
-    because what comes next depends on the CPUID KVM offers and on how fast
-    the guest ran.
+    because what comes next depends on how fast the guest ran.
     """
     result = session.result
     if session.guest.arch == "aarch64":
@@ -3128,15 +3142,14 @@ def _run_guest(session: _Session) -> None:
             _read_guest(session)
             result.step = STEP_DONE
         return
-    if not session.execute(lambda: _setup_plan(session), session.key("setup")):
-        return
+    # The VM, the vCPU's set-up and the warm-up run: one array.
+    ran = session.execute(lambda: _warm_up(session, _long_mode_plan(session)), session.key("vcpu"))
+    failed_at = session.out.op_index
+    if not ran and failed_at < _LONG_SETUP_OPS:
+        return  # the VM or its vCPU was not made, or KVM gave no CPUID
     result.api_version = int(session.out.values[_V_API])
     _read_cpuid(session)
-    # The vCPU's set-up depends on one CPUID answer; the warm-up run goes in
-    # the same array, one foreign call fewer.
-    arch = bool(result.cpuid.get("arch_capabilities"))
-    ran = session.execute(lambda: _warm_up(session, _vcpu_plan(session)), session.key("vcpu", arch))
-    if not ran and session.out.op_index < session.warm_up_at:
+    if not ran and failed_at < session.warm_up_at:
         return  # the vCPU's set-up failed
     _read_msrs(session)
     if not ran or not _measure_speed(session):

@@ -14,7 +14,6 @@
  *   image HEX              its contents from guest physical 0
  *   sregs OFFSET HEX       bytes patched into kvm_sregs after KVM_GET_SREGS
  *   msr INDEX VALUE        a boot MSR, all set with one KVM_SET_MSRS
- *   arch 0|1               read IA32_ARCH_CAPABILITIES and set it, as QEMU does
  *   regs OFFSET VALUE      a field of the kvm_regs every run starts from
  *   guest                  make the guest's VM and vCPU and set them up, where
  *                          the gate made its own (once; runs need it)
@@ -88,7 +87,6 @@ static struct { uint32_t index; uint64_t value; } msrs[64];
 static size_t n_msrs;
 static struct { size_t offset; uint64_t value; } regs_init[32];
 static size_t n_regs;
-static int arch_caps;
 #define DEFAULT_TIMEOUT_NS 2000000000LL /* until the spec says */
 static long long timeout_ns = DEFAULT_TIMEOUT_NS;
 
@@ -182,8 +180,6 @@ static void read_spec(const char *path)
             msrs[n_msrs].index = (uint32_t)a;
             msrs[n_msrs].value = b;
             if (++n_msrs == 64) die("spec: too many MSRs");
-        } else if (!strcmp(word, "arch") && sscanf(line, "%*s %llu", &a) == 1) {
-            arch_caps = (int)a;
         } else if (!strcmp(word, "regs") && sscanf(line, "%*s %llu %llu", &a, &b) == 2) {
             regs_init[n_regs].offset = a;
             regs_init[n_regs].value = b;
@@ -385,15 +381,16 @@ static void make_guest(int kvm)
     list.head.nmsrs = features.head.nmsrs = 1024;
     if (ioctl(kvm, KVM_GET_MSR_INDEX_LIST, &list) < 0) die("KVM_GET_MSR_INDEX_LIST");
     ioctl(kvm, KVM_GET_MSR_FEATURE_INDEX_LIST, &features); /* soft, as in the gate */
-    if (arch_caps) {
-        static union {
-            struct kvm_msrs head;
-            unsigned char b[sizeof(struct kvm_msrs) + sizeof(struct kvm_msr_entry)];
-        } arch;
-        arch.head.nmsrs = 1;
-        arch.head.entries[0].index = 0x10a; /* IA32_ARCH_CAPABILITIES */
-        if (ioctl(kvm, KVM_GET_MSRS, &arch) == 1) ioctl(vcpu, KVM_SET_MSRS, &arch);
-    }
+    /* IA32_ARCH_CAPABILITIES read and set back, as QEMU does; soft, and
+     * made whatever the CPUID offers, as in the gate. */
+    static union {
+        struct kvm_msrs head;
+        unsigned char b[sizeof(struct kvm_msrs) + sizeof(struct kvm_msr_entry)];
+    } arch;
+    arch.head.nmsrs = 1;
+    arch.head.entries[0].index = 0x10a;
+    ioctl(kvm, KVM_GET_MSRS, &arch);
+    ioctl(vcpu, KVM_SET_MSRS, &arch);
     guest.mem = mem;
     guest.vm = vm;
     guest.vcpu = vcpu;
@@ -482,7 +479,6 @@ static void unload(void)
     free(image);
     image = NULL;
     image_len = mem_size = n_actions = n_patches = n_msrs = n_regs = 0;
-    arch_caps = 0;
     timeout_ns = DEFAULT_TIMEOUT_NS;
     if (host_loop != NULL && munmap((void *)host_loop, 4096) != 0) die("munmap host loop");
     host_loop = NULL;

@@ -417,8 +417,6 @@ def gate_spec(work: str = "gate") -> str:
     head += [f"mem {guest.mem_size}", f"image {guest.image.hex()}"]
     head += [f"sregs {offset} {raw[offset : offset + size].hex()}" for offset, size in spans]
     head += [f"msr {index} {value}" for _, index, value in b.BOOT_MSRS]
-    smoke = sessions[0].result if sessions else None
-    head.append(f"arch {int(bool(smoke and smoke.cpuid.get('arch_capabilities')))}")
     for name, value in guest.regs.items():
         if name not in ("rip", "rcx"):
             head.append(f"regs {getattr(regs_type, name).offset} {value}")

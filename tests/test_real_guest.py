@@ -8,6 +8,7 @@ must refuse here (the positive control is `make test-x86-nested`).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -262,6 +263,53 @@ def test_long_mode_guest_runs_the_same_on_both_backends(kvm_fd):
     assert b._outcome(native) == b._outcome(python)
     assert native.api_version == 12 and native.msrs["boot_msrs_set"] == len(b.BOOT_MSRS)
     assert native.speed is not None and python.speed is not None
+
+
+@needs_kvm
+def test_the_vm_the_vcpus_set_up_and_the_warm_up_are_one_array(kvm_fd, backend, mocker):
+    """KVM's CPUID answer does not split the long-mode guest's first array:
+    the VM, KVM_GET_SUPPORTED_CPUID, the vCPU's set-up and the warm-up run
+    go to the backend as one.  A failure in either half is told apart as
+    before: in the VM's half nothing is read; in the vCPU's half the CPUID
+    was answered, and the MSRs and the speed are not read."""
+    key = b._Session.key  # a key of this test's own: no kept array is reused
+    mocker.patch.object(b._Session, "key", lambda s, *a: ("one-array-test", *key(s, *a)))
+    arrays, array = [], b._Kit.array
+
+    def recorded(kit, plan, key=None):
+        built = array(kit, plan, key)
+        arrays.append([(op.kind, op.request) for op in built[0][: built[1]]])
+        return built
+
+    mocker.patch.object(b._Kit, "array", recorded)
+    result = b.smoke_test(kvm_fd, backend=backend, guest="long-mode")
+    first = arrays[0]
+    requests = [request for kind, request in first if kind == b._OP_IOCTL]
+    assert requests.index(b.KVM_GET_SUPPORTED_CPUID) < requests.index(b.KVM_SET_CPUID2)
+    assert [kind for kind, _ in first].count(b._OP_RUN) == 1  # the warm-up
+    assert first[-1] == (b._OP_IOCTL, b.KVM_GET_REGS)
+    assert result.cpuid["cx16"] is True and result.msrs["boot_msrs_set"] == len(b.BOOT_MSRS)
+
+    bogus = 0xAEFF  # _IO(KVMIO, 0xff): an ioctl no KVM descriptor knows
+    vcpu_plan = b._vcpu_plan
+
+    def failing_first(session):
+        plan = vcpu_plan(session)
+        plan.ops.insert(
+            0, (b.STEP_SET_CPUID, b._OP_IOCTL, b._VCPU, -1, -1, 0, 0, 0, 0, bogus, 0, 0, 0)
+        )
+        return plan
+
+    mocker.patch.object(b, "_vcpu_plan", failing_first)
+    result = b.smoke_test(kvm_fd, backend=backend, guest="long-mode", timeout=4.5)
+    assert (result.step, result.error) == (b.STEP_SET_CPUID, errno.EINVAL)  # a vCPU says EINVAL
+    assert result.api_version == b.KVM_API_VERSION and result.cpuid["cx16"] is True
+    assert result.msrs == {} and result.speed is None
+    mocker.patch.object(b, "_vcpu_plan", vcpu_plan)
+    mocker.patch.object(b, "KVM_CREATE_VCPU", bogus)
+    result = b.smoke_test(kvm_fd, backend=backend, guest="long-mode", timeout=4.25)
+    assert (result.step, result.error) == (b.STEP_CREATE_VCPU, errno.ENOTTY)
+    assert result.cpuid == {} and result.msrs == {} and result.speed is None
 
 
 @on_pvm_host
