@@ -505,6 +505,12 @@ void gate_floor_load(const char *path)
  * torn down and the start-up VMs closed after the clock stops, as the
  * gate leaves them to its releasing thread.  Its exit reasons replace the
  * last pass's (gate_floor_exits). */
+/* A descriptor (a tracer's marker file) told when a pass's clock stops,
+ * or -1: a trace of the pass can then leave its teardown aside. */
+static int stop_mark = -1;
+
+void gate_floor_mark_stop(int fd) { stop_mark = fd; }
+
 long long gate_floor_once_ns(void)
 {
     struct timespec a, b;
@@ -513,6 +519,7 @@ long long gate_floor_once_ns(void)
     clock_gettime(CLOCK_MONOTONIC, &a);
     once();
     clock_gettime(CLOCK_MONOTONIC, &b);
+    if (stop_mark >= 0 && write(stop_mark, "pass stop\n", 10) != 10) die("write the stop mark");
     settle_guest();
     for (size_t k = 0; k < n_startup; k++) close(startup_fds[k]);
     n_startup = 0;

@@ -12,6 +12,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -445,6 +446,8 @@ def load_floor(floor: str, spec: str) -> Any:
     lib.gate_floor_load.restype = None
     lib.gate_floor_pause_us.argtypes = [ctypes.c_longlong]
     lib.gate_floor_pause_us.restype = None
+    lib.gate_floor_mark_stop.argtypes = [ctypes.c_int]
+    lib.gate_floor_mark_stop.restype = None
     lib.gate_floor_exits.restype = ctypes.c_size_t
     for name in ("once_ns", "run_ns", "release_ns"):
         getattr(lib, "gate_floor_" + name).restype = ctypes.c_longlong
@@ -632,6 +635,123 @@ def gate_pieces(runs: int, backend: str = "native") -> dict[str, float]:
     }
 
 
+_TRACING = "/sys/kernel/tracing"
+_SYSCALL_NAMES = {
+    1: "write",
+    3: "close",
+    9: "mmap",
+    11: "munmap",
+    14: "rt_sigprocmask",
+    28: "madvise",
+}
+_SYSCALL_NAMES.update({128: "rt_sigtimedwait", 186: "gettid", 222: "timer_create"})
+_SYSCALL_NAMES.update({223: "timer_settime", 226: "timer_delete", 228: "clock_gettime"})
+_SYSCALL_NAMES.update({28: "madvise", 63: "uname", 257: "openat", 262: "newfstatat"})
+
+
+def _traced(path: str, text: str) -> None:
+    with open(os.path.join(_TRACING, path), "w") as control:
+        control.write(text)
+
+
+def syscall_split(floor: str, passes: int = 12) -> str:
+    """Where the gate's time goes beside the C floor's, from the kernel's
+    own records: ``passes`` of each, alternating, traced with the
+    raw_syscalls events of this thread.  For each side, the medians of a
+    pass's span, its time inside system calls and outside them (its own
+    code: the C's, or our Python and ctypes), and the gate's longest
+    stretches outside system calls, each named by the calls around it.
+    The C's pass ends where its clock stops (it marks the trace there),
+    before its teardown; the gate's releasing thread is parked."""
+    import re
+    import statistics
+
+    if not os.path.exists(os.path.join(_TRACING, "trace")):
+        os.makedirs(_TRACING, exist_ok=True)
+        subprocess.run(["mount", "-t", "tracefs", "nodev", _TRACING], check=False)
+    if not os.path.exists(os.path.join(_TRACING, "trace_marker")):
+        return "no tracefs in this kernel"
+    names = {
+        value: name
+        for name, value in vars(b).items()
+        if name.startswith("KVM_") and isinstance(value, int) and value >= 0xAE00  # ioctls
+    }
+    lib = load_floor(floor, gate_spec("gate"))
+    tid = threading.get_native_id()
+    events = ("raw_syscalls/sys_enter", "raw_syscalls/sys_exit")
+    _traced("trace", "")
+    for event in events:
+        _traced(f"events/{event}/filter", f"common_pid == {tid}")
+        _traced(f"events/{event}/enable", "1")
+    marker = os.open(os.path.join(_TRACING, "trace_marker"), os.O_WRONLY | os.O_CLOEXEC)
+    lib.gate_floor_mark_stop(marker)  # the C's clock stops: its teardown is left aside
+    try:
+        _traced("tracing_on", "1")
+        for _ in range(passes + 2):  # two warm passes first
+            os.write(marker, b"pass C\n")
+            lib.gate_floor_once_ns()
+            with Parked(b):
+                os.write(marker, b"pass G\n")
+                _work("gate", "native")
+                os.write(marker, b"pass end\n")
+            b._wait_for_closes()
+        _traced("tracing_on", "0")
+        with open(os.path.join(_TRACING, "trace")) as trace:
+            text = trace.read()
+    finally:
+        lib.gate_floor_mark_stop(-1)
+        os.close(marker)
+        for event in events:
+            _traced(f"events/{event}/enable", "0")
+        _traced("trace", "")
+    record = re.compile(r" (\d+\.\d+): (\S+): (.*)")
+    sides: dict[str, list[tuple[float, list[tuple[str, float, float]]]]] = {"C": [], "G": []}
+    side, start, calls, entered = "", 0.0, [], None
+    for line in text.splitlines():
+        found = record.search(line)
+        if not found:
+            continue
+        at, event, rest = float(found.group(1)) * 1e6, found.group(2), found.group(3)
+        if event == "tracing_mark_write":
+            if side:  # this pass ends where the next mark is written
+                sides[side].append((at - start, calls))
+            side = rest.split()[1] if rest.split()[1] in sides else ""
+            start, calls, entered = at, [], None
+        elif side and event == "sys_enter":
+            nr, arg = re.match(r"NR (\d+) \([0-9a-f]+, ([0-9a-f]+)", rest).groups()
+            name = _SYSCALL_NAMES.get(int(nr), f"syscall {nr}")
+            if int(nr) == 16:
+                name = names.get(int(arg, 16), f"ioctl {arg}")
+            entered = (name, at)
+        elif side and event == "sys_exit" and entered is not None:
+            calls.append((entered[0], entered[1] - start, at - start))
+            entered = None
+    said = []
+    for key, label in (("C", "the C's pass"), ("G", "the gate's pass")):
+        done = sides[key][2:]
+        if not done:
+            return "no passes were traced"
+        spans = [span for span, _ in done]
+        inside = [sum(end - begin for _, begin, end in calls) for _, calls in done]
+        said.append(
+            f"{label} {statistics.median(spans) / 1e3:.2f} ms, in system calls "
+            f"{statistics.median(inside) / 1e3:.2f}, outside them "
+            f"{statistics.median(span - ins for span, ins in zip(spans, inside)) / 1e3:.2f} "
+            f"({statistics.median(len(calls) for _, calls in done):.0f} calls)"
+        )
+    # The gate's stretches outside system calls, by place in its pass (the
+    # same calls in the same order in every warm pass), longest first.
+    gates = [calls for _, calls in sides["G"][2:]]
+    count = min(len(calls) for calls in gates)
+    gaps = []
+    for index in range(1, count):
+        took = statistics.median(calls[index][1] - calls[index - 1][2] for calls in gates)
+        gaps.append((took, gates[0][index - 1][0], gates[0][index][0]))
+    gaps.sort(reverse=True)
+    longest = ", ".join(f"{took:.0f} us {before} -> {after}" for took, before, after in gaps[:6])
+    return "; ".join(said) + f"; the gate's longest stretches outside them: {longest}"
+
+
 def gate_ratio(runs: int, engine: str | None = b.DEFAULT_ENGINE) -> tuple[float, float]:
     """(gate ms per run, gate time / native time) with the native backend."""
     try:
@@ -690,6 +810,9 @@ def bench() -> None:
             f"the C floor's release of its guest's VM {now:.2f} ms; "
             f"{paused:.2f} ms with 2 ms more between the VM's last use and its teardown",
         )
+    if os.path.exists(floor):
+        split = syscall_split(floor)
+        announce("bench-syscalls", "INFO", f"traced with raw_syscalls (medians): {split}")
     ms, ratio = gate_ratio(50, engine=None)
     announce("bench-bare", "INFO", f"bare device check {ms:.2f} ms, {ratio:.2f}x its native work")
     gate_ns = check_ns = 0
