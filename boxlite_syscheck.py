@@ -103,7 +103,7 @@ MAX_TIMEOUT = 3600.0
 LIBRARY_ENV = "BOXLITE_SYSCHECK_KVMSMOKE"
 _LIBRARY_NAME = "libkvmsmoke.so"
 #: The native library must report this ABI version (KVMSMOKE_ABI_VERSION).
-_NATIVE_ABI_VERSION = 5
+_NATIVE_ABI_VERSION = 6
 
 # include/uapi/linux/kvm.h: KVM_API_VERSION has been 12 since Linux 2.6.22.
 KVM_API_VERSION = 12
@@ -1009,7 +1009,7 @@ def _reset_caches() -> None:
 _MAX_CPUID_ENTRIES = 256  # more than any KVM reports today (E2BIG otherwise)
 _MAX_MSR_INDICES = 1024
 # Operation arrays (kvm_smoke.c has the same numbers).
-_FD_SLOTS, _VALUE_SLOTS = 4, 16
+_FD_SLOTS, _VALUE_SLOTS = 4, 20
 
 
 class _Abi:
@@ -1065,7 +1065,7 @@ class _Abi:
         class Outcome(ctypes.Structure):
             # struct kvmsmoke_result
             _fields_ = _fields(
-                "step error op_index timed_out runs interrupted bound bound_error requeued pad",
+                "step error op_index timed_out runs interrupted bound bound_error requeued stopped",
                 i32,
             )
             _fields_ += [("values", i64 * _VALUE_SLOTS), ("run_head", u8 * _RUN_HEAD)]
@@ -1505,17 +1505,21 @@ def _kept(guest: _Guest) -> _Guest:
 # ── The operations both backends execute ────────────────────────────────────
 
 # Operation kinds, result checks and flags (kvm_smoke.c has the same numbers).
-_OP_IOCTL, _OP_COPY, _OP_MAP_RUN, _OP_RUN = 1, 2, 3, 4
+_OP_IOCTL, _OP_COPY, _OP_MAP_RUN, _OP_RUN, _OP_UNLESS = 1, 2, 3, 4, 5
 _CHECK_NONE, _CHECK_EQ, _CHECK_GE = 0, 1, 2
 _OPF_SOFT = 1  # a failure stores -errno in the value slot and goes on
 # struct kvmsmoke_op, packed: step kind fd fd_out value_out check flags pad,
 # check_value, then request arg src len.
 _OP_FORMAT, _OP_SIZE = "=8iq4Q", 72
+_OP_WORDS, _OP_SRC_WORD = 9, 7  # 64-bit words per operation; src's word in it
 _KVM, _VM, _VCPU = 0, 1, 2  # descriptor slots
 # Value slots.
 _V_API, _V_RUN_SIZE, _V_CPUID, _V_BOOT_MSRS, _V_MSR_LIST, _V_FEATURE_LIST = range(6)
 _V_ARCH_GET, _V_ARCH_SET, _V_T_WARM, _V_T_BASE, _V_T_SHORT, _V_T_LONG = range(6, 12)
 _V_T_GUEST, _V_T_BASE2, _V_T_LONG2, _V_T_SHORT2 = range(12, 16)
+# The speed probe's bounds, each [lo, hi): the short runs' (go on to the
+# long ones) and the long runs' (go on to the final run).
+_V_SHORT_LO, _V_SHORT_HI, _V_LONG_LO, _V_LONG_HI = range(16, 20)
 
 
 class _Plan:
@@ -1572,6 +1576,14 @@ class _Plan:
                 0,
             )
         )
+
+    def unless(self, step: int, slots: tuple[int, int, int, int, int, int]) -> None:
+        """Append: go on only while lo <= max(x, 1) < hi, where
+        x = min(v[a], v[b]) - min(v[c], v[d]) and lo, hi are v[e], v[f]
+        for ``slots`` (a, b, c, d, e, f) of the outcome's values; otherwise
+        the array ends here, all having run (the outcome's ``stopped``)."""
+        packed = sum(slot << 8 * k for k, slot in enumerate(slots))
+        self.ops.append((step, _OP_UNLESS, 0, -1, -1, 0, 0, 0, 0, packed, 0, 0, 0))
 
     def build(self) -> tuple[Any, int]:
         """The operations as a struct kvmsmoke_op array, and their count."""
@@ -1636,6 +1648,15 @@ class _NativeBackend:
         return release
 
 
+def _unless_ends(step: int, request: int, values: Any) -> bool:
+    """Whether an OP_UNLESS (see _Plan.unless) ends its array."""
+    a, b, c, d, lo, hi = (request & 0xFFFFFFFFFFFF).to_bytes(6, "little")
+    if max(a, b, c, d, lo, hi) >= _VALUE_SLOTS:
+        raise _StepFailed(step, errno.EINVAL)
+    x = min(values[a], values[b]) - min(values[c], values[d])
+    return not values[lo] <= max(x, 1) < values[hi]
+
+
 class _PythonBackend:
     """Runs the same operations from Python through the C library's calls."""
 
@@ -1645,7 +1666,7 @@ class _PythonBackend:
         import ctypes
         import struct
 
-        out.step, out.error, out.timed_out = -1, 0, 0
+        out.step, out.error, out.timed_out, out.stopped = -1, 0, 0, 0
         libc = _sys_libc()  # looked up once per array, not once per ioctl
         # The operations as tuples, in one pass in C: each field read of a
         # ctypes structure is a call of its own.  Nothing changes an array
@@ -1655,14 +1676,17 @@ class _PythonBackend:
         try:
             for op in struct.iter_unpack(_OP_FORMAT, raw):
                 index += 1
-                self._one(op, state, out, libc)
+                if self._one(op, state, out, libc):
+                    out.stopped = 1
+                    break
         except _StepFailed as failed:
             out.step, out.error = failed.step, failed.error
         finally:
             if index >= 0:
                 out.op_index = index  # where it stopped, whatever stopped it
 
-    def _one(self, op: tuple[int, ...], state: Any, out: Any, libc: ctypes.CDLL) -> None:
+    def _one(self, op: tuple[int, ...], state: Any, out: Any, libc: ctypes.CDLL) -> bool:
+        """Run one operation; return True when it ends the array (OP_UNLESS)."""
         step, kind, fd, fd_out, value_out, check, flags, _, expect, request, arg, src, size = op
         if kind == _OP_IOCTL:
             try:
@@ -1676,7 +1700,7 @@ class _PythonBackend:
                 if flags & _OPF_SOFT:
                     if value_out >= 0:
                         out.values[value_out] = -(err.errno or 0)
-                    return
+                    return False
                 raise _StepFailed(step, err.errno or 0) from err
             if value_out >= 0:
                 out.values[value_out] = ret
@@ -1710,8 +1734,11 @@ class _PythonBackend:
                 raise failed
             if out.timed_out:
                 raise _StepFailed(step, 0)
+        elif kind == _OP_UNLESS:
+            return _unless_ends(step, request, out.values)
         else:
             raise _StepFailed(step, errno.EINVAL)
+        return False
 
     def _owned(
         self, libc: ctypes.CDLL, state: Any, fd: int, request: int, arg: int, fd_out: int
@@ -1952,8 +1979,11 @@ def _ioctl_masked(libc: ctypes.CDLL, fd: int, request: int, arg: int) -> int:
 def _cookie() -> int:
     """A value no one else puts in our timer signal's si_value: a random
     per-process base and a counter (thread-safe: next() on a count is atomic)."""
-    cookie: int = next(_cached("cookie", _cookie_counter)) & 0x7FFFFFFFFFFFFFFF
+    cookie: int = next(_cached("cookie", _cookie_counter)) & _COOKIE_MASK
     return cookie
+
+
+_COOKIE_MASK = 0x7FFFFFFFFFFFFFFF
 
 
 def _cookie_counter() -> Any:
@@ -2647,7 +2677,9 @@ class _Kit:
         self.sregs = abi.KvmSregs()
         self.regs = abi.KvmRegs()  # what KVM_GET_REGS reads back
         self.blocks: dict[tuple[tuple[str, int], ...], Any] = {}  # what KVM_SET_REGS writes
-        self.arrays: dict[Hashable, tuple[Any, int, tuple[int, ...]]] = {}
+        # Each kept array: the array, its count, its runs' indices, the
+        # array as 64-bit words and the words of its runs' cookies.
+        self.arrays: dict[Hashable, tuple[Any, int, tuple[int, ...], Any, tuple[int, ...]]] = {}
         self.releasers: dict[str, Callable[[], None]] = {}
         # The buffers of one architecture's plans (None on the other).
         self.vcpu_init: Any = None
@@ -2723,15 +2755,20 @@ class _Kit:
         if built is None:
             made = plan if isinstance(plan, _Plan) else plan()
             runs = tuple(i for i, op in enumerate(made.ops) if op[1] == _OP_RUN)
-            built = (*made.build(), runs)
+            ops, count = made.build()
+            # The runs' cookie fields as 64-bit words of the array: a word
+            # is written in place, where ops[i].src = ... would make a
+            # structure to write through.
+            words = memoryview(ops).cast("B").cast("Q")
+            built = (ops, count, runs, words, tuple(i * _OP_WORDS + _OP_SRC_WORD for i in runs))
             if self.pooled and len(self.arrays) < _KIT_ARRAYS:
                 self.arrays[key] = built
         # Each run gets a cookie of its own, so that a timer signal of an
         # earlier run can never end a later one.
-        ops = built[0]
-        for index in built[2]:
-            ops[index].src = _cookie()
-        return built
+        words, counter = built[3], _cached("cookie", _cookie_counter)
+        for at in built[4]:
+            words[at] = next(counter) & _COOKIE_MASK
+        return built[:3]
 
 
 _KIT_ARRAYS = 32  # operation arrays a kit keeps (a gate builds about 8)
@@ -2970,8 +3007,10 @@ def _read_guest(session: _Session) -> None:
             result.instruction = where or "entering 64-bit mode"
 
 
-def _measure_speed(session: _Session) -> bool:
-    """Time the guest loop; return False when it did not halt.
+def _measure_speed(session: _Session) -> bool | None:
+    """Time the guest loop.  None: the smoke test ends here (the guest did
+    not halt, or a run failed); True: the final run was made as well, in
+    the first sample's array; False: the final run is still to make.
 
     Each KVM_RUN costs a fixed entry and exit (hundreds of microseconds when
     KVM itself runs under an emulator), so the loop's cost is the slope
@@ -2998,17 +3037,21 @@ def _measure_speed(session: _Session) -> bool:
     _decode_run(result, bytes(session.out.run_head))  # the warm-up run, just made
     if result.exit_reason != KVM_EXIT_HLT:
         _read_guest(session)
-        return False
+        return None
     host_ns, note = _host_ns_per_iteration(1 << 16)
     samples: list[tuple[float, int]] = []
     implausible: tuple[float, int] | None = None
+    final: bool | None = None
     for attempt in range(_SPEED_TRIES):
-        measured = _guest_slope(session, attempt)
-        if measured is None:
-            return False
-        if host_ns is None:
+        sampled = _guest_slope(session, attempt, host_ns)
+        if sampled is None:
+            return None
+        measured, final = sampled
+        if final is not None or host_ns is None:
+            # The array found this sample decides (see _slope_plan), or
+            # there is nothing to compare with: one sample is what is said.
             samples.append(measured)
-            break  # nothing to compare with: one sample is what is said
+            break
         if measured[0] < _IMPLAUSIBLE_RATIO * host_ns:
             implausible = measured  # faster than the host CPU itself: noise
             continue
@@ -3028,7 +3071,9 @@ def _measure_speed(session: _Session) -> bool:
     else:
         result.speed = Speed(samples[0][0], host_ns, samples[0][1], note)
     result.exit_reason = -1
-    return True
+    if final is False:
+        return None  # the final run failed: the result holds its step and error
+    return bool(final)
 
 
 def _warm_up(session: _Session, plan: _Plan) -> _Plan:
@@ -3041,6 +3086,7 @@ def _warm_up(session: _Session, plan: _Plan) -> _Plan:
 
 # The speed probe's runs of the guest loop: (value slot of the time, iterations).
 _SLOPE_LONG = ((_V_T_LONG, _SPEED_LONG), (_V_T_LONG2, _SPEED_LONG))
+_INT64_MAX = (1 << 63) - 1
 
 
 def _runs(session: _Session, runs: tuple[tuple[int, int], ...]) -> _Plan:
@@ -3051,32 +3097,87 @@ def _runs(session: _Session, runs: tuple[tuple[int, int], ...]) -> _Plan:
     return plan
 
 
-def _guest_slope(session: _Session, attempt: int) -> tuple[float, int] | None:
-    """Sample ``attempt`` (from 0): (ns per loop iteration, iterations of
-    the longer run), or None on failure.  Two 1-iteration runs, a short one
-    of _SPEED_SHORT << attempt iterations (made twice after the first
-    sample), and two long ones when that loop time is still within the noise."""
-    short, twice = _SPEED_SHORT << attempt, attempt > 0
-    values = session.out.values
+def _slope_runs(short: int, twice: bool) -> tuple[tuple[int, int], ...]:
+    """A sample's runs before the long ones: two of 1 iteration, and the
+    short one (twice after the first sample: see _measure_speed)."""
+    runs = ((_V_T_BASE, 1), (_V_T_BASE2, 1), (_V_T_SHORT, short))
+    return runs + (((_V_T_SHORT2, short),) if twice else ())
+
+
+def _slope_plan(session: _Session, short: int, twice: bool, deciding: bool) -> _Plan:
+    """One sample as one array.  Its short runs; then, while their loop time
+    is still within the noise of entry and exit, the two long ones (an
+    OP_UNLESS ends the array otherwise); with ``deciding`` (the first
+    sample), then the final run and its registers, while the sample is one
+    that ends the probe (_V_LONG_LO and _V_LONG_HI bound its loop time)."""
+    plan = _runs(session, _slope_runs(short, twice))
+    shorts = (_V_T_SHORT, _V_T_SHORT2 if twice else _V_T_SHORT)
+    plan.unless(STEP_RUN, (*shorts, _V_T_BASE, _V_T_BASE2, _V_SHORT_LO, _V_SHORT_HI))
+    plan.ops += _runs(session, _SLOPE_LONG).ops
+    if deciding:
+        plan.unless(
+            STEP_RUN, (_V_T_LONG, _V_T_LONG2, _V_T_BASE, _V_T_BASE2, _V_LONG_LO, _V_LONG_HI)
+        )
+        plan.ops += _final_plan(session).ops
+    return plan
+
+
+def _deciding_bounds(host_ns: float | None) -> tuple[int, int]:
+    """The long runs' loop time (ns, over _SPEED_LONG - 1 iterations) of a
+    first sample that ends the probe, as [lo, hi): one neither faster than
+    the host CPU can be nor slow enough to need a second sample (see
+    _measure_speed).  With no host figure, any sample ends it."""
+    if host_ns is None:
+        return 0, _INT64_MAX
+    per_run = host_ns * (_SPEED_LONG - 1)
+    return _ceil(_IMPLAUSIBLE_RATIO * per_run), _ceil(EMULATION_RATIO * per_run)
+
+
+def _ceil(ns: float) -> int:
+    """The least whole ns at or above ``ns`` (not negative), at most INT64_MAX:
+    a whole time is at or above ``ns`` exactly when it is at or above this."""
+    if not ns < _INT64_MAX:
+        return _INT64_MAX
+    whole = max(int(ns), 0)
+    return whole + (whole < ns)
+
+
+def _guest_slope(
+    session: _Session, attempt: int, host_ns: float | None
+) -> tuple[tuple[float, int], bool | None] | None:
+    """Sample ``attempt`` (from 0), as one array (_slope_plan): None on a
+    failure before the final run; else (ns per loop iteration, iterations
+    of the longer run) and whether the final run was made (None: not, True:
+    made, False: made and failed).  The first sample's array goes on to
+    the final run when that sample ends the probe."""
+    short, twice, deciding = _SPEED_SHORT << attempt, attempt > 0, attempt == 0
+    values, out = session.out.values, session.out
     for slot in (_V_T_BASE, _V_T_BASE2, _V_T_SHORT, _V_T_SHORT2, _V_T_LONG, _V_T_LONG2):
         values[slot] = 0  # run times add up across resumed runs
+    values[_V_SHORT_LO], values[_V_SHORT_HI] = 0, _SPEED_SLOW_NS
+    values[_V_LONG_LO], values[_V_LONG_HI] = _deciding_bounds(host_ns) if deciding else (0, 0)
+    ran = session.execute(
+        lambda: _slope_plan(session, short, twice, deciding),
+        session.key("slope", short, twice, deciding),
+    )
+    # Where the array ended: its runs' indices tell its parts apart (the
+    # first long run follows the 3 or 4 short-part ones; the final run, with
+    # its KVM_SET_REGS just before it, is the last).
+    at, longs = out.op_index, session.run_indices[3 + twice]
+    if not ran and (not deciding or at < session.run_indices[-1] - 1):
+        return None
     # Noise only ever adds time: the minimum of two runs of each size (of
     # the short one after a slow sample, see _measure_speed).
-    runs: tuple[tuple[int, int], ...] = ((_V_T_BASE, 1), (_V_T_BASE2, 1), (_V_T_SHORT, short))
-    runs += ((_V_T_SHORT2, short),) if twice else ()
-    if not session.execute(lambda: _runs(session, runs), session.key("short", short, twice)):
-        return None
     base = min(int(values[_V_T_BASE]), int(values[_V_T_BASE2]))
     short_ns = int(values[_V_T_SHORT])
     if twice:
         short_ns = min(short_ns, int(values[_V_T_SHORT2]))
     extra, iterations = short_ns - base, short
-    if extra < _SPEED_SLOW_NS:  # not yet above the noise of entry and exit
-        if not session.execute(lambda: _runs(session, _SLOPE_LONG), session.key("long")):
-            return None
+    if not (out.stopped and at < longs):  # the long runs were made
         longest = min(int(values[_V_T_LONG]), int(values[_V_T_LONG2]))
         extra, iterations = longest - base, _SPEED_LONG
-    return max(extra, 1) / (iterations - 1), iterations
+    final = ran if deciding and not out.stopped else None
+    return (max(extra, 1) / (iterations - 1), iterations), final
 
 
 def _aarch64_plan(session: _Session) -> _Plan:
@@ -3152,9 +3253,12 @@ def _run_guest(session: _Session) -> None:
     if not ran and failed_at < session.warm_up_at:
         return  # the vCPU's set-up failed
     _read_msrs(session)
-    if not ran or not _measure_speed(session):
+    if not ran:
         return
-    if not session.execute(lambda: _final_plan(session), session.key("final")):
+    final = _measure_speed(session)  # None: it ended the test; True: the final run made
+    if final is None:
+        return
+    if not final and not session.execute(lambda: _final_plan(session), session.key("final")):
         return
     _read_guest(session)
     result.step = STEP_DONE

@@ -58,14 +58,14 @@
 /* Bump when a structure below or a signature changes.  (Overridable only so
  * that the tests can build a library of another version.) */
 #ifndef KVMSMOKE_ABI_VERSION
-#define KVMSMOKE_ABI_VERSION 5
+#define KVMSMOKE_ABI_VERSION 6
 #endif
 
-enum { OP_IOCTL = 1, OP_COPY = 2, OP_MAP_RUN = 3, OP_RUN = 4 };
+enum { OP_IOCTL = 1, OP_COPY = 2, OP_MAP_RUN = 3, OP_RUN = 4, OP_UNLESS = 5 };
 enum { CHECK_NONE = 0, CHECK_EQ = 1, CHECK_GE = 2 };
 enum { OPF_SOFT = 1 };
 #define KVMSMOKE_FDS 4
-#define KVMSMOKE_VALUES 16
+#define KVMSMOKE_VALUES 20
 #define KVMSMOKE_RUN_HEAD 288   /* kvm_run up to the end of its exit union */
 #define KVMSMOKE_EINTR_RETRY_NS 200000000ull  /* 200 ms, as _EINTR_RETRY_NS */
 #define KVMSMOKE_STASH 8        /* foreign signals of our number set aside */
@@ -80,7 +80,8 @@ struct kvmsmoke_op {
     int32_t flags;       /* OPF_* */
     int32_t pad;
     int64_t check_value;
-    uint64_t request;    /* OP_IOCTL: request; OP_RUN: bound in ns */
+    uint64_t request;    /* OP_IOCTL: request; OP_RUN: bound in ns;
+                            OP_UNLESS: six value slots, a byte each */
     uint64_t arg;        /* OP_IOCTL: argument; OP_COPY: destination;
                             OP_RUN: the timer signal */
     uint64_t src;        /* OP_COPY: source; OP_MAP_RUN: value slot of size;
@@ -108,7 +109,7 @@ struct kvmsmoke_result {
     int32_t bound;       /* BOUND_* of the last run */
     int32_t bound_error; /* errno of the bound that could not be had */
     int32_t requeued;    /* foreign signals of our number queued again */
-    int32_t pad;
+    int32_t stopped;     /* 1 when an OP_UNLESS ended the array, all ran */
     int64_t values[KVMSMOKE_VALUES];
     uint8_t run_head[KVMSMOKE_RUN_HEAD];  /* kvm_run after the last run */
 };
@@ -472,13 +473,35 @@ static int exec_one(const struct kvmsmoke_op *op, struct kvmsmoke_state *st,
             return fail(out, op->step, out->interrupted ? EINTR : 0);
         return 0;
     }
+    case OP_UNLESS: {
+        /* Go on only while lo <= max(x, 1) < hi, with
+         * x = min(v[a], v[b]) - min(v[c], v[d]), and lo, hi the values of
+         * slots e and f (request holds a to f, a byte each from the
+         * lowest); otherwise end the array here, all having run. */
+        int64_t v[6];
+        for (int k = 0; k < 6; k++) {
+            unsigned slot = (unsigned)(op->request >> (8 * k)) & 0xffu;
+            if (slot >= KVMSMOKE_VALUES)
+                return fail(out, op->step, EINVAL);
+            v[k] = out->values[slot];
+        }
+        int64_t x = (v[0] < v[1] ? v[0] : v[1]) - (v[2] < v[3] ? v[2] : v[3]);
+        if (x < 1)
+            x = 1;
+        if (x >= v[4] && x < v[5])
+            return 0;
+        out->stopped = 1;
+        return 1;
+    }
     default:
         return fail(out, op->step, EINVAL);
     }
 }
 
-/* Execute ops in order; stop at the first failure.  Returns 0 when all
- * ran, -1 when one failed (out->step, out->error, out->op_index say which). */
+/* Execute ops in order; stop at the first failure, or where an OP_UNLESS
+ * ends the array.  Returns 0 when all ran (out->stopped says whether an
+ * OP_UNLESS ended it, out->op_index where), -1 when one failed
+ * (out->step, out->error, out->op_index say which). */
 int kvmsmoke_exec(const struct kvmsmoke_op *ops, uint32_t count,
                   struct kvmsmoke_state *st, struct kvmsmoke_result *out)
 {
@@ -486,10 +509,15 @@ int kvmsmoke_exec(const struct kvmsmoke_op *ops, uint32_t count,
     out->error = 0;
     out->timed_out = 0;
     out->interrupted = 0;
+    out->stopped = 0;
     for (uint32_t i = 0; i < count; i++) {
+        int ended;
         out->op_index = (int32_t)i;
-        if (exec_one(&ops[i], st, out) < 0)
+        ended = exec_one(&ops[i], st, out);
+        if (ended < 0)
             return -1;
+        if (ended > 0)
+            return 0;
     }
     return 0;
 }

@@ -336,28 +336,31 @@ def gate_spec(work: str = "gate") -> str:
         caps.extend(b.KVM_CAPS[name] for name in names)
         return saved["_kvm_answers"](fd, names, backend)
 
+    built: list[Any] = []
+
     def array(kit, plan, key=None):
-        # Read off the array as it is about to run (kept or made now): each
-        # run with the registers its KVM_SET_REGS gives it, then its
-        # KVM_GET_REGS when the array ends with one.
-        built = saved_array(kit, plan, key)
-        ops, count, _ = built
-        regs = None
-        for op in ops[:count]:
-            if op.kind == b._OP_IOCTL and op.request == b.KVM_SET_REGS:
-                regs = regs_type.from_address(op.arg)
-            elif op.kind == b._OP_RUN:
-                lines.append(f"run {regs.rip} {regs.rcx}")
-        last = ops[count - 1]
-        if last.kind == b._OP_IOCTL and last.request == b.KVM_GET_REGS:
-            lines.append("getregs")
-        return built
+        built[:] = [saved_array(kit, plan, key)]  # the array about to run
+        return built[0]
 
     def execute(session, plan, key=None):
         if not sessions:  # its first array makes the guest's VM
             lines.append("guest")
         sessions.append(session)
-        return saved_execute(session, plan, key)
+        ran = saved_execute(session, plan, key)
+        # Read off the array as far as it ran (an OP_UNLESS may end it
+        # early): each run with the registers its KVM_SET_REGS gave it, and
+        # a KVM_GET_REGS when that was the last operation made.
+        ops, made = built[0][0], session.out.op_index + 1
+        regs = None
+        for op in ops[:made]:
+            if op.kind == b._OP_IOCTL and op.request == b.KVM_SET_REGS:
+                regs = regs_type.from_address(op.arg)
+            elif op.kind == b._OP_RUN:
+                lines.append(f"run {regs.rip} {regs.rcx}")
+        last = ops[made - 1]
+        if last.kind == b._OP_IOCTL and last.request == b.KVM_GET_REGS:
+            lines.append("getregs")
+        return ran
 
     def host_ns(iterations):
         lines.extend([f"hostloop {b._HOST_LOOP.hex()} {iterations}"] * 2)  # it takes the best of 2

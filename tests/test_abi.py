@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import shutil
 import struct
 import subprocess
@@ -186,3 +187,46 @@ def test_the_structures_a_check_does_not_use_are_made_only_when_asked_for():
     assert ctypes.sizeof(abi.Itimerspec) == 32
     with pytest.raises(AttributeError):
         abi.NoSuchStructure  # noqa: B018
+
+
+@pytest.mark.parametrize(
+    ("values", "goes_on"),
+    [
+        ([10, 20, 3, 5, 7, 8], True),  # x = 10 - 3 = 7, in [7, 8)
+        ([11, 20, 3, 5, 7, 8], False),  # x = 8: the upper bound is left out
+        ([9, 20, 3, 5, 7, 8], False),  # x = 6: below the lower bound
+        ([20, 10, 5, 3, 7, 8], True),  # each pair's smaller counts: 10 - 3
+        ([0, 0, 5, 5, 0, 2], True),  # x = -5 counts as 1, in [0, 2)
+        ([0, 0, 5, 5, 2, 9], False),  # ... and 1 is below 2
+    ],
+)
+def test_an_unless_ends_its_array_outside_its_bounds_on_both_backends(backend, values, goes_on):
+    """OP_UNLESS, which lets the speed probe's first sample go on to its
+    long runs and its final run in one array: the operations after it run
+    only while its bound holds; otherwise the array ends there, all run."""
+    abi = b._abi()
+    source, marks = ctypes.create_string_buffer(b"\x01\x02"), ctypes.create_string_buffer(2)
+    plan = b._Plan()
+    plan.copy(b.STEP_RUN, ctypes.addressof(marks), ctypes.addressof(source), 1)
+    plan.unless(b.STEP_RUN, (0, 1, 2, 3, 4, 5))
+    plan.copy(b.STEP_RUN, ctypes.addressof(marks) + 1, ctypes.addressof(source) + 1, 1)
+    ops, count = plan.build()
+    state, out = abi.State(), abi.Outcome()
+    state.fds[:] = [-1] * b._FD_SLOTS
+    out.values[:6] = values
+    out.stopped = 1  # left from an earlier array: cleared when this one starts
+    b._backend_for(backend).execute(ops, count, state, out)
+    assert out.step == -1 and out.stopped == (not goes_on)
+    assert out.op_index == (2 if goes_on else 1)
+    assert marks.raw == (b"\x01\x02" if goes_on else b"\x01\x00")
+
+
+def test_an_unless_naming_a_slot_past_the_values_fails_on_both_backends(backend):
+    abi = b._abi()
+    plan = b._Plan()
+    plan.unless(b.STEP_RUN, (0, 1, 2, b._VALUE_SLOTS, 4, 5))
+    ops, count = plan.build()
+    state, out = abi.State(), abi.Outcome()
+    state.fds[:] = [-1] * b._FD_SLOTS
+    b._backend_for(backend).execute(ops, count, state, out)
+    assert (out.step, out.error, out.stopped) == (b.STEP_RUN, errno.EINVAL, 0)

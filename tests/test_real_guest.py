@@ -446,7 +446,8 @@ def test_arm64_probe_uses_the_arm64_guest():
 
 def measured(kvm_fd, mocker, samples, host_ns=1.0):
     """The long-mode guest run for real, its speed samples these: (result, samples taken)."""
-    slope = mocker.patch.object(b, "_guest_slope", side_effect=samples)
+    said = [(sample, None) for sample in samples]  # each without the final run
+    slope = mocker.patch.object(b, "_guest_slope", side_effect=said)
     mocker.patch.object(b, "_host_ns_per_iteration", return_value=(host_ns, ""))
     result = b.smoke_test(kvm_fd, guest="long-mode")
     return result, slope.call_count
@@ -505,17 +506,63 @@ def test_a_stall_in_the_short_runs_is_not_taken_for_emulation(kvm_fd, mocker, ba
     execute, shorts = b._Session.execute, []
 
     def stalled(session, plan, key=None):
-        ran = execute(session, plan, key)
-        if key is not None and key[0] == "short":
-            shorts.append(key[-2:])
+        # The stall goes into the runs' times before the array runs (each
+        # run adds its own): the array's own bounds see it, as in a real one.
+        if key is not None and key[0] == "slope":
+            shorts.append(key[-3:-1])
             for slot, times in (later if len(shorts) > 1 else {b._V_T_SHORT: 1}).items():
                 session.out.values[slot] += times * stall
-        return ran
+        return execute(session, plan, key)
 
     mocker.patch.object(b._Session, "execute", stalled)
     result = b.smoke_test(kvm_fd, guest="long-mode", backend=backend)
     assert shorts[:2] == [(b._SPEED_SHORT, False), (2 * b._SPEED_SHORT, True)], shorts
     assert result.emulated is False and result.speed.ratio < b.EMULATION_RATIO, result.speed
+
+
+@needs_kvm
+def test_a_first_sample_that_decides_makes_the_final_run_in_its_array(kvm_fd, backend, mocker):
+    """On a host whose guest runs at speed, the whole speed probe and the
+    final run are one array: its short runs, its long runs (an OP_UNLESS
+    lets them run while the short ones are within the noise) and, while
+    the sample is one that ends the probe, the final run.  Here the real
+    runs are made, the host loop is said to be slower than this host's
+    emulated guest, and the noise bound is raised so that the long runs are
+    made; the outcome must be the one the final run made alone gives."""
+    guest_ns = b.smoke_test(kvm_fd, guest="long-mode", backend=backend).speed.guest_ns
+    mocker.patch.object(b, "_host_ns_per_iteration", return_value=(guest_ns / 0.8, ""))
+    mocker.patch.object(b, "_SPEED_SLOW_NS", 1 << 40)
+    arrays, execute = [], b._Session.execute
+
+    def recorded(session, plan, key=None):
+        arrays.append(key[0])
+        return execute(session, plan, key)
+
+    mocker.patch.object(b._Session, "execute", recorded)
+    merged = b.smoke_test(kvm_fd, guest="long-mode", backend=backend)
+    assert arrays == ["vcpu", "slope"]
+    assert merged.speed.iterations == b._SPEED_LONG and merged.emulated is False
+    # No first sample may decide inside its array: the final run goes alone.
+    mocker.patch.object(b, "_deciding_bounds", return_value=(0, 0))
+    del arrays[:]
+    alone = b.smoke_test(kvm_fd, guest="long-mode", backend=backend)
+    assert arrays == ["vcpu", "slope", "final"]
+    assert alone.speed.iterations == b._SPEED_LONG and alone.emulated is False
+    assert b._outcome(merged) == b._outcome(alone) and merged.step == b.STEP_DONE
+
+
+def test_the_deciding_bounds_are_the_probes_own_in_whole_ns():
+    """The first sample ends the probe when IMPLAUSIBLE x host <= its ns
+    per iteration < EMULATION x host: in whole ns of the long runs' loop."""
+    iterations = b._SPEED_LONG - 1
+    for host_ns in (0.29, 1.0, 3.7):
+        lo, hi = b._deciding_bounds(host_ns)
+        for extra in (lo - 1, lo, hi - 1, hi):
+            per = extra / iterations
+            python = b._IMPLAUSIBLE_RATIO * host_ns <= per < b.EMULATION_RATIO * host_ns
+            assert (lo <= extra < hi) == python, (host_ns, extra)
+    assert b._deciding_bounds(None) == (0, (1 << 63) - 1)
+    assert b._deciding_bounds(1e300) == ((1 << 63) - 1, (1 << 63) - 1)
 
 
 @needs_kvm
