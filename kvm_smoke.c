@@ -3,9 +3,11 @@
  *
  * It decides nothing and knows no guest.  Python describes the whole test
  * as an array of operations (struct kvmsmoke_op): which ioctl to issue on
- * which descriptor, what to copy where, when to map the vCPU run area and
- * when to run the vCPU.  This file executes that array and reports where it
- * stopped; the pure-Python backend executes the very same array, so the
+ * which descriptor, what to copy where, when to map the vCPU run area,
+ * when to run the vCPU, and where the array ends early unless a difference
+ * of run times lies within bounds (OP_UNLESS: the speed probe's decisions,
+ * made in Python's numbers).  This file executes that array and reports
+ * where it stopped; the pure-Python backend executes the very same array, so the
  * guests, the order of the steps and the interpretation of the result are
  * written once, in Python.
  *
