@@ -314,8 +314,8 @@ def test_smoke_failure_closes_the_descriptor(mocker):
     device = io.FileIO("/dev/null", "r")
     fd = device.fileno()
     mocker.patch.object(b, "_open_device", return_value=device)
-    mocker.patch.object(
-        b, "smoke_test", return_value=_smoke_result(exit_reason=b.KVM_EXIT_SHUTDOWN)
+    mocker.patch.object(  # the gate's smoke test
+        b, "_run_program", return_value=_smoke_result(exit_reason=b.KVM_EXIT_SHUTDOWN)
     )
     with pytest.raises(b.UnsupportedError):
         b.KvmProbe("x86_64").acquire(engine=None)
@@ -330,7 +330,7 @@ def test_system_check_holds_and_releases_the_descriptor(mocker):
     mocker.patch.object(b, "_open_device", return_value=device)
     mocker.patch.object(b, "_kvm_answers", return_value=None)  # does not speak KVM: no caps
     ok = _smoke_result(exit_reason=b.KVM_EXIT_HLT, proof=b.PROOF_VALUE)
-    mocker.patch.object(b, "smoke_test", return_value=ok)
+    mocker.patch.object(b, "_run_program", return_value=ok)  # the gate's smoke test
     mocker.patch.object(b, "_PROBE", b.KvmProbe("x86_64"))
     with b.SystemCheck.run(engine=None) as host:
         assert host.fileno() == fd
@@ -347,7 +347,7 @@ def test_architecture_without_smoke_test_passes_on_open_but_says_so(mocker):
     mocker.patch.object(
         b, "_kvm_answers", side_effect=lambda fd, names, backend=None: dict.fromkeys(names, 1)
     )
-    smoke = mocker.patch.object(b, "smoke_test")
+    smoke = mocker.patch.object(b, "_run_program")  # the gate's smoke test
     mocker.patch.object(b, "_PROBE", b.KvmProbe("riscv64"))
     host = b.SystemCheck.run()
     try:

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import (
@@ -332,6 +333,38 @@ def test_default_gate_refuses_here_and_the_bare_check_passes(backend):
     assert caught.value.cause == "guest-emulated-pvm"
     with b.SystemCheck.run(backend=backend, engine=None) as host:
         assert host.smoke_tested and host.smoke.guest == "real-mode"
+
+
+@needs_kvm
+def test_the_gates_start_up_probe_comes_after_its_session_is_ready(backend, mocker):
+    """The gate's start-up probe runs inside its smoke test: once the
+    session (its kit, reset) is ready, just before the guest's first array,
+    so that the session's Python does not run after the probe's VMs are
+    made (making a VM can wait for an RCU grace period: what runs after a
+    wait runs with cold caches).  The probe is off the smoke test's clock."""
+    events, probe, take, execute = [], b._probe_startup_ioctls, b._take_kit, b._Session.execute
+
+    def probed(*args):
+        events.append("probe")
+        time.sleep(0.3)
+        return probe(*args)
+
+    def taken(guest):
+        events.append("kit")
+        return take(guest)
+
+    def executed(session, plan, key=None):
+        events.append("array")
+        return execute(session, plan, key)
+
+    mocker.patch.object(b, "_probe_startup_ioctls", probed)
+    mocker.patch.object(b, "_take_kit", taken)
+    mocker.patch.object(b._Session, "execute", executed)
+    facts, device, _ = b._PROBE.gate(b.DEFAULT_ENGINE, b.DEFAULT_TIMEOUT, backend)
+    if device is not None:
+        device.close()
+    assert events[:3] == ["kit", "probe", "array"], events
+    assert facts.ioctls and facts.smoke is not None and facts.smoke.elapsed < 0.3
 
 
 @needs_kvm
