@@ -746,7 +746,10 @@ def syscall_split(floor: str, passes: int = 12) -> str:
     # same calls in the same order in every warm pass), longest first.
     gates = [calls for _, calls in sides["G"][2:]]
     count = min(len(calls) for calls in gates)
-    gaps = []
+    # The first, from the pass's start (its mark) to its first call: the
+    # gate's Python before it opens the device.
+    start = statistics.median(calls[0][1] for calls in gates)
+    gaps = [(start, "the pass's start", gates[0][0][0])]
     for index in range(1, count):
         took = statistics.median(calls[index][1] - calls[index - 1][2] for calls in gates)
         gaps.append((took, gates[0][index - 1][0], gates[0][index][0]))
