@@ -103,7 +103,7 @@ MAX_TIMEOUT = 3600.0
 LIBRARY_ENV = "BOXLITE_SYSCHECK_KVMSMOKE"
 _LIBRARY_NAME = "libkvmsmoke.so"
 #: The native library must report this ABI version (KVMSMOKE_ABI_VERSION).
-_NATIVE_ABI_VERSION = 6
+_NATIVE_ABI_VERSION = 7
 
 # include/uapi/linux/kvm.h: KVM_API_VERSION has been 12 since Linux 2.6.22.
 KVM_API_VERSION = 12
@@ -1009,7 +1009,7 @@ def _reset_caches() -> None:
 _MAX_CPUID_ENTRIES = 256  # more than any KVM reports today (E2BIG otherwise)
 _MAX_MSR_INDICES = 1024
 # Operation arrays (kvm_smoke.c has the same numbers).
-_FD_SLOTS, _VALUE_SLOTS = 4, 20
+_FD_SLOTS, _VALUE_SLOTS = 5, 27
 
 
 class _Abi:
@@ -1513,6 +1513,7 @@ _OPF_SOFT = 1  # a failure stores -errno in the value slot and goes on
 _OP_FORMAT, _OP_SIZE = "=8iq4Q", 72
 _OP_WORDS, _OP_SRC_WORD = 9, 7  # 64-bit words per operation; src's word in it
 _KVM, _VM, _VCPU = 0, 1, 2  # descriptor slots
+_STARTUP_VM, _SPLIT_VM = 3, 4  # the start-up ioctls' VMs (see _startup_ops)
 # Value slots.
 _V_API, _V_RUN_SIZE, _V_CPUID, _V_BOOT_MSRS, _V_MSR_LIST, _V_FEATURE_LIST = range(6)
 _V_ARCH_GET, _V_ARCH_SET, _V_T_WARM, _V_T_BASE, _V_T_SHORT, _V_T_LONG = range(6, 12)
@@ -1520,6 +1521,8 @@ _V_T_GUEST, _V_T_BASE2, _V_T_LONG2, _V_T_SHORT2 = range(12, 16)
 # The speed probe's bounds, each [lo, hi): the short runs' (go on to the
 # long ones) and the long runs' (go on to the final run).
 _V_SHORT_LO, _V_SHORT_HI, _V_LONG_LO, _V_LONG_HI = range(16, 20)
+# The start-up ioctls' VMs, then their answers, one slot per ioctl.
+_V_STARTUP_VM, _V_SPLIT_VM, _V_STARTUP = 20, 21, 22
 
 
 class _Plan:
@@ -2798,6 +2801,14 @@ def _give_back(guest: _Guest, kit: _Kit) -> None:
 class _Session:
     """One throwaway VM: guest memory, the buffers the operations point into."""
 
+    # Slots: a session has more attributes than an instance keeps without a
+    # dict of its own, and one is made for every check.
+    __slots__ = tuple(
+        "arch_msrs backend boot_msrs cpuid feature_list get_x0 guest handed kit mem mem_addr "
+        "msr_list out pc region regs release result run_indices set_pc signo spans sregs "
+        "started startup state timeout_ns vcpu_init wanted x0".split()
+    )
+
     def __init__(
         self, fd: int, guest: _Guest, backend: Any, result: SmokeResult, timeout_ns: int
     ) -> None:
@@ -2814,6 +2825,8 @@ class _Session:
         self.sregs, self.regs = kit.sregs, kit.regs
         self.release = kit.releaser(backend)
         self.handed: _RunArea | None = None  # the run area, once given to the releasing thread
+        self.startup: _Startup | None = None  # the gate's start-up ioctls, made in its first array
+        self.started: _Descriptors | None = None  # their VMs, once taken from the state
         self.wanted, self.spans = guest.wanted()
         self.vcpu_init, self.pc, self.x0 = kit.vcpu_init, kit.pc, kit.x0
         self.set_pc, self.get_x0 = kit.set_pc, kit.get_x0
@@ -3205,10 +3218,12 @@ def _final_plan(session: _Session) -> _Plan:
 _LONG_SETUP_OPS = 5
 
 
-def _long_mode_plan(session: _Session) -> _Plan:
-    """The long-mode guest's VM and its vCPU's set-up, as one plan."""
-    plan = _setup_plan(session)
-    assert len(plan.ops) == _LONG_SETUP_OPS
+def _long_mode_plan(session: _Session, startup: Sequence[str] = ()) -> _Plan:
+    """The ``startup`` ioctls (_startup_ops), then the long-mode guest's VM
+    and its vCPU's set-up, as one plan."""
+    plan = _startup_ops(startup)
+    plan.ops += _setup_plan(session).ops
+    assert len(plan.ops) == _startup_count(startup) + _LONG_SETUP_OPS
     plan.ops += _vcpu_plan(session).ops
     return plan
 
@@ -3243,10 +3258,18 @@ def _run_guest(session: _Session) -> None:
             _read_guest(session)
             result.step = STEP_DONE
         return
-    # The VM, the vCPU's set-up and the warm-up run: one array.
-    ran = session.execute(lambda: _warm_up(session, _long_mode_plan(session)), session.key("vcpu"))
+    # The gate's start-up VMs, the guest's VM, the vCPU's set-up and the
+    # warm-up run: one array.  The start-up operations are all soft, so
+    # their answers are read whatever came after them.
+    startup = session.startup
+    wanted = () if startup is None else startup.wanted
+    ran = session.execute(
+        lambda: _warm_up(session, _long_mode_plan(session, wanted)), session.key("vcpu", wanted)
+    )
+    if startup is not None:
+        startup.answers = _startup_answers(wanted, session.out.values)
     failed_at = session.out.op_index
-    if not ran and failed_at < _LONG_SETUP_OPS:
+    if not ran and failed_at < _startup_count(wanted) + _LONG_SETUP_OPS:
         return  # the VM or its vCPU was not made, or KVM gave no CPUID
     result.api_version = int(session.out.values[_V_API])
     _read_cpuid(session)
@@ -3301,15 +3324,13 @@ def _run_program(
     program: _Guest,
     timeout: float,
     backend: str | None,
-    before: Callable[[], None] | None = None,
+    startup: _Startup | None = None,
 ) -> SmokeResult:
     """smoke_test() for any guest program (the tests run spinning ones).
 
-    ``before`` (the gate's start-up probe) runs once the session is ready,
-    just before the guest's first array, and off the result's clock: the
-    session's Python then comes before the probe's VMs are made, while the
-    caches are warm, not after (making a VM can wait for an RCU grace
-    period, and under an emulator what runs after a wait runs cold)."""
+    ``startup`` (the gate's start-up ioctls) is made in the long-mode
+    guest's first array, its VMs just before the guest's own; its answers
+    stay None when that array was never run (no session, or another guest)."""
     import time
 
     runner = _backend_for(backend)
@@ -3319,23 +3340,22 @@ def _run_program(
         session = _Session(fd, program, runner, result, max(1, int(timeout * 1e9)))
     except _StepFailed as failed:
         result.step, result.error = failed.step, failed.error
-        if before is not None:
-            before()
         return result
-    if before is None:
-        _in_session(session, _run_guest)
-    else:
-
-        def work(session: _Session) -> None:
-            nonlocal start
-            begun = time.perf_counter()
-            before()
-            start += time.perf_counter() - begun  # the probe is off the clock
-            _run_guest(session)
-
-        _in_session(session, work)
+    session.startup = startup
+    _in_session(session, _run_guest)
     result.elapsed = time.perf_counter() - start
     return result
+
+
+class _Startup:
+    """The start-up ioctls a gate makes in its guest's first array: the
+    ones wanted, in order, and their answers once made (_startup_answers)."""
+
+    __slots__ = ("wanted", "answers")
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.wanted = _startup_wanted(names)
+        self.answers: dict[str, int] | None = None
 
 
 def _in_session(session: _Session, work: Callable[[_Session], None]) -> None:
@@ -3378,6 +3398,8 @@ def _release_session(session: _Session) -> None:
     store, and the area is handed over as an object that unmaps it once,
     however often it was queued, so it is neither unmapped twice nor left."""
     state, area = session.state, session.handed
+    if session.startup is not None:  # only its arrays make start-up VMs
+        _release_startup_vms(session)
     if area is None and state.run_addr:
         releaser = _teardown_thread()
         addr, size = int(state.run_addr), int(state.run_size)
@@ -3392,6 +3414,23 @@ def _release_session(session: _Session) -> None:
     session.release()
 
 
+def _release_startup_vms(session: _Session) -> None:
+    """Hand the session's start-up VMs to _release_later, as the standalone
+    probe's are: they hold no vCPU, so the last close of each bears its
+    teardown (an irqchip and a PIT: the longest of all).  Safe to run
+    again, as _release_session is."""
+    state, started = session.state, session.started
+    if started is None:
+        fds = (int(state.fds[_STARTUP_VM]), int(state.fds[_SPLIT_VM]))
+        if max(fds) < 0:
+            return
+        session.started = started = _Descriptors(fds)
+    state.fds[_STARTUP_VM] = state.fds[_SPLIT_VM] = -1  # from here on they are its
+    if not started.queued:
+        _release_later(started, started.fds)
+        started.queued = True
+
+
 def _teardown_thread() -> _Releases | None:
     """The releasing thread, when a VM's teardown may be left to it: not
     in the command line (its VMs go to a helper at exit), not when no
@@ -3402,6 +3441,22 @@ def _teardown_thread() -> _Releases | None:
     if releaser is None or releaser.unfinished >= _TEARDOWN_BACKLOG:
         return None
     return releaser
+
+
+class _Descriptors:
+    """A session's start-up VMs for _release_later to close, once."""
+
+    def __init__(self, fds: tuple[int, ...]) -> None:
+        self.fds = fds
+        self.queued = self.closed = False
+
+    def __call__(self) -> None:
+        if self.closed:  # queued again by a release an exception cut short
+            return
+        self.closed = True
+        for fd in self.fds:
+            if fd >= 0:
+                os.close(fd)
 
 
 class _RunArea:
@@ -5739,7 +5794,6 @@ def _wait_for_closes() -> None:
 # The start-up ioctls' arguments: the addresses QEMU and the rust-vmm
 # engines use (below 4 GiB), a PIT with flags 0, and struct kvm_enable_cap
 # for the split irqchip (cap, flags, args[0] = the IOAPIC pins it routes).
-_V_STARTUP = 8  # first value slot of the start-up ioctls' answers
 
 
 def _startup_args() -> dict[str, tuple[int, int, Any]]:
@@ -5766,41 +5820,73 @@ def _startup_args() -> dict[str, tuple[int, int, Any]]:
     }
 
 
-def _startup_plan(
-    wanted: Sequence[str], args: Mapping[str, tuple[int, int, Any]]
-) -> tuple[Any, int]:
-    """The start-up ioctls as one operation array (built once per set of
-    names: it points only into the cached arguments)."""
+def _startup_wanted(names: Iterable[str]) -> tuple[str, ...]:
+    """The start-up ioctls among ``names``, in the order they are made."""
+    asked = set(names)
+    return tuple(name for name in _STARTUP_STEPS if name in asked)
+
+
+def _startup_ops(wanted: Sequence[str]) -> _Plan:
+    """The start-up ioctls on throwaway VMs of their own, every operation
+    soft: a VM that is not made leaves its ioctls answering EBADF, and the
+    answers say "not tried" (_startup_answers).  KVM_CREATE_IRQCHIP and the
+    split irqchip exclude each other, so the latter gets a VM of its own.
+    The operations point only into the cached arguments, made once."""
+    args = _cached("startup-args", _startup_args)
     plan = _Plan()
     for index, name in enumerate(wanted):
-        slot = _VCPU if name == "KVM_ENABLE_CAP(SPLIT_IRQCHIP)" else _VM
-        if index == 0 or slot == _VCPU:
-            plan.ioctl(STEP_CREATE_VM, _KVM, KVM_CREATE_VM, 0, fd_out=slot)
+        split = name == "KVM_ENABLE_CAP(SPLIT_IRQCHIP)"
+        slot = _SPLIT_VM if split else _STARTUP_VM
+        if split or index == 0:
+            made = _V_SPLIT_VM if split else _V_STARTUP_VM
+            plan.ioctl(STEP_CREATE_VM, _KVM, KVM_CREATE_VM, 0, fd_out=slot, value=made, soft=True)
         request, arg, _ = args[name]
         plan.ioctl(_STARTUP_STEPS[name], slot, request, arg, value=_V_STARTUP + index, soft=True)
-    return plan.build()
+    return plan
+
+
+def _startup_array(wanted: tuple[str, ...]) -> tuple[Any, int]:
+    return _startup_ops(wanted).build()
+
+
+def _startup_count(wanted: Sequence[str]) -> int:
+    """The operations of _startup_ops(wanted): each ioctl, and a VM for the
+    first and one for the split irqchip when it is not the first."""
+    split = "KVM_ENABLE_CAP(SPLIT_IRQCHIP)" in wanted[1:]
+    return len(wanted) + bool(wanted) + split
+
+
+def _startup_answers(wanted: Sequence[str], values: Any) -> dict[str, int]:
+    """Each start-up ioctl's answer, read from the outcome's ``values`` after
+    _startup_ops ran: 0 when it worked, its errno, or -1 when it was not
+    tried (its VM was not made, or the PIT without the irqchip it needs)."""
+    made = values[_V_STARTUP_VM : _V_STARTUP + len(wanted)]  # one list, not a lookup each
+    vms = {False: made[0], True: made[1]}  # by "is it the split irqchip's VM"
+    results = {
+        name: -1 if vms[name == "KVM_ENABLE_CAP(SPLIT_IRQCHIP)"] < 0 else max(0, -answer)
+        for name, answer in zip(wanted, made[2:])
+    }
+    if results.get("KVM_CREATE_IRQCHIP", 0) and "KVM_CREATE_PIT2" in results:
+        results["KVM_CREATE_PIT2"] = -1  # it needs the in-kernel irqchip
+    return results
 
 
 def _probe_startup_ioctls(
     fd: int, names: Iterable[str], backend: str | None = None
 ) -> dict[str, int]:
-    """The VM ioctls engines issue at start-up, on throwaway VMs: each 0 when
-    it worked, its errno, or -1 when it was not tried (no VM, or the PIT
-    without the irqchip it needs).  KVM_CREATE_IRQCHIP and the split irqchip
-    exclude each other, so the latter gets a VM of its own.  An operation
-    array, so either backend keeps the VMs' descriptors in its state from
-    the moment the kernel returns them; they are released in the background."""
-    asked = set(names)
-    wanted = [name for name in _STARTUP_STEPS if name in asked]
+    """The VM ioctls engines issue at start-up, on throwaway VMs, as an
+    array of their own (_startup_ops; the gate makes them in its guest's
+    first array instead): the answers of _startup_answers.  Either backend
+    keeps the VMs' descriptors in its state from the moment the kernel
+    returns them; they are released in the background."""
+    wanted = _startup_wanted(names)
     if not wanted:
         return {}
-    abi, runner, args = _abi(), _backend_for(backend), _cached("startup-args", _startup_args)
+    abi, runner = _abi(), _backend_for(backend)
     state, out = abi.State(), abi.Outcome()
-    state.fds[:] = [fd, -1, -1, -1]
+    state.fds[:] = [fd] + [-1] * (_FD_SLOTS - 1)
     release = runner.releaser(state)
-    # The array points only into the start-up buffers, which are made once:
-    # the one a racing thread made and lost is never run.
-    ops, count = _cached_in("startup-ops", tuple(wanted), _startup_plan, wanted, args)
+    ops, count = _cached_in("startup-ops", wanted, _startup_array, wanted)
     late: BaseException | None = None
     try:
         runner.execute(ops, count, state, out)
@@ -5813,13 +5899,7 @@ def _probe_startup_ioctls(
                 late = err
         if late is not None:
             raise late
-    if out.step >= 0:  # no VM: the smoke test will say why
-        return dict.fromkeys(wanted, -1)
-    answers = out.values[_V_STARTUP : _V_STARTUP + len(wanted)]  # one list, not a lookup each
-    results = {name: max(0, -int(answer)) for name, answer in zip(wanted, answers)}
-    if results.get("KVM_CREATE_IRQCHIP", 0) and "KVM_CREATE_PIT2" in results:
-        results["KVM_CREATE_PIT2"] = -1  # it needs the in-kernel irqchip
-    return results
+    return _startup_answers(wanted, out.values)
 
 
 #: Verdicts, from best to worst.
@@ -7419,18 +7499,15 @@ class KvmProbe(HypervisorProbe):
             return None
 
     def _run(
-        self, facts: Facts, fd: int, backend: str | None, before: Callable[[], None] | None = None
+        self, facts: Facts, fd: int, backend: str | None, startup: _Startup | None = None
     ) -> None:
-        """The smoke test; ``before`` runs inside it, just before the
-        guest's first array (see _run_program), or alone where no smoke
-        test can be made."""
+        """The smoke test, with ``startup`` made in its guest's first
+        array (see _run_program)."""
         if not self.can_smoke_test:
-            if before is not None:
-                before()
             return
         kind = self._guest_kind(facts.engine)
         _check_timeout(facts.timeout)
-        facts.smoke = _run_program(fd, _guest(kind), facts.timeout, backend, before)
+        facts.smoke = _run_program(fd, _guest(kind), facts.timeout, backend, startup)
 
     def gate(
         self, engine: str | None, timeout: float, backend: str | None, facts: Facts | None = None
@@ -7453,23 +7530,24 @@ class KvmProbe(HypervisorProbe):
                 facts.speaks_kvm, facts.caps = True, caps
                 error, asked = _diagnose_staged(facts), "caps"
             if error is None:
-                # The start-up VMs are made first, the guest's right after:
-                # on Linux 6.1 making a VM waits for an RCU grace period
-                # unless another VM was made within one, and the guest's runs
-                # between the two would outlast it (10 ms of a 45 ms gate in
-                # the nested host).  The releasing thread is held until the
+                # The start-up VMs are made in the guest's first array, just
+                # before the guest's VM: one foreign call, and on Linux 6.1
+                # making a VM waits for an RCU grace period unless another VM
+                # was made within one, and the guest's runs between the two
+                # would outlast it (10 ms of a 45 ms gate in the nested
+                # host).  The releasing thread is held until the
                 # answer is made, so no teardown runs beside the guest's runs
                 # and the speed probe, and the thread, woken, does not take
                 # the interpreter's lock from the rules.  The order of the
                 # causes is kept by asking stage by stage.
                 with _HeldReleases():
-                    probe = None
-                    if facts.engine_ioctls:
-
-                        def probe() -> None:
-                            facts.ioctls = _probe_startup_ioctls(fd, facts.engine_ioctls, backend)
-
-                    self._run(facts, fd, backend, probe)
+                    startup = _Startup(facts.engine_ioctls) if facts.engine_ioctls else None
+                    self._run(facts, fd, backend, startup)
+                    if startup is not None:
+                        # Made alone where the guest's first array never ran.
+                        facts.ioctls = startup.answers
+                        if facts.ioctls is None:
+                            facts.ioctls = _probe_startup_ioctls(fd, startup.wanted, backend)
                     facts.complete = True
                     error = _diagnose_staged(facts, after=asked)
             if error is None and facts.deep_wanted:

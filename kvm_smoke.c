@@ -60,14 +60,16 @@
 /* Bump when a structure below or a signature changes.  (Overridable only so
  * that the tests can build a library of another version.) */
 #ifndef KVMSMOKE_ABI_VERSION
-#define KVMSMOKE_ABI_VERSION 6
+#define KVMSMOKE_ABI_VERSION 7
 #endif
 
 enum { OP_IOCTL = 1, OP_COPY = 2, OP_MAP_RUN = 3, OP_RUN = 4, OP_UNLESS = 5 };
 enum { CHECK_NONE = 0, CHECK_EQ = 1, CHECK_GE = 2 };
 enum { OPF_SOFT = 1 };
-#define KVMSMOKE_FDS 4
-#define KVMSMOKE_VALUES 20
+/* Descriptors: /dev/kvm, the guest's VM and vCPU, and two more VMs (the
+ * gate's start-up ioctls, made in the guest's first array). */
+#define KVMSMOKE_FDS 5
+#define KVMSMOKE_VALUES 27
 #define KVMSMOKE_RUN_HEAD 288   /* kvm_run up to the end of its exit union */
 #define KVMSMOKE_EINTR_RETRY_NS 200000000ull  /* 200 ms, as _EINTR_RETRY_NS */
 #define KVMSMOKE_STASH 8        /* foreign signals of our number set aside */

@@ -235,7 +235,7 @@ def per_ioctl_rows() -> list[tuple[str, ...]]:
         for name in ("native", "python"):
             runner = b._backend_for(name)
             state, out = abi.State(), abi.Outcome()
-            state.fds[:] = [fd, -1, -1, -1]
+            state.fds[:] = [fd] + [-1] * (b._FD_SLOTS - 1)
 
             def one_array(runner=runner, state=state, out=out) -> None:
                 runner.execute(ops, count, state, out)

@@ -342,15 +342,30 @@ def gate_spec(work: str = "gate") -> str:
         built[:] = [saved_array(kit, plan, key)]  # the array about to run
         return built[0]
 
+    startup_slots = (b._STARTUP_VM, b._SPLIT_VM)
+
     def execute(session, plan, key=None):
-        if not sessions:  # its first array makes the guest's VM
-            lines.append("guest")
+        first = not sessions
         sessions.append(session)
         ran = saved_execute(session, plan, key)
         # Read off the array as far as it ran (an OP_UNLESS may end it
         # early): each run with the registers its KVM_SET_REGS gave it, and
-        # a KVM_GET_REGS when that was the last operation made.
+        # a KVM_GET_REGS when that was the last operation made.  The gate's
+        # first array begins with its start-up VMs and their ioctls, then
+        # makes the guest's VM.
         ops, made = built[0][0], session.out.op_index + 1
+        if first:
+            by_request = {request: (arg, buf) for request, arg, buf in b._startup_args().values()}
+            for op in ops[:made]:
+                if op.kind == b._OP_IOCTL and op.fd_out in startup_slots:
+                    lines.append("vm")
+                elif op.kind == b._OP_IOCTL and op.fd in startup_slots:
+                    arg, buffer = by_request[op.request]
+                    if buffer is None:
+                        lines.append(f"startup {op.request} {arg}")
+                    else:
+                        lines.append(f"startupbuf {op.request} {bytes(buffer).hex()}")
+            lines.append("guest")
         regs = None
         for op in ops[:made]:
             if op.kind == b._OP_IOCTL and op.request == b.KVM_SET_REGS:
@@ -366,8 +381,8 @@ def gate_spec(work: str = "gate") -> str:
         lines.extend([f"hostloop {b._HOST_LOOP.hex()} {iterations}"] * 2)  # it takes the best of 2
         return saved["_host_ns_per_iteration"](iterations)
 
-    def startup(fd, names, backend=None):
-        wanted = [name for name in b._STARTUP_STEPS if name in set(names)]
+    def startup(fd, names, backend=None):  # check()'s start-up ioctls, made alone
+        wanted = b._startup_wanted(names)
         args = b._startup_args()
         for index, name in enumerate(wanted):
             if index == 0 or name == "KVM_ENABLE_CAP(SPLIT_IRQCHIP)":

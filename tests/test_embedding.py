@@ -507,8 +507,14 @@ def handler(signo, frame):
 
 
 backend, count = sys.argv[2], int(sys.argv[3])
+engine = None if sys.argv[4] == "none" else sys.argv[4]
 probes = {"device": b.KvmProbe("x86_64"), "missing": b.KvmProbe("x86_64", path="/dev/kvm-absent")}
-b.SystemCheck.run(engine=None, backend=backend).close()  # warm
+try:  # warm; and what the device's gate says undisturbed
+    b.SystemCheck.run(engine=engine, backend=backend).close()
+    undisturbed = None
+except b.BoxliteError as err:
+    undisturbed = err.cause
+b._wait_for_closes()
 signal.signal(signal.SIGALRM, handler)
 before = sorted(os.listdir("/proc/self/fd"))
 seen, wrong = collections.Counter(), []
@@ -517,7 +523,7 @@ for i in range(count):
     try:
         try:  # a one-shot timer somewhere inside the check
             signal.setitimer(signal.ITIMER_REAL, random.uniform(1e-6, 2e-3 if i % 2 else 1e-3))
-            device, smoke = probes[name].acquire(engine=None, backend=backend)
+            device, smoke = probes[name].acquire(engine=engine, backend=backend)
             device.close()
             seen[name + " passed"] += 1
         finally:
@@ -526,13 +532,15 @@ for i in range(count):
         seen[name + " the caller's"] += 1
     except b.BoxliteError as err:
         seen[f"{name} {err.cause}"] += 1
+        if name == "device" and err.cause == undisturbed:
+            continue
         if name == "device" or not err.cause.startswith(("kvm-no-", "kvm-node", "kvm-module")):
             wrong.append(f"{name}: {type(err).__name__} {err.cause}: {err.summary}")
     except BaseException as err:
         wrong.append(f"{name}: {type(err).__name__}: {err}")
 signal.signal(signal.SIGALRM, signal.SIG_DFL)
+b._wait_for_closes()  # the run areas and the start-up VMs left to the releasing thread
 after = sorted(os.listdir("/proc/self/fd"))
-b._wait_for_closes()  # the run areas left to the releasing thread
 with open("/proc/self/maps") as maps:
     areas = sum("kvm-vcpu" in line for line in maps)
 print(json.dumps({"seen": seen, "wrong": wrong, "fds": [len(before), len(after)], "areas": areas}))
@@ -540,16 +548,20 @@ print(json.dumps({"seen": seen, "wrong": wrong, "fds": [len(before), len(after)]
 
 
 @needs_kvm
-def test_a_callers_exception_at_any_moment_is_the_callers_and_leaks_nothing(backend, run_json):
+@pytest.mark.parametrize(("engine", "count"), [("none", "3000"), (b.DEFAULT_ENGINE, "1200")])
+def test_a_callers_exception_at_any_moment_is_the_callers_and_leaks_nothing(
+    backend, run_json, engine, count
+):
     """A timer of the caller's fires anywhere in the check (open, the
-    evidence reads, the ioctls, mmap, the guest run, the release): its
-    exception reaches the caller unchanged, no verdict is made of it, and
+    evidence reads, the ioctls, the start-up VMs, mmap, the guest run, the
+    release): its exception reaches the caller unchanged, no verdict is
+    made of it (the gate says what it says undisturbed, or nothing), and
     no descriptor or mapping is left behind."""
-    out = run_json(STRESS_SCRIPT, backend, "3000", timeout=240)
+    out = run_json(STRESS_SCRIPT, backend, count, engine, timeout=240)
     assert out["wrong"] == [], out
     assert out["fds"][0] == out["fds"][1] and out["areas"] == 0, out
     caught = sum(n for what, n in out["seen"].items() if what.endswith("the caller's"))
-    assert caught > 1000, out  # the timer really landed inside the check
+    assert caught > int(count) // 3, out  # the timer really landed inside the check
 
 
 @needs_kvm
@@ -779,8 +791,7 @@ def test_a_callers_signal_inside_the_python_release_leaks_nothing(mocker):
     assert addr not in (None, ctypes.c_void_p(-1).value)
     state.run_addr, state.run_size = addr, size
     fds = [os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC) for _ in range(2)]
-    state.fds[1], state.fds[2] = fds
-    state.fds[3] = -1
+    state.fds[:] = [-1, *fds] + [-1] * (b._FD_SLOTS - 3)  # a zeroed slot would be stdin
 
     class SignalledLibc:  # the caller's signal arrives just before the unmap
         def __getattr__(self, name: str) -> object:

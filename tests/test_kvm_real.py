@@ -351,7 +351,8 @@ def test_a_kept_one_array_plan_is_the_plan_its_session_would_build(kvm_fd, backe
         assert result.ok, result
         kit = kept_kit("real-mode")
         session = b._Session.__new__(b._Session)
-        session.__dict__.update(kit=kit, guest=b._guest("real-mode"), timeout_ns=int(timeout * 1e9))
+        session.kit, session.guest = kit, b._guest("real-mode")
+        session.timeout_ns = int(timeout * 1e9)
         session.signo = b._timer_signal()
         session.region, session.sregs, session.regs = kit.region, kit.sregs, kit.regs
         session.wanted, session.spans = session.guest.wanted()

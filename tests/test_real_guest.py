@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import (
@@ -335,36 +334,143 @@ def test_default_gate_refuses_here_and_the_bare_check_passes(backend):
         assert host.smoke_tested and host.smoke.guest == "real-mode"
 
 
+def _kvm_vms() -> int:
+    """This process's VM descriptors (a VM's own, not a vCPU's)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:kvm-vm"
+        except OSError:  # the listing's own descriptor, closed since
+            pass
+    return count
+
+
 @needs_kvm
-def test_the_gates_start_up_probe_comes_after_its_session_is_ready(backend, mocker):
-    """The gate's start-up probe runs inside its smoke test: once the
-    session (its kit, reset) is ready, just before the guest's first array,
-    so that the session's Python does not run after the probe's VMs are
-    made (making a VM can wait for an RCU grace period: what runs after a
-    wait runs with cold caches).  The probe is off the smoke test's clock."""
-    events, probe, take, execute = [], b._probe_startup_ioctls, b._take_kit, b._Session.execute
+@pytest.mark.parametrize("engine", [e for e in b.ENGINES if b.ENGINE_REQUIREMENTS[e]["ioctls"]])
+def test_the_gates_start_up_ioctls_are_the_head_of_its_guests_first_array(
+    kvm_fd, backend, mocker, engine
+):
+    """The gate makes the engine's start-up VMs and their ioctls at the head
+    of its guest's first array (one foreign call with the native backend),
+    the guest's own VM right after them, and its answers are those of the
+    start-up probe made alone."""
+    alone = b._probe_startup_ioctls(kvm_fd, b.ENGINE_REQUIREMENTS[engine]["ioctls"], backend)
+    b._wait_for_closes()
+    arrays, array = [], b._Kit.array
 
-    def probed(*args):
-        events.append("probe")
-        time.sleep(0.3)
-        return probe(*args)
+    def recorded(kit, plan, key=None):
+        built = array(kit, plan, key)
+        arrays.append(list(built[0][: built[1]]))
+        return built
 
-    def taken(guest):
-        events.append("kit")
-        return take(guest)
-
-    def executed(session, plan, key=None):
-        events.append("array")
-        return execute(session, plan, key)
-
-    mocker.patch.object(b, "_probe_startup_ioctls", probed)
-    mocker.patch.object(b, "_take_kit", taken)
-    mocker.patch.object(b._Session, "execute", executed)
-    facts, device, _ = b._PROBE.gate(b.DEFAULT_ENGINE, b.DEFAULT_TIMEOUT, backend)
+    mocker.patch.object(b._Kit, "array", recorded)
+    mocker.patch.object(b, "_probe_startup_ioctls", side_effect=AssertionError("made alone"))
+    facts, device, _ = b._PROBE.gate(engine, b.DEFAULT_TIMEOUT, backend)
     if device is not None:
         device.close()
-    assert events[:3] == ["kit", "probe", "array"], events
-    assert facts.ioctls and facts.smoke is not None and facts.smoke.elapsed < 0.3
+    assert facts.ioctls == alone and len(alone) == len(b.ENGINE_REQUIREMENTS[engine]["ioctls"])
+    wanted = b._startup_wanted(alone)
+    head = b._startup_count(wanted)
+    startup_slots = (b._STARTUP_VM, b._SPLIT_VM)
+    first = arrays[0]
+    assert all(op.fd in startup_slots or op.fd_out in startup_slots for op in first[:head])
+    made = [op.fd_out for op in first[:head] if op.request == b.KVM_CREATE_VM]
+    split = "KVM_ENABLE_CAP(SPLIT_IRQCHIP)" in wanted
+    assert (
+        made
+        == [b._STARTUP_VM] * (wanted[0] != "KVM_ENABLE_CAP(SPLIT_IRQCHIP)") + [b._SPLIT_VM] * split
+    )
+    guest_vm = [(op.request, op.fd_out) for op in first[head : head + 2]]
+    assert guest_vm == [(b.KVM_GET_API_VERSION, -1), (b.KVM_CREATE_VM, b._VM)]
+    assert sum(op.fd in startup_slots for op in first[head:]) == 0
+    assert [op.kind for op in first].count(b._OP_RUN) == 1  # and the warm-up, as before
+    b._wait_for_closes()
+
+
+@needs_kvm
+def test_the_start_up_ioctls_are_made_alone_when_the_guest_gets_no_session(kvm_fd, backend, mocker):
+    """Where the guest's first array never runs (its memory could not be
+    had), the gate still asks the start-up ioctls, in an array of their own,
+    and the cause is the guest's."""
+    names = b.ENGINE_REQUIREMENTS[b.DEFAULT_ENGINE]["ioctls"]
+    alone = b._probe_startup_ioctls(kvm_fd, names, backend)
+    failed = b._StepFailed(b.STEP_GUEST_MEMORY, errno.ENOMEM)
+    mocker.patch.object(b, "_take_kit", side_effect=failed)
+    probe = mocker.spy(b, "_probe_startup_ioctls")
+    facts, device, error = b._PROBE.gate(b.DEFAULT_ENGINE, b.DEFAULT_TIMEOUT, backend)
+    assert device is None and probe.call_count == 1
+    assert facts.ioctls == alone
+    assert facts.smoke is not None and facts.smoke.step == b.STEP_GUEST_MEMORY
+    assert error is not None and error.evidence.get("answer", "").find("ENOMEM") >= 0, error
+    b._wait_for_closes()
+
+
+@needs_kvm
+def test_the_gates_start_up_vms_are_torn_down_by_the_releasing_thread(backend):
+    """The start-up VMs (an irqchip and a PIT: the longest teardown of all)
+    are not closed on the caller's clock: the releasing thread closes them,
+    after the check, and none is left after it."""
+    import threading
+
+    b._wait_for_closes()
+    before = _kvm_vms()
+    gate = threading.Event()
+    releaser = b._cached("releaser", b._start_releaser)
+    releaser.put(lambda: gate.wait(30) or None)  # busy until the gate opens
+    try:
+        with pytest.raises(b.BoxliteError):  # this host refuses the default gate
+            b.SystemCheck.run(backend=backend)
+        wanted = b._startup_wanted(b.ENGINE_REQUIREMENTS[b.DEFAULT_ENGINE]["ioctls"])
+        split = "KVM_ENABLE_CAP(SPLIT_IRQCHIP)" in wanted
+        assert _kvm_vms() - before == 1 + (split and len(wanted) > 1)
+    finally:
+        gate.set()
+    b._wait_for_closes()
+    assert _kvm_vms() == before
+
+
+@needs_kvm
+def test_start_up_answers_keep_each_ioctls_own_errno(kvm_fd, backend):
+    """Each start-up ioctl's answer is its own: KVM refuses a PIT on a VM
+    without the in-kernel irqchip (ENOENT) and makes one on a VM with it;
+    the split irqchip, on a VM of its own, answers apart."""
+    abi, runner = b._abi(), b._backend_for(backend)
+    expected = {
+        ("KVM_SET_TSS_ADDR", "KVM_CREATE_PIT2"): {
+            "KVM_SET_TSS_ADDR": 0,
+            "KVM_CREATE_PIT2": errno.ENOENT,
+        },
+        ("KVM_CREATE_IRQCHIP", "KVM_CREATE_PIT2"): {"KVM_CREATE_IRQCHIP": 0, "KVM_CREATE_PIT2": 0},
+        ("KVM_CREATE_PIT2", "KVM_ENABLE_CAP(SPLIT_IRQCHIP)"): {
+            "KVM_CREATE_PIT2": errno.ENOENT,
+            "KVM_ENABLE_CAP(SPLIT_IRQCHIP)": 0,
+        },
+    }
+    for wanted, answers in expected.items():
+        state, out = abi.State(), abi.Outcome()
+        state.fds[:] = [kvm_fd] + [-1] * (b._FD_SLOTS - 1)
+        ops, count = b._startup_array(wanted)
+        try:
+            runner.execute(ops, count, state, out)
+        finally:
+            runner.release(state)
+        assert b._startup_answers(wanted, out.values) == answers, wanted
+
+
+@needs_kvm
+def test_start_up_ioctls_without_their_vm_answer_not_tried(backend):
+    """Every start-up operation is soft: where the VMs are not made (here
+    the KVM descriptor is not open), each ioctl answers -1, "not tried",
+    and the array goes on to its end."""
+    wanted = tuple(b._STARTUP_STEPS)
+    abi, runner = b._abi(), b._backend_for(backend)
+    state, out = abi.State(), abi.Outcome()
+    state.fds[:] = [-1] * b._FD_SLOTS
+    ops, count = b._startup_array(wanted)
+    runner.execute(ops, count, state, out)
+    assert (out.step, out.op_index) == (-1, count - 1)
+    assert out.values[b._V_STARTUP_VM] == out.values[b._V_SPLIT_VM] == -errno.EBADF
+    assert b._startup_answers(wanted, out.values) == dict.fromkeys(wanted, -1)
 
 
 @needs_kvm
