@@ -386,12 +386,14 @@ ENGINE_REQUIREMENTS: dict[str, dict[str, Any]] = {
         vhost_vsock="/dev/vhost-vsock",
     ),
     # crosvm src/crosvm/sys/linux.rs ("missing required hypervisor
-    # capability ImmediateExit"); hypervisor/src/kvm/mod.rs.
+    # capability ImmediateExit"); hypervisor/src/kvm/mod.rs.  Its irqchip
+    # is the kernel's unless --split-irqchip: KvmKernelIrqChip::new
+    # (devices/src/irqchip/kvm/x86_64.rs) makes the irqchip, then the PIT.
     "crosvm": _engine(
         x86_64="IMMEDIATE_EXIT",
         aarch64="IMMEDIATE_EXIT",
         optional_x86_64="XCRS TSC_DEADLINE_TIMER",
-        ioctls="KVM_SET_IDENTITY_MAP_ADDR KVM_SET_TSS_ADDR KVM_CREATE_PIT2",
+        ioctls="KVM_SET_IDENTITY_MAP_ADDR KVM_SET_TSS_ADDR KVM_CREATE_IRQCHIP KVM_CREATE_PIT2",
         boot="direct 64-bit",
         networking="/dev/net/tun",
     ),
