@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 import uuid
@@ -23,6 +24,7 @@ from typing import Any
 import pytest
 from conftest import (
     CHECK_EVERY_DOOR,
+    KVM_GID,
     ROOT,
     SECCOMP_INSTALL,
     SYSTEM_PYTHON,
@@ -367,22 +369,33 @@ def test_bubblewrap(env, args, cause):
 
 
 def with_test_user(env: Env, groups: str | None) -> list[str]:
-    """Run as the test user (known only to a bound passwd), holding ``groups``."""
-    kvm_gid = os.stat("/dev/kvm").st_gid
+    """Run as the test user (known only to a bound passwd), holding
+    ``groups``, with a /dev/kvm of the test's own: a fresh 10:232 node,
+    root:KVM_GID 0660, bound over the path in the private mount namespace.
+    The real node's owner and mode are the host's (root:root 0600 on a
+    fresh machine, root:kvm 0660 once udev has run), never the test's."""
+    node = env.tmp / "kvm"
+    if not node.exists():
+        os.mknod(node, 0o600 | stat.S_IFCHR, os.makedev(10, 232))
+        os.chown(node, 0, KVM_GID)
+        os.chmod(node, 0o660)
     (env.tmp / "passwd").write_text(
         Path("/etc/passwd").read_text() + f"boxtest:x:{TEST_UID}:{TEST_GID}::/tmp:/bin/sh\n"
     )
     lines = [
         line
         for line in Path("/etc/group").read_text().splitlines()
-        if line.split(":")[2] != str(kvm_gid)
+        if line.split(":")[0] != "kvm" and line.split(":")[2] != str(KVM_GID)
     ]
     (env.tmp / "group").write_text(
-        "\n".join(lines) + f"\nboxtest:x:{TEST_GID}:\nkvm:x:{kvm_gid}:boxtest\n"
+        "\n".join(lines) + f"\nboxtest:x:{TEST_GID}:\nkvm:x:{KVM_GID}:boxtest\n"
     )
     for name in ("passwd", "group"):
         os.chmod(env.tmp / name, 0o644)
-    binds = f"mount --bind {env.tmp}/passwd /etc/passwd && mount --bind {env.tmp}/group /etc/group"
+    binds = f"mount --bind {node} /dev/kvm"
+    binds += (
+        f" && mount --bind {env.tmp}/passwd /etc/passwd && mount --bind {env.tmp}/group /etc/group"
+    )
     drop = ["setpriv", f"--reuid={TEST_UID}", f"--regid={TEST_GID}"]
     drop += [f"--groups={groups}"] if groups else ["--clear-groups"]
     script = binds + ' && exec "$@"'
@@ -404,8 +417,7 @@ def test_firejail_without_a_profile_passes(env):
 
 @needs("firejail", "setpriv")
 def test_firejails_noroot_drops_the_group(env):
-    kvm_gid = str(os.stat("/dev/kvm").st_gid)
-    prefix = with_test_user(env, kvm_gid) + ["firejail", "--quiet", "--noprofile", "--noroot"]
+    prefix = with_test_user(env, str(KVM_GID)) + ["firejail", "--quiet", "--noprofile", "--noroot"]
     out = env.run(prefix)
     agrees_with_the_vmm(out, "kvm-userns")
     fix = out["python"]["fix"]
@@ -420,7 +432,7 @@ def test_firejails_noroot_drops_the_group(env):
 def test_an_unmapped_user_namespace(env, holds_the_group):
     """`unshare -U` as a user: every id shows as the overflow id, which
     matches nothing; the kernel still checks the real ids."""
-    groups = str(os.stat("/dev/kvm").st_gid) if holds_the_group else None
+    groups = str(KVM_GID) if holds_the_group else None
     out = env.run(with_test_user(env, groups) + ["unshare", "-U"])
     agrees_with_the_vmm(out, None if holds_the_group else "kvm-userns")
     if not holds_the_group:
@@ -436,7 +448,6 @@ def rootless_podman(env: Env, *args: str) -> list[str]:
     """podman run as the test user, rootless (subordinate ids from bound
     /etc/subuid and /etc/subgid, storage in a home of its own), with a
     rootfs the user owns, holding the device's group on the host."""
-    kvm_gid = os.stat("/dev/kvm").st_gid
     home, run = env.tmp / "home", env.tmp / "xdg"
     for path in (home, run):
         path.mkdir(mode=0o700)
@@ -446,7 +457,7 @@ def rootless_podman(env: Env, *args: str) -> list[str]:
         os.chmod(env.tmp / name, 0o644)
     for path in [env.rootfs, *env.rootfs.rglob("*")]:
         os.chown(path, TEST_UID, TEST_GID, follow_symlinks=False)
-    prefix = with_test_user(env, str(kvm_gid))
+    prefix = with_test_user(env, str(KVM_GID))
     binds = prefix[prefix.index("-c") + 1]
     binds = binds.replace(' && exec "$@"', "")
     binds += f" && mount --bind {env.tmp}/subuid /etc/subuid && mount --bind {env.tmp}/subgid /etc/subgid"
