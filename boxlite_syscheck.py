@@ -2067,12 +2067,19 @@ def _take_watchdog(watchdog: _Watchdog | None) -> tuple[bool, bool]:
 
 def _kvm_mask(vcpu: int, saved: set[Any], unblocked: set[int], arm_step: int) -> None:
     """KVM_SET_SIGNAL_MASK: the caller's mask, less our signals, inside KVM_RUN."""
+    bits = sum(1 << (int(s) - 1) for s in saved if int(s) not in unblocked)
+    kmask = _cached_in("kvm-masks", bits, _kvm_sigset, bits)
+    _as_step(arm_step, _ioctl, vcpu, KVM_SET_SIGNAL_MASK, kmask)
+
+
+def _kvm_sigset(bits: int) -> int:
+    """The address of a struct kvm_signal_mask holding ``bits`` (made once
+    per mask and kept: the kernel only reads it)."""
     import ctypes
 
-    bits = sum(1 << (int(s) - 1) for s in saved if int(s) not in unblocked)
     raw = (8).to_bytes(4, "little") + bits.to_bytes(8, "little")
-    kmask = (ctypes.c_uint8 * 12).from_buffer_copy(raw)
-    _as_step(arm_step, _ioctl, vcpu, KVM_SET_SIGNAL_MASK, ctypes.addressof(kmask))
+    kept = _cached_in("kvm-mask-buffers", bits, (ctypes.c_uint8 * 12).from_buffer_copy, raw)
+    return ctypes.addressof(kept)
 
 
 def _sigwait_args(signo: int) -> tuple[Any, Any]:
@@ -2094,15 +2101,11 @@ def _take_pending(signo: int, cookie: int, stash: list[Any]) -> bool:
     anyone else's are set aside to be queued again.  True when ours came."""
     import ctypes
 
-    abi, libc = _abi(), _sys_libc()
-    waits: dict[int, tuple[Any, Any]] = _cached("sigwait", dict)
-    args = waits.get(signo)
-    if args is None:
-        args = waits[signo] = _sigwait_args(signo)  # read-only once made
-    only, zero = args
+    only, zero = _cached_in("sigwait", signo, _sigwait_args, signo)  # read-only once made
+    info_type, libc = _abi().SigInfo, _sys_libc()
     mine = False
     while True:
-        info = abi.SigInfo()
+        info = info_type()
         if libc.sigtimedwait(only, ctypes.byref(info), zero) != signo:
             return mine
         if (info.si_value or 0) == cookie and info.si_code in (_SI_TIMER, _SI_USER):
@@ -2241,15 +2244,15 @@ def _timer_start(libc: ctypes.CDLL, signo: int, tid: int, deadline_ns: int, cook
     event = abi.SigEvent(
         sigev_value=cookie, sigev_signo=signo, sigev_notify=_SIGEV_THREAD_ID, tid=tid
     )
+    # The clock, the flags and the timer's id are C ints, as ctypes passes
+    # a Python int to a call without argtypes.
     timer_id = ctypes.c_int(-1)
-    clock = ctypes.c_int(_CLOCK_MONOTONIC)
-    if libc.syscall(create, clock, ctypes.byref(event), ctypes.byref(timer_id)) < 0:
+    if libc.syscall(create, _CLOCK_MONOTONIC, ctypes.byref(event), ctypes.byref(timer_id)) < 0:
         err = ctypes.get_errno()
         raise _SysError(err, os.strerror(err))
     when = abi.Itimerspec()
     when.it_value.tv_sec, when.it_value.tv_nsec = divmod(max(1, deadline_ns), 1_000_000_000)
-    timer, absolute = ctypes.c_int(timer_id.value), ctypes.c_int(_TIMER_ABSTIME)
-    if libc.syscall(settime, timer, absolute, ctypes.byref(when), None) < 0:
+    if libc.syscall(settime, timer_id.value, _TIMER_ABSTIME, ctypes.byref(when), None) < 0:
         err = ctypes.get_errno()
         _timer_delete(libc, timer_id.value)
         raise _SysError(err, os.strerror(err))
@@ -2259,7 +2262,7 @@ def _timer_start(libc: ctypes.CDLL, signo: int, tid: int, deadline_ns: int, cook
 def _timer_delete(libc: ctypes.CDLL, timer: int) -> None:
     import ctypes
 
-    if libc.syscall(_syscall_numbers()[2], ctypes.c_int(timer)) < 0:
+    if libc.syscall(_syscall_numbers()[2], timer) < 0:  # a C int, as ctypes passes it
         _log("warning", "timer_delete failed: %s", errno_name(ctypes.get_errno()))
 
 
