@@ -3358,8 +3358,8 @@ class _Startup:
 
     __slots__ = ("wanted", "answers")
 
-    def __init__(self, names: Iterable[str]) -> None:
-        self.wanted = _startup_wanted(names)
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.wanted: tuple[str, ...] = _cached_in("startup-wanted", names, _startup_wanted, names)
         self.answers: dict[str, int] | None = None
 
 
