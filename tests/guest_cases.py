@@ -770,7 +770,31 @@ def syscall_split(floor: str, passes: int = 12) -> str:
         gaps.append((took, gates[0][index - 1][0], gates[0][index][0]))
     gaps.sort(reverse=True)
     longest = ", ".join(f"{took:.0f} us {before} -> {after}" for took, before, after in gaps[:6])
-    return "; ".join(said) + f"; the gate's longest stretches outside them: {longest}"
+    # Inside system calls, by call: the median time per pass each side
+    # spends in each, and the calls where the gate spends most beyond the C.
+    within: dict[str, dict[str, float]] = {}
+    for key in ("C", "G"):
+        totals: dict[str, list[float]] = {}
+        for _, calls in sides[key][2:]:
+            per: dict[str, float] = {}
+            for name, begin, end in calls:
+                per[name] = per.get(name, 0.0) + end - begin
+            for name in set(per) | set(totals):
+                totals.setdefault(name, []).append(per.get(name, 0.0))
+        within[key] = {name: statistics.median(times) for name, times in totals.items()}
+    beyond = sorted(
+        ((within["G"].get(n, 0.0) - within["C"].get(n, 0.0), n) for n in within["G"]),
+        reverse=True,
+    )
+    more = ", ".join(
+        f"{name} {within['G'][name]:.0f} us against {within['C'].get(name, 0.0):.0f}"
+        for _, name in beyond[:5]
+    )
+    return (
+        "; ".join(said)
+        + f"; the gate's longest stretches outside them: {longest}"
+        + f"; inside them, where the gate spends most beyond the C (per pass): {more}"
+    )
 
 
 def gate_ratio(runs: int, engine: str | None = b.DEFAULT_ENGINE) -> tuple[float, float]:
