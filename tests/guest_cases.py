@@ -790,10 +790,22 @@ def syscall_split(floor: str, passes: int = 12) -> str:
         f"{name} {within['G'][name]:.0f} us against {within['C'].get(name, 0.0):.0f}"
         for _, name in beyond[:5]
     )
+    # The call the gate spends most beyond the C in, each time it is made
+    # in a pass, in order (medians over the passes).
+    top = beyond[0][1]
+    each = {}
+    for key in ("C", "G"):
+        made = [
+            [end - begin for name, begin, end in calls if name == top]
+            for _, calls in sides[key][2:]
+        ]
+        times = min(len(m) for m in made)
+        each[key] = " ".join(f"{statistics.median(m[i] for m in made):.0f}" for i in range(times))
     return (
         "; ".join(said)
         + f"; the gate's longest stretches outside them: {longest}"
         + f"; inside them, where the gate spends most beyond the C (per pass): {more}"
+        + f"; {top} each time (us): the gate {each['G']}, the C {each['C']}"
     )
 
 
