@@ -672,7 +672,7 @@ def _traced(path: str, text: str) -> None:
         control.write(text)
 
 
-def syscall_split(floor: str, passes: int = 12) -> str:
+def syscall_split(floor: str, passes: int = 12, settle: float = 0.0) -> str:
     """Where the gate's time goes beside the C floor's, from the kernel's
     own records: ``passes`` of each, alternating, traced with the
     raw_syscalls events of this thread.  For each side, the medians of a
@@ -680,7 +680,9 @@ def syscall_split(floor: str, passes: int = 12) -> str:
     code: the C's, or our Python and ctypes), and the gate's longest
     stretches outside system calls, each named by the calls around it.
     The C's pass ends where its clock stops (it marks the trace there),
-    before its teardown; the gate's releasing thread is parked."""
+    before its teardown; the gate's releasing thread is parked.  ``settle``
+    seconds pass before each pass, both sides alike, off their spans: a
+    pass then does not start right after the last one's teardown."""
     import re
     import statistics
 
@@ -706,8 +708,10 @@ def syscall_split(floor: str, passes: int = 12) -> str:
     try:
         _traced("tracing_on", "1")
         for _ in range(passes + 2):  # two warm passes first
+            time.sleep(settle)
             os.write(marker, b"pass C\n")
             lib.gate_floor_once_ns()
+            time.sleep(settle)
             with Parked(b):
                 os.write(marker, b"pass G\n")
                 _work("gate", "native")
@@ -870,6 +874,12 @@ def bench() -> None:
     if os.path.exists(floor):
         split = syscall_split(floor)
         announce("bench-syscalls", "INFO", f"traced with raw_syscalls (medians): {split}")
+        split = syscall_split(floor, settle=0.05)
+        announce(
+            "bench-syscalls-settled",
+            "INFO",
+            f"the same, each pass 50 ms after the last one's teardown: {split}",
+        )
     ms, ratio = gate_ratio(50, engine=None)
     announce("bench-bare", "INFO", f"bare device check {ms:.2f} ms, {ratio:.2f}x its native work")
     gate_ns = check_ns = 0
