@@ -5839,12 +5839,14 @@ def _startup_ops(wanted: Sequence[str]) -> _Plan:
     The operations point only into the cached arguments, made once."""
     args = _cached("startup-args", _startup_args)
     plan = _Plan()
+    made: set[int] = set()
     for index, name in enumerate(wanted):
         split = name == "KVM_ENABLE_CAP(SPLIT_IRQCHIP)"
         slot = _SPLIT_VM if split else _STARTUP_VM
-        if split or index == 0:
-            made = _V_SPLIT_VM if split else _V_STARTUP_VM
-            plan.ioctl(STEP_CREATE_VM, _KVM, KVM_CREATE_VM, 0, fd_out=slot, value=made, soft=True)
+        if slot not in made:  # each VM just before its first ioctl, in any order
+            made.add(slot)
+            value = _V_SPLIT_VM if split else _V_STARTUP_VM
+            plan.ioctl(STEP_CREATE_VM, _KVM, KVM_CREATE_VM, 0, fd_out=slot, value=value, soft=True)
         request, arg, _ = args[name]
         plan.ioctl(_STARTUP_STEPS[name], slot, request, arg, value=_V_STARTUP + index, soft=True)
     return plan
@@ -5855,10 +5857,10 @@ def _startup_array(wanted: tuple[str, ...]) -> tuple[Any, int]:
 
 
 def _startup_count(wanted: Sequence[str]) -> int:
-    """The operations of _startup_ops(wanted): each ioctl, and a VM for the
-    first and one for the split irqchip when it is not the first."""
-    split = "KVM_ENABLE_CAP(SPLIT_IRQCHIP)" in wanted[1:]
-    return len(wanted) + bool(wanted) + split
+    """The operations of _startup_ops(wanted): each ioctl, and each VM:
+    one for the split irqchip, one for the others."""
+    split = "KVM_ENABLE_CAP(SPLIT_IRQCHIP)" in wanted
+    return len(wanted) + split + (len(wanted) > split)
 
 
 def _startup_answers(wanted: Sequence[str], values: Any) -> dict[str, int]:

@@ -445,11 +445,18 @@ def test_start_up_answers_keep_each_ioctls_own_errno(kvm_fd, backend):
             "KVM_CREATE_PIT2": errno.ENOENT,
             "KVM_ENABLE_CAP(SPLIT_IRQCHIP)": 0,
         },
+        # In any order: each VM is made before its first ioctl.
+        ("KVM_ENABLE_CAP(SPLIT_IRQCHIP)", "KVM_SET_TSS_ADDR"): {
+            "KVM_ENABLE_CAP(SPLIT_IRQCHIP)": 0,
+            "KVM_SET_TSS_ADDR": 0,
+        },
     }
     for wanted, answers in expected.items():
         state, out = abi.State(), abi.Outcome()
         state.fds[:] = [kvm_fd] + [-1] * (b._FD_SLOTS - 1)
         ops, count = b._startup_array(wanted)
+        vms = {name == "KVM_ENABLE_CAP(SPLIT_IRQCHIP)" for name in wanted}  # one VM per kind
+        assert count == b._startup_count(wanted) == len(wanted) + len(vms)
         try:
             runner.execute(ops, count, state, out)
         finally:
