@@ -3432,7 +3432,7 @@ def _release_startup_vms(session: _Session) -> None:
         session.started = started = _Descriptors(fds)
     state.fds[_STARTUP_VM] = state.fds[_SPLIT_VM] = -1  # from here on they are its
     if not started.queued:
-        _release_later(started, started.fds)
+        _release_later(started, tuple(started.fds))
         started.queued = True
 
 
@@ -3449,19 +3449,27 @@ def _teardown_thread() -> _Releases | None:
 
 
 class _Descriptors:
-    """A session's start-up VMs for _release_later to close, once."""
+    """A session's start-up VMs for _release_later to close, once each.
+
+    It is called in the caller's thread where no thread takes it (past a
+    backlog, say), so, as _PythonBackend.release does, it closes with every
+    signal blocked and takes each descriptor off its list before closing
+    it: called again after a caller's handler cut it short, it closes only
+    what is left."""
 
     def __init__(self, fds: tuple[int, ...]) -> None:
-        self.fds = fds
-        self.queued = self.closed = False
+        self.fds = [fd for fd in fds if fd >= 0]
+        self.queued = False
 
     def __call__(self) -> None:
-        if self.closed:  # queued again by a release an exception cut short
-            return
-        self.closed = True
-        for fd in self.fds:
-            if fd >= 0:
-                os.close(fd)
+        libc = _sys_libc()
+        saved = _unsaved_mask()
+        try:
+            _block_signals(libc, saved)
+            while self.fds:
+                os.close(self.fds.pop())
+        finally:
+            _restore_signals(libc, saved)
 
 
 class _RunArea:
