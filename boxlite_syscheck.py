@@ -2141,7 +2141,16 @@ def _python_run(
         _kvm_mask(vcpu, saved, {signo}, arm_step)
         try:
             tid = _thread.get_native_id()
-            timer = _timer_start(libc, signo, tid, state.deadline_ns, cookie)
+            # Armed with every signal blocked until it is stored, as _owned
+            # stores a descriptor: a caller's handler that raised between
+            # the kernel's answer and the store would leave an armed timer
+            # behind, whose signal, unblocked after the run, ends the process.
+            unsaved = _unsaved_mask()
+            try:
+                _block_signals(libc, unsaved)
+                timer = _timer_start(libc, signo, tid, state.deadline_ns, cookie)
+            finally:
+                _restore_signals(libc, unsaved)
             out.bound = BOUND_TIMER
         except _SysError as err:
             out.bound_error = err.errno or 0
