@@ -2068,18 +2068,18 @@ def _take_watchdog(watchdog: _Watchdog | None) -> tuple[bool, bool]:
 def _kvm_mask(vcpu: int, saved: set[Any], unblocked: set[int], arm_step: int) -> None:
     """KVM_SET_SIGNAL_MASK: the caller's mask, less our signals, inside KVM_RUN."""
     bits = sum(1 << (int(s) - 1) for s in saved if int(s) not in unblocked)
-    kmask = _cached_in("kvm-masks", bits, _kvm_sigset, bits)
-    _as_step(arm_step, _ioctl, vcpu, KVM_SET_SIGNAL_MASK, kmask)
+    _, address = _cached_in("kvm-masks", bits, _kvm_sigset, bits)
+    _as_step(arm_step, _ioctl, vcpu, KVM_SET_SIGNAL_MASK, address)
 
 
-def _kvm_sigset(bits: int) -> int:
-    """The address of a struct kvm_signal_mask holding ``bits`` (made once
+def _kvm_sigset(bits: int) -> tuple[Any, int]:
+    """A struct kvm_signal_mask holding ``bits``, and its address (made once
     per mask and kept: the kernel only reads it)."""
     import ctypes
 
     raw = (8).to_bytes(4, "little") + bits.to_bytes(8, "little")
-    kept = _cached_in("kvm-mask-buffers", bits, (ctypes.c_uint8 * 12).from_buffer_copy, raw)
-    return ctypes.addressof(kept)
+    kept = (ctypes.c_uint8 * 12).from_buffer_copy(raw)
+    return kept, ctypes.addressof(kept)
 
 
 def _sigwait_args(signo: int) -> tuple[Any, Any]:
@@ -2840,7 +2840,7 @@ class _Session:
         self.release = kit.releaser(backend)
         self.handed: _RunArea | None = None  # the run area, once given to the releasing thread
         self.startup: _Startup | None = None  # the gate's start-up ioctls, made in its first array
-        self.started: _Descriptors | None = None  # their VMs, once taken from the state
+        self.started: Any = None  # their VMs, in a state of their own once taken
         self.wanted, self.spans = guest.wanted()
         self.vcpu_init, self.pc, self.x0 = kit.vcpu_init, kit.pc, kit.x0
         self.set_pc, self.get_x0 = kit.set_pc, kit.get_x0
@@ -3429,20 +3429,22 @@ def _release_session(session: _Session) -> None:
 
 
 def _release_startup_vms(session: _Session) -> None:
-    """Hand the session's start-up VMs to _release_later, as the standalone
-    probe's are: they hold no vCPU, so the last close of each bears its
-    teardown (an irqchip and a PIT: the longest of all).  Safe to run
-    again, as _release_session is."""
-    state, started = session.state, session.started
-    if started is None:
+    """Hand the session's start-up VMs to _release_later in a state of their
+    own, released by the backend as the standalone probe's are: they hold
+    no vCPU, so the last close of each bears its teardown (an irqchip and a
+    PIT: the longest of all).  Safe to run again, as _release_session is:
+    the backends' release of a state is."""
+    state, vms = session.state, session.started
+    if vms is None:
         fds = (int(state.fds[_STARTUP_VM]), int(state.fds[_SPLIT_VM]))
         if max(fds) < 0:
             return
-        session.started = started = _Descriptors(fds)
+        vms = _abi().State()
+        vms.fds[:] = [-1] * _FD_SLOTS
+        vms.fds[_STARTUP_VM], vms.fds[_SPLIT_VM] = fds
+        session.started = vms
     state.fds[_STARTUP_VM] = state.fds[_SPLIT_VM] = -1  # from here on they are its
-    if not started.queued:
-        _release_later(started, tuple(started.fds))
-        started.queued = True
+    _release_later(session.backend.releaser(vms), [int(fd) for fd in vms.fds[1:]])
 
 
 def _teardown_thread() -> _Releases | None:
@@ -3455,30 +3457,6 @@ def _teardown_thread() -> _Releases | None:
     if releaser is None or releaser.unfinished >= _TEARDOWN_BACKLOG:
         return None
     return releaser
-
-
-class _Descriptors:
-    """A session's start-up VMs for _release_later to close, once each.
-
-    It is called in the caller's thread where no thread takes it (past a
-    backlog, say), so, as _PythonBackend.release does, it closes with every
-    signal blocked and takes each descriptor off its list before closing
-    it: called again after a caller's handler cut it short, it closes only
-    what is left."""
-
-    def __init__(self, fds: tuple[int, ...]) -> None:
-        self.fds = [fd for fd in fds if fd >= 0]
-        self.queued = False
-
-    def __call__(self) -> None:
-        libc = _sys_libc()
-        saved = _unsaved_mask()
-        try:
-            _block_signals(libc, saved)
-            while self.fds:
-                os.close(self.fds.pop())
-        finally:
-            _restore_signals(libc, saved)
 
 
 class _RunArea:
